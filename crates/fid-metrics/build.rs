@@ -1,0 +1,1 @@
+include!("../../build/torch_link.rs");

@@ -1,0 +1,48 @@
+//! The one interface every network is used through: `model(x, tau) -> prediction`, plus the
+//! prediction convention and the schedule it was trained with (DESIGN.md section 4).
+//!
+//! Implementations must not switch off gradients internally: the DDSS search differentiates
+//! through `forward` with respect to `x` and `tau`.
+
+use crate::prediction::PredictionType;
+use crate::Result;
+use tch::Tensor;
+
+/// A denoising network queried at continuous timesteps.
+pub trait Denoiser {
+    /// Network output for a batch `x` (`N x C x H x W`) at timesteps `tau` (shape `[N]`, float,
+    /// in `[0, num_train_timesteps - 1]`, possibly requiring grad).
+    fn forward(&self, x: &Tensor, tau: &Tensor) -> Result<Tensor>;
+
+    /// What `forward` returns.
+    fn prediction_type(&self) -> PredictionType;
+
+    /// `[C, H, W]` of the samples, when the model fixes it.
+    fn sample_shape(&self) -> Option<[i64; 3]> {
+        None
+    }
+}
+
+impl<D: Denoiser + ?Sized> Denoiser for &D {
+    fn forward(&self, x: &Tensor, tau: &Tensor) -> Result<Tensor> {
+        (**self).forward(x, tau)
+    }
+    fn prediction_type(&self) -> PredictionType {
+        (**self).prediction_type()
+    }
+    fn sample_shape(&self) -> Option<[i64; 3]> {
+        (**self).sample_shape()
+    }
+}
+
+impl<D: Denoiser + ?Sized> Denoiser for Box<D> {
+    fn forward(&self, x: &Tensor, tau: &Tensor) -> Result<Tensor> {
+        (**self).forward(x, tau)
+    }
+    fn prediction_type(&self) -> PredictionType {
+        (**self).prediction_type()
+    }
+    fn sample_shape(&self) -> Option<[i64; 3]> {
+        (**self).sample_shape()
+    }
+}

