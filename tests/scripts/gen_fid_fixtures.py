@@ -77,6 +77,13 @@ INCEPTION = os.path.join(FID_HELPER_DIR, "default_1.pt")
 FASHION_TEST_IMAGES = "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz"
 
 
+def write_safetensors(tensors, name):
+    """safetensors writes 0600 files; fixtures are plain readable files."""
+    path = os.path.join(OUT, name)
+    save_file(tensors, path)
+    os.chmod(path, 0o644)
+
+
 def write_json(name, obj):
     with open(os.path.join(OUT, name), "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
@@ -126,7 +133,7 @@ def gen_fid():
             "fid_pytorch_fid": fid,
             "fid_eigh_numpy": fid_eigh(mu_a, sigma_a, mu_b, sigma_b),
         })
-    save_file(tensors, os.path.join(OUT, "fid_reference.safetensors"))
+    write_safetensors(tensors, "fid_reference.safetensors")
     write_json("fid_reference.json", {
         "source": f"pytorch-fid {pytorch_fid.__version__} calculate_frechet_distance; "
                   "stats = np.mean(axis=0), np.cov(rowvar=False) in float64",
@@ -196,7 +203,7 @@ def gen_kid():
     tensors.update({"unequal.features_a": a, "unequal.features_b": b})
     cases.append({"name": "unequal", "mmd2_full": float(mmd2_unbiased_general(a, b))})
 
-    save_file(tensors, os.path.join(OUT, "kid_reference.safetensors"))
+    write_safetensors(tensors, "kid_reference.safetensors")
     write_json("kid_reference.json", {
         "source": "torch-fidelity metric_kid.py estimator (kernel_poly degree 3, gamma 1/d, coef0 1; "
                   "mmd2 unbiased; mean and np.std over subsets), re-implemented in numpy",
@@ -249,8 +256,7 @@ def gen_inception():
             img, size=hw, mode="bilinear", align_corners=False).numpy()
         tensors[f"resize_{name}.tf_legacy_bilinear"] = FID_HELPER_RESAMPLE.nv_bilinear(img, hw).numpy()
 
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
-              os.path.join(OUT, "inception_reference.safetensors"))
+    write_safetensors({k: np.ascontiguousarray(v) for k, v in tensors.items()}, "inception_reference.safetensors")
     with open(INCEPTION, "rb") as f:
         sha = hashlib.sha256(f.read()).hexdigest()
     write_json("inception_reference.json", {

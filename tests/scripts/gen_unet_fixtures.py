@@ -21,11 +21,14 @@ What it writes
   `io.safetensors` with its input and expected output.
 * `ddim_loop.safetensors` + `ddim_loop.json`: a full 10-step DDIM (eta = 0) loop of diffusers'
   `DDIMScheduler` driven by the tiny model `DDIM_MODEL`, from a fixed initial noise.
+* `unet2d_signature.json`: every parameter of `UNet2DModel.__init__` with its default, which pins
+  the keys `config.json` may hold and the defaults of missing ones.
 * `ddpm-cifar10-32.config.json`, `ddpm-ema-church-256.config.json`: the configs of the two public
   google DDPM checkpoints, and `<same>.keys.json`: the state-dict keys, shapes and parameter count
   diffusers builds from them (no weights; those checkpoints cannot be downloaded here).
 """
 
+import inspect
 import json
 import math
 import os
@@ -412,6 +415,20 @@ def write_public_configs():
         print(f"{stem}: {model.num_parameters()} parameters")
 
 
+def write_signature():
+    """`UNet2DModel.__init__`'s parameters and defaults (tuples written as lists, as in config.json)."""
+    parameters = inspect.signature(UNet2DModel.__init__).parameters
+    defaults = {
+        name: list(p.default) if isinstance(p.default, tuple) else p.default
+        for name, p in parameters.items()
+        if name != "self"
+    }
+    write_json(
+        os.path.join(ROOT, "unet2d_signature.json"),
+        {"defaults": defaults, "versions": versions()},
+    )
+
+
 def main():
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
@@ -420,6 +437,7 @@ def main():
     write_torchscript(models)
     write_ddim_loop(models)
     write_public_configs()
+    write_signature()
     return 0
 
 

@@ -18,6 +18,7 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     (a - b).abs().max().to_kind(Kind::Double).double_value(&[])
 }
 
+#[allow(clippy::too_many_arguments)] // a test matrix: every argument is one axis
 fn check_matches_ddim(
     model: &dyn Denoiser,
     cfg: &SchedulerConfig,

@@ -1,5 +1,9 @@
 //! `ddss-cli`: the command-line front end (DESIGN.md section 7).
 
+mod common;
+mod sample;
+mod train;
+
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use ggdm_core::ggdm::GgdmSampler;
@@ -19,6 +23,80 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Train a DDPM (UNet2DModel, simple loss, EMA) and write it in diffusers layout.
+    Train {
+        /// Training images: an IDX(.gz) file, a folder of PNG/JPEG images, or a folder holding
+        /// train-images-idx3-ubyte.gz (e.g. /usr/share/datasets/fashion-mnist).
+        #[arg(long)]
+        data: PathBuf,
+        /// Output model directory (config.json, diffusion_pytorch_model.safetensors,
+        /// scheduler_config.json, checkpoint/, metrics.jsonl).
+        #[arg(long)]
+        out: PathBuf,
+        /// Training config (TOML with [model], [train], [scheduler]); default:
+        /// configs/train_fashion_mnist.toml (built in).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Number of optimiser steps (overrides [train] steps).
+        #[arg(long)]
+        steps: Option<u64>,
+        /// auto | cpu | cuda | cuda:N.
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// Continue from OUT/checkpoint/state.safetensors with OUT/train_config.toml.
+        #[arg(long)]
+        resume: bool,
+        /// Stop (with a checkpoint) after this many minutes; continue later with --resume.
+        #[arg(long)]
+        max_minutes: Option<f64>,
+        /// Stop (with a checkpoint) after this step while keeping the learning-rate schedule of
+        /// --steps; continue later with --resume.
+        #[arg(long)]
+        stop_at_step: Option<u64>,
+    },
+    /// Draw samples from a model with DDPM, DDIM or a learned sampler.
+    Sample {
+        /// Model directory (diffusers layout, or model.pt + model.json).
+        #[arg(long)]
+        model: PathBuf,
+        /// ddpm | ddim | path of a sampler.json written by `ddss-cli search`.
+        #[arg(long)]
+        sampler: String,
+        /// Sampling steps K (default: 50 for ddim, T for ddpm, the file's K for sampler.json).
+        #[arg(long)]
+        steps: Option<usize>,
+        /// DDIM eta (0 = deterministic).
+        #[arg(long, default_value_t = 0.0)]
+        eta: f64,
+        /// leading | trailing | linspace (diffusers' timestep_spacing) | quadratic; default: the
+        /// model's scheduler_config.json.
+        #[arg(long)]
+        spacing: Option<String>,
+        /// Number of samples.
+        #[arg(long, default_value_t = 64)]
+        num: usize,
+        /// Samples per network batch.
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        /// Noise seed (sample i uses stream (seed, i)).
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Initial noise as float32 N x C x H x W .npy (sets --num).
+        #[arg(long)]
+        init_noise: Option<PathBuf>,
+        /// PNG grid of all samples (default samples.png when no output is given).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Folder for one PNG per sample.
+        #[arg(long)]
+        out_dir: Option<PathBuf>,
+        /// float32 N x C x H x W .npy of the samples in [-1, 1].
+        #[arg(long)]
+        out_npy: Option<PathBuf>,
+        /// auto | cpu | cuda | cuda:N.
+        #[arg(long, default_value = "auto")]
+        device: String,
+    },
     /// Print the timestep grid a spacing gives (diffusers' `timestep_spacing` semantics).
     Timesteps {
         /// Number of sampling steps K.
@@ -74,6 +152,49 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Train { data, out, config, steps, device, resume, max_minutes, stop_at_step } => {
+            train::run(train::TrainArgs {
+                data,
+                out,
+                config,
+                steps,
+                device,
+                resume,
+                max_minutes,
+                stop_at_step,
+                quiet: cli.quiet,
+            })?
+        }
+        Command::Sample {
+            model,
+            sampler,
+            steps,
+            eta,
+            spacing,
+            num,
+            batch,
+            seed,
+            init_noise,
+            out,
+            out_dir,
+            out_npy,
+            device,
+        } => sample::run(sample::SampleArgs {
+            model,
+            sampler,
+            steps,
+            eta,
+            spacing,
+            num,
+            batch,
+            seed,
+            init_noise,
+            out,
+            out_dir,
+            out_npy,
+            device,
+            quiet: cli.quiet,
+        })?,
         Command::Timesteps { steps, spacing, num_train_timesteps, steps_offset } => {
             let spacing = Spacing::parse(&spacing)?;
             let grid = timesteps(num_train_timesteps, steps, spacing, steps_offset)?;

@@ -1,4 +1,11 @@
 //! ddss-opt: the differentiable unroll of a GGDM sampler, rematerialisation strategies, losses and
-//! the search loop (DESIGN.md section 4, "DDSS objective" and "Rematerialisation").
+//! the search loop (DESIGN.md section 4, "DDSS objective" and "Rematerialisation"), plus the
+//! optimiser shared with model training.
 //!
-//! This crate is being built up; it currently exposes nothing.
+//! Implemented so far: [`optim`] (Adam with exportable state, gradient clipping, LR schedules).
+
+pub mod error;
+pub mod optim;
+pub mod unroll;
+
+pub use error::{Error, Result};

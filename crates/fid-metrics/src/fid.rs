@@ -39,11 +39,14 @@ pub fn frechet_distance(
     if mu_b.len() != d {
         return Err(Error::shape("mu of the second set", format!("[{d}] like the first"), vec![mu_b.len() as i64]));
     }
-    for (what, sigma) in [("sigma of the first set", sigma_a), ("sigma of the second set", sigma_b)] {
-        if sigma.dim() != (d, d) {
-            return Err(Error::shape(what, format!("{d} x {d}"), sigma.shape().iter().map(|&s| s as i64).collect()));
+    let check_square = |what: &str, shape: &[usize]| -> Result<()> {
+        if shape != [d, d] {
+            return Err(Error::shape(what, format!("{d} x {d}"), shape.iter().map(|&s| s as i64).collect()));
         }
-    }
+        Ok(())
+    };
+    check_square("sigma of the first set", sigma_a.shape())?;
+    check_square("sigma of the second set", sigma_b.shape())?;
     let all_finite = mu_a.iter().chain(mu_b.iter()).all(|v| v.is_finite())
         && sigma_a.iter().chain(sigma_b.iter()).all(|v| v.is_finite());
     if !all_finite {

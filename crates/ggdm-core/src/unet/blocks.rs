@@ -6,9 +6,7 @@
 //! follow diffusers 0.42.1 operation for operation (same ops in the same order), so outputs agree
 //! to float rounding.
 
-use super::config::{
-    Activation, Architecture, LevelKind, ResampleKind, TimeConditioning, TimeEmbeddingKind,
-};
+use super::config::{Activation, Architecture, LevelKind, ResampleKind, TimeConditioning, TimeEmbeddingKind};
 use super::layers::{Conv2d, GroupNorm, Linear, ParamInit};
 use crate::{Error, Result};
 use tch::nn::Path;
@@ -19,11 +17,7 @@ use tch::Tensor;
 pub(crate) enum TimeProjection {
     /// diffusers' `Timesteps`: `[sin(tau w_k), cos(tau w_k)]` (or cos first) with
     /// `w_k = exp(-ln(10000) k / (half - freq_shift))`, zero-padded to `dim`.
-    Positional {
-        dim: i64,
-        flip_sin_to_cos: bool,
-        freq_shift: i64,
-    },
+    Positional { dim: i64, flip_sin_to_cos: bool, freq_shift: i64 },
     /// diffusers' `GaussianFourierProjection` (log input, `[sin, cos]`): fixed random frequencies
     /// `weight` (`time_proj.weight`, not trained).
     Fourier { weight: Tensor },
@@ -49,8 +43,8 @@ impl TimeProjection {
                 // A parameter with requires_grad=False in diffusers: stored, never trained.
                 let mut weight = path.f_zeros_no_train("weight", &[channels])?;
                 if init == ParamInit::PyTorchDefault {
-                    let frequencies = Tensor::f_randn([channels], (weight.kind(), weight.device()))?
-                        .f_mul_scalar(FOURIER_SCALE)?;
+                    let frequencies =
+                        Tensor::f_randn([channels], (weight.kind(), weight.device()))?.f_mul_scalar(FOURIER_SCALE)?;
                     tch::no_grad(|| weight.f_copy_(&frequencies))?;
                 }
                 Ok((TimeProjection::Fourier { weight }, 2 * channels))
@@ -61,11 +55,7 @@ impl TimeProjection {
     /// `tau` is `[N]` in the kind of the network; the result is `[N, width]`.
     pub fn forward(&self, tau: &Tensor) -> Result<Tensor> {
         match self {
-            TimeProjection::Positional {
-                dim,
-                flip_sin_to_cos,
-                freq_shift,
-            } => {
+            TimeProjection::Positional { dim, flip_sin_to_cos, freq_shift } => {
                 let half = dim / 2;
                 let log_max_period = 10000f64.ln();
                 let exponent = Tensor::f_arange(half, (tau.kind(), tau.device()))?
@@ -74,11 +64,8 @@ impl TimeProjection {
                 let frequencies = exponent.f_exp()?;
                 let angles = tau.f_unsqueeze(1)?.f_mul(&frequencies.f_unsqueeze(0)?)?;
                 let (sin, cos) = (angles.f_sin()?, angles.f_cos()?);
-                let embedding = if *flip_sin_to_cos {
-                    Tensor::f_cat(&[cos, sin], -1)?
-                } else {
-                    Tensor::f_cat(&[sin, cos], -1)?
-                };
+                let embedding =
+                    if *flip_sin_to_cos { Tensor::f_cat(&[cos, sin], -1)? } else { Tensor::f_cat(&[sin, cos], -1)? };
                 if dim % 2 == 1 {
                     Ok(embedding.f_constant_pad_nd([0, 1, 0, 0])?)
                 } else {
@@ -166,14 +153,7 @@ impl ResnetBlock2D {
         output_scale_factor: f64,
         settings: &ResnetSettings,
     ) -> Result<Self> {
-        Self::with_resample(
-            path,
-            in_channels,
-            out_channels,
-            output_scale_factor,
-            settings,
-            ResnetResample::None,
-        )
+        Self::with_resample(path, in_channels, out_channels, output_scale_factor, settings, ResnetResample::None)
     }
 
     fn with_resample(
@@ -189,40 +169,15 @@ impl ResnetBlock2D {
             TimeConditioning::Add => out_channels,
             TimeConditioning::ScaleShift => 2 * out_channels,
         };
-        let norm1 = GroupNorm::new(
-            &(path / "norm1"),
-            settings.groups,
-            in_channels,
-            settings.eps,
-            "norm_num_groups",
-            init,
-        )?;
+        let norm1 =
+            GroupNorm::new(&(path / "norm1"), settings.groups, in_channels, settings.eps, "norm_num_groups", init)?;
         let conv1 = Conv2d::new(&(path / "conv1"), in_channels, out_channels, 3, 1, 1, init)?;
-        let time_emb_proj = Linear::new(
-            &(path / "time_emb_proj"),
-            settings.temb_channels,
-            projection_width,
-            init,
-        )?;
-        let norm2 = GroupNorm::new(
-            &(path / "norm2"),
-            settings.groups,
-            out_channels,
-            settings.eps,
-            "norm_num_groups",
-            init,
-        )?;
+        let time_emb_proj = Linear::new(&(path / "time_emb_proj"), settings.temb_channels, projection_width, init)?;
+        let norm2 =
+            GroupNorm::new(&(path / "norm2"), settings.groups, out_channels, settings.eps, "norm_num_groups", init)?;
         let conv2 = Conv2d::new(&(path / "conv2"), out_channels, out_channels, 3, 1, 1, init)?;
         let conv_shortcut = if in_channels != out_channels {
-            Some(Conv2d::new(
-                &(path / "conv_shortcut"),
-                in_channels,
-                out_channels,
-                1,
-                1,
-                0,
-                init,
-            )?)
+            Some(Conv2d::new(&(path / "conv_shortcut"), in_channels, out_channels, 1, 1, 0, init)?)
         } else {
             None
         };
@@ -250,36 +205,23 @@ impl ResnetBlock2D {
             ResnetResample::Up => (nearest_2x(input)?, nearest_2x(&hidden)?),
         };
         let hidden = self.conv1.forward(&hidden)?;
-        let temb = self
-            .time_emb_proj
-            .forward(temb_activated)?
-            .f_unsqueeze(-1)?
-            .f_unsqueeze(-1)?;
+        let temb = self.time_emb_proj.forward(temb_activated)?.f_unsqueeze(-1)?.f_unsqueeze(-1)?;
         let hidden = match self.time_conditioning {
             TimeConditioning::Add => self.norm2.forward(&hidden.f_add(&temb)?)?,
             TimeConditioning::ScaleShift => {
                 let halves = temb.f_chunk(2, 1)?;
                 let (scale, shift) = (&halves[0], &halves[1]);
-                self.norm2
-                    .forward(&hidden)?
-                    .f_mul(&scale.f_add_scalar(1.0)?)?
-                    .f_add(shift)?
+                self.norm2.forward(&hidden)?.f_mul(&scale.f_add_scalar(1.0)?)?.f_add(shift)?
             }
         };
         let hidden = self.activation.apply(&hidden)?;
-        let hidden = if self.dropout > 0.0 {
-            hidden.f_dropout(self.dropout, train)?
-        } else {
-            hidden
-        };
+        let hidden = if self.dropout > 0.0 { hidden.f_dropout(self.dropout, train)? } else { hidden };
         let hidden = self.conv2.forward(&hidden)?;
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(&input)?,
             None => input,
         };
-        Ok(shortcut
-            .f_add(&hidden)?
-            .f_div_scalar(self.output_scale_factor)?)
+        Ok(shortcut.f_add(&hidden)?.f_div_scalar(self.output_scale_factor)?)
     }
 }
 
@@ -332,14 +274,7 @@ impl Attention {
         }
         let inner = heads * head_dim;
         let group_norm = match norm {
-            Some((groups, eps, key)) => Some(GroupNorm::new(
-                &(path / "group_norm"),
-                groups,
-                channels,
-                eps,
-                key,
-                init,
-            )?),
+            Some((groups, eps, key)) => Some(GroupNorm::new(&(path / "group_norm"), groups, channels, eps, key, init)?),
             None => None,
         };
         Ok(Attention {
@@ -357,11 +292,7 @@ impl Attention {
     pub fn forward(&self, input: &Tensor) -> Result<Tensor> {
         let size = input.size();
         let &[batch, channels, height, width] = size.as_slice() else {
-            return Err(Error::Shape {
-                what: "attention input".into(),
-                expected: "N x C x H x W".into(),
-                got: size,
-            });
+            return Err(Error::Shape { what: "attention input".into(), expected: "N x C x H x W".into(), got: size });
         };
         let tokens = height * width;
         let normed = match &self.group_norm {
@@ -371,33 +302,17 @@ impl Attention {
         // [N, C, H, W] -> [N, H*W, C]
         let sequence = normed.f_view([batch, channels, tokens])?.f_transpose(1, 2)?;
         let split_heads = |projected: Tensor| -> Result<Tensor> {
-            Ok(projected
-                .f_view([batch, tokens, self.heads, self.head_dim])?
-                .f_transpose(1, 2)?)
+            Ok(projected.f_view([batch, tokens, self.heads, self.head_dim])?.f_transpose(1, 2)?)
         };
         let query = split_heads(self.to_q.forward(&sequence)?)?;
         let key = split_heads(self.to_k.forward(&sequence)?)?;
         let value = split_heads(self.to_v.forward(&sequence)?)?;
-        let attended = Tensor::f_scaled_dot_product_attention(
-            &query,
-            &key,
-            &value,
-            None::<Tensor>,
-            0.0,
-            false,
-            None,
-            false,
-        )?;
-        let merged = attended
-            .f_transpose(1, 2)?
-            .f_reshape([batch, tokens, self.heads * self.head_dim])?;
+        let attended =
+            Tensor::f_scaled_dot_product_attention(&query, &key, &value, None::<Tensor>, 0.0, false, None, false)?;
+        let merged = attended.f_transpose(1, 2)?.f_reshape([batch, tokens, self.heads * self.head_dim])?;
         let projected = self.to_out.forward(&merged)?;
-        let spatial = projected
-            .f_transpose(-1, -2)?
-            .f_reshape([batch, channels, height, width])?;
-        Ok(spatial
-            .f_add(input)?
-            .f_div_scalar(self.rescale_output_factor)?)
+        let spatial = projected.f_transpose(-1, -2)?.f_reshape([batch, channels, height, width])?;
+        Ok(spatial.f_add(input)?.f_div_scalar(self.rescale_output_factor)?)
     }
 }
 
@@ -411,10 +326,7 @@ pub(crate) struct Downsample2D {
 
 impl Downsample2D {
     pub fn new(path: &Path, channels: i64, padding: i64, init: ParamInit) -> Result<Self> {
-        Ok(Downsample2D {
-            conv: Conv2d::new(&(path / "conv"), channels, channels, 3, 2, padding, init)?,
-            padding,
-        })
+        Ok(Downsample2D { conv: Conv2d::new(&(path / "conv"), channels, channels, 3, 2, padding, init)?, padding })
     }
 
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
@@ -434,9 +346,7 @@ pub(crate) struct Upsample2D {
 
 impl Upsample2D {
     pub fn new(path: &Path, channels: i64, init: ParamInit) -> Result<Self> {
-        Ok(Upsample2D {
-            conv: Conv2d::new(&(path / "conv"), channels, channels, 3, 1, 1, init)?,
-        })
+        Ok(Upsample2D { conv: Conv2d::new(&(path / "conv"), channels, channels, 3, 1, 1, init)? })
     }
 
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
@@ -482,13 +392,7 @@ impl DownBlock {
         let mut attentions = Vec::new();
         for layer in 0..arch.layers_per_block {
             let resnet_in = if layer == 0 { in_channels } else { out_channels };
-            resnets.push(ResnetBlock2D::new(
-                &(path / "resnets" / layer),
-                resnet_in,
-                out_channels,
-                1.0,
-                settings,
-            )?);
+            resnets.push(ResnetBlock2D::new(&(path / "resnets" / layer), resnet_in, out_channels, 1.0, settings)?);
             if kind == LevelKind::Attention {
                 attentions.push(Attention::new(
                     &(path / "attentions" / layer),
@@ -521,11 +425,7 @@ impl DownBlock {
                 settings.init,
             )?)),
         };
-        Ok(DownBlock {
-            resnets,
-            attentions,
-            downsampler,
-        })
+        Ok(DownBlock { resnets, attentions, downsampler })
     }
 
     /// Returns the block output and appends the skip states to `skips`.
@@ -564,15 +464,11 @@ pub(crate) struct MidBlock {
 
 impl MidBlock {
     pub fn new(path: &Path, arch: &Architecture, settings: &ResnetSettings) -> Result<Self> {
-        let channels = *arch
-            .block_out_channels
-            .last()
-            .ok_or_else(|| Error::invalid("block_out_channels", "must not be empty"))?;
+        let channels =
+            *arch.block_out_channels.last().ok_or_else(|| Error::invalid("block_out_channels", "must not be empty"))?;
         let scale = arch.mid_block_scale_factor;
         let resnets = (0..2)
-            .map(|i| {
-                ResnetBlock2D::new(&(path / "resnets" / i), channels, channels, scale, settings)
-            })
+            .map(|i| ResnetBlock2D::new(&(path / "resnets" / i), channels, channels, scale, settings))
             .collect::<Result<Vec<_>>>()?;
         let attention = if arch.add_attention {
             let groups_key = if arch.mid_attention_groups == Some(arch.norm_num_groups) {
@@ -584,18 +480,14 @@ impl MidBlock {
                 &(path / "attentions" / 0),
                 channels,
                 arch.attention_head_dim,
-                arch.mid_attention_groups
-                    .map(|groups| (groups, arch.norm_eps, groups_key)),
+                arch.mid_attention_groups.map(|groups| (groups, arch.norm_eps, groups_key)),
                 scale,
                 settings.init,
             )?)
         } else {
             None
         };
-        Ok(MidBlock {
-            resnets,
-            attentions: vec![attention],
-        })
+        Ok(MidBlock { resnets, attentions: vec![attention] })
     }
 
     pub fn forward(&self, input: &Tensor, temb_activated: &Tensor, train: bool) -> Result<Tensor> {
@@ -622,12 +514,7 @@ pub(crate) struct UpBlock {
 
 impl UpBlock {
     /// `level` counts from the coarsest resolution (diffusers' `up_blocks` index).
-    pub fn new(
-        path: &Path,
-        arch: &Architecture,
-        level: usize,
-        settings: &ResnetSettings,
-    ) -> Result<Self> {
+    pub fn new(path: &Path, arch: &Architecture, level: usize, settings: &ResnetSettings) -> Result<Self> {
         let kind = arch.up_levels[level];
         let reversed: Vec<i64> = arch.block_out_channels.iter().rev().copied().collect();
         let last = reversed.len() - 1;
@@ -638,16 +525,8 @@ impl UpBlock {
         let mut resnets = Vec::new();
         let mut attentions = Vec::new();
         for layer in 0..num_layers {
-            let skip_channels = if layer == num_layers - 1 {
-                skip_channels_of_last
-            } else {
-                out_channels
-            };
-            let resnet_in = if layer == 0 {
-                prev_output_channels
-            } else {
-                out_channels
-            };
+            let skip_channels = if layer == num_layers - 1 { skip_channels_of_last } else { out_channels };
+            let resnet_in = if layer == 0 { prev_output_channels } else { out_channels };
             resnets.push(ResnetBlock2D::new(
                 &(path / "resnets" / layer),
                 resnet_in + skip_channels,
@@ -680,17 +559,9 @@ impl UpBlock {
                     ResnetResample::Up,
                 )?))
             }
-            (false, _, _) => Some(Upsampler::Conv(Upsample2D::new(
-                &sampler_path,
-                out_channels,
-                settings.init,
-            )?)),
+            (false, _, _) => Some(Upsampler::Conv(Upsample2D::new(&sampler_path, out_channels, settings.init)?)),
         };
-        Ok(UpBlock {
-            resnets,
-            attentions,
-            upsampler,
-        })
+        Ok(UpBlock { resnets, attentions, upsampler })
     }
 
     /// Consumes one skip state per residual block from the end of `skips`.
@@ -703,9 +574,9 @@ impl UpBlock {
     ) -> Result<Tensor> {
         let mut hidden = input.shallow_clone();
         for (layer, resnet) in self.resnets.iter().enumerate() {
-            let skip = skips.pop().ok_or_else(|| {
-                Error::invalid("up block", "ran out of skip connections (inconsistent network)")
-            })?;
+            let skip = skips
+                .pop()
+                .ok_or_else(|| Error::invalid("up block", "ran out of skip connections (inconsistent network)"))?;
             let joined = Tensor::f_cat(&[&hidden, &skip], 1)?;
             hidden = resnet.forward(&joined, temb_activated, train)?;
             if let Some(attention) = self.attentions.get(layer) {

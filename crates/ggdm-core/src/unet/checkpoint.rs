@@ -36,16 +36,10 @@ pub(crate) fn not_found(path: &Path, msg: String) -> Error {
 /// The directory that holds `config.json`: `dir` itself, or `dir/unet` for a pipeline folder.
 pub(crate) fn resolve_model_dir(dir: &Path) -> Result<PathBuf> {
     if !dir.exists() {
-        return Err(not_found(
-            dir,
-            format!("model directory does not exist; {LAYOUT_HINT}"),
-        ));
+        return Err(not_found(dir, format!("model directory does not exist; {LAYOUT_HINT}")));
     }
     if !dir.is_dir() {
-        return Err(Error::format(
-            dir,
-            format!("not a directory; {LAYOUT_HINT}"),
-        ));
+        return Err(Error::format(dir, format!("not a directory; {LAYOUT_HINT}")));
     }
     if dir.join(CONFIG_FILE).is_file() {
         return Ok(dir.to_path_buf());
@@ -54,10 +48,7 @@ pub(crate) fn resolve_model_dir(dir: &Path) -> Result<PathBuf> {
     if pipeline_unet.join(CONFIG_FILE).is_file() {
         return Ok(pipeline_unet);
     }
-    Err(not_found(
-        &dir.join(CONFIG_FILE),
-        format!("missing {CONFIG_FILE}; {LAYOUT_HINT}"),
-    ))
+    Err(not_found(&dir.join(CONFIG_FILE), format!("missing {CONFIG_FILE}; {LAYOUT_HINT}")))
 }
 
 /// The weight file of a model directory (the fp16 variant only when the full one is absent).
@@ -79,21 +70,14 @@ pub(crate) fn resolve_weights_file(dir: &Path) -> Result<PathBuf> {
             ),
         ));
     }
-    Err(not_found(
-        &weights,
-        format!("missing {WEIGHTS_FILE}; put the model weights there ({LAYOUT_HINT})"),
-    ))
+    Err(not_found(&weights, format!("missing {WEIGHTS_FILE}; put the model weights there ({LAYOUT_HINT})")))
 }
 
 /// Reads every tensor of a safetensors file; a truncated or malformed file is an error naming it.
 pub(crate) fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
     std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
-    Tensor::read_safetensors(path).map_err(|e| {
-        Error::format(
-            path,
-            format!("not a valid safetensors file (truncated or corrupt?): {e}"),
-        )
-    })
+    Tensor::read_safetensors(path)
+        .map_err(|e| Error::format(path, format!("not a valid safetensors file (truncated or corrupt?): {e}")))
 }
 
 /// The current name of a parameter saved under diffusers' deprecated attention names
@@ -115,11 +99,7 @@ fn current_attention_key(key: &str) -> Option<String> {
         "proj_attn" => "to_out.0",
         _ => return None,
     };
-    Some(format!(
-        "{}.{renamed}.{}",
-        parts[..n - 2].join("."),
-        parts[n - 1]
-    ))
+    Some(format!("{}.{renamed}.{}", parts[..n - 2].join("."), parts[n - 1]))
 }
 
 fn list_more(keys: &[&String]) -> String {
@@ -135,11 +115,7 @@ fn list_more(keys: &[&String]) -> String {
 /// Copies `tensors` into the variables of `var_store` by name. Strict: a missing key, an
 /// unexpected key, a shape mismatch or a non-float dtype is an error naming the key (and both
 /// shapes). f16/bf16/f64 tensors are converted to the variables' kind.
-pub(crate) fn load_into(
-    var_store: &VarStore,
-    tensors: Vec<(String, Tensor)>,
-    path: &Path,
-) -> Result<()> {
+pub(crate) fn load_into(var_store: &VarStore, tensors: Vec<(String, Tensor)>, path: &Path) -> Result<()> {
     let mut by_name: BTreeMap<String, Tensor> = BTreeMap::new();
     for (key, tensor) in tensors {
         let name = current_attention_key(&key).unwrap_or(key.clone());
@@ -155,10 +131,7 @@ pub(crate) fn load_into(
     if let Some(first) = missing.first() {
         return Err(Error::format(
             path,
-            format!(
-                "missing key `{first}`{}: the network described by config.json needs it",
-                list_more(&missing)
-            ),
+            format!("missing key `{first}`{}: the network described by config.json needs it", list_more(&missing)),
         ));
     }
     let unexpected: Vec<&String> = by_name.keys().filter(|k| !variables.contains_key(*k)).collect();
@@ -175,10 +148,7 @@ pub(crate) fn load_into(
         let Some(variable) = variables.get_mut(name) else {
             continue;
         };
-        if !matches!(
-            source.kind(),
-            Kind::Float | Kind::Half | Kind::BFloat16 | Kind::Double
-        ) {
+        if !matches!(source.kind(), Kind::Float | Kind::Half | Kind::BFloat16 | Kind::Double) {
             return Err(Error::format(
                 path,
                 format!("key `{name}` has dtype {:?}; expected a floating-point tensor", source.kind()),
@@ -223,11 +193,7 @@ pub(crate) fn save_var_store(var_store: &VarStore, path: &Path, storage: WeightS
     let variables: BTreeMap<String, Tensor> = var_store.variables().into_iter().collect();
     let mut named = Vec::with_capacity(variables.len());
     for (name, variable) in variables {
-        let stored = variable
-            .f_detach()?
-            .f_to_device(Device::Cpu)?
-            .f_to_kind(storage.kind())?
-            .f_contiguous()?;
+        let stored = variable.f_detach()?.f_to_device(Device::Cpu)?.f_to_kind(storage.kind())?.f_contiguous()?;
         named.push((name, stored));
     }
     write_atomically(path, |temporary| {
@@ -238,22 +204,12 @@ pub(crate) fn save_var_store(var_store: &VarStore, path: &Path, storage: WeightS
 
 /// Writes a file atomically: `write` fills a temporary file next to `path`, which is fsynced and
 /// renamed over `path`; the directory is fsynced afterwards (best effort).
-pub(crate) fn write_atomically(
-    path: &Path,
-    write: impl FnOnce(&Path) -> Result<()>,
-) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or_else(|| Path::new("."));
+pub(crate) fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or_else(|| Path::new("."));
     let file_name = path
         .file_name()
         .ok_or_else(|| Error::invalid("output path", format!("{} has no file name", path.display())))?;
-    let temporary = dir.join(format!(
-        ".{}.tmp-{}",
-        file_name.to_string_lossy(),
-        std::process::id()
-    ));
+    let temporary = dir.join(format!(".{}.tmp-{}", file_name.to_string_lossy(), std::process::id()));
     let result = write(&temporary).and_then(|()| {
         let file = std::fs::File::open(&temporary).map_err(|e| Error::io(&temporary, e))?;
         file.sync_all().map_err(|e| Error::io(&temporary, e))?;

@@ -155,17 +155,13 @@ fn default_time_embedding_type() -> String {
     "positional".into()
 }
 fn default_down_block_types() -> Vec<String> {
-    ["DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"]
-        .map(String::from)
-        .to_vec()
+    ["DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"].map(String::from).to_vec()
 }
 fn default_mid_block_type() -> Option<String> {
     Some("UNetMidBlock2D".into())
 }
 fn default_up_block_types() -> Vec<String> {
-    ["AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"]
-        .map(String::from)
-        .to_vec()
+    ["AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"].map(String::from).to_vec()
 }
 fn default_block_out_channels() -> Vec<i64> {
     vec![224, 448, 672, 896]
@@ -359,10 +355,7 @@ impl UNet2DConfig {
     /// [`UNet2DConfig::from_json_str`] on an already parsed JSON value.
     pub fn from_json_value(value: serde_json::Value) -> Result<Self> {
         let serde_json::Value::Object(map) = &value else {
-            return Err(Error::invalid(
-                "UNet2DModel config",
-                "expected a JSON object of UNet2DModel parameters",
-            ));
+            return Err(Error::invalid("UNet2DModel config", "expected a JSON object of UNet2DModel parameters"));
         };
         if let Some(key) = map.keys().find(|k| !UNET_2D_CONFIG_KEYS.contains(&k.as_str())) {
             return Err(unsupported(
@@ -379,10 +372,7 @@ impl UNet2DConfig {
 
     /// Finds the key whose value does not deserialize by trying each one alone on top of the
     /// defaults, so the error names it (serde_json's own message does not).
-    fn diagnose_value_error(
-        map: &serde_json::Map<String, serde_json::Value>,
-        whole_error: serde_json::Error,
-    ) -> Error {
+    fn diagnose_value_error(map: &serde_json::Map<String, serde_json::Value>, whole_error: serde_json::Error) -> Error {
         let defaults = match serde_json::to_value(UNet2DConfig::default()) {
             Ok(serde_json::Value::Object(defaults)) => defaults,
             _ => return Error::invalid("UNet2DModel config", whole_error.to_string()),
@@ -414,8 +404,8 @@ impl UNet2DConfig {
         if config.diffusers_version.is_none() {
             config.diffusers_version = Some(DIFFUSERS_REFERENCE_VERSION.into());
         }
-        let mut text = serde_json::to_string_pretty(&config)
-            .map_err(|e| Error::invalid("UNet2DModel config", e.to_string()))?;
+        let mut text =
+            serde_json::to_string_pretty(&config).map_err(|e| Error::invalid("UNet2DModel config", e.to_string()))?;
         text.push('\n');
         Ok(text)
     }
@@ -461,19 +451,13 @@ impl UNet2DConfig {
         if self.down_block_types.len() != levels {
             return Err(unsupported(
                 "down_block_types",
-                format!(
-                    "{} entries, but block_out_channels has {levels}",
-                    self.down_block_types.len()
-                ),
+                format!("{} entries, but block_out_channels has {levels}", self.down_block_types.len()),
             ));
         }
         if self.up_block_types.len() != levels {
             return Err(unsupported(
                 "up_block_types",
-                format!(
-                    "{} entries, but block_out_channels has {levels}",
-                    self.up_block_types.len()
-                ),
+                format!("{} entries, but block_out_channels has {levels}", self.up_block_types.len()),
             ));
         }
         let down_levels = self
@@ -536,15 +520,10 @@ impl UNet2DConfig {
             }
             None => 4 * self.block_out_channels[0],
         };
-        if time_embedding == TimeEmbeddingKind::Positional
-            && self.block_out_channels[0] / 2 == self.freq_shift
-        {
+        if time_embedding == TimeEmbeddingKind::Positional && self.block_out_channels[0] / 2 == self.freq_shift {
             return Err(unsupported(
                 "freq_shift",
-                format!(
-                    "{} equals half the embedding width, which divides by zero",
-                    self.freq_shift
-                ),
+                format!("{} equals half the embedding width, which divides by zero", self.freq_shift),
             ));
         }
         positive("layers_per_block", self.layers_per_block)?;
@@ -555,18 +534,12 @@ impl UNet2DConfig {
             ));
         }
         if self.downsample_padding < 0 {
-            return Err(unsupported(
-                "downsample_padding",
-                format!("{} (must be >= 0)", self.downsample_padding),
-            ));
+            return Err(unsupported("downsample_padding", format!("{} (must be >= 0)", self.downsample_padding)));
         }
         let resample = |key: &str, value: &str| match value {
             "conv" => Ok(ResampleKind::Conv),
             "resnet" => Ok(ResampleKind::Resnet),
-            other => Err(unsupported(
-                key,
-                format!("`{other}` is not supported (supported: conv, resnet)"),
-            )),
+            other => Err(unsupported(key, format!("`{other}` is not supported (supported: conv, resnet)"))),
         };
         let downsample = resample("downsample_type", &self.downsample_type)?;
         let upsample = resample("upsample_type", &self.upsample_type)?;
@@ -662,10 +635,7 @@ fn positive(key: &str, value: i64) -> Result<()> {
 /// Adds the file to an error about one of its keys.
 fn in_file(error: Error, path: &Path) -> Error {
     match error {
-        Error::Invalid { what, msg } => Error::Invalid {
-            what: format!("{what} in {}", path.display()),
-            msg,
-        },
+        Error::Invalid { what, msg } => Error::Invalid { what: format!("{what} in {}", path.display()), msg },
         other => other,
     }
 }

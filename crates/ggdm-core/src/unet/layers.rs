@@ -22,10 +22,7 @@ impl ParamInit {
         match self {
             ParamInit::PyTorchDefault => {
                 let bound = 1.0 / (fan_in.max(1) as f64).sqrt();
-                Init::Uniform {
-                    lo: -bound,
-                    up: bound,
-                }
+                Init::Uniform { lo: -bound, up: bound }
             }
             ParamInit::Placeholder => Init::Const(0.0),
         }
@@ -60,18 +57,10 @@ impl Conv2d {
         init: ParamInit,
     ) -> Result<Self> {
         let fan_in = in_channels * kernel_size * kernel_size;
-        let weight = path.f_var(
-            "weight",
-            &[out_channels, in_channels, kernel_size, kernel_size],
-            init.fan_in_uniform(fan_in),
-        )?;
+        let weight =
+            path.f_var("weight", &[out_channels, in_channels, kernel_size, kernel_size], init.fan_in_uniform(fan_in))?;
         let bias = path.f_var("bias", &[out_channels], init.fan_in_uniform(fan_in))?;
-        Ok(Conv2d {
-            weight,
-            bias,
-            stride,
-            padding,
-        })
+        Ok(Conv2d { weight, bias, stride, padding })
     }
 
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
@@ -101,11 +90,7 @@ pub(crate) struct Linear {
 impl Linear {
     /// A linear layer at `path` (`path.weight` of shape `[out, in]`, `path.bias`).
     pub fn new(path: &Path, in_features: i64, out_features: i64, init: ParamInit) -> Result<Self> {
-        let weight = path.f_var(
-            "weight",
-            &[out_features, in_features],
-            init.fan_in_uniform(in_features),
-        )?;
+        let weight = path.f_var("weight", &[out_features, in_features], init.fan_in_uniform(in_features))?;
         let bias = path.f_var("bias", &[out_features], init.fan_in_uniform(in_features))?;
         Ok(Linear { weight, bias })
     }
@@ -146,22 +131,11 @@ impl GroupNorm {
         }
         let weight = path.f_var("weight", &[channels], init.constant(1.0))?;
         let bias = path.f_var("bias", &[channels], init.constant(0.0))?;
-        Ok(GroupNorm {
-            weight,
-            bias,
-            num_groups,
-            eps,
-        })
+        Ok(GroupNorm { weight, bias, num_groups, eps })
     }
 
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        Ok(xs.f_group_norm(
-            self.num_groups,
-            Some(&self.weight),
-            Some(&self.bias),
-            self.eps,
-            true,
-        )?)
+        Ok(xs.f_group_norm(self.num_groups, Some(&self.weight), Some(&self.bias), self.eps, true)?)
     }
 }
 

@@ -1,0 +1,122 @@
+//! Helpers shared by the subcommands: device selection, progress bars, image grids and `.npy`
+//! sample files.
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::Path;
+use tch::{Device, Kind, Tensor};
+
+/// `--device auto|cpu|cuda|cuda:N`.
+pub fn parse_device(name: &str) -> Result<Device> {
+    match name {
+        "auto" => Ok(Device::cuda_if_available()),
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => {
+            if !tch::Cuda::is_available() {
+                bail!("--device cuda was requested but no CUDA device is available (libtorch sees none); use --device cpu or auto");
+            }
+            Ok(Device::Cuda(0))
+        }
+        other => {
+            if let Some(index) = other.strip_prefix("cuda:") {
+                let index: usize = index.parse().with_context(|| format!("--device {other}: bad GPU index"))?;
+                let count = tch::Cuda::device_count() as usize;
+                if index >= count {
+                    bail!("--device {other}: only {count} CUDA device(s) are available");
+                }
+                return Ok(Device::Cuda(index));
+            }
+            bail!("--device {other}: expected auto, cpu, cuda or cuda:N")
+        }
+    }
+}
+
+/// A progress bar on stderr (hidden with `--quiet`), with rate and ETA.
+pub fn progress(len: u64, quiet: bool, what: &str) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(len);
+    let style = ProgressStyle::with_template(&format!(
+        "{what} [{{elapsed_precise}}] {{bar:30}} {{pos}}/{{len}} ({{per_sec}}, ETA {{eta}}) {{msg}}"
+    ))
+    .unwrap_or_else(|_| ProgressStyle::default_bar());
+    bar.set_style(style);
+    bar
+}
+
+/// Samples in [-1, 1] (`N x C x H x W`, C = 1 or 3) to 8-bit `N x H x W x C` bytes.
+fn to_uint8_nhwc(samples: &Tensor) -> Result<(Vec<u8>, [usize; 4])> {
+    let size = samples.size();
+    if size.len() != 4 || !(size[1] == 1 || size[1] == 3) {
+        bail!("samples must be N x C x H x W with C = 1 or 3, got {size:?}");
+    }
+    let bytes = ((samples.detach().to_device(Device::Cpu).to_kind(Kind::Float) + 1.0) * 127.5)
+        .round()
+        .clamp(0.0, 255.0)
+        .to_kind(Kind::Uint8)
+        .permute([0, 2, 3, 1])
+        .contiguous();
+    let n = bytes.numel();
+    let mut out = vec![0u8; n];
+    bytes.copy_data(&mut out, n);
+    Ok((out, [size[0] as usize, size[2] as usize, size[3] as usize, size[1] as usize]))
+}
+
+/// Writes samples as one PNG grid (`columns` wide, 2-pixel gaps).
+pub fn write_grid(samples: &Tensor, columns: usize, path: &Path) -> Result<()> {
+    let (bytes, [n, h, w, c]) = to_uint8_nhwc(samples)?;
+    let columns = columns.clamp(1, n.max(1));
+    let rows = n.div_ceil(columns);
+    let gap = 2;
+    let (gw, gh) = (columns * (w + gap) + gap, rows * (h + gap) + gap);
+    let mut grid = image::RgbImage::from_pixel(gw as u32, gh as u32, image::Rgb([255, 255, 255]));
+    for i in 0..n {
+        let (r, col) = (i / columns, i % columns);
+        for y in 0..h {
+            for x in 0..w {
+                let base = ((i * h + y) * w + x) * c;
+                let px = if c == 1 { [bytes[base]; 3] } else { [bytes[base], bytes[base + 1], bytes[base + 2]] };
+                grid.put_pixel((gap + col * (w + gap) + x) as u32, (gap + r * (h + gap) + y) as u32, image::Rgb(px));
+            }
+        }
+    }
+    let mut encoded = Vec::new();
+    grid.write_to(&mut std::io::Cursor::new(&mut encoded), image::ImageFormat::Png)
+        .with_context(|| format!("encoding {}", path.display()))?;
+    ggdm_core::io::write_atomic(path, &encoded)?;
+    Ok(())
+}
+
+/// Writes each sample as `DIR/000000.png`, ...
+pub fn write_images(samples: &Tensor, dir: &Path, first_index: usize) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let (bytes, [n, h, w, c]) = to_uint8_nhwc(samples)?;
+    for i in 0..n {
+        let chunk = &bytes[i * h * w * c..(i + 1) * h * w * c];
+        let path = dir.join(format!("{:06}.png", first_index + i));
+        let color = if c == 1 { image::ExtendedColorType::L8 } else { image::ExtendedColorType::Rgb8 };
+        let mut encoded = Vec::new();
+        image::codecs::png::PngEncoder::new(&mut encoded)
+            .write_image(chunk, w as u32, h as u32, color)
+            .with_context(|| format!("encoding {}", path.display()))?;
+        ggdm_core::io::write_atomic(&path, &encoded)?;
+    }
+    Ok(())
+}
+
+use image::ImageEncoder;
+
+/// Writes float32 `N x C x H x W` samples as `.npy`.
+pub fn write_npy(samples: &Tensor, path: &Path) -> Result<()> {
+    let t = samples.detach().to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
+    let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
+    let n = t.numel();
+    let mut data = vec![0f32; n];
+    t.copy_data(&mut data, n);
+    let array = ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&shape), data)?;
+    let mut buffer = Vec::new();
+    ndarray_npy::WriteNpyExt::write_npy(&array, &mut buffer).context("encoding .npy")?;
+    ggdm_core::io::write_atomic(path, &buffer)?;
+    Ok(())
+}

@@ -1,0 +1,193 @@
+//! `ddss-cli sample`: draws samples from a model directory with DDPM, DDIM or a learned GGDM
+//! sampler (`sampler.json`), writing a PNG grid, per-image PNGs and/or a float32 `.npy`.
+//!
+//! Noise is per sample: sample `i` uses the stream `(seed, i)`, so results do not depend on
+//! `--batch`, and `--init-noise` + `--out-npy` reproduce runs bit for bit on the same device.
+
+use crate::common::{parse_device, progress, write_grid, write_images, write_npy};
+use anyhow::{bail, Context, Result};
+use ggdm_core::ggdm::GgdmSampler;
+use ggdm_core::grid::{timesteps, Spacing};
+use ggdm_core::model_dir::{load_model_dir, LoadedModel};
+use ggdm_core::noise::{NoiseSource, PerSampleNoise};
+use ggdm_core::samplers::{ddim, ddpm, diffusers_steps, grid_steps, DdimOptions, DdpmOptions};
+use std::path::PathBuf;
+use tch::{Device, Tensor};
+
+/// The arguments of `ddss-cli sample`.
+pub struct SampleArgs {
+    pub model: PathBuf,
+    pub sampler: String,
+    pub steps: Option<usize>,
+    pub eta: f64,
+    pub spacing: Option<String>,
+    pub num: usize,
+    pub batch: usize,
+    pub seed: u64,
+    pub init_noise: Option<PathBuf>,
+    pub out: Option<PathBuf>,
+    pub out_dir: Option<PathBuf>,
+    pub out_npy: Option<PathBuf>,
+    pub device: String,
+    pub quiet: bool,
+}
+
+/// A sampler chosen on the command line, ready to run batches.
+pub enum SamplerChoice {
+    /// DDIM(eta) with diffusers' step rule.
+    Ddim { grid: Vec<i64>, options: DdimOptions },
+    /// DDPM ancestral.
+    Ddpm { grid: Vec<i64>, options: DdpmOptions },
+    /// A GGDM sampler from `sampler.json`.
+    Ggdm(Box<GgdmSampler>),
+}
+
+impl SamplerChoice {
+    /// Parses `--sampler ddpm|ddim|FILE.json` with `--steps`, `--eta`, `--spacing`.
+    pub fn from_args(
+        name: &str,
+        steps: Option<usize>,
+        eta: f64,
+        spacing: Option<&str>,
+        model: &LoadedModel,
+        device: Device,
+    ) -> Result<Self> {
+        let scheduler = &model.scheduler;
+        let spacing = match spacing {
+            Some(s) => Spacing::parse(s)?,
+            None => scheduler.timestep_spacing,
+        };
+        let grid_for = |k: usize| timesteps(scheduler.num_train_timesteps, k, spacing, scheduler.steps_offset);
+        if !(eta >= 0.0) {
+            bail!("--eta {eta}: must be >= 0");
+        }
+        match name {
+            "ddim" => Ok(SamplerChoice::Ddim {
+                grid: grid_for(steps.unwrap_or(50))?,
+                options: DdimOptions { eta, clip: scheduler.clip(), use_clipped_model_output: false },
+            }),
+            "ddpm" => Ok(SamplerChoice::Ddpm {
+                grid: grid_for(steps.unwrap_or(scheduler.num_train_timesteps))?,
+                options: DdpmOptions { variance_type: scheduler.variance_type, clip: scheduler.clip() },
+            }),
+            path if path.ends_with(".json") => {
+                let sampler = GgdmSampler::load(path.as_ref(), device)?;
+                sampler.check_compatible(scheduler, model.sample_shape())?;
+                if let Some(k) = steps {
+                    if k != sampler.steps {
+                        bail!("--steps {k}: {path} is a {}-step sampler", sampler.steps);
+                    }
+                }
+                Ok(SamplerChoice::Ggdm(Box::new(sampler)))
+            }
+            other => bail!("--sampler {other}: expected ddpm, ddim or the path of a sampler.json"),
+        }
+    }
+
+    /// Network evaluations per sample.
+    pub fn steps(&self) -> usize {
+        match self {
+            SamplerChoice::Ddim { grid, .. } | SamplerChoice::Ddpm { grid, .. } => grid.len(),
+            SamplerChoice::Ggdm(s) => s.steps,
+        }
+    }
+
+    /// Samples one batch starting from `x_init`, drawing step noise from `noise`.
+    pub fn run(&self, model: &LoadedModel, x_init: &Tensor, noise: &mut dyn NoiseSource) -> Result<Tensor> {
+        let schedule = model.scheduler.schedule()?;
+        let t_count = model.scheduler.num_train_timesteps;
+        let denoiser = model.denoiser.as_ref();
+        tch::no_grad(|| -> Result<Tensor> {
+            Ok(match self {
+                SamplerChoice::Ddim { grid, options } => {
+                    ddim(denoiser, &schedule, &diffusers_steps(grid, t_count), x_init, options, noise, &mut |_| {})?
+                }
+                SamplerChoice::Ddpm { grid, options } => {
+                    let grid: Vec<f64> = grid.iter().map(|&t| t as f64).collect();
+                    ddpm(denoiser, &schedule, &grid_steps(&grid), x_init, options, noise, &mut |_| {})?
+                }
+                SamplerChoice::Ggdm(sampler) => {
+                    let shape = x_init.size();
+                    let z = (0..sampler.steps)
+                        .map(|_| noise.next(&shape, x_init.device()))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    sampler.sample(denoiser, x_init, &z)?
+                }
+            })
+        })
+    }
+}
+
+/// Runs `ddss-cli sample`.
+pub fn run(args: SampleArgs) -> Result<()> {
+    let device = parse_device(&args.device)?;
+    if args.batch == 0 {
+        bail!("--batch 0: need at least 1");
+    }
+    let model =
+        load_model_dir(&args.model, device).with_context(|| format!("loading model {}", args.model.display()))?;
+    let choice =
+        SamplerChoice::from_args(&args.sampler, args.steps, args.eta, args.spacing.as_deref(), &model, device)?;
+    let init = match &args.init_noise {
+        Some(path) => Some(
+            fid_metrics::data::load_samples_npy(path).with_context(|| format!("--init-noise {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let shape = match (&init, model.sample_shape()) {
+        (Some(t), Some(s)) if t.size()[1..] != s[..] => {
+            bail!("--init-noise has shape {:?}, the model samples {:?}", t.size(), s)
+        }
+        (Some(t), _) => [t.size()[1], t.size()[2], t.size()[3]],
+        (None, Some(s)) => s,
+        (None, None) => {
+            bail!("the model does not fix its sample size (no sample_size in config.json); pass --init-noise")
+        }
+    };
+    let num = init.as_ref().map(|t| t.size()[0] as usize).unwrap_or(args.num);
+    if num == 0 {
+        bail!("--num 0: nothing to sample");
+    }
+    let (out_grid, out_dir, out_npy) = match (&args.out, &args.out_dir, &args.out_npy) {
+        (None, None, None) => (Some(PathBuf::from("samples.png")), None, None),
+        (a, b, c) => (a.clone(), b.clone(), c.clone()),
+    };
+    tracing::info!(
+        "sampling {num} images of shape {shape:?} with {} ({} steps) on {device:?}",
+        args.sampler,
+        choice.steps()
+    );
+    let bar = progress(num as u64, args.quiet, "sample");
+    let mut chunks = Vec::new();
+    let mut first = 0usize;
+    while first < num {
+        let b = args.batch.min(num - first);
+        let mut noise = PerSampleNoise::new(args.seed, first as u64, b);
+        let x_init = match &init {
+            Some(t) => t.narrow(0, first as i64, b as i64).to_device(device),
+            None => noise.next(&[b as i64, shape[0], shape[1], shape[2]], device)?,
+        };
+        let samples = choice.run(&model, &x_init, &mut noise)?.to_device(Device::Cpu);
+        if let Some(dir) = &out_dir {
+            write_images(&samples, dir, first)?;
+        }
+        chunks.push(samples);
+        first += b;
+        bar.inc(b as u64);
+    }
+    bar.finish_and_clear();
+    let all = Tensor::cat(&chunks, 0);
+    if let Some(path) = &out_grid {
+        let columns = (num as f64).sqrt().ceil() as usize;
+        write_grid(&all, columns, path)?;
+        tracing::info!("grid written to {}", path.display());
+    }
+    if let Some(path) = &out_npy {
+        write_npy(&all, path)?;
+        tracing::info!("samples written to {}", path.display());
+    }
+    if let Some(dir) = &out_dir {
+        tracing::info!("{num} images written to {}", dir.display());
+    }
+    Ok(())
+}

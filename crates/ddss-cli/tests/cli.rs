@@ -1,0 +1,237 @@
+//! End-to-end tests of the `ddss-cli` binary on tiny models and data (CPU, seconds).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_ddss-cli"))
+}
+
+fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("start ddss-cli");
+    assert!(
+        out.status.success(),
+        "ddss-cli failed: {}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn run_err(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("start ddss-cli");
+    assert!(!out.status.success(), "expected failure, got success: {}", String::from_utf8_lossy(&out.stdout));
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!stderr.contains("panicked"), "panic instead of an error: {stderr}");
+    stderr
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ddss-cli-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+/// 32 deterministic 8x8 grey images as an uncompressed IDX file.
+fn write_idx(path: &Path) {
+    let (n, h, w) = (32u32, 8u32, 8u32);
+    let mut bytes = vec![0u8, 0, 8, 3];
+    for d in [n, h, w] {
+        bytes.extend(d.to_be_bytes());
+    }
+    for i in 0..n {
+        for y in 0..h {
+            for x in 0..w {
+                bytes.push(((i * 37 + y * 11 + x * 5) % 256) as u8);
+            }
+        }
+    }
+    std::fs::write(path, bytes).expect("write idx");
+}
+
+const TINY_CONFIG: &str = r#"
+[model]
+sample_size = 8
+in_channels = 1
+out_channels = 1
+block_out_channels = [8, 16]
+down_block_types = ["DownBlock2D", "AttnDownBlock2D"]
+up_block_types = ["AttnUpBlock2D", "UpBlock2D"]
+layers_per_block = 1
+norm_num_groups = 4
+attention_head_dim = 8
+
+[train]
+steps = 4
+batch_size = 4
+checkpoint_every = 2
+log_every = 1
+seed = 3
+
+[train.lr]
+lr = 1e-3
+"#;
+
+fn setup(name: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let dir = temp_dir(name);
+    let data = dir.join("images.idx");
+    write_idx(&data);
+    let config = dir.join("tiny.toml");
+    std::fs::write(&config, TINY_CONFIG).expect("config");
+    (dir, data, config)
+}
+
+fn train(data: &Path, config: &Path, out: &Path, steps: u64, resume: bool) {
+    let mut cmd = bin();
+    cmd.args(["--quiet", "train", "--device", "cpu", "--steps", &steps.to_string()])
+        .arg("--data")
+        .arg(data)
+        .arg("--config")
+        .arg(config)
+        .arg("--out")
+        .arg(out);
+    if resume {
+        cmd.arg("--resume");
+    }
+    run_ok(&mut cmd);
+}
+
+#[test]
+fn train_resume_equals_uninterrupted_and_sampling_is_reproducible() {
+    let (dir, data, config) = setup("train");
+    let straight = dir.join("straight");
+    train(&data, &config, &straight, 4, false);
+    let resumed = dir.join("resumed");
+    train(&data, &config, &resumed, 2, false);
+    train(&data, &config, &resumed, 4, true);
+    let weights = "diffusion_pytorch_model.safetensors";
+    assert_eq!(
+        std::fs::read(straight.join(weights)).expect("weights"),
+        std::fs::read(resumed.join(weights)).expect("weights"),
+        "a resumed run must end with the same weights as an uninterrupted one"
+    );
+    for file in ["config.json", "scheduler_config.json", "train_config.toml", "metrics.jsonl"] {
+        assert!(straight.join(file).is_file(), "{file} missing");
+    }
+
+    // Sampling: a grid, per-image PNGs and a .npy; the same --init-noise gives the same bytes.
+    let npy_a = dir.join("a.npy");
+    let npy_b = dir.join("b.npy");
+    let grid = dir.join("grid.png");
+    let images = dir.join("images");
+    run_ok(
+        bin()
+            .args([
+                "--quiet",
+                "sample",
+                "--device",
+                "cpu",
+                "--sampler",
+                "ddim",
+                "--steps",
+                "5",
+                "--num",
+                "6",
+                "--batch",
+                "4",
+            ])
+            .arg("--model")
+            .arg(&straight)
+            .arg("--out")
+            .arg(&grid)
+            .arg("--out-dir")
+            .arg(&images)
+            .arg("--out-npy")
+            .arg(&npy_a),
+    );
+    assert!(grid.is_file());
+    assert_eq!(std::fs::read_dir(&images).expect("images").count(), 6);
+    run_ok(
+        bin()
+            .args(["--quiet", "sample", "--device", "cpu", "--sampler", "ddim", "--steps", "5", "--batch", "2"])
+            .arg("--model")
+            .arg(&straight)
+            .arg("--init-noise")
+            .arg(&npy_a)
+            .arg("--out-npy")
+            .arg(&npy_b),
+    );
+    let npy_c = dir.join("c.npy");
+    run_ok(
+        bin()
+            .args(["--quiet", "sample", "--device", "cpu", "--sampler", "ddim", "--steps", "5", "--batch", "3"])
+            .arg("--model")
+            .arg(&straight)
+            .arg("--init-noise")
+            .arg(&npy_a)
+            .arg("--out-npy")
+            .arg(&npy_c),
+    );
+    assert_eq!(std::fs::read(&npy_b).expect("b"), std::fs::read(&npy_c).expect("c"));
+    // DDPM (ancestral, per-sample noise) too.
+    run_ok(
+        bin()
+            .args(["--quiet", "sample", "--device", "cpu", "--sampler", "ddpm", "--steps", "4", "--num", "2"])
+            .arg("--model")
+            .arg(&straight)
+            .arg("--out")
+            .arg(dir.join("ddpm.png")),
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bad_inputs_give_clear_errors() {
+    let (dir, data, config) = setup("errors");
+    let err = run_err(bin().args(["sample", "--sampler", "ddim", "--device", "cpu", "--model", "/nonexistent/model"]));
+    assert!(err.contains("/nonexistent/model") && err.contains("diffusion_pytorch_model.safetensors"), "{err}");
+    let err = run_err(bin().args(["sample", "--sampler", "dpm-unknown", "--device", "cpu"]).arg("--model").arg(&dir));
+    assert!(err.contains("config.json") || err.contains("dpm-unknown"), "{err}");
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, TINY_CONFIG.replace("layers_per_block", "layers_per_blok")).expect("write");
+    let err = run_err(
+        bin()
+            .args(["train", "--device", "cpu"])
+            .arg("--data")
+            .arg(&data)
+            .arg("--config")
+            .arg(&bad)
+            .arg("--out")
+            .arg(dir.join("o")),
+    );
+    assert!(err.contains("layers_per_blok"), "{err}");
+    std::fs::write(&bad, TINY_CONFIG.replace("batch_size = 4", "batch_size = 0")).expect("write");
+    let err = run_err(
+        bin()
+            .args(["train", "--device", "cpu"])
+            .arg("--data")
+            .arg(&data)
+            .arg("--config")
+            .arg(&bad)
+            .arg("--out")
+            .arg(dir.join("o")),
+    );
+    assert!(err.contains("batch_size"), "{err}");
+    let err = run_err(
+        bin()
+            .args(["train", "--device", "cpu", "--data", "/nonexistent/data.idx"])
+            .arg("--config")
+            .arg(&config)
+            .arg("--out")
+            .arg(dir.join("o")),
+    );
+    assert!(err.contains("/nonexistent/data.idx"), "{err}");
+    let err = run_err(bin().args(["export", "--sampler", "/nonexistent/sampler.json"]));
+    assert!(err.contains("/nonexistent/sampler.json"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn timesteps_command_prints_diffusers_grids() {
+    let out = run_ok(bin().args(["timesteps", "--steps", "10", "--spacing", "trailing"]));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "[999,899,799,699,599,499,399,299,199,99]");
+    let out = run_ok(bin().args(["timesteps", "--steps", "4", "--spacing", "leading", "--steps-offset", "1"]));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "[751,501,251,1]");
+}

@@ -1,0 +1,220 @@
+//! The differentiable unroll of a GGDM sampler (DESIGN.md section 4, "Rematerialisation"):
+//! sample a batch, get the loss gradient at the output, and push it back through every step into
+//! the sampler's parameters.
+//!
+//! The strategy is one type, [`Remat`], chosen in one place:
+//! * [`Remat::Naive`]: autograd through the whole chain (every network call's activations are kept);
+//! * [`Remat::PerCall`]: the forward pass runs without autograd and keeps only each step's input
+//!   `x_i` and prediction `x0_hat_i`; the reverse sweep recomputes one network call at a time
+//!   (memory: K state batches + one call's activations, flat in K);
+//! * [`Remat::Budget`]: the first `stored_steps` network calls keep their activations from the
+//!   forward pass (no recompute), the rest are recomputed — the memory-budget middle ground.
+//!
+//! The reverse sweep, for `i = K..1`: the cotangent of `x_{i+1}` flows through the linear
+//! combination into every earlier `x_j`, `x0_hat_j` and into `u, w, sigma`; once all uses of
+//! `x0_hat_i` are accounted for, `model(x_i, tau_i)` is evaluated with autograd (recomputed or
+//! stored) and its cotangent pushed to `x_i`, `tau_i`, `p_i`, `q_i`. The coefficients are computed
+//! once from the parameters; the sweep differentiates with respect to detached copies of them,
+//! and a final backward pass carries those gradients into the parameters (tch has no
+//! `grad_outputs`: we back-propagate `sum(y * g.detach())`).
+
+use crate::Result;
+use ggdm_core::ggdm::{Coefficients, GgdmSampler};
+use ggdm_core::Denoiser;
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+
+/// How activations of the network calls are kept for the backward pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Remat {
+    /// Autograd through everything.
+    Naive,
+    /// Keep only each call's input; recompute in the reverse sweep (default).
+    #[default]
+    PerCall,
+    /// Keep the activations of the first `stored_steps` calls, recompute the rest.
+    Budget {
+        /// Network calls whose activations are stored.
+        stored_steps: usize,
+    },
+}
+
+/// What a sampler run returns before the loss: the output and the state needed for the sweep.
+pub struct Forward {
+    /// `x_{K+1}`, detached.
+    pub output: Tensor,
+    inner: ForwardInner,
+}
+
+enum ForwardInner {
+    Naive { output_with_graph: Tensor, x_init: Tensor },
+    Swept(Box<SweepState>),
+}
+
+struct SweepState {
+    coeffs: Coefficients,
+    leaves: Coefficients,
+    states: Vec<Tensor>,
+    x0_hats: Vec<Tensor>,
+    /// Stored graphs `(x_i leaf, x0_hat_i with graph)` for the steps kept by the budget.
+    stored: Vec<Option<(Tensor, Tensor)>>,
+    z: Vec<Tensor>,
+}
+
+fn leaf(t: &Tensor) -> Tensor {
+    t.detach().copy().set_requires_grad(true)
+}
+
+fn leaf_coefficients(c: &Coefficients) -> Coefficients {
+    Coefficients {
+        tau: leaf(&c.tau),
+        abar: leaf(&c.abar),
+        u: leaf(&c.u),
+        w: leaf(&c.w),
+        sigma: leaf(&c.sigma),
+        p: leaf(&c.p),
+        q: leaf(&c.q),
+        pred_scale: leaf(&c.pred_scale),
+        sqrt_one_minus_abar: leaf(&c.sqrt_one_minus_abar),
+        p_rel: leaf(&c.p_rel),
+        q_rel: leaf(&c.q_rel),
+    }
+}
+
+fn coefficient_pairs<'a>(c: &'a Coefficients, l: &'a Coefficients) -> [(&'a Tensor, &'a Tensor); 11] {
+    [
+        (&c.tau, &l.tau),
+        (&c.abar, &l.abar),
+        (&c.u, &l.u),
+        (&c.w, &l.w),
+        (&c.sigma, &l.sigma),
+        (&c.p, &l.p),
+        (&c.q, &l.q),
+        (&c.pred_scale, &l.pred_scale),
+        (&c.sqrt_one_minus_abar, &l.sqrt_one_minus_abar),
+        (&c.p_rel, &l.p_rel),
+        (&c.q_rel, &l.q_rel),
+    ]
+}
+
+/// `sum(y * g)` over all elements, in f64 (the scalar whose gradient is the VJP with `g`).
+fn vjp_scalar(y: &Tensor, g: &Tensor) -> Tensor {
+    (y * g.detach()).sum(Kind::Double)
+}
+
+/// Runs the sampler from `x_init` with step noise `z`, keeping what `remat` needs for
+/// [`backward`].
+pub fn forward<D: Denoiser + ?Sized>(
+    sampler: &GgdmSampler,
+    model: &D,
+    x_init: &Tensor,
+    z: &[Tensor],
+    remat: Remat,
+) -> Result<Forward> {
+    if let Remat::Naive = remat {
+        let x_init = x_init.detach().set_requires_grad(true);
+        let output_with_graph = sampler.sample(model, &x_init, z)?;
+        return Ok(Forward {
+            output: output_with_graph.detach(),
+            inner: ForwardInner::Naive { output_with_graph, x_init },
+        });
+    }
+    let k = sampler.steps;
+    if z.len() != k {
+        return Err(crate::Error::config("noise", format!("{} step-noise tensors for K = {k}", z.len())));
+    }
+    let stored_steps = match remat {
+        Remat::Budget { stored_steps } => stored_steps.min(k),
+        _ => 0,
+    };
+    let coeffs = sampler.coefficients();
+    let leaves = leaf_coefficients(&coeffs);
+    let kind = x_init.kind();
+    let mut states = vec![x_init.detach()];
+    let mut x0_hats = Vec::with_capacity(k);
+    let mut stored = Vec::with_capacity(k);
+    for i in 0..k {
+        if i < stored_steps {
+            let x_leaf = states[i].detach().set_requires_grad(true);
+            let x0_hat = sampler.predict_x0(model, &leaves, i, &x_leaf, kind)?;
+            x0_hats.push(x0_hat.detach());
+            stored.push(Some((x_leaf, x0_hat)));
+        } else {
+            let x0_hat = tch::no_grad(|| sampler.predict_x0(model, &leaves, i, &states[i], kind))?;
+            x0_hats.push(x0_hat);
+            stored.push(None);
+        }
+        let next = tch::no_grad(|| sampler.combine(&leaves, i, &states, &x0_hats, &z[i], kind));
+        states.push(next);
+    }
+    let output = states[k].shallow_clone();
+    let z = z.iter().map(|t| t.shallow_clone()).collect();
+    Ok(Forward {
+        output,
+        inner: ForwardInner::Swept(Box::new(SweepState { coeffs, leaves, states, x0_hats, stored, z })),
+    })
+}
+
+/// Back-propagates `grad_output = dL/dx_out` through the sampler into its parameters
+/// (accumulating into their `.grad()`), recomputing network calls as the strategy says.
+/// Returns `dL/dx_init`.
+pub fn backward<D: Denoiser + ?Sized>(
+    sampler: &GgdmSampler,
+    model: &D,
+    forward: Forward,
+    grad_output: &Tensor,
+) -> Result<Tensor> {
+    match forward.inner {
+        ForwardInner::Naive { output_with_graph, x_init } => {
+            vjp_scalar(&output_with_graph, grad_output).backward();
+            Ok(x_init.grad().detach())
+        }
+        ForwardInner::Swept(state) => {
+            let SweepState { coeffs, leaves, states, x0_hats, stored, z } = *state;
+            let k = sampler.steps;
+            let kind = states[0].kind();
+            let state_leaves: Vec<Tensor> = states[..k].iter().map(|s| s.detach().set_requires_grad(true)).collect();
+            let x0_leaves: Vec<Tensor> = x0_hats.iter().map(|s| s.detach().set_requires_grad(true)).collect();
+            let mut grad_next = grad_output.detach();
+            let mut stored = stored;
+            for i in (0..k).rev() {
+                // x_{i+1} = sum_j u_ij x_j + w_ij x0_hat_j + sigma_i z_i
+                let next = sampler.combine(&leaves, i, &state_leaves, &x0_leaves, &z[i], kind);
+                vjp_scalar(&next, &grad_next).backward();
+                // Every use of x0_hat_i is now accounted for: push its cotangent through the network.
+                let grad_x0 = x0_leaves[i].grad();
+                let (x_in, x0_hat) = match stored[i].take() {
+                    Some(pair) => pair,
+                    None => {
+                        let x_in = states[i].detach().set_requires_grad(true);
+                        let x0_hat = sampler.predict_x0(model, &leaves, i, &x_in, kind)?;
+                        (x_in, x0_hat)
+                    }
+                };
+                if grad_x0.defined() {
+                    vjp_scalar(&x0_hat, &grad_x0).backward();
+                }
+                drop(x0_hat);
+                let mut total = state_leaves[i].grad().detach().copy();
+                let through_model = x_in.grad();
+                if through_model.defined() {
+                    total += through_model;
+                }
+                grad_next = total;
+            }
+            // Carry the coefficient gradients into the sampler parameters.
+            let mut terms = Vec::new();
+            for (graph, leaf) in coefficient_pairs(&coeffs, &leaves) {
+                let g = leaf.grad();
+                if g.defined() && graph.requires_grad() {
+                    terms.push(vjp_scalar(graph, &g));
+                }
+            }
+            if !terms.is_empty() {
+                Tensor::stack(&terms, 0).sum(Kind::Double).backward();
+            }
+            Ok(grad_next)
+        }
+    }
+}
