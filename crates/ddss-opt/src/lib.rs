@@ -5,7 +5,10 @@
 //! Implemented so far: [`optim`] (Adam with exportable state, gradient clipping, LR schedules).
 
 pub mod error;
+pub mod loss;
+pub mod objective;
 pub mod optim;
+pub mod search;
 pub mod unroll;
 
 pub use error::{Error, Result};

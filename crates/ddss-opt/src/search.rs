@@ -1,0 +1,458 @@
+//! The DDSS search loop (DESIGN.md section 4): Adam on the sampler parameters, gradient-norm
+//! clipping, a learning-rate schedule, validation KID on held-out noise, best-so-far tracking,
+//! `metrics.jsonl`, atomic checkpoints and exact resumption, and a NaN/inf guard.
+//!
+//! Every step's noise is derived from `(seed, step)`, validation noise from `seed` alone, so a run
+//! that is stopped and resumed from its checkpoint takes exactly the same steps as one that was
+//! not (on the same device: the final `sampler.json` is bit-identical on CPU).
+
+use crate::objective::{BatchNoise, Objective};
+use crate::optim::{clip_grad_norm, Adam, AdamConfig, LrSchedule};
+use crate::unroll::Remat;
+use crate::{Error, Result};
+use ggdm_core::ggdm::{GgdmParams, GgdmSampler};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tch::{Device, Kind, Tensor};
+
+/// Optimisation settings of a search (`[optim]` of a search config).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SearchSettings {
+    /// Optimiser steps.
+    pub steps: u64,
+    /// Samples per step (the KID batch).
+    pub batch_size: usize,
+    /// Samples per micro-batch (memory); the gradient is exact for any value.
+    #[serde(default)]
+    pub micro_batch: Option<usize>,
+    /// Learning rate and schedule.
+    pub lr: LrSchedule,
+    /// Adam settings.
+    #[serde(default)]
+    pub adam: AdamConfig,
+    /// Gradient-norm clipping.
+    #[serde(default)]
+    pub grad_clip: Option<f64>,
+    /// Rematerialisation strategy.
+    #[serde(default)]
+    pub remat: Remat,
+    /// Seed of the training and validation noise.
+    #[serde(default)]
+    pub seed: u64,
+    /// Steps between validations (0: only at the end).
+    #[serde(default)]
+    pub validate_every: u64,
+    /// Samples of the validation batch (held-out noise).
+    #[serde(default = "default_validation_num")]
+    pub validation_num: usize,
+    /// Steps between checkpoints.
+    #[serde(default = "default_checkpoint_every")]
+    pub checkpoint_every: u64,
+    /// Consecutive rejected (non-finite) steps before the run stops.
+    #[serde(default = "default_max_faults")]
+    pub max_faults: u32,
+}
+
+fn default_validation_num() -> usize {
+    256
+}
+fn default_checkpoint_every() -> u64 {
+    10
+}
+fn default_max_faults() -> u32 {
+    5
+}
+
+impl SearchSettings {
+    /// Range checks naming the key.
+    pub fn validate(&self) -> Result<()> {
+        if self.steps == 0 {
+            return Err(Error::config("optim.steps", "0 (need at least 1)"));
+        }
+        if self.batch_size < 2 {
+            return Err(Error::config("optim.batch_size", format!("{} (KID needs at least 2)", self.batch_size)));
+        }
+        if self.micro_batch == Some(0) {
+            return Err(Error::config("optim.micro_batch", "0 (need at least 1)"));
+        }
+        if self.validation_num < 2 {
+            return Err(Error::config("optim.validation_num", format!("{} (need at least 2)", self.validation_num)));
+        }
+        if self.checkpoint_every == 0 {
+            return Err(Error::config("optim.checkpoint_every", "0 (need at least 1)"));
+        }
+        if let Some(c) = self.grad_clip {
+            if !(c > 0.0) {
+                return Err(Error::config("optim.grad_clip", format!("{c} (must be > 0)")));
+            }
+        }
+        self.lr.validate().map_err(|e| prefix("optim.lr", e))?;
+        self.adam.validate().map_err(|e| prefix("optim.adam", e))?;
+        Ok(())
+    }
+}
+
+fn prefix(section: &str, e: Error) -> Error {
+    match e {
+        Error::Config { key, msg } => Error::config(format!("{section}.{key}"), msg),
+        other => other,
+    }
+}
+
+/// A 64-bit mix of two values (SplitMix64 finaliser), for per-step noise seeds.
+pub fn mix_seed(seed: u64, step: u64) -> u64 {
+    let mut z = seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(0xD1B5_4A32_D192_ED03);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The noise of training step `step`.
+pub fn step_noise(settings: &SearchSettings, step: u64) -> BatchNoise {
+    BatchNoise { seed: mix_seed(settings.seed, step), batch: settings.batch_size }
+}
+
+/// The held-out validation noise (never used for training).
+pub fn validation_noise(settings: &SearchSettings) -> BatchNoise {
+    BatchNoise { seed: mix_seed(settings.seed ^ 0x5EED_0F_0A11_DA7E, u64::MAX), batch: settings.validation_num }
+}
+
+/// What happened in one step (one line of `metrics.jsonl`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StepRecord {
+    /// 1-based step number.
+    pub step: u64,
+    /// Training loss of the step's batch (before the update).
+    pub loss: f64,
+    /// Gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Validation KID after the step, when validated.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub validation_kid: Option<f64>,
+    /// A rejected step's diagnosis.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub event: Option<String>,
+    /// Seconds since the run (or resumption) started.
+    pub elapsed_s: f64,
+}
+
+/// The result of a search.
+#[derive(Debug)]
+pub struct SearchOutcome {
+    /// Validation KID at initialisation.
+    pub initial_validation_kid: f64,
+    /// Best validation KID seen.
+    pub best_validation_kid: f64,
+    /// Step of the best validation KID (0 = the initial sampler).
+    pub best_step: u64,
+    /// Steps taken in total.
+    pub steps: u64,
+    /// Rejected steps.
+    pub faults: u64,
+}
+
+/// Callbacks for progress display.
+pub trait SearchObserver {
+    /// After each step.
+    fn on_step(&mut self, _record: &StepRecord) {}
+}
+
+/// An observer that does nothing.
+pub struct NoObserver;
+impl SearchObserver for NoObserver {}
+
+const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
+const METRICS_FILE: &str = "metrics.jsonl";
+
+fn named_params(params: &GgdmParams, prefix: &str) -> Vec<(String, Tensor)> {
+    params.named().iter().map(|(n, t)| (format!("{prefix}.{n}"), t.detach().to_device(Device::Cpu).copy())).collect()
+}
+
+fn params_from(named: &[(String, Tensor)], prefix: &str, like: &GgdmParams, path: &Path) -> Result<GgdmParams> {
+    let find = |name: &str| -> Result<Tensor> {
+        let key = format!("{prefix}.{name}");
+        named
+            .iter()
+            .find(|(n, _)| *n == key)
+            .map(|(_, t)| t.shallow_clone())
+            .ok_or_else(|| Error::File { path: path.to_path_buf(), msg: format!("checkpoint lacks `{key}`") })
+    };
+    let device = like.grid_logits.device();
+    Ok(GgdmParams {
+        grid_logits: find("grid_logits")?.to_device(device),
+        u_residual: find("u_residual")?.to_device(device),
+        w_residual: find("w_residual")?.to_device(device),
+        sigma_residual: find("sigma_residual")?.to_device(device),
+        p_residual: find("p_residual")?.to_device(device),
+        q_residual: find("q_residual")?.to_device(device),
+    })
+}
+
+fn write_checkpoint(dir: &Path, named: &[(String, Tensor)]) -> Result<()> {
+    let path = dir.join(CHECKPOINT_FILE);
+    let tmp = dir.join(format!(".{CHECKPOINT_FILE}.tmp-{}", std::process::id()));
+    let io = |e: std::io::Error| Error::File { path: path.clone(), msg: e.to_string() };
+    Tensor::write_safetensors(named, &tmp).map_err(|e| Error::File { path: tmp.clone(), msg: e.to_string() })?;
+    std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io)?;
+    std::fs::rename(&tmp, &path).map_err(io)?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+fn append_metrics(path: &Path, record: &StepRecord) -> Result<()> {
+    use std::io::Write;
+    let io = |e: std::io::Error| Error::File { path: path.to_path_buf(), msg: e.to_string() };
+    let line = serde_json::to_string(record).map_err(|e| Error::config("metrics", e.to_string()))?;
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(io)?;
+    writeln!(f, "{line}").map_err(io)?;
+    f.sync_data().map_err(io)
+}
+
+/// Keeps only the `metrics.jsonl` lines of steps `<= last_step` (lines a killed run wrote after
+/// its last checkpoint are replaced by the resumed run's).
+fn truncate_metrics(path: &Path, last_step: u64) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|line| {
+            serde_json::from_str::<serde_json::Value>(line)
+                .ok()
+                .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
+                .is_some_and(|s| s <= last_step)
+        })
+        .collect();
+    let mut out = kept.join("\n");
+    if !out.is_empty() {
+        out.push('\n');
+    }
+    ggdm_core::io::write_atomic(path, out.as_bytes())?;
+    Ok(())
+}
+
+fn all_finite(params: &GgdmParams) -> bool {
+    params.named().iter().all(|(_, t)| {
+        let finite: bool = tch::no_grad(|| t.isfinite().all().int64_value(&[]) != 0);
+        finite
+    })
+}
+
+fn zero_grads(params: &[Tensor]) {
+    for p in params {
+        let mut g = p.grad();
+        if g.defined() {
+            let _ = g.zero_();
+        }
+    }
+}
+
+/// Validation KID (f64, unbiased MMD^2 with the cubic kernel over the whole validation batch) of
+/// the current sampler.
+pub fn validation_kid(objective: &Objective, settings: &SearchSettings, real: &Tensor) -> Result<f64> {
+    let samples = objective.generate(validation_noise(settings))?;
+    let features = tch::no_grad(|| objective.extractor.features(&samples.to_device(objective.extractor.device())))
+        .map_err(|e| Error::config("features", e.to_string()))?;
+    fid_metrics::kid::mmd2_unbiased(&features.to_device(Device::Cpu), &real.to_device(Device::Cpu))
+        .map_err(|e| Error::config("validation", e.to_string()))
+}
+
+/// Runs (or resumes) a search in `run_dir`. `sampler` holds the initial parameters on entry and
+/// the best ones (by validation KID) on return. `real` are the real features the validation KID
+/// is measured against.
+pub fn run_search(
+    sampler: &mut GgdmSampler,
+    objective_parts: ObjectiveParts,
+    settings: &SearchSettings,
+    real: &Tensor,
+    run_dir: &Path,
+    resume: bool,
+    observer: &mut dyn SearchObserver,
+) -> Result<SearchOutcome> {
+    settings.validate()?;
+    let params = sampler.trainable();
+    if params.is_empty() {
+        tracing::warn!("no part of the sampler is learnable: the search only measures it");
+    }
+    let mut adam = Adam::new(&params, settings.adam);
+    let metrics_path = run_dir.join(METRICS_FILE);
+    let checkpoint_path = run_dir.join(CHECKPOINT_FILE);
+    let started = Instant::now();
+    let mut step = 0u64;
+    let mut faults_total = 0u64;
+    let mut best_params = sampler.snapshot();
+    let (mut best_kid, mut best_step, initial_kid);
+    {
+        let objective = objective_parts.objective(sampler, settings);
+        if resume {
+            let named = Tensor::read_safetensors(&checkpoint_path).map_err(|e| Error::File {
+                path: checkpoint_path.clone(),
+                msg: format!("cannot read the checkpoint to resume from: {e}"),
+            })?;
+            let get = |key: &str| {
+                named.iter().find(|(n, _)| n == key).map(|(_, t)| t.shallow_clone()).ok_or_else(|| Error::File {
+                    path: checkpoint_path.clone(),
+                    msg: format!("checkpoint lacks `{key}`"),
+                })
+            };
+            let current = params_from(&named, "params", &sampler.params, &checkpoint_path)?;
+            best_params = params_from(&named, "best", &sampler.params, &checkpoint_path)?;
+            let adam_state: Vec<(String, Tensor)> = named
+                .iter()
+                .filter(|(n, _)| n.starts_with("adam."))
+                .map(|(n, t)| (n.clone(), t.to_device(sampler.device())))
+                .collect();
+            let meta = get("meta")?;
+            let meta_vals = ggdm_core::ggdm::tensor_to_vec(&meta);
+            step = meta_vals[0] as u64;
+            best_kid = meta_vals[1];
+            best_step = meta_vals[2] as u64;
+            initial_kid = meta_vals[3];
+            faults_total = meta_vals[4] as u64;
+            drop(objective);
+            sampler.restore(&current)?;
+            let params = sampler.trainable();
+            adam = Adam::new(&params, settings.adam);
+            adam.load_state(&adam_state)?;
+            truncate_metrics(&metrics_path, step)?;
+            tracing::info!("resumed from step {step} ({})", checkpoint_path.display());
+        } else {
+            initial_kid = validation_kid(&objective, settings, real)?;
+            best_kid = initial_kid;
+            best_step = 0;
+            let _ = std::fs::remove_file(&metrics_path);
+            tracing::info!("validation KID at initialisation: {initial_kid:.6}");
+        }
+    }
+    let mut consecutive_faults = 0u32;
+    while step < settings.steps {
+        let params = sampler.trainable();
+        let lr = settings.lr.at(step, settings.steps);
+        let before = sampler.snapshot();
+        zero_grads(&params);
+        let objective = objective_parts.objective(sampler, settings);
+        let loss = objective.loss_and_grad(step_noise(settings, step));
+        drop(objective);
+        let (loss, fault) = match loss {
+            Ok(v) if v.is_finite() => (v, None),
+            Ok(v) => (v, Some(format!("non-finite loss {v}"))),
+            Err(e) => return Err(e),
+        };
+        let grad_norm = clip_grad_norm(&params, settings.grad_clip);
+        let mut event = fault;
+        if event.is_none() && !grad_norm.is_finite() {
+            event = Some(format!("non-finite gradient norm {grad_norm}"));
+        }
+        if event.is_none() {
+            adam.step(&params, lr);
+            if !all_finite(&sampler.params) {
+                event = Some("parameters became non-finite after the update".into());
+            }
+        }
+        step += 1;
+        let mut record = StepRecord {
+            step,
+            loss,
+            grad_norm,
+            lr,
+            validation_kid: None,
+            event: None,
+            elapsed_s: started.elapsed().as_secs_f64(),
+        };
+        if let Some(what) = event {
+            sampler.restore(&before)?;
+            zero_grads(&sampler.trainable());
+            consecutive_faults += 1;
+            faults_total += 1;
+            tracing::warn!("step {step} rejected ({what}); restored the last good parameters");
+            record.event = Some(format!("rejected: {what}; restored the last good parameters"));
+            if consecutive_faults > settings.max_faults {
+                append_metrics(&metrics_path, &record)?;
+                return Err(Error::Numerical(format!(
+                    "{consecutive_faults} consecutive steps were rejected (last: {what}). The sampler \
+                     diverges: lower optim.lr, set optim.grad_clip, or check the model and the features \
+                     for NaNs. The last good parameters are in {}",
+                    checkpoint_path.display()
+                )));
+            }
+        } else {
+            consecutive_faults = 0;
+        }
+        let validate_now =
+            (settings.validate_every > 0 && step.is_multiple_of(settings.validate_every)) || step == settings.steps;
+        if validate_now {
+            let objective = objective_parts.objective(sampler, settings);
+            let kid = validation_kid(&objective, settings, real)?;
+            drop(objective);
+            record.validation_kid = Some(kid);
+            if kid < best_kid {
+                best_kid = kid;
+                best_step = step;
+                best_params = sampler.snapshot();
+            }
+        }
+        append_metrics(&metrics_path, &record)?;
+        observer.on_step(&record);
+        if step.is_multiple_of(settings.checkpoint_every) || step == settings.steps {
+            let mut named = named_params(&sampler.params, "params");
+            named.extend(named_params(&best_params, "best"));
+            for (n, t) in adam.state() {
+                named.push((n, t.detach().to_device(Device::Cpu)));
+            }
+            let meta = [step as f64, best_kid, best_step as f64, initial_kid, faults_total as f64];
+            named.push(("meta".into(), Tensor::from_slice(&meta).to_kind(Kind::Double)));
+            write_checkpoint(run_dir, &named)?;
+        }
+    }
+    sampler.restore(&best_params)?;
+    Ok(SearchOutcome {
+        initial_validation_kid: initial_kid,
+        best_validation_kid: best_kid,
+        best_step,
+        steps: step,
+        faults: faults_total,
+    })
+}
+
+/// The parts of an [`Objective`] other than the sampler (which changes during the search).
+pub struct ObjectiveParts<'a> {
+    /// The diffusion model.
+    pub model: &'a dyn ggdm_core::Denoiser,
+    /// The loss's feature network.
+    pub extractor: &'a dyn fid_metrics::features::FeatureExtractor,
+    /// The loss.
+    pub loss: &'a crate::loss::FeatureLoss,
+    /// `[C, H, W]` of a sample.
+    pub sample_shape: [i64; 3],
+    /// Device.
+    pub device: Device,
+}
+
+impl<'a> ObjectiveParts<'a> {
+    /// The objective for the sampler's current parameters.
+    pub fn objective<'s>(&'s self, sampler: &'s GgdmSampler, settings: &SearchSettings) -> Objective<'s>
+    where
+        'a: 's,
+    {
+        Objective {
+            sampler,
+            model: self.model,
+            extractor: self.extractor,
+            loss: self.loss,
+            remat: settings.remat,
+            micro_batch: settings.micro_batch.unwrap_or(settings.batch_size),
+            sample_shape: self.sample_shape,
+            device: self.device,
+            state_kind: Kind::Float,
+        }
+    }
+}
+
+/// The checkpoint path inside a run directory.
+pub fn checkpoint_path(run_dir: &Path) -> PathBuf {
+    run_dir.join(CHECKPOINT_FILE)
+}
