@@ -14,7 +14,7 @@ use tch::{Kind, Tensor};
 
 /// Which distance the search minimises.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum LossKind {
     /// KID (unbiased MMD^2, cubic polynomial kernel).
     #[default]
@@ -30,8 +30,14 @@ pub enum LossKind {
 }
 
 /// A loss bound to a set of real features.
+///
+/// Features are divided by one scalar, `sqrt(mean_i |r_i|^2 / d)` of the real features, before the
+/// loss: the cubic KID kernel `(a.b/d + 1)^3` is then evaluated where its `+1` matters whatever
+/// the feature network's activation scale (classifier activations can be far larger than
+/// Inception's). Reported metrics use the raw features.
 pub struct FeatureLoss {
     kind: LossKind,
+    scale: f64,
     real: Tensor,
     kid: Option<KidLoss>,
     bandwidth: f64,
@@ -70,7 +76,10 @@ impl FeatureLoss {
         if size.len() != 2 || size[0] < 2 {
             return Err(Error::Shape { what: "real features".into(), expected: "M x d with M >= 2".into(), got: size });
         }
-        let real = real_features.detach().to_kind(Kind::Float);
+        let raw = real_features.detach().to_kind(Kind::Double);
+        let mean_square = raw.square().sum(Kind::Double).double_value(&[]) / (size[0] * size[1]) as f64;
+        let scale = 1.0 / mean_square.sqrt().max(1e-12);
+        let real = (raw * scale).to_kind(Kind::Float);
         let kid = match kind {
             LossKind::Kid => Some(KidLoss::new(&real).map_err(|e| Error::config("loss", e.to_string()))?),
             _ => None,
@@ -93,7 +102,7 @@ impl FeatureLoss {
         };
         let real_mean = real.to_kind(Kind::Double).mean_dim(0, false, Kind::Double);
         let real_cov = covariance(&real.to_kind(Kind::Double));
-        Ok(Self { kind, real, kid, bandwidth, real_mean, real_cov })
+        Ok(Self { kind, scale, real, kid, bandwidth, real_mean, real_cov })
     }
 
     /// The loss kind.
@@ -116,6 +125,7 @@ impl FeatureLoss {
                 got: size,
             });
         }
+        let generated = &(generated * self.scale);
         match self.kind {
             LossKind::Kid => {
                 let kid = self.kid.as_ref().ok_or_else(|| Error::config("loss", "KID state missing"))?;

@@ -76,12 +76,20 @@ impl Adam {
     /// One update with learning rate `lr` from the gradients currently in `params`
     /// (parameters without a gradient are skipped).
     pub fn step(&mut self, params: &[Tensor], lr: f64) {
+        self.step_scaled(params, lr, &vec![1.0; params.len()]);
+    }
+
+    /// [`Self::step`] with a learning-rate multiplier per parameter.
+    pub fn step_scaled(&mut self, params: &[Tensor], lr: f64, lr_scales: &[f64]) {
         self.step += 1;
         let AdamConfig { beta1, beta2, eps, weight_decay } = self.config;
         let bias1 = 1.0 - beta1.powi(self.step as i32);
         let bias2 = 1.0 - beta2.powi(self.step as i32);
         tch::no_grad(|| {
-            for ((param, m), v) in params.iter().zip(&mut self.first_moment).zip(&mut self.second_moment) {
+            for (((param, m), v), scale) in
+                params.iter().zip(&mut self.first_moment).zip(&mut self.second_moment).zip(lr_scales)
+            {
+                let lr = lr * scale;
                 let grad = param.grad();
                 if !grad.defined() {
                     continue;

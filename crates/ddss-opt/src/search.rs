@@ -32,6 +32,9 @@ pub struct SearchSettings {
     /// Adam settings.
     #[serde(default)]
     pub adam: AdamConfig,
+    /// Per-part learning-rate multipliers.
+    #[serde(default)]
+    pub lr_scale: LrScales,
     /// Gradient-norm clipping.
     #[serde(default)]
     pub grad_clip: Option<f64>,
@@ -53,6 +56,38 @@ pub struct SearchSettings {
     /// Consecutive rejected (non-finite) steps before the run stops.
     #[serde(default = "default_max_faults")]
     pub max_faults: u32,
+}
+
+/// Learning-rate multipliers per learnable part. The coefficient residuals act on whole states
+/// (the first of which is pure noise), so they take smaller steps than the grid logits.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LrScales {
+    /// Grid logits (default 1).
+    pub timesteps: f64,
+    /// `u`, `w` residuals (default 0.1).
+    pub coefficients: f64,
+    /// `sigma` residuals (default 0.1).
+    pub sigma: f64,
+    /// `p`, `q` residuals (default 0.1).
+    pub prediction: f64,
+}
+
+impl Default for LrScales {
+    fn default() -> Self {
+        Self { timesteps: 1.0, coefficients: 0.1, sigma: 0.1, prediction: 0.1 }
+    }
+}
+
+impl LrScales {
+    fn of(&self, part: &str) -> f64 {
+        match part {
+            "timesteps" => self.timesteps,
+            "coefficients" => self.coefficients,
+            "sigma" => self.sigma,
+            _ => self.prediction,
+        }
+    }
 }
 
 fn default_validation_num() -> usize {
@@ -89,6 +124,17 @@ impl SearchSettings {
             }
         }
         self.lr.validate().map_err(|e| prefix("optim.lr", e))?;
+        let scales = self.lr_scale;
+        for (name, v) in [
+            ("timesteps", scales.timesteps),
+            ("coefficients", scales.coefficients),
+            ("sigma", scales.sigma),
+            ("prediction", scales.prediction),
+        ] {
+            if !(v >= 0.0) || !v.is_finite() {
+                return Err(Error::config(format!("optim.lr_scale.{name}"), format!("{v} (must be >= 0)")));
+            }
+        }
         self.adam.validate().map_err(|e| prefix("optim.adam", e))?;
         Ok(())
     }
@@ -348,7 +394,8 @@ pub fn run_search(
             event = Some(format!("non-finite gradient norm {grad_norm}"));
         }
         if event.is_none() {
-            adam.step(&params, lr);
+            let scales: Vec<f64> = sampler.trainable_parts().iter().map(|p| settings.lr_scale.of(p)).collect();
+            adam.step_scaled(&params, lr, &scales);
             if !all_finite(&sampler.params) {
                 event = Some("parameters became non-finite after the update".into());
             }

@@ -26,7 +26,7 @@ use tch::{Kind, Tensor};
 
 /// How activations of the network calls are kept for the backward pass.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum Remat {
     /// Autograd through everything.
     Naive,

@@ -183,6 +183,7 @@ fn settings(steps: u64) -> SearchSettings {
         micro_batch: Some(3),
         lr: LrSchedule { lr: 0.02, warmup_steps: 1, decay: "cosine".into(), min_lr_ratio: 0.1 },
         adam: Default::default(),
+        lr_scale: Default::default(),
         grad_clip: Some(1.0),
         remat: Remat::PerCall,
         seed: 3,

@@ -278,7 +278,7 @@ fn kernel_sum(x: &Tensor, y: &Tensor, exclude_diagonal: bool) -> Result<f64> {
         let block = polynomial_kernel(&x.f_narrow(0, start, len)?, y)?;
         total += block.f_sum(Kind::Double)?.f_double_value(&[])?;
         if exclude_diagonal {
-            let diagonal = block.f_diagonal(0, start, 1)?;
+            let diagonal = block.f_diagonal(start, 0, 1)?;
             total -= diagonal.f_sum(Kind::Double)?.f_double_value(&[])?;
         }
         start += len;

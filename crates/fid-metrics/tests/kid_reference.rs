@@ -169,3 +169,23 @@ fn differentiable_kid_gradient_matches_central_differences() -> Result<()> {
     }
     Ok(())
 }
+
+/// More real features than one kernel block (2048 rows): the blocked real-real term must equal
+/// the direct computation (a regression test: the diagonal of later blocks was taken wrongly).
+#[test]
+fn kid_loss_real_term_is_exact_beyond_one_block() -> Result<()> {
+    tch::manual_seed(7);
+    let real = Tensor::randn([2500, 4], (Kind::Double, Device::Cpu));
+    let generated = Tensor::randn([30, 4], (Kind::Double, Device::Cpu)) + 0.1;
+    let blocked = fid_metrics::kid::KidLoss::new(&real)?.loss(&generated)?.double_value(&[]);
+    let direct = fid_metrics::kid::mmd2_unbiased(&generated, &real)?;
+    let k_rr = fid_metrics::kid::polynomial_kernel(&real, &real)?;
+    let n = 2500.0;
+    let brute_real = (k_rr.sum(Kind::Double).double_value(&[])
+        - k_rr.diagonal(0, 0, 1).sum(Kind::Double).double_value(&[]))
+        / (n * (n - 1.0));
+    let real_term = fid_metrics::kid::KidLoss::new(&real)?.real_term();
+    assert!((real_term - brute_real).abs() <= 1e-9 * brute_real.abs(), "{real_term} vs {brute_real}");
+    assert!((blocked - direct).abs() <= 1e-9 * direct.abs().max(1e-12), "{blocked} vs {direct}");
+    Ok(())
+}

@@ -303,6 +303,25 @@ impl GgdmSampler {
         }
     }
 
+    /// The learnable part (`timesteps`, `coefficients`, `sigma`, `prediction`) of each tensor
+    /// [`Self::trainable`] returns, in the same order.
+    pub fn trainable_parts(&self) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        if self.learn.timesteps {
+            out.push("timesteps");
+        }
+        if self.learn.coefficients {
+            out.extend(["coefficients", "coefficients"]);
+        }
+        if self.learn.sigma {
+            out.push("sigma");
+        }
+        if self.learn.prediction {
+            out.extend(["prediction", "prediction"]);
+        }
+        out
+    }
+
     /// The parameters an optimiser should update (those enabled in [`Learnable`]).
     pub fn trainable(&self) -> Vec<Tensor> {
         let p = &self.params;

@@ -1,0 +1,490 @@
+//! `ddss-cli search --config FILE.toml`: learns a GGDM sampler for a model by DDSS and compares it
+//! with the baselines (DESIGN.md sections 4 and 5).
+//!
+//! A run directory holds `config.toml` (the resolved config), `checkpoint.safetensors`
+//! (resumable), `metrics.jsonl`, `sampler.json` (the learned sampler, best by validation KID),
+//! PNG grids (`grid_<sampler>.png`, `before.png`, `after.png` on the same noise) and
+//! `results.json` (one row per sampler and feature set, with `held_out` telling whether the loss
+//! ever saw that feature network).
+
+use crate::common::{parse_device, progress, write_grid};
+use crate::sample::SamplerChoice;
+use anyhow::{bail, Context, Result};
+use ddss_opt::loss::{FeatureLoss, LossKind};
+use ddss_opt::search::{run_search, ObjectiveParts, SearchObserver, SearchSettings, StepRecord};
+use fid_metrics::features::{extract_features_batched, open_extractor, FeatureExtractor};
+use ggdm_core::ggdm::{GgdmSampler, History, Learnable, ModelIdentity};
+use ggdm_core::grid::Spacing;
+use ggdm_core::model_dir::{load_model_dir, LoadedModel};
+use ggdm_core::noise::{NoiseSource, PerSampleNoise};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tch::{Device, Kind, Tensor};
+
+/// A search configuration (`configs/*.toml`). Unknown keys are errors.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SearchConfig {
+    /// The pretrained model.
+    pub model: ModelSection,
+    /// Real data the loss compares against.
+    pub data: DataSection,
+    /// The sampler family member the search starts from, and what it may learn.
+    pub sampler: SamplerSection,
+    /// The loss.
+    #[serde(default)]
+    pub loss: LossSection,
+    /// Optimisation.
+    pub optim: SearchSettings,
+    /// The final comparison.
+    pub eval: EvalSection,
+    /// Where the run goes.
+    #[serde(default)]
+    pub output: OutputSection,
+}
+
+/// `[model]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// Model directory (diffusers layout or TorchScript).
+    pub path: PathBuf,
+    /// What to tell a user whose model directory is missing (where to get it).
+    #[serde(default)]
+    pub hint: Option<String>,
+}
+
+/// `[data]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    /// Real images: an IDX(.gz) file, an image folder, or a folder with train-images-idx3-ubyte.gz;
+    /// or a features `.npz` written by `ddss-cli stats` with the loss's feature network.
+    pub path: PathBuf,
+    /// Use the first `num` images.
+    pub num: usize,
+    /// What to tell a user whose data is missing.
+    #[serde(default)]
+    pub hint: Option<String>,
+}
+
+/// `[sampler]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SamplerSection {
+    /// Number of steps K.
+    pub steps: usize,
+    /// DDIM eta of the initialisation.
+    #[serde(default)]
+    pub eta: f64,
+    /// Grid the search starts from (also the DDIM/DDPM baselines' grid).
+    #[serde(default = "default_spacing")]
+    pub spacing: Spacing,
+    /// History depth.
+    #[serde(default)]
+    pub history: History,
+    /// Learnable parts.
+    #[serde(default)]
+    pub learn: Learnable,
+}
+
+fn default_spacing() -> Spacing {
+    Spacing::Trailing
+}
+
+/// `[loss]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LossSection {
+    /// KID (default), MMD-RBF or moments.
+    #[serde(default)]
+    pub kind: LossKind,
+    /// Feature network: `inception` or a classifier `.safetensors`.
+    pub features: String,
+}
+
+impl Default for LossSection {
+    fn default() -> Self {
+        Self { kind: LossKind::Kid, features: "inception".into() }
+    }
+}
+
+/// `[eval]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalSection {
+    /// Samples per sampler.
+    pub num: usize,
+    /// Batch size of sampling.
+    #[serde(default = "default_eval_batch")]
+    pub batch: usize,
+    /// Feature networks of the comparison (the loss's network is added, marked not held out).
+    #[serde(default)]
+    pub features: Vec<String>,
+    /// Real images for the comparison (held out from the loss's data when possible).
+    pub reference: PathBuf,
+    /// Baselines to compare with at the same K: `ddim`, `ddpm`.
+    #[serde(default = "default_compare")]
+    pub compare: Vec<String>,
+    /// Seed of the evaluation noise (distinct from the search's).
+    #[serde(default = "default_eval_seed")]
+    pub seed: u64,
+    /// Samples in each PNG grid.
+    #[serde(default = "default_grid_num")]
+    pub grid_num: usize,
+}
+
+fn default_eval_batch() -> usize {
+    250
+}
+fn default_compare() -> Vec<String> {
+    vec!["ddim".into(), "ddpm".into()]
+}
+fn default_eval_seed() -> u64 {
+    0xE7A1
+}
+fn default_grid_num() -> usize {
+    64
+}
+
+/// `[output]`.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct OutputSection {
+    /// Run directory (default `runs/<config name>`).
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+    /// Device (`auto`, `cpu`, `cuda`); `--device` overrides.
+    #[serde(default)]
+    pub device: Option<String>,
+}
+
+/// The arguments of `ddss-cli search`.
+pub struct SearchArgs {
+    pub config: PathBuf,
+    pub out: Option<PathBuf>,
+    pub resume: bool,
+    pub device: Option<String>,
+    pub quiet: bool,
+}
+
+/// One row of `results.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ResultRow {
+    pub sampler: String,
+    pub steps: usize,
+    pub num: usize,
+    pub features: String,
+    pub held_out: bool,
+    pub fid: f64,
+    pub kid_mean: f64,
+    pub kid_std: f64,
+}
+
+fn load_config(path: &Path) -> Result<SearchConfig> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading search config {}", path.display()))?;
+    let config: SearchConfig =
+        toml::from_str(&text).with_context(|| format!("invalid search config {}", path.display()))?;
+    if config.sampler.steps == 0 {
+        bail!("{}: [sampler] steps = 0: need at least 1", path.display());
+    }
+    if !(config.sampler.eta >= 0.0) {
+        bail!("{}: [sampler] eta = {}: must be >= 0", path.display(), config.sampler.eta);
+    }
+    if config.eval.num < 2 || config.eval.batch == 0 {
+        bail!("{}: [eval] num must be >= 2 and batch >= 1", path.display());
+    }
+    config.optim.validate().with_context(|| format!("{}: invalid [optim]", path.display()))?;
+    Ok(config)
+}
+
+fn missing(what: &str, path: &Path, hint: &Option<String>) -> anyhow::Error {
+    let mut msg = format!("{what} {} does not exist.", path.display());
+    if let Some(h) = hint {
+        msg.push(' ');
+        msg.push_str(h);
+    }
+    anyhow::anyhow!(msg)
+}
+
+/// Loads real images for `[data]`/`[eval] reference` (first `num`).
+fn load_real_images(path: &Path, num: usize) -> Result<Tensor> {
+    let images = if path.is_dir() && path.join("train-images-idx3-ubyte.gz").is_file() {
+        fid_metrics::data::load_idx_images(path.join("train-images-idx3-ubyte.gz"))?
+    } else {
+        fid_metrics::data::load_images(path)?
+    };
+    Ok(fid_metrics::data::subsample(&images, num, fid_metrics::data::Subsample::First)?)
+}
+
+fn features_batched(
+    extractor: &dyn FeatureExtractor,
+    images: &Tensor,
+    batch: usize,
+    quiet: bool,
+    what: &str,
+) -> Result<Tensor> {
+    let bar = progress(images.size()[0] as u64, quiet, what);
+    let features =
+        extract_features_batched(&DynExtractor(extractor), images, batch, |done, _| bar.set_position(done as u64))?;
+    bar.finish_and_clear();
+    Ok(features)
+}
+
+/// Adapts `&dyn FeatureExtractor` to the generic batch helper.
+struct DynExtractor<'a>(&'a dyn FeatureExtractor);
+impl FeatureExtractor for DynExtractor<'_> {
+    fn features(&self, x: &Tensor) -> fid_metrics::Result<Tensor> {
+        self.0.features(x)
+    }
+    fn dim(&self) -> usize {
+        self.0.dim()
+    }
+    fn name(&self) -> &str {
+        self.0.name()
+    }
+    fn device(&self) -> Device {
+        self.0.device()
+    }
+}
+
+/// Draws `num` samples with per-sample noise `(seed, i)`.
+fn draw_samples(
+    choice: &SamplerChoice,
+    model: &LoadedModel,
+    shape: [i64; 3],
+    num: usize,
+    batch: usize,
+    seed: u64,
+    device: Device,
+    bar: &indicatif::ProgressBar,
+) -> Result<Tensor> {
+    let mut chunks = Vec::new();
+    let mut first = 0;
+    while first < num {
+        let b = batch.min(num - first);
+        let mut noise = PerSampleNoise::new(seed, first as u64, b);
+        let x_init = noise.next(&[b as i64, shape[0], shape[1], shape[2]], device)?;
+        chunks.push(choice.run(model, &x_init, &mut noise)?.to_device(Device::Cpu));
+        first += b;
+        bar.inc(b as u64);
+    }
+    Ok(Tensor::cat(&chunks, 0))
+}
+
+struct BarObserver {
+    bar: indicatif::ProgressBar,
+}
+
+impl SearchObserver for BarObserver {
+    fn on_step(&mut self, record: &StepRecord) {
+        self.bar.set_position(record.step);
+        let val = record.validation_kid.map(|k| format!(" val KID {k:.5}")).unwrap_or_default();
+        self.bar.set_message(format!("loss {:.5} |g| {:.3}{val}", record.loss, record.grad_norm));
+        if let Some(event) = &record.event {
+            self.bar.println(format!("step {}: {event}", record.step));
+        }
+    }
+}
+
+/// Runs `ddss-cli search`.
+pub fn run(args: SearchArgs) -> Result<()> {
+    let started = Instant::now();
+    let config = load_config(&args.config)?;
+    let stem = args.config.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "search".into());
+    let run_dir = args.out.clone().or(config.output.dir.clone()).unwrap_or_else(|| PathBuf::from("runs").join(&stem));
+    let checkpoint = ddss_opt::search::checkpoint_path(&run_dir);
+    if args.resume && !checkpoint.is_file() {
+        bail!("--resume: {} has no checkpoint to resume from", run_dir.display());
+    }
+    if !args.resume && checkpoint.is_file() {
+        bail!(
+            "{} already holds a search (checkpoint.safetensors); continue it with --resume, or choose another --out",
+            run_dir.display()
+        );
+    }
+    if !config.model.path.is_dir() {
+        return Err(missing("model directory", &config.model.path, &config.model.hint));
+    }
+    if !config.data.path.exists() {
+        return Err(missing("data", &config.data.path, &config.data.hint));
+    }
+    if !config.eval.reference.exists() {
+        return Err(missing("[eval] reference data", &config.eval.reference, &config.data.hint));
+    }
+    let device_name = args.device.clone().or(config.output.device.clone()).unwrap_or_else(|| "auto".into());
+    let device = parse_device(&device_name)?;
+    std::fs::create_dir_all(&run_dir).with_context(|| format!("creating run directory {}", run_dir.display()))?;
+    ggdm_core::io::write_atomic(&run_dir.join("config.toml"), toml::to_string_pretty(&config)?.as_bytes())?;
+
+    let model = load_model_dir(&config.model.path, device)
+        .with_context(|| format!("loading model {}", config.model.path.display()))?;
+    let shape = model.sample_shape().context("the model does not fix its sample size (sample_size in config.json)")?;
+    tracing::info!("model {} ({:?} samples) on {device:?}", config.model.path.display(), shape);
+
+    // The loss: real features of the training data with the loss's feature network.
+    let loss_extractor = open_extractor(&config.loss.features, device)?;
+    let real_images = load_real_images(&config.data.path, config.data.num)?;
+    let real = features_batched(loss_extractor.as_ref(), &real_images, config.eval.batch, args.quiet, "real features")?;
+    drop(real_images);
+    let loss = FeatureLoss::new(config.loss.kind, &real.to_device(device))?;
+
+    let mut sampler = GgdmSampler::init_from_spacing(
+        &model.scheduler,
+        config.sampler.steps,
+        config.sampler.spacing,
+        config.sampler.eta,
+        config.sampler.history,
+        config.sampler.learn,
+        device,
+    )?;
+    sampler.model = ModelIdentity { name: config.model.path.display().to_string(), sample_shape: Some(shape) };
+    let grid_bar = indicatif::ProgressBar::hidden();
+    let initial = SamplerChoice::Ggdm(Box::new(GgdmSampler::from_file(sampler.to_file(), device)?));
+    let before = draw_samples(
+        &initial,
+        &model,
+        shape,
+        config.eval.grid_num,
+        config.eval.batch,
+        config.eval.seed,
+        device,
+        &grid_bar,
+    )?;
+    write_grid(&before, grid_columns(config.eval.grid_num), &run_dir.join("before.png"))?;
+
+    let parts = ObjectiveParts {
+        model: model.denoiser.as_ref(),
+        extractor: loss_extractor.as_ref(),
+        loss: &loss,
+        sample_shape: shape,
+        device,
+    };
+    let mut observer = BarObserver { bar: progress(config.optim.steps, args.quiet, "search") };
+    let search_started = Instant::now();
+    let outcome = run_search(&mut sampler, parts, &config.optim, &real, &run_dir, args.resume, &mut observer)?;
+    observer.bar.finish_and_clear();
+    let search_seconds = search_started.elapsed().as_secs_f64();
+    sampler.provenance = serde_json::json!({
+        "config": config,
+        "search": {
+            "steps": outcome.steps,
+            "initial_validation_kid": outcome.initial_validation_kid,
+            "best_validation_kid": outcome.best_validation_kid,
+            "best_step": outcome.best_step,
+            "rejected_steps": outcome.faults,
+            "seconds": search_seconds,
+        }
+    });
+    sampler.save(&run_dir.join("sampler.json"))?;
+    tracing::info!(
+        "search: validation KID {:.5} -> {:.5} (best at step {}), {:.0} s; sampler written to {}",
+        outcome.initial_validation_kid,
+        outcome.best_validation_kid,
+        outcome.best_step,
+        search_seconds,
+        run_dir.join("sampler.json").display()
+    );
+
+    // The comparison on held-out noise.
+    let mut samplers: Vec<(String, SamplerChoice)> = Vec::new();
+    for name in &config.eval.compare {
+        let choice = SamplerChoice::from_args(
+            name,
+            Some(config.sampler.steps),
+            config.sampler.eta,
+            Some(config.sampler.spacing.name()),
+            &model,
+            device,
+        )?;
+        samplers.push((name.clone(), choice));
+    }
+    samplers.push((
+        "learned".into(),
+        SamplerChoice::Ggdm(Box::new(GgdmSampler::load(&run_dir.join("sampler.json"), device)?)),
+    ));
+    let mut feature_specs = vec![config.loss.features.clone()];
+    for f in &config.eval.features {
+        if !feature_specs.contains(f) {
+            feature_specs.push(f.clone());
+        }
+    }
+    let reference_images = load_real_images(&config.eval.reference, config.eval.num)?;
+    let mut references = Vec::new();
+    for spec in &feature_specs {
+        let extractor = open_extractor(spec, device)?;
+        let feats = features_batched(
+            extractor.as_ref(),
+            &reference_images,
+            config.eval.batch,
+            args.quiet,
+            "reference features",
+        )?;
+        references.push((spec.clone(), extractor, feats));
+    }
+    let mut rows = Vec::new();
+    for (name, choice) in &samplers {
+        let bar = progress(config.eval.num as u64, args.quiet, &format!("eval {name}"));
+        let samples =
+            draw_samples(choice, &model, shape, config.eval.num, config.eval.batch, config.eval.seed, device, &bar)?;
+        bar.finish_and_clear();
+        write_grid(
+            &samples.narrow(0, 0, config.eval.grid_num.min(config.eval.num) as i64),
+            grid_columns(config.eval.grid_num),
+            &run_dir.join(format!("grid_{name}.png")),
+        )?;
+        if name == "learned" {
+            std::fs::copy(run_dir.join("grid_learned.png"), run_dir.join("after.png"))?;
+        }
+        for (spec, extractor, reference) in &references {
+            let feats =
+                tch::no_grad(|| features_batched(extractor.as_ref(), &samples, config.eval.batch, true, "features"))?;
+            let fid =
+                fid_metrics::fid::fid_from_features(&feats.to_kind(Kind::Double), &reference.to_kind(Kind::Double))?;
+            let kid = fid_metrics::kid::kid(&feats, reference, &fid_metrics::kid::KidOptions::default())?;
+            rows.push(ResultRow {
+                sampler: name.clone(),
+                steps: choice.steps(),
+                num: config.eval.num,
+                features: extractor.name().to_string(),
+                held_out: *spec != config.loss.features,
+                fid,
+                kid_mean: kid.mean,
+                kid_std: kid.std,
+            });
+        }
+    }
+    ggdm_core::io::write_atomic(&run_dir.join("results.json"), serde_json::to_string_pretty(&rows)?.as_bytes())?;
+    println!("{}", results_table(&rows));
+    println!(
+        "run directory: {} ({:.0} s in total, search {:.0} s)",
+        run_dir.display(),
+        started.elapsed().as_secs_f64(),
+        search_seconds
+    );
+    Ok(())
+}
+
+fn grid_columns(n: usize) -> usize {
+    (n as f64).sqrt().ceil().max(1.0) as usize
+}
+
+/// The comparison as a Markdown table.
+pub fn results_table(rows: &[ResultRow]) -> String {
+    let mut out =
+        String::from("| sampler | steps | features | held out | FID | KID (x1e3) |\n|---|---|---|---|---|---|\n");
+    for r in rows {
+        out.push_str(&format!(
+            "| {} | {} | {} | {} | {:.3} | {:.3} ± {:.3} |\n",
+            r.sampler,
+            r.steps,
+            r.features,
+            if r.held_out { "yes" } else { "no" },
+            r.fid,
+            r.kid_mean * 1e3,
+            r.kid_std * 1e3
+        ));
+    }
+    out
+}
