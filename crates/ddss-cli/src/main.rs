@@ -1,7 +1,10 @@
 //! `ddss-cli`: the command-line front end (DESIGN.md section 7).
 
+mod classifier_cmd;
 mod common;
+mod metrics_cmd;
 mod sample;
+mod search_cmd;
 mod train;
 
 use anyhow::{Context, Result};
@@ -59,7 +62,8 @@ enum Command {
         /// Model directory (diffusers layout, or model.pt + model.json).
         #[arg(long)]
         model: PathBuf,
-        /// ddpm | ddim | path of a sampler.json written by `ddss-cli search`.
+        /// ddpm | ddim (clipping as the model's scheduler_config.json says) | ddim-noclip | path of a
+        /// sampler.json written by `ddss-cli search`.
         #[arg(long)]
         sampler: String,
         /// Sampling steps K (default: 50 for ddim, T for ddpm, the file's K for sampler.json).
@@ -96,6 +100,182 @@ enum Command {
         /// auto | cpu | cuda | cuda:N.
         #[arg(long, default_value = "auto")]
         device: String,
+    },
+    /// Train a small domain classifier whose features serve as `--features FILE.safetensors`.
+    ///
+    /// Trains on the labelled training split of an MNIST-layout data set folder (all 60k images of
+    /// Fashion-MNIST unless --num is given), reports the accuracy on its test split (t10k) and
+    /// writes the weights (FILE.safetensors) and a JSON sidecar next to them (FILE.json: format,
+    /// arch, feature_dim, seed, epochs, test_accuracy, data). Arch `a` (128-d features,
+    /// conv/max-pool + fully connected) is meant for the search loss, arch `b` (256-d features,
+    /// GroupNorm + global average pooling) for held-out evaluation. Adam with a cosine learning-rate
+    /// decay, seeded shuffling and random horizontal flips; the same seed gives the same network on
+    /// the same machine.
+    TrainClassifier {
+        /// Data set folder holding train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz,
+        /// t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz (e.g.
+        /// /usr/share/datasets/fashion-mnist).
+        #[arg(long)]
+        data: PathBuf,
+        /// Output weights file; must end in .safetensors (the sidecar gets the same name with .json).
+        #[arg(long)]
+        out: PathBuf,
+        /// Architecture: a (search loss, 128-d features) or b (evaluation, 256-d features).
+        #[arg(long)]
+        arch: String,
+        /// Seed of initialisation, shuffling and augmentation.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Passes over the training set.
+        #[arg(long, default_value_t = 4)]
+        epochs: usize,
+        /// Mini-batch size.
+        #[arg(long, default_value_t = 128)]
+        batch: usize,
+        /// Peak Adam learning rate (cosine decay to 0).
+        #[arg(long, default_value_t = 2e-3)]
+        lr: f64,
+        /// Turn off the random horizontal flips.
+        #[arg(long)]
+        no_augment: bool,
+        /// Train on the first N training images only (default: all).
+        #[arg(long)]
+        num: Option<usize>,
+        /// auto | cpu | cuda | cuda:N.
+        #[arg(long, default_value = "auto")]
+        device: String,
+    },
+    /// Compute feature statistics of images and write them as a pytorch-fid `.npz`.
+    ///
+    /// Writes `mu` (float64 [d]) and `sigma` (float64 [d, d], unbiased covariance) exactly as
+    /// pytorch-fid's --save-stats does (deflate-compressed .npz), plus two extra keys: the
+    /// features themselves under `features` (float32 [N, d]), so that KID can be computed against
+    /// the file later, and the feature set's name under `feature_set` (UTF-8 bytes as uint8;
+    /// `bytes(np.load(f)["feature_set"]).decode()`), so that `fid` and `eval` refuse to compare
+    /// different feature sets. pytorch-fid ignores the extra keys: it reads only
+    /// `np.load(f)["mu"]` and `["sigma"]`.
+    Stats {
+        /// Images: a folder of PNG/JPEG images (file-name order), an IDX(.gz) image file, a float32
+        /// N x C x H x W .npy of samples in [-1, 1], or a data set folder holding
+        /// train-images-idx3-ubyte.gz (its training images).
+        path: PathBuf,
+        /// Output statistics file (.npz).
+        #[arg(long)]
+        out: PathBuf,
+        /// Feature set: inception (the FID Inception; DDSS_INCEPTION overrides where its weights
+        /// are found) or the path of a domain classifier .safetensors (its .json sidecar next to
+        /// it).
+        #[arg(long, default_value = "inception")]
+        features: String,
+        /// Use only the first N images of PATH (in file-name order for folders, file order for
+        /// IDX/.npy); default: all.
+        #[arg(long)]
+        num: Option<usize>,
+        /// Images per network batch.
+        #[arg(long, default_value_t = 50)]
+        batch: usize,
+        /// auto | cpu | cuda | cuda:N.
+        #[arg(long, default_value = "auto")]
+        device: String,
+    },
+    /// Print FID and KID between two image sources or statistics files.
+    ///
+    /// Each PATH is an image source (as for `stats`) or a `.npz` statistics file: pytorch-fid's
+    /// (mu, sigma), ours (mu, sigma, features, feature_set) or a features-only file. FID is computed in f64 from
+    /// the two (mu, sigma); KID (unbiased MMD^2 with the cubic kernel, mean ± std over 100
+    /// subsets of min(1000, N1, N2) rows) needs the features of both sides and is `null` / n/a when
+    /// a side has only mu/sigma. Both sides must have the same feature dimension. With --json,
+    /// stdout is exactly one JSON object: {"fid", "kid_mean", "kid_std", "features"}.
+    Fid {
+        /// First image source or .npz.
+        path1: PathBuf,
+        /// Second image source or .npz.
+        path2: PathBuf,
+        /// Feature set for image sources: inception (the default) or the path of a classifier
+        /// .safetensors. Statistics files written by `stats` record their feature set, and a
+        /// different one on the other side (or here) is an error.
+        #[arg(long)]
+        features: Option<String>,
+        /// Use only the first N images of each image source (.npz files are used as they are).
+        #[arg(long)]
+        num: Option<usize>,
+        /// Images per network batch.
+        #[arg(long, default_value_t = 50)]
+        batch: usize,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+        /// auto | cpu | cuda | cuda:N.
+        #[arg(long, default_value = "auto")]
+        device: String,
+    },
+    /// Sample a model and score the samples (FID, KID) against reference statistics.
+    ///
+    /// Draws --num samples exactly as `ddss-cli sample` does with the same --sampler, --steps,
+    /// --eta, --spacing and --seed (sample i uses the noise stream (seed, i), whatever --batch),
+    /// rounds them to 8-bit levels as saved PNGs would be (unless --no-quantize), computes their
+    /// features, and reports FID against the reference's mu/sigma and KID against its features
+    /// (when the .npz has them; write references with `ddss-cli stats`). With --json, stdout is
+    /// exactly one JSON object: {"sampler", "steps", "num", "features", "fid", "kid_mean",
+    /// "kid_std"}.
+    Eval {
+        /// Model directory (diffusers layout, or model.pt + model.json).
+        #[arg(long)]
+        model: PathBuf,
+        /// ddpm | ddim (clipping as the model's scheduler_config.json says) | ddim-noclip | path of a
+        /// sampler.json written by `ddss-cli search`.
+        #[arg(long)]
+        sampler: String,
+        /// Sampling steps K (required, except for a sampler.json, which has its own K).
+        #[arg(long)]
+        steps: Option<usize>,
+        /// Number of samples (at least 2).
+        #[arg(long)]
+        num: usize,
+        /// Reference statistics (.npz from `ddss-cli stats` or pytorch-fid), made with the same
+        /// --features.
+        #[arg(long = "ref")]
+        reference: PathBuf,
+        /// Feature set: inception or the path of a classifier .safetensors.
+        #[arg(long, default_value = "inception")]
+        features: String,
+        /// DDIM eta (0 = deterministic).
+        #[arg(long, default_value_t = 0.0)]
+        eta: f64,
+        /// leading | trailing | linspace (diffusers' timestep_spacing) | quadratic; default: the
+        /// model's scheduler_config.json.
+        #[arg(long)]
+        spacing: Option<String>,
+        /// Samples per network batch.
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        /// Noise seed (sample i uses stream (seed, i)).
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Score the raw float samples instead of their 8-bit rounding.
+        #[arg(long)]
+        no_quantize: bool,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+        /// auto | cpu | cuda | cuda:N.
+        #[arg(long, default_value = "auto")]
+        device: String,
+    },
+    /// Learn a fast sampler for a model (DDSS over GGDM) and compare it with DDIM/DDPM.
+    Search {
+        /// Search config (TOML: [model], [data], [sampler], [loss], [optim], [eval], [output]).
+        #[arg(long)]
+        config: PathBuf,
+        /// Run directory (default: [output] dir, or runs/<config name>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Continue the search in the run directory from its checkpoint.
+        #[arg(long)]
+        resume: bool,
+        /// auto | cpu | cuda | cuda:N (default: [output] device, or auto).
+        #[arg(long)]
+        device: Option<String>,
     },
     /// Print the timestep grid a spacing gives (diffusers' `timestep_spacing` semantics).
     Timesteps {
@@ -144,7 +324,10 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            // libtorch appends a C++ stack trace to its messages; the first lines say what is wrong.
+            let message = format!("{err:#}");
+            let message = message.split("\nException raised from").next().unwrap_or(&message);
+            eprintln!("error: {message}");
             ExitCode::FAILURE
         }
     }
@@ -195,10 +378,79 @@ fn run(cli: Cli) -> Result<()> {
             device,
             quiet: cli.quiet,
         })?,
+        Command::TrainClassifier { data, out, arch, seed, epochs, batch, lr, no_augment, num, device } => {
+            classifier_cmd::run(classifier_cmd::TrainClassifierArgs {
+                data,
+                out,
+                arch,
+                seed,
+                epochs,
+                batch,
+                lr,
+                no_augment,
+                num,
+                device,
+                quiet: cli.quiet,
+            })?
+        }
+        Command::Stats { path, out, features, num, batch, device } => metrics_cmd::run_stats(metrics_cmd::StatsArgs {
+            path,
+            out,
+            features,
+            num,
+            batch,
+            device,
+            quiet: cli.quiet,
+        })?,
+        Command::Fid { path1, path2, features, num, batch, json, device } => {
+            metrics_cmd::run_fid(metrics_cmd::FidArgs {
+                path1,
+                path2,
+                features,
+                num,
+                batch,
+                json,
+                device,
+                quiet: cli.quiet,
+            })?
+        }
+        Command::Eval {
+            model,
+            sampler,
+            steps,
+            num,
+            reference,
+            features,
+            eta,
+            spacing,
+            batch,
+            seed,
+            no_quantize,
+            json,
+            device,
+        } => metrics_cmd::run_eval(metrics_cmd::EvalArgs {
+            model,
+            sampler,
+            steps,
+            num,
+            reference,
+            features,
+            eta,
+            spacing,
+            batch,
+            seed,
+            no_quantize,
+            json,
+            device,
+            quiet: cli.quiet,
+        })?,
         Command::Timesteps { steps, spacing, num_train_timesteps, steps_offset } => {
             let spacing = Spacing::parse(&spacing)?;
             let grid = timesteps(num_train_timesteps, steps, spacing, steps_offset)?;
             println!("{}", serde_json::to_string(&grid)?);
+        }
+        Command::Search { config, out, resume, device } => {
+            search_cmd::run(search_cmd::SearchArgs { config, out, resume, device, quiet: cli.quiet })?
         }
         Command::Export { sampler, format } => {
             let loaded = GgdmSampler::load(&sampler, tch::Device::Cpu)

@@ -62,9 +62,13 @@ impl SamplerChoice {
             bail!("--eta {eta}: must be >= 0");
         }
         match name {
-            "ddim" => Ok(SamplerChoice::Ddim {
+            "ddim" | "ddim-noclip" => Ok(SamplerChoice::Ddim {
                 grid: grid_for(steps.unwrap_or(50))?,
-                options: DdimOptions { eta, clip: scheduler.clip(), use_clipped_model_output: false },
+                options: DdimOptions {
+                    eta,
+                    clip: if name == "ddim" { scheduler.clip() } else { None },
+                    use_clipped_model_output: false,
+                },
             }),
             "ddpm" => Ok(SamplerChoice::Ddpm {
                 grid: grid_for(steps.unwrap_or(scheduler.num_train_timesteps))?,
@@ -80,7 +84,7 @@ impl SamplerChoice {
                 }
                 Ok(SamplerChoice::Ggdm(Box::new(sampler)))
             }
-            other => bail!("--sampler {other}: expected ddpm, ddim or the path of a sampler.json"),
+            other => bail!("--sampler {other}: expected ddpm, ddim, ddim-noclip or the path of a sampler.json"),
         }
     }
 

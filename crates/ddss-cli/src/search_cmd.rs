@@ -255,11 +255,11 @@ fn draw_samples(
     model: &LoadedModel,
     shape: [i64; 3],
     num: usize,
-    batch: usize,
-    seed: u64,
+    eval: &EvalSection,
     device: Device,
     bar: &indicatif::ProgressBar,
 ) -> Result<Tensor> {
+    let (batch, seed) = (eval.batch, eval.seed);
     let mut chunks = Vec::new();
     let mut first = 0;
     while first < num {
@@ -342,16 +342,7 @@ pub fn run(args: SearchArgs) -> Result<()> {
     sampler.model = ModelIdentity { name: config.model.path.display().to_string(), sample_shape: Some(shape) };
     let grid_bar = indicatif::ProgressBar::hidden();
     let initial = SamplerChoice::Ggdm(Box::new(GgdmSampler::from_file(sampler.to_file(), device)?));
-    let before = draw_samples(
-        &initial,
-        &model,
-        shape,
-        config.eval.grid_num,
-        config.eval.batch,
-        config.eval.seed,
-        device,
-        &grid_bar,
-    )?;
+    let before = draw_samples(&initial, &model, shape, config.eval.grid_num, &config.eval, device, &grid_bar)?;
     write_grid(&before, grid_columns(config.eval.grid_num), &run_dir.join("before.png"))?;
 
     let parts = ObjectiveParts {
@@ -426,9 +417,10 @@ pub fn run(args: SearchArgs) -> Result<()> {
     let mut rows = Vec::new();
     for (name, choice) in &samplers {
         let bar = progress(config.eval.num as u64, args.quiet, &format!("eval {name}"));
-        let samples =
-            draw_samples(choice, &model, shape, config.eval.num, config.eval.batch, config.eval.seed, device, &bar)?;
+        let samples = draw_samples(choice, &model, shape, config.eval.num, &config.eval, device, &bar)?;
         bar.finish_and_clear();
+        // Scored as 8-bit images, as `ddss-cli eval` and saved PNGs are.
+        let samples = fid_metrics::data::quantize_to_uint8_levels(&samples)?;
         write_grid(
             &samples.narrow(0, 0, config.eval.grid_num.min(config.eval.num) as i64),
             grid_columns(config.eval.grid_num),

@@ -199,6 +199,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
     tracing::info!("training data: {} images of shape {:?} from {}", n_images, shape, args.data.display());
     let images = images.to_device(device);
 
+    // The initial weights come from libtorch's generator: seed it so a run is reproducible.
+    tch::manual_seed(config.train.seed as i64);
     let model = UNet2DModel::new(config.model.clone(), device)?;
     let ema = UNet2DModel::new(config.model.clone(), device)?;
     let params: Vec<Tensor> = sorted_variables(&model).into_iter().map(|(_, t)| t).collect();

@@ -162,7 +162,7 @@ pub fn step_noise(settings: &SearchSettings, step: u64) -> BatchNoise {
 
 /// The held-out validation noise (never used for training).
 pub fn validation_noise(settings: &SearchSettings) -> BatchNoise {
-    BatchNoise { seed: mix_seed(settings.seed ^ 0x5EED_0F_0A11_DA7E, u64::MAX), batch: settings.validation_num }
+    BatchNoise { seed: mix_seed(settings.seed ^ 0x005E_ED0F_0A11_DA7E, u64::MAX), batch: settings.validation_num }
 }
 
 /// What happened in one step (one line of `metrics.jsonl`).
@@ -359,7 +359,6 @@ pub fn run_search(
             best_step = meta_vals[2] as u64;
             initial_kid = meta_vals[3];
             faults_total = meta_vals[4] as u64;
-            drop(objective);
             sampler.restore(&current)?;
             let params = sampler.trainable();
             adam = Adam::new(&params, settings.adam);
@@ -382,7 +381,6 @@ pub fn run_search(
         zero_grads(&params);
         let objective = objective_parts.objective(sampler, settings);
         let loss = objective.loss_and_grad(step_noise(settings, step));
-        drop(objective);
         let (loss, fault) = match loss {
             Ok(v) if v.is_finite() => (v, None),
             Ok(v) => (v, Some(format!("non-finite loss {v}"))),
@@ -434,7 +432,6 @@ pub fn run_search(
         if validate_now {
             let objective = objective_parts.objective(sampler, settings);
             let kid = validation_kid(&objective, settings, real)?;
-            drop(objective);
             record.validation_kid = Some(kid);
             if kid < best_kid {
                 best_kid = kid;

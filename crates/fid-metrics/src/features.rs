@@ -1,12 +1,18 @@
 //! Feature extractors (DESIGN.md section 4, "Metrics" and "DDSS objective": KID and FID are computed
 //! on features of samples). [`FeatureExtractor`] is the one interface the metrics and the search
 //! loss use; the native [`crate::inception::Inception`] implements it, and so does the TorchScript
-//! backend behind the `inception-torchscript` feature. [`extract_features_batched`] runs an
-//! extractor over a large set in batches without gradients, reporting progress.
+//! backend behind the `inception-torchscript` feature, and so do the domain classifiers of
+//! [`crate::classifier`]. [`extract_features_batched`] runs an extractor over a large set in batches
+//! without gradients, reporting progress. [`open_extractor`] opens the feature set a command line
+//! names (`--features inception|FILE.safetensors`).
+
+use std::path::{Path, PathBuf};
 
 use tch::{Device, Kind, Tensor};
 
+use crate::classifier::DomainClassifier;
 use crate::error::{Error, Result};
+use crate::inception::Inception;
 
 /// A network that maps samples to feature vectors.
 pub trait FeatureExtractor {
@@ -68,4 +74,62 @@ where
         return Ok(Tensor::f_zeros([0, extractor.dim() as i64], (Kind::Float, Device::Cpu))?);
     }
     Ok(Tensor::f_cat(&chunks, 0)?)
+}
+
+/// A feature set named on a command line: `inception` or the path of a domain classifier.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FeatureSpec {
+    /// The FID Inception network ([`Inception::load_default`]: `DDSS_INCEPTION` or the installed
+    /// `default_1.pt`).
+    Inception,
+    /// A domain classifier's `.safetensors` file (with its `.json` sidecar next to it).
+    Classifier(PathBuf),
+}
+
+impl FeatureSpec {
+    /// Parses `inception` or a path ending in `.safetensors`. Nothing is opened yet, so a missing
+    /// file is reported by [`FeatureSpec::open`].
+    pub fn parse(spec: &str) -> Result<Self> {
+        if spec == "inception" {
+            return Ok(Self::Inception);
+        }
+        let path = Path::new(spec);
+        if path.extension().is_some_and(|ext| ext == "safetensors") {
+            return Ok(Self::Classifier(path.to_path_buf()));
+        }
+        let what = if path.exists() { "this file is not a .safetensors classifier" } else { "unknown value" };
+        Err(Error::invalid(
+            "feature set",
+            format!(
+                "`{spec}`: {what}; expected `inception` or the path of a domain classifier \
+                 `.safetensors` file (with its `.json` sidecar), e.g. models/fmnist-classifier-a.safetensors"
+            ),
+        ))
+    }
+
+    /// The name the opened extractor will report ([`FeatureExtractor::name`]): `inception` or
+    /// `classifier:<file stem>`.
+    pub fn name(&self) -> String {
+        match self {
+            Self::Inception => "inception".to_string(),
+            Self::Classifier(path) => {
+                format!("classifier:{}", path.file_stem().map(|s| s.to_string_lossy()).unwrap_or_default())
+            }
+        }
+    }
+
+    /// Loads the network on `device`.
+    pub fn open(&self, device: Device) -> Result<Box<dyn FeatureExtractor>> {
+        Ok(match self {
+            Self::Inception => Box::new(Inception::load_default(device)?),
+            Self::Classifier(path) => Box::new(DomainClassifier::load(path, device)?),
+        })
+    }
+}
+
+/// Opens the feature extractor `spec` names: `inception` (the native FID Inception port,
+/// [`Inception::load_default`]) or the path of a domain classifier `.safetensors`
+/// ([`DomainClassifier::load`]). Anything else is an [`Error::Invalid`] naming the value.
+pub fn open_extractor(spec: &str, device: Device) -> Result<Box<dyn FeatureExtractor>> {
+    FeatureSpec::parse(spec)?.open(device)
 }

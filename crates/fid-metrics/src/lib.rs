@@ -9,7 +9,10 @@
 //!   differentiable [`kid::KidLoss`] used by the sampler search.
 //! * [`stats`]: mean/covariance in f64 and pytorch-fid compatible `.npz` files.
 //! * [`data`]: IDX(.gz), image-folder and `.npy` loaders returning samples in [-1, 1].
-//! * [`features`]: the [`features::FeatureExtractor`] trait and batched extraction.
+//! * [`features`]: the [`features::FeatureExtractor`] trait, batched extraction and
+//!   [`features::open_extractor`] (`inception` or a classifier file).
+//! * [`classifier`]: small domain classifiers (Fashion-MNIST CNNs) whose penultimate layer is a
+//!   cheap feature set for the KID loss and for a held-out "classifier-FID".
 //! * `torchscript_backend` (feature `inception-torchscript`): the TorchScript file run directly.
 //!
 //! ```no_run
@@ -30,6 +33,7 @@
 //! # }
 //! ```
 
+pub mod classifier;
 pub mod data;
 pub mod error;
 pub mod features;
@@ -41,8 +45,9 @@ pub mod stats;
 #[cfg(feature = "inception-torchscript")]
 pub mod torchscript_backend;
 
+pub use classifier::{ClassifierArch, DomainClassifier};
 pub use error::{Error, Result};
-pub use features::FeatureExtractor;
+pub use features::{open_extractor, FeatureExtractor, FeatureSpec};
 pub use inception::{default_weights_path, Inception, InputResize, Precision};
 pub use kid::{KidEstimate, KidLoss, KidOptions};
 pub use stats::FeatureStats;

@@ -57,3 +57,8 @@ pub use denoiser::Denoiser;
 pub use error::{Error, Result};
 pub use prediction::PredictionType;
 pub use schedule::{BetaSchedule, NoiseSchedule};
+
+/// The README's Rust snippets, compiled and run as doctests.
+#[doc = include_str!("../../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

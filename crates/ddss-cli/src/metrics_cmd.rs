@@ -1,0 +1,540 @@
+//! `ddss-cli stats`, `ddss-cli fid` and `ddss-cli eval`: feature statistics files, FID/KID
+//! between two sources, and FID/KID of a sampler against reference statistics (DESIGN.md section 4,
+//! "Metrics", and section 7, the command-line contract).
+//!
+//! Statistics files are pytorch-fid's `.npz` (`mu` float64 [d], `sigma` float64 [d, d], written
+//! deflate-compressed like `np.savez_compressed`) with two extra arrays: `features` (float32
+//! [N, d]), so that KID can be computed against the file later, and `feature_set` (the feature
+//! extractor's name as UTF-8 bytes, uint8 [n]), so that files made with different networks are
+//! never compared. pytorch-fid reads only `mu` and `sigma` and ignores other keys. [`evaluate`] draws samples exactly as `ddss-cli sample` does (sample
+//! `i` uses the noise stream `(seed, i)`), so `eval` scores the very images `sample` writes.
+
+use crate::common::{parse_device, progress};
+use crate::sample::SamplerChoice;
+use anyhow::{bail, Context, Result};
+use fid_metrics::data::{load_idx_images, load_images, quantize_to_uint8_levels, subsample, Subsample};
+use fid_metrics::features::{extract_features_batched, FeatureSpec};
+use fid_metrics::kid::{kid, KidOptions};
+use fid_metrics::stats::{npz_keys, read_features_npz, FEATURES_KEY, MU_KEY, SIGMA_KEY};
+use fid_metrics::{FeatureExtractor, FeatureStats};
+use ggdm_core::model_dir::{load_model_dir, LoadedModel};
+use ggdm_core::noise::{NoiseSource, PerSampleNoise};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use tch::{Device, Kind, Tensor};
+
+/// Key of the feature set's name (UTF-8 bytes) in a statistics file.
+pub const FEATURE_SET_KEY: &str = "feature_set";
+
+/// Names of the training images inside an MNIST-layout data set folder.
+const DATASET_TRAIN_IMAGES: [&str; 2] = ["train-images-idx3-ubyte.gz", "train-images-idx3-ubyte"];
+
+/// Loads an image source as samples in [-1, 1] (N x C x H x W, CPU): a folder of PNG/JPEG
+/// images, an IDX(.gz) image file, a float32 `.npy` of samples, or a data set folder holding
+/// `train-images-idx3-ubyte(.gz)` (then its training images).
+pub fn load_image_source(path: &Path) -> Result<Tensor> {
+    if !path.exists() {
+        bail!(
+            "{}: not found. Expected a folder of PNG/JPEG images, an IDX(.gz) image file, a float32 \
+             N x C x H x W .npy of samples in [-1, 1], or a folder holding train-images-idx3-ubyte.gz",
+            path.display()
+        );
+    }
+    if path.is_dir() {
+        for name in DATASET_TRAIN_IMAGES {
+            let candidate = path.join(name);
+            if candidate.is_file() {
+                return Ok(load_idx_images(&candidate)?);
+            }
+        }
+    }
+    Ok(load_images(path)?)
+}
+
+/// Whether `path` names a statistics file (by its `.npz` extension).
+fn is_npz(path: &Path) -> bool {
+    path.extension().is_some_and(|ext| ext == "npz")
+}
+
+/// Features of a stored statistics file or of an image source: the statistics, and the feature
+/// matrix when it is known (needed for KID).
+pub struct FeatureSummary {
+    /// Mean and covariance of the features.
+    pub stats: FeatureStats,
+    /// The N x d features themselves (f32 or f64, CPU), if available.
+    pub features: Option<Tensor>,
+    /// The feature set's name when known (`inception`, `classifier:<name>`).
+    pub feature_set: Option<String>,
+    /// Where they came from (a file or folder), for messages.
+    pub source: PathBuf,
+}
+
+impl FeatureSummary {
+    /// Summary of a feature matrix computed from `source` with the feature set `feature_set`.
+    pub fn from_features(features: Tensor, feature_set: &str, source: &Path) -> Result<Self> {
+        let stats = FeatureStats::from_features(&features).with_context(|| {
+            format!("{}: statistics need at least 2 samples (got {})", source.display(), features.size()[0])
+        })?;
+        Ok(Self {
+            stats,
+            features: Some(features),
+            feature_set: Some(feature_set.to_string()),
+            source: source.to_path_buf(),
+        })
+    }
+
+    /// Reads a statistics `.npz`: `mu` + `sigma` (pytorch-fid), optionally `features`; a file
+    /// with only `features` gets its statistics computed from them.
+    pub fn read_npz(path: &Path) -> Result<Self> {
+        let keys = npz_keys(path)?;
+        let has = |key: &str| keys.iter().any(|k| k == key);
+        let features = if has(FEATURES_KEY) { Some(read_features_npz(path)?) } else { None };
+        let stats = if has(MU_KEY) || has(SIGMA_KEY) {
+            FeatureStats::read_npz(path)?
+        } else if let Some(features) = &features {
+            FeatureStats::from_features(features)
+                .with_context(|| format!("{}: statistics of the array `{FEATURES_KEY}`", path.display()))?
+        } else {
+            bail!(
+                "{}: not a statistics file: it needs `{MU_KEY}` and `{SIGMA_KEY}` (and optionally \
+                 `{FEATURES_KEY}`), but holds: {}",
+                path.display(),
+                if keys.is_empty() { "nothing".to_string() } else { keys.join(", ") }
+            );
+        };
+        if let Some(features) = &features {
+            let d = features.size()[1] as usize;
+            if d != stats.dim() {
+                bail!(
+                    "{}: array `{FEATURES_KEY}` has {d} columns but `{MU_KEY}` has length {}",
+                    path.display(),
+                    stats.dim()
+                );
+            }
+        }
+        let feature_set = if has(FEATURE_SET_KEY) { Some(read_feature_set_name(path)?) } else { None };
+        Ok(Self { stats, features, feature_set, source: path.to_path_buf() })
+    }
+
+    /// Fails when this summary records a feature set other than `expected`.
+    pub fn check_feature_set(&self, expected: &str) -> Result<()> {
+        match &self.feature_set {
+            Some(recorded) if recorded != expected => bail!(
+                "{}: computed with the feature set `{recorded}`, but `{expected}` is in use; compute both \
+                 sides with the same --features",
+                self.source.display()
+            ),
+            _ => Ok(()),
+        }
+    }
+
+    /// Feature dimension d.
+    pub fn dim(&self) -> usize {
+        self.stats.dim()
+    }
+}
+
+/// Reads the `feature_set` array (UTF-8 bytes) of a statistics file.
+fn read_feature_set_name(path: &Path) -> Result<String> {
+    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut reader = ndarray_npy::NpzReader::new(std::io::BufReader::new(file))
+        .with_context(|| format!("{}: not an .npz file", path.display()))?;
+    let bytes: ndarray::Array1<u8> = reader
+        .by_name(FEATURE_SET_KEY)
+        .with_context(|| format!("{}: array `{FEATURE_SET_KEY}` is not a uint8 vector", path.display()))?;
+    String::from_utf8(bytes.to_vec())
+        .with_context(|| format!("{}: array `{FEATURE_SET_KEY}` is not UTF-8 text", path.display()))
+}
+
+/// Writes `mu`, `sigma` (float64, as pytorch-fid), `features` (float32 [N, d]) and
+/// `feature_set` (the name as UTF-8 bytes) to a deflate-compressed `.npz`, atomically.
+pub fn write_stats_npz(path: &Path, stats: &FeatureStats, features: &Tensor, feature_set: &str) -> Result<()> {
+    let size = features.size();
+    if size.len() != 2 || size[1] as usize != stats.dim() {
+        bail!("features of shape {size:?} do not match statistics of dimension {}", stats.dim());
+    }
+    let flat = features.detach().to_device(Device::Cpu).to_kind(Kind::Float).contiguous().reshape([-1]);
+    let values = Vec::<f32>::try_from(&flat)?;
+    let features = ndarray::Array2::from_shape_vec((size[0] as usize, size[1] as usize), values)?;
+    let mut buffer = std::io::Cursor::new(Vec::new());
+    {
+        let mut writer = ndarray_npy::NpzWriter::new_compressed(&mut buffer);
+        writer.add_array(MU_KEY, &stats.mu)?;
+        writer.add_array(SIGMA_KEY, &stats.sigma)?;
+        writer.add_array(FEATURES_KEY, &features)?;
+        writer.add_array(FEATURE_SET_KEY, &ndarray::Array1::from_vec(feature_set.as_bytes().to_vec()))?;
+        writer.finish()?;
+    }
+    ggdm_core::io::write_atomic(path, buffer.get_ref())?;
+    Ok(())
+}
+
+/// Features of an image source (first `num` images when given), with a progress bar.
+fn image_source_features(
+    path: &Path,
+    num: Option<usize>,
+    extractor: &dyn FeatureExtractor,
+    batch: usize,
+    quiet: bool,
+) -> Result<Tensor> {
+    let mut images = load_image_source(path)?;
+    if let Some(num) = num {
+        images = subsample(&images, num, Subsample::First)?;
+    }
+    let total = images.size()[0] as u64;
+    tracing::info!(
+        "{}: {} images of shape {:?}, features {}",
+        path.display(),
+        total,
+        &images.size()[1..],
+        extractor.name()
+    );
+    let bar = progress(total, quiet, "features");
+    let features = extract_features_batched(extractor, &images, batch, |done, _| bar.set_position(done as u64))
+        .with_context(|| format!("computing features of {}", path.display()))?;
+    bar.finish_and_clear();
+    Ok(features)
+}
+
+/// Opens `--features`, naming the flag in errors.
+fn open_features(spec: &FeatureSpec, device: Device) -> Result<Box<dyn FeatureExtractor>> {
+    spec.open(device).with_context(|| format!("--features {}", spec_text(spec)))
+}
+
+/// The `--features` value as given.
+fn spec_text(spec: &FeatureSpec) -> String {
+    match spec {
+        FeatureSpec::Inception => "inception".to_string(),
+        FeatureSpec::Classifier(path) => path.display().to_string(),
+    }
+}
+
+/// Fails unless two feature sets have the same dimension.
+fn check_same_dim(a: &FeatureSummary, b: &FeatureSummary) -> Result<()> {
+    if a.dim() != b.dim() {
+        bail!(
+            "feature dimensions differ: {} has {}-d features, {} has {}-d; both sides must use the same \
+             --features (inception: 2048, classifier a: 128, classifier b: 256)",
+            a.source.display(),
+            a.dim(),
+            b.source.display(),
+            b.dim()
+        );
+    }
+    Ok(())
+}
+
+/// KID when both sides hold their features (default [`KidOptions`]), else `None`.
+fn kid_if_possible(a: &FeatureSummary, b: &FeatureSummary) -> Result<Option<fid_metrics::KidEstimate>> {
+    match (&a.features, &b.features) {
+        (Some(fa), Some(fb)) => Ok(Some(kid(fa, fb, &KidOptions::default())?)),
+        _ => Ok(None),
+    }
+}
+
+/// The arguments of `ddss-cli stats`.
+pub struct StatsArgs {
+    pub path: PathBuf,
+    pub out: PathBuf,
+    pub features: String,
+    pub num: Option<usize>,
+    pub batch: usize,
+    pub device: String,
+    pub quiet: bool,
+}
+
+/// Runs `ddss-cli stats`.
+pub fn run_stats(args: StatsArgs) -> Result<()> {
+    let spec = FeatureSpec::parse(&args.features).context("--features")?;
+    if is_npz(&args.path) {
+        bail!("{}: already a statistics file; `stats` takes images", args.path.display());
+    }
+    if args.num.is_some_and(|n| n < 2) {
+        bail!("--num {}: statistics need at least 2 images", args.num.unwrap_or(0));
+    }
+    let device = parse_device(&args.device)?;
+    let extractor = open_features(&spec, device)?;
+    let features = image_source_features(&args.path, args.num, extractor.as_ref(), args.batch, args.quiet)?;
+    let stats = FeatureStats::from_features(&features).with_context(|| {
+        format!("{}: statistics need at least 2 images (got {})", args.path.display(), features.size()[0])
+    })?;
+    write_stats_npz(&args.out, &stats, &features, extractor.name())?;
+    println!(
+        "wrote {}: mu, sigma and features ({} x {}) of {}",
+        args.out.display(),
+        features.size()[0],
+        stats.dim(),
+        extractor.name()
+    );
+    Ok(())
+}
+
+/// The arguments of `ddss-cli fid`.
+pub struct FidArgs {
+    pub path1: PathBuf,
+    pub path2: PathBuf,
+    pub features: Option<String>,
+    pub num: Option<usize>,
+    pub batch: usize,
+    pub json: bool,
+    pub device: String,
+    pub quiet: bool,
+}
+
+/// What `ddss-cli fid --json` prints.
+#[derive(Debug, Serialize)]
+pub struct FidReport {
+    /// FID between the two sides.
+    pub fid: f64,
+    /// KID mean over subsets (`null` unless both sides have features).
+    pub kid_mean: Option<f64>,
+    /// KID standard deviation over subsets.
+    pub kid_std: Option<f64>,
+    /// The feature set (`inception`, `classifier:<name>`).
+    pub features: String,
+}
+
+/// Runs `ddss-cli fid`.
+pub fn run_fid(args: FidArgs) -> Result<()> {
+    let spec = FeatureSpec::parse(args.features.as_deref().unwrap_or("inception")).context("--features")?;
+    if args.num.is_some_and(|n| n < 2) {
+        bail!("--num {}: statistics need at least 2 images", args.num.unwrap_or(0));
+    }
+    let device = parse_device(&args.device)?;
+    let paths = [&args.path1, &args.path2];
+    let needs_network = paths.iter().any(|path| !is_npz(path));
+    let extractor = if needs_network { Some(open_features(&spec, device)?) } else { None };
+    // Statistics files first: they are quick to read, so a mismatch fails before any network runs.
+    let mut stored = Vec::with_capacity(2);
+    for path in paths {
+        let summary = if is_npz(path) { Some(FeatureSummary::read_npz(path)?) } else { None };
+        if let Some(summary) = &summary {
+            match &extractor {
+                Some(net) => {
+                    if summary.dim() != net.dim() {
+                        bail!(
+                            "{}: holds {}-d features, but --features {} gives {}-d features; compute both \
+                             sides with the same --features",
+                            path.display(),
+                            summary.dim(),
+                            net.name(),
+                            net.dim()
+                        );
+                    }
+                    summary.check_feature_set(net.name())?;
+                }
+                None if args.features.is_some() => summary.check_feature_set(&spec.name())?,
+                None => {}
+            }
+        }
+        stored.push(summary);
+    }
+    let mut sides = Vec::with_capacity(2);
+    for (path, summary) in paths.into_iter().zip(stored) {
+        let summary = match (summary, &extractor) {
+            (Some(summary), _) => summary,
+            (None, Some(net)) => {
+                let features = image_source_features(path, args.num, net.as_ref(), args.batch, args.quiet)?;
+                FeatureSummary::from_features(features, net.name(), path)?
+            }
+            (None, None) => bail!("{}: no feature network was opened for this image source", path.display()),
+        };
+        sides.push(summary);
+    }
+    check_same_dim(&sides[0], &sides[1])?;
+    if let Some(recorded) = &sides[0].feature_set {
+        sides[1].check_feature_set(recorded)?;
+    }
+    let fid = fid_metrics::fid::fid_from_stats(&sides[0].stats, &sides[1].stats)?;
+    let kid = kid_if_possible(&sides[0], &sides[1])?;
+    let features = match (&extractor, &args.features) {
+        (Some(net), _) => net.name().to_string(),
+        (None, Some(_)) => spec.name(),
+        (None, None) => sides
+            .iter()
+            .find_map(|side| side.feature_set.clone())
+            .unwrap_or_else(|| "unknown (both files lack `feature_set`; pass --features)".to_string()),
+    };
+    if args.json {
+        let report = FidReport { fid, kid_mean: kid.map(|k| k.mean), kid_std: kid.map(|k| k.std), features };
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!("FID {fid:.6}  (features: {features})");
+        match kid {
+            Some(k) => println!("KID {:.6} ± {:.6}  ({} subsets of {})", k.mean, k.std, k.num_subsets, k.subset_size),
+            None => println!("KID n/a  (a side has only mu/sigma; `ddss-cli stats` keeps the features needed for KID)"),
+        }
+    }
+    Ok(())
+}
+
+/// How [`evaluate`] draws its samples.
+#[derive(Debug, Clone)]
+pub struct EvalOptions {
+    /// Number of samples (at least 2).
+    pub num: usize,
+    /// Samples per network batch.
+    pub batch: usize,
+    /// Noise seed: sample `i` uses the stream `(seed, i)`, as in `ddss-cli sample`.
+    pub seed: u64,
+    /// Round samples to the 256 levels of an 8-bit image before the features, as writing PNGs and
+    /// reading them back would (so `eval` equals `sample --out-dir` + `fid`).
+    pub quantize: bool,
+    /// Device the initial noise is placed on (the model's device).
+    pub device: Device,
+}
+
+/// One row of a comparison: what `ddss-cli eval --json` prints.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalResult {
+    /// The sampler (`ddim`, `ddpm`, a `sampler.json` path, or a caller's label).
+    pub sampler: String,
+    /// Network evaluations per sample.
+    pub steps: usize,
+    /// Number of samples.
+    pub num: usize,
+    /// The feature set.
+    pub features: String,
+    /// FID against the reference statistics.
+    pub fid: f64,
+    /// KID mean (`null` when the reference has no features).
+    pub kid_mean: Option<f64>,
+    /// KID standard deviation over subsets.
+    pub kid_std: Option<f64>,
+}
+
+/// Draws `options.num` samples from `model` with `choice` (per-sample noise exactly as
+/// `ddss-cli sample`) and returns their features (N x d, f32, CPU). `on_batch(done, total)` is
+/// called after every batch.
+pub fn sample_features(
+    model: &LoadedModel,
+    choice: &SamplerChoice,
+    options: &EvalOptions,
+    extractor: &dyn FeatureExtractor,
+    on_batch: &mut dyn FnMut(usize, usize),
+) -> Result<Tensor> {
+    if options.batch == 0 {
+        bail!("--batch 0: need at least 1");
+    }
+    let Some(shape) = model.sample_shape() else {
+        bail!("the model {} does not fix its sample size (no sample_size in config.json)", model.dir.display());
+    };
+    let device = options.device;
+    let mut chunks = Vec::new();
+    let mut first = 0usize;
+    while first < options.num {
+        let len = options.batch.min(options.num - first);
+        let mut noise = PerSampleNoise::new(options.seed, first as u64, len);
+        let x_init = noise.next(&[len as i64, shape[0], shape[1], shape[2]], device)?;
+        let mut samples = choice.run(model, &x_init, &mut noise)?;
+        if options.quantize {
+            samples = quantize_to_uint8_levels(&samples)?;
+        }
+        let features = tch::no_grad(|| extractor.features(&samples))?;
+        chunks.push(features.to_device(Device::Cpu).to_kind(Kind::Float));
+        first += len;
+        on_batch(first, options.num);
+    }
+    Ok(Tensor::cat(&chunks, 0))
+}
+
+/// Samples with `choice` and scores the samples against `reference`: FID against its
+/// statistics, KID against its features when it has them. `sampler` labels the result.
+pub fn evaluate(
+    model: &LoadedModel,
+    choice: &SamplerChoice,
+    sampler: &str,
+    options: &EvalOptions,
+    extractor: &dyn FeatureExtractor,
+    reference: &FeatureSummary,
+    on_batch: &mut dyn FnMut(usize, usize),
+) -> Result<EvalResult> {
+    if options.num < 2 {
+        bail!("--num {}: FID needs at least 2 samples", options.num);
+    }
+    if extractor.dim() != reference.dim() {
+        bail!(
+            "{}: holds {}-d statistics, but the features {} are {}-d; make the reference with the same \
+             --features (ddss-cli stats ... --features ...)",
+            reference.source.display(),
+            reference.dim(),
+            extractor.name(),
+            extractor.dim()
+        );
+    }
+    reference.check_feature_set(extractor.name())?;
+    let features = sample_features(model, choice, options, extractor, on_batch)?;
+    let generated = FeatureSummary::from_features(features, extractor.name(), Path::new("generated samples"))?;
+    let fid = fid_metrics::fid::fid_from_stats(&generated.stats, &reference.stats)?;
+    let kid = kid_if_possible(&generated, reference)?;
+    Ok(EvalResult {
+        sampler: sampler.to_string(),
+        steps: choice.steps(),
+        num: options.num,
+        features: extractor.name().to_string(),
+        fid,
+        kid_mean: kid.map(|k| k.mean),
+        kid_std: kid.map(|k| k.std),
+    })
+}
+
+/// The arguments of `ddss-cli eval`.
+pub struct EvalArgs {
+    pub model: PathBuf,
+    pub sampler: String,
+    pub steps: Option<usize>,
+    pub num: usize,
+    pub reference: PathBuf,
+    pub features: String,
+    pub eta: f64,
+    pub spacing: Option<String>,
+    pub batch: usize,
+    pub seed: u64,
+    pub no_quantize: bool,
+    pub json: bool,
+    pub device: String,
+    pub quiet: bool,
+}
+
+/// Runs `ddss-cli eval`.
+pub fn run_eval(args: EvalArgs) -> Result<()> {
+    let spec = FeatureSpec::parse(&args.features).context("--features")?;
+    if args.steps.is_none() && !args.sampler.ends_with(".json") {
+        bail!("--steps is required with --sampler {} (only a sampler.json has its own K)", args.sampler);
+    }
+    let reference = FeatureSummary::read_npz(&args.reference).context("--ref")?;
+    let device = parse_device(&args.device)?;
+    let model =
+        load_model_dir(&args.model, device).with_context(|| format!("loading model {}", args.model.display()))?;
+    let choice =
+        SamplerChoice::from_args(&args.sampler, args.steps, args.eta, args.spacing.as_deref(), &model, device)?;
+    let extractor = open_features(&spec, device)?;
+    let options =
+        EvalOptions { num: args.num, batch: args.batch, seed: args.seed, quantize: !args.no_quantize, device };
+    tracing::info!(
+        "eval: {} samples with {} ({} steps), features {}, reference {}",
+        args.num,
+        args.sampler,
+        choice.steps(),
+        extractor.name(),
+        args.reference.display()
+    );
+    let bar = progress(args.num as u64, args.quiet, "eval");
+    let result = evaluate(&model, &choice, &args.sampler, &options, extractor.as_ref(), &reference, &mut |done, _| {
+        bar.set_position(done as u64)
+    })?;
+    bar.finish_and_clear();
+    if args.json {
+        println!("{}", serde_json::to_string(&result)?);
+    } else {
+        let kid = match (result.kid_mean, result.kid_std) {
+            (Some(mean), Some(std)) => format!("KID {mean:.6} ± {std:.6}"),
+            _ => "KID n/a (the reference has no features)".to_string(),
+        };
+        println!(
+            "{} ({} steps, {} samples, features {}): FID {:.6}, {kid}",
+            result.sampler, result.steps, result.num, result.features, result.fid
+        );
+    }
+    Ok(())
+}
