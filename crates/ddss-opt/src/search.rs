@@ -205,6 +205,12 @@ pub struct SearchOutcome {
 pub trait SearchObserver {
     /// After each step.
     fn on_step(&mut self, _record: &StepRecord) {}
+
+    /// Asked after each step (and its checkpoint, if one was due): `true` ends the run there, as an
+    /// interruption would; `--resume` continues it.
+    fn should_stop(&mut self, _step: u64) -> bool {
+        false
+    }
 }
 
 /// An observer that does nothing.
@@ -450,6 +456,10 @@ pub fn run_search(
             let meta = [step as f64, best_kid, best_step as f64, initial_kid, faults_total as f64];
             named.push(("meta".into(), Tensor::from_slice(&meta).to_kind(Kind::Double)));
             write_checkpoint(run_dir, &named)?;
+        }
+        if step < settings.steps && observer.should_stop(step) {
+            tracing::info!("stopped at step {step}; continue with --resume");
+            break;
         }
     }
     sampler.restore(&best_params)?;

@@ -194,7 +194,17 @@ fn settings(steps: u64) -> SearchSettings {
     }
 }
 
-fn search(dir: &std::path::Path, learn: Learnable, steps: u64, resume: bool) -> GgdmSampler {
+/// Stops a search after a given step, as an interruption would.
+struct StopAt(u64);
+
+impl ddss_opt::search::SearchObserver for StopAt {
+    fn should_stop(&mut self, step: u64) -> bool {
+        step >= self.0
+    }
+}
+
+/// Runs (or resumes) a 4-step search in `dir`, stopping after `stop_at` steps.
+fn search(dir: &std::path::Path, learn: Learnable, stop_at: u64, resume: bool) -> GgdmSampler {
     let model = tiny_model_f32();
     let features = Projection::new();
     let real = real_features();
@@ -207,24 +217,19 @@ fn search(dir: &std::path::Path, learn: Learnable, steps: u64, resume: bool) -> 
         sample_shape: [1, 8, 8],
         device: Device::Cpu,
     };
-    let mut cfg = settings(4);
-    cfg.steps = 4;
-    if steps < 4 {
-        // Simulate a run that was stopped after `steps` steps: run with the full schedule and
-        // stop early by searching to `steps` with the same settings otherwise.
-        cfg.checkpoint_every = steps;
-    }
-    run_search(
-        &mut s,
-        parts,
-        &SearchSettings { steps: if resume { 4 } else { steps.max(1) }, ..cfg },
-        &real,
-        dir,
-        resume,
-        &mut NoObserver,
-    )
-    .expect("search");
+    run_search(&mut s, parts, &settings(4), &real, dir, resume, &mut StopAt(stop_at)).expect("search");
     s
+}
+
+/// The current (not best) parameters in a run directory's checkpoint.
+fn checkpoint_params(dir: &std::path::Path) -> Vec<(String, Tensor)> {
+    let mut named: Vec<(String, Tensor)> = Tensor::read_safetensors(dir.join("checkpoint.safetensors"))
+        .expect("checkpoint")
+        .into_iter()
+        .filter(|(n, _)| n.starts_with("params.") || n.starts_with("best.") || n.starts_with("adam."))
+        .collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    named
 }
 
 #[test]
@@ -232,7 +237,7 @@ fn frozen_search_changes_nothing() {
     let dir = std::env::temp_dir().join(format!("ddss-frozen-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let before = sampler(Learnable::none()).to_file();
-    let after = search(&dir, Learnable::none(), 2, false).to_file();
+    let after = search(&dir, Learnable::none(), 4, false).to_file();
     assert_eq!(before.params, after.params);
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -244,12 +249,86 @@ fn resumed_search_equals_uninterrupted() {
     std::fs::create_dir_all(&a).expect("dir");
     std::fs::create_dir_all(&b).expect("dir");
     let straight = search(&a, Learnable::all(), 4, false).to_file();
-    let initial = sampler(Learnable::all()).to_file();
-    assert_ne!(straight.params, initial.params, "the search must move the sampler");
+    // Stopped after step 2 (checkpoint_every = 2), then resumed to the end.
     let _ = search(&b, Learnable::all(), 2, false);
     let resumed = search(&b, Learnable::all(), 4, true).to_file();
-    assert_eq!(straight.params, resumed.params, "resumed run differs from the uninterrupted one");
+    assert_eq!(straight.params, resumed.params, "best parameters differ after resuming");
+    let (ca, cb) = (checkpoint_params(&a), checkpoint_params(&b));
+    assert_eq!(ca.len(), cb.len());
+    for ((na, ta), (nb, tb)) in ca.iter().zip(&cb) {
+        assert_eq!(na, nb);
+        assert!(ta.equal(tb), "{na} differs between the resumed and the uninterrupted run");
+    }
+    // The search did move the sampler (its current parameters, whatever the best one was).
+    let initial = sampler(Learnable::all());
+    let logits = ca.iter().find(|(n, _)| n == "params.grid_logits").expect("logits");
+    assert!(!logits.1.equal(&initial.params.grid_logits.detach()), "the search must move the grid");
     let lines = std::fs::read_to_string(b.join("metrics.jsonl")).expect("metrics").lines().count();
     assert_eq!(lines, 4);
+    let _ = std::fs::remove_dir_all(&base);
+}
+
+/// A feature network that returns NaN on chosen calls (to inject numerical faults).
+struct Faulty {
+    inner: Projection,
+    calls: std::cell::Cell<usize>,
+    nan_calls: Vec<usize>,
+}
+
+impl FeatureExtractor for Faulty {
+    fn features(&self, x: &Tensor) -> fid_metrics::Result<Tensor> {
+        let call = self.calls.get();
+        self.calls.set(call + 1);
+        let f = self.inner.features(x)?;
+        Ok(if self.nan_calls.contains(&call) { f * f64::NAN } else { f })
+    }
+    fn dim(&self) -> usize {
+        12
+    }
+    fn name(&self) -> &str {
+        "faulty"
+    }
+    fn device(&self) -> Device {
+        Device::Cpu
+    }
+}
+
+fn faulty_search(dir: &std::path::Path, nan_calls: Vec<usize>, steps: u64) -> (GgdmSampler, ddss_opt::Result<()>) {
+    let model = tiny_model_f32();
+    let features = Faulty { inner: Projection::new(), calls: std::cell::Cell::new(0), nan_calls };
+    let real = real_features();
+    let loss = FeatureLoss::new(LossKind::Kid, &real).expect("loss");
+    let mut s = sampler(Learnable::all());
+    let parts = ObjectiveParts {
+        model: &model,
+        extractor: &features,
+        loss: &loss,
+        sample_shape: [1, 8, 8],
+        device: Device::Cpu,
+    };
+    let cfg = SearchSettings { steps, validate_every: 0, micro_batch: None, ..settings(steps) };
+    let result = run_search(&mut s, parts, &cfg, &real, dir, false, &mut NoObserver).map(|_| ());
+    (s, result)
+}
+
+#[test]
+fn nan_steps_are_rejected_logged_and_eventually_stop_the_run() {
+    let base = std::env::temp_dir().join(format!("ddss-nan-{}", std::process::id()));
+    let (a, b) = (base.join("a"), base.join("b"));
+    std::fs::create_dir_all(&a).expect("dir");
+    std::fs::create_dir_all(&b).expect("dir");
+    // Call 0 is the initial validation; calls 1.. are the training steps (one call each, no
+    // micro-batching). A fault at step 2 is rejected and logged, and the run goes on.
+    let (s, result) = faulty_search(&a, vec![2], 3);
+    result.expect("one fault is survivable");
+    let lines: Vec<String> =
+        std::fs::read_to_string(a.join("metrics.jsonl")).expect("metrics").lines().map(String::from).collect();
+    assert_eq!(lines.len(), 3);
+    assert!(lines[1].contains("rejected: non-finite loss"), "{}", lines[1]);
+    assert!(s.params.named().iter().all(|(_, t)| t.isfinite().all().int64_value(&[]) != 0));
+    // Faults on every step: after max_faults + 1 consecutive rejections the run stops with a diagnosis.
+    let (_, result) = faulty_search(&b, (1..20).collect(), 10);
+    let err = result.expect_err("must stop").to_string();
+    assert!(err.contains("consecutive steps were rejected") && err.contains("optim.lr"), "{err}");
     let _ = std::fs::remove_dir_all(&base);
 }
