@@ -38,6 +38,7 @@ fn usage() -> &'static str {
      \x20 test                           setup, then fmt --check, clippy -D warnings, cargo test --workspace\n\
      \x20 search --config NAME_OR_PATH   setup, build ddss-cli (release) and run a sampler search\n\
      \x20 fixtures                       regenerate reference fixtures with the pinned Python packages\n\
+     \x20 bench [--device D] [--batch B]  time and measure one DDSS step for K = 5, 10, 20 (naive vs per-call)\n\
      \n\
      environment:\n\
      \x20 DDSS_VENV   where the venv lives (default: $XDG_CACHE_HOME or ~/.cache, then ddss-rs/torch-2.11.0)"
@@ -52,6 +53,7 @@ fn run() -> Result<()> {
         "test" => test(&rest),
         "search" => search(&rest),
         "fixtures" => fixtures(),
+        "bench" => bench(&rest),
         "" | "help" | "-h" | "--help" => {
             println!("{}", usage());
             Ok(())
@@ -324,6 +326,62 @@ fn fixtures() -> Result<()> {
     for script in names {
         println!("[fixtures] {}", script.display());
         run_cmd(Command::new(&env.python).arg(&script).current_dir(&root))?;
+    }
+    Ok(())
+}
+
+/// `cargo xtask bench`: one `ddss-cli bench-unroll` process per (remat, K), so each memory peak is
+/// that setting's alone; prints a Markdown table.
+fn bench(rest: &[String]) -> Result<()> {
+    let root = repo_root();
+    let mut device = "cpu".to_string();
+    let mut batch = "32".to_string();
+    let mut it = rest.iter();
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--device" => device = it.next().context("--device needs a value")?.clone(),
+            "--batch" => batch = it.next().context("--batch needs a value")?.clone(),
+            other => bail!("bench: unknown argument `{other}` (expected --device D, --batch B)"),
+        }
+    }
+    setup()?;
+    println!("[bench] building ddss-cli (release)");
+    run_cmd(cargo().current_dir(&root).args(["build", "--release", "-p", "ddss-cli"]))?;
+    let bin = root.join("target").join("release").join("ddss-cli");
+    println!("| remat | K | batch | seconds | step memory (MiB, peak RSS - RSS before) |");
+    println!("|---|---|---|---|---|");
+    for remat in ["naive", "per_call"] {
+        for k in ["5", "10", "20"] {
+            let out = Command::new(&bin)
+                .current_dir(&root)
+                .args([
+                    "--quiet",
+                    "bench-unroll",
+                    "--steps",
+                    k,
+                    "--batch",
+                    &batch,
+                    "--remat",
+                    remat,
+                    "--device",
+                    &device,
+                ])
+                .output()
+                .context("running ddss-cli bench-unroll")?;
+            if !out.status.success() {
+                bail!("bench-unroll failed: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            let line = String::from_utf8_lossy(&out.stdout);
+            let field = |name: &str| -> String {
+                line.split(&format!("\"{name}\":"))
+                    .nth(1)
+                    .map(|rest| rest.split([',', '}']).next().unwrap_or("").trim_matches('"').to_string())
+                    .unwrap_or_default()
+            };
+            let secs: f64 = field("seconds").parse().unwrap_or(f64::NAN);
+            let extra: f64 = field("step_extra_mib").parse().unwrap_or(f64::NAN);
+            println!("| {remat} | {k} | {batch} | {secs:.2} | {extra:.0} |");
+        }
     }
     Ok(())
 }
