@@ -22,35 +22,12 @@ fn write_idx(path: &Path) {
     std::fs::write(path, bytes).expect("write idx");
 }
 
-const TINY_CONFIG: &str = r#"
-[model]
-sample_size = 8
-in_channels = 1
-out_channels = 1
-block_out_channels = [8, 16]
-down_block_types = ["DownBlock2D", "AttnDownBlock2D"]
-up_block_types = ["AttnUpBlock2D", "UpBlock2D"]
-layers_per_block = 1
-norm_num_groups = 4
-attention_head_dim = 8
-
-[train]
-steps = 4
-batch_size = 4
-checkpoint_every = 2
-log_every = 1
-seed = 3
-
-[train.lr]
-lr = 1e-3
-"#;
-
 fn setup(name: &str) -> (PathBuf, PathBuf, PathBuf) {
     let dir = temp_dir(name);
     let data = dir.join("images.idx");
     write_idx(&data);
     let config = dir.join("tiny.toml");
-    std::fs::write(&config, TINY_CONFIG).expect("config");
+    std::fs::write(&config, TINY_TRAIN_CONFIG).expect("config");
     (dir, data, config)
 }
 
@@ -160,7 +137,7 @@ fn bad_inputs_give_clear_errors() {
     let err = run_err(bin().args(["sample", "--sampler", "dpm-unknown", "--device", "cpu"]).arg("--model").arg(&dir));
     assert!(err.contains("config.json") || err.contains("dpm-unknown"), "{err}");
     let bad = dir.join("bad.toml");
-    std::fs::write(&bad, TINY_CONFIG.replace("layers_per_block", "layers_per_blok")).expect("write");
+    std::fs::write(&bad, TINY_TRAIN_CONFIG.replace("layers_per_block", "layers_per_blok")).expect("write");
     let err = run_err(
         bin()
             .args(["train", "--device", "cpu"])
@@ -172,7 +149,7 @@ fn bad_inputs_give_clear_errors() {
             .arg(dir.join("o")),
     );
     assert!(err.contains("layers_per_blok"), "{err}");
-    std::fs::write(&bad, TINY_CONFIG.replace("batch_size = 4", "batch_size = 0")).expect("write");
+    std::fs::write(&bad, TINY_TRAIN_CONFIG.replace("batch_size = 4", "batch_size = 0")).expect("write");
     let err = run_err(
         bin()
             .args(["train", "--device", "cpu"])

@@ -330,36 +330,13 @@ fn train_classifier_writes_weights_and_sidecar() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-const TINY_MODEL_CONFIG: &str = r#"
-[model]
-sample_size = 8
-in_channels = 1
-out_channels = 1
-block_out_channels = [8, 16]
-down_block_types = ["DownBlock2D", "AttnDownBlock2D"]
-up_block_types = ["AttnUpBlock2D", "UpBlock2D"]
-layers_per_block = 1
-norm_num_groups = 4
-attention_head_dim = 8
-
-[train]
-steps = 2
-batch_size = 4
-checkpoint_every = 2
-log_every = 1
-seed = 3
-
-[train.lr]
-lr = 1e-3
-"#;
-
 #[test]
 fn eval_prints_seven_keys_and_scores_the_samples_sample_writes() {
     let dir = temp_dir("eval");
     let data = dir.join("images.idx");
     write_idx_images(&data, 16, 8);
     let config = dir.join("tiny.toml");
-    std::fs::write(&config, TINY_MODEL_CONFIG).expect("config");
+    std::fs::write(&config, TINY_TRAIN_CONFIG.replace("steps = 4", "steps = 2")).expect("config");
     let model = dir.join("model");
     run_ok(
         bin()

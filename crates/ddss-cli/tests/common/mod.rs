@@ -38,3 +38,27 @@ pub fn temp_dir(name: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).expect("temp dir");
     dir
 }
+
+/// A tiny UNet training config (8x8 grey images, two levels, attention) for fast CLI runs.
+pub const TINY_TRAIN_CONFIG: &str = r#"
+[model]
+sample_size = 8
+in_channels = 1
+out_channels = 1
+block_out_channels = [8, 16]
+down_block_types = ["DownBlock2D", "AttnDownBlock2D"]
+up_block_types = ["AttnUpBlock2D", "UpBlock2D"]
+layers_per_block = 1
+norm_num_groups = 4
+attention_head_dim = 8
+
+[train]
+steps = 4
+batch_size = 4
+checkpoint_every = 2
+log_every = 1
+seed = 3
+
+[train.lr]
+lr = 1e-3
+"#;
