@@ -4,8 +4,10 @@ mod bench_cmd;
 mod classifier_cmd;
 mod common;
 mod metrics_cmd;
+mod plot;
 mod sample;
 mod search_cmd;
+mod table_cmd;
 mod train;
 
 use anyhow::{Context, Result};
@@ -277,7 +279,17 @@ enum Command {
         /// auto | cpu | cuda | cuda:N (default: [output] device, or auto).
         #[arg(long)]
         device: Option<String>,
+        /// Number of sampler steps K (overrides [sampler] steps).
+        #[arg(long)]
+        steps: Option<usize>,
+        /// Stop after writing sampler.json and the before/after grids (skip the comparison).
+        #[arg(long)]
+        skip_eval: bool,
     },
+    /// Score samplers at several step counts (and learned samplers at their own K) against real
+    /// images with one or more feature networks; write results.json, table.md and FID-vs-steps
+    /// plots.
+    Table(table_cmd::TableArgs),
     /// Time one DDSS objective evaluation (forward, loss, exact gradient) and report its peak
     /// memory as one JSON line (used by `cargo xtask bench`).
     BenchUnroll {
@@ -472,9 +484,10 @@ fn run(cli: Cli) -> Result<()> {
             let grid = timesteps(num_train_timesteps, steps, spacing, steps_offset)?;
             println!("{}", serde_json::to_string(&grid)?);
         }
-        Command::Search { config, out, resume, device } => {
-            search_cmd::run(search_cmd::SearchArgs { config, out, resume, device, quiet: cli.quiet })?
+        Command::Search { config, out, resume, device, steps, skip_eval } => {
+            search_cmd::run(search_cmd::SearchArgs { config, out, resume, device, steps, skip_eval, quiet: cli.quiet })?
         }
+        Command::Table(args) => table_cmd::run(args, cli.quiet)?,
         Command::BenchUnroll { model, steps, batch, remat, features, device } => {
             bench_cmd::run(bench_cmd::BenchArgs { model, steps, batch, remat, features, device })?
         }

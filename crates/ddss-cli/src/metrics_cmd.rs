@@ -413,6 +413,21 @@ pub fn sample_features(
     extractor: &dyn FeatureExtractor,
     on_batch: &mut dyn FnMut(usize, usize),
 ) -> Result<Tensor> {
+    let (mut features, _) = sample_features_multi(model, choice, options, &[extractor], 0, on_batch)?;
+    Ok(features.remove(0))
+}
+
+/// Like [`sample_features`], but scores every sample with each of `extractors` (one features
+/// tensor per extractor, in order) and also returns the first `keep` samples (CPU, quantized
+/// when `options.quantize`), e.g. for a picture. Samples are drawn once, batch by batch.
+pub fn sample_features_multi(
+    model: &LoadedModel,
+    choice: &SamplerChoice,
+    options: &EvalOptions,
+    extractors: &[&dyn FeatureExtractor],
+    keep: usize,
+    on_batch: &mut dyn FnMut(usize, usize),
+) -> Result<(Vec<Tensor>, Tensor)> {
     if options.batch == 0 {
         bail!("--batch 0: need at least 1");
     }
@@ -420,7 +435,8 @@ pub fn sample_features(
         bail!("the model {} does not fix its sample size (no sample_size in config.json)", model.dir.display());
     };
     let device = options.device;
-    let mut chunks = Vec::new();
+    let mut chunks: Vec<Vec<Tensor>> = extractors.iter().map(|_| Vec::new()).collect();
+    let mut kept = Vec::new();
     let mut first = 0usize;
     while first < options.num {
         let len = options.batch.min(options.num - first);
@@ -430,12 +446,19 @@ pub fn sample_features(
         if options.quantize {
             samples = quantize_to_uint8_levels(&samples)?;
         }
-        let features = tch::no_grad(|| extractor.features(&samples))?;
-        chunks.push(features.to_device(Device::Cpu).to_kind(Kind::Float));
+        for (extractor, out) in extractors.iter().zip(chunks.iter_mut()) {
+            let features = tch::no_grad(|| extractor.features(&samples))?;
+            out.push(features.to_device(Device::Cpu).to_kind(Kind::Float));
+        }
+        if first < keep {
+            kept.push(samples.narrow(0, 0, (keep - first).min(len) as i64).to_device(Device::Cpu));
+        }
         first += len;
         on_batch(first, options.num);
     }
-    Ok(Tensor::cat(&chunks, 0))
+    let features = chunks.iter().map(|c| Tensor::cat(c, 0)).collect();
+    let kept = if kept.is_empty() { Tensor::zeros([0], (Kind::Float, Device::Cpu)) } else { Tensor::cat(&kept, 0) };
+    Ok((features, kept))
 }
 
 /// Samples with `choice` and scores the samples against `reference`: FID against its

@@ -8,6 +8,7 @@
 //! ever saw that feature network).
 
 use crate::common::{parse_device, progress, write_grid};
+use crate::metrics_cmd::{sample_features_multi, EvalOptions};
 use crate::sample::SamplerChoice;
 use anyhow::{bail, Context, Result};
 use ddss_opt::loss::{FeatureLoss, LossKind};
@@ -15,8 +16,7 @@ use ddss_opt::search::{run_search, ObjectiveParts, SearchObserver, SearchSetting
 use fid_metrics::features::{extract_features_batched, open_extractor, FeatureExtractor};
 use ggdm_core::ggdm::{GgdmSampler, History, Learnable, ModelIdentity};
 use ggdm_core::grid::Spacing;
-use ggdm_core::model_dir::{load_model_dir, LoadedModel};
-use ggdm_core::noise::{NoiseSource, PerSampleNoise};
+use ggdm_core::model_dir::load_model_dir;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -133,6 +133,10 @@ pub struct EvalSection {
     /// Samples in each PNG grid.
     #[serde(default = "default_grid_num")]
     pub grid_num: usize,
+    /// Also evaluate the baselines at these step counts, for the FID-vs-steps plot
+    /// (`fid_vs_steps.png`); the learned sampler appears at its own K.
+    #[serde(default)]
+    pub plot_steps: Vec<usize>,
 }
 
 fn default_eval_batch() -> usize {
@@ -166,6 +170,10 @@ pub struct SearchArgs {
     pub out: Option<PathBuf>,
     pub resume: bool,
     pub device: Option<String>,
+    /// Overrides `[sampler] steps`.
+    pub steps: Option<usize>,
+    /// Stop after writing `sampler.json` and the before/after grids (no comparison).
+    pub skip_eval: bool,
     pub quiet: bool,
 }
 
@@ -182,10 +190,13 @@ pub struct ResultRow {
     pub kid_std: f64,
 }
 
-fn load_config(path: &Path) -> Result<SearchConfig> {
+fn load_config(path: &Path, steps: Option<usize>) -> Result<SearchConfig> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading search config {}", path.display()))?;
-    let config: SearchConfig =
+    let mut config: SearchConfig =
         toml::from_str(&text).with_context(|| format!("invalid search config {}", path.display()))?;
+    if let Some(k) = steps {
+        config.sampler.steps = k;
+    }
     if config.sampler.steps == 0 {
         bail!("{}: [sampler] steps = 0: need at least 1", path.display());
     }
@@ -194,6 +205,9 @@ fn load_config(path: &Path) -> Result<SearchConfig> {
     }
     if config.eval.num < 2 || config.eval.batch == 0 {
         bail!("{}: [eval] num must be >= 2 and batch >= 1", path.display());
+    }
+    if config.eval.plot_steps.contains(&0) {
+        bail!("{}: [eval] plot_steps contains 0: step counts must be >= 1", path.display());
     }
     config.optim.validate().with_context(|| format!("{}: invalid [optim]", path.display()))?;
     Ok(config)
@@ -233,7 +247,7 @@ fn features_batched(
 }
 
 /// Adapts `&dyn FeatureExtractor` to the generic batch helper.
-struct DynExtractor<'a>(&'a dyn FeatureExtractor);
+pub(crate) struct DynExtractor<'a>(pub(crate) &'a dyn FeatureExtractor);
 impl FeatureExtractor for DynExtractor<'_> {
     fn features(&self, x: &Tensor) -> fid_metrics::Result<Tensor> {
         self.0.features(x)
@@ -247,30 +261,6 @@ impl FeatureExtractor for DynExtractor<'_> {
     fn device(&self) -> Device {
         self.0.device()
     }
-}
-
-/// Draws `num` samples with per-sample noise `(seed, i)`.
-fn draw_samples(
-    choice: &SamplerChoice,
-    model: &LoadedModel,
-    shape: [i64; 3],
-    num: usize,
-    eval: &EvalSection,
-    device: Device,
-    bar: &indicatif::ProgressBar,
-) -> Result<Tensor> {
-    let (batch, seed) = (eval.batch, eval.seed);
-    let mut chunks = Vec::new();
-    let mut first = 0;
-    while first < num {
-        let b = batch.min(num - first);
-        let mut noise = PerSampleNoise::new(seed, first as u64, b);
-        let x_init = noise.next(&[b as i64, shape[0], shape[1], shape[2]], device)?;
-        chunks.push(choice.run(model, &x_init, &mut noise)?.to_device(Device::Cpu));
-        first += b;
-        bar.inc(b as u64);
-    }
-    Ok(Tensor::cat(&chunks, 0))
 }
 
 struct BarObserver {
@@ -291,7 +281,7 @@ impl SearchObserver for BarObserver {
 /// Runs `ddss-cli search`.
 pub fn run(args: SearchArgs) -> Result<()> {
     let started = Instant::now();
-    let config = load_config(&args.config)?;
+    let config = load_config(&args.config, args.steps)?;
     let stem = args.config.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "search".into());
     let run_dir = args.out.clone().or(config.output.dir.clone()).unwrap_or_else(|| PathBuf::from("runs").join(&stem));
     let checkpoint = ddss_opt::search::checkpoint_path(&run_dir);
@@ -340,9 +330,16 @@ pub fn run(args: SearchArgs) -> Result<()> {
         device,
     )?;
     sampler.model = ModelIdentity { name: config.model.path.display().to_string(), sample_shape: Some(shape) };
-    let grid_bar = indicatif::ProgressBar::hidden();
     let initial = SamplerChoice::Ggdm(Box::new(GgdmSampler::from_file(sampler.to_file(), device)?));
-    let before = draw_samples(&initial, &model, shape, config.eval.grid_num, &config.eval, device, &grid_bar)?;
+    let grid_options = EvalOptions {
+        num: config.eval.grid_num,
+        batch: config.eval.batch,
+        seed: config.eval.seed,
+        quantize: true,
+        device,
+    };
+    let (_, before) =
+        sample_features_multi(&model, &initial, &grid_options, &[], config.eval.grid_num, &mut |_, _| {})?;
     write_grid(&before, grid_columns(config.eval.grid_num), &run_dir.join("before.png"))?;
 
     let parts = ObjectiveParts {
@@ -378,18 +375,42 @@ pub fn run(args: SearchArgs) -> Result<()> {
         run_dir.join("sampler.json").display()
     );
 
-    // The comparison on held-out noise.
+    if args.skip_eval {
+        let learned = SamplerChoice::Ggdm(Box::new(GgdmSampler::load(&run_dir.join("sampler.json"), device)?));
+        let (_, after) =
+            sample_features_multi(&model, &learned, &grid_options, &[], config.eval.grid_num, &mut |_, _| {})?;
+        write_grid(&after, grid_columns(config.eval.grid_num), &run_dir.join("after.png"))?;
+        println!(
+            "run directory: {} ({:.0} s in total, search {:.0} s; comparison skipped)",
+            run_dir.display(),
+            started.elapsed().as_secs_f64(),
+            search_seconds
+        );
+        return Ok(());
+    }
+
+    // The comparison on held-out noise: every baseline at K and at each [eval] plot_steps, the
+    // learned sampler at K.
+    let k = config.sampler.steps;
+    let mut step_counts = vec![k];
+    for &extra in &config.eval.plot_steps {
+        if !step_counts.contains(&extra) {
+            step_counts.push(extra);
+        }
+    }
     let mut samplers: Vec<(String, SamplerChoice)> = Vec::new();
-    for name in &config.eval.compare {
-        let choice = SamplerChoice::from_args(
-            name,
-            Some(config.sampler.steps),
-            config.sampler.eta,
-            Some(config.sampler.spacing.name()),
-            &model,
-            device,
-        )?;
-        samplers.push((name.clone(), choice));
+    for &steps in &step_counts {
+        for name in &config.eval.compare {
+            let choice = SamplerChoice::from_args(
+                name,
+                Some(steps),
+                config.sampler.eta,
+                Some(config.sampler.spacing.name()),
+                &model,
+                device,
+            )?;
+            samplers.push((name.clone(), choice));
+        }
     }
     samplers.push((
         "learned".into(),
@@ -414,30 +435,31 @@ pub fn run(args: SearchArgs) -> Result<()> {
         )?;
         references.push((spec.clone(), extractor, feats));
     }
+    let extractors: Vec<&dyn FeatureExtractor> = references.iter().map(|(_, e, _)| e.as_ref()).collect();
+    let options =
+        EvalOptions { num: config.eval.num, batch: config.eval.batch, seed: config.eval.seed, quantize: true, device };
     let mut rows = Vec::new();
     for (name, choice) in &samplers {
-        let bar = progress(config.eval.num as u64, args.quiet, &format!("eval {name}"));
-        let samples = draw_samples(choice, &model, shape, config.eval.num, &config.eval, device, &bar)?;
+        let steps = choice.steps();
+        let bar = progress(config.eval.num as u64, args.quiet, &format!("eval {name} K={steps}"));
+        let keep = if steps == k { config.eval.grid_num.min(config.eval.num) } else { 0 };
+        let (features, grid) = sample_features_multi(&model, choice, &options, &extractors, keep, &mut |done, _| {
+            bar.set_position(done as u64)
+        })?;
         bar.finish_and_clear();
-        // Scored as 8-bit images, as `ddss-cli eval` and saved PNGs are.
-        let samples = fid_metrics::data::quantize_to_uint8_levels(&samples)?;
-        write_grid(
-            &samples.narrow(0, 0, config.eval.grid_num.min(config.eval.num) as i64),
-            grid_columns(config.eval.grid_num),
-            &run_dir.join(format!("grid_{name}.png")),
-        )?;
-        if name == "learned" {
-            std::fs::copy(run_dir.join("grid_learned.png"), run_dir.join("after.png"))?;
+        if keep > 0 {
+            write_grid(&grid, grid_columns(config.eval.grid_num), &run_dir.join(format!("grid_{name}.png")))?;
+            if name == "learned" {
+                std::fs::copy(run_dir.join("grid_learned.png"), run_dir.join("after.png"))?;
+            }
         }
-        for (spec, extractor, reference) in &references {
-            let feats =
-                tch::no_grad(|| features_batched(extractor.as_ref(), &samples, config.eval.batch, true, "features"))?;
+        for ((spec, extractor, reference), feats) in references.iter().zip(&features) {
             let fid =
                 fid_metrics::fid::fid_from_features(&feats.to_kind(Kind::Double), &reference.to_kind(Kind::Double))?;
-            let kid = fid_metrics::kid::kid(&feats, reference, &fid_metrics::kid::KidOptions::default())?;
+            let kid = fid_metrics::kid::kid(feats, reference, &fid_metrics::kid::KidOptions::default())?;
             rows.push(ResultRow {
                 sampler: name.clone(),
-                steps: choice.steps(),
+                steps,
                 num: config.eval.num,
                 features: extractor.name().to_string(),
                 held_out: *spec != config.loss.features,
@@ -445,6 +467,11 @@ pub fn run(args: SearchArgs) -> Result<()> {
                 kid_mean: kid.mean,
                 kid_std: kid.std,
             });
+        }
+    }
+    if step_counts.len() > 1 {
+        for path in crate::table_cmd::write_plots(&rows, &run_dir, &format!("{} steps", config.model.path.display()))? {
+            tracing::info!("plot written to {}", path.display());
         }
     }
     ggdm_core::io::write_atomic(&run_dir.join("results.json"), serde_json::to_string_pretty(&rows)?.as_bytes())?;

@@ -1,0 +1,344 @@
+//! `ddss-cli table`: scores several samplers at several step counts on one model against one set
+//! of real images, with one or more feature networks, and writes the comparison as
+//! `results.json` (the rows of a search's `results.json`), `table.md` (one Markdown table per
+//! feature network: samplers down, K across, and the learned sampler against the best baseline)
+//! and `fid_vs_steps*.png` plots.
+//!
+//! Every sampler draws the same noise (sample `i` uses the stream `(seed, i)`, as `ddss-cli sample`
+//! and `eval` do), samples are rounded to 8-bit levels, and each batch of samples is scored by all
+//! feature networks at once, so a sampler is run once per K whatever the number of networks.
+
+use crate::common::{parse_device, progress};
+use crate::metrics_cmd::{load_image_source, sample_features_multi, EvalOptions};
+use crate::plot::{plot_against_steps, Series};
+use crate::sample::SamplerChoice;
+use crate::search_cmd::ResultRow;
+use anyhow::{bail, Context, Result};
+use fid_metrics::data::{subsample, Subsample};
+use fid_metrics::features::{extract_features_batched, FeatureSpec};
+use fid_metrics::FeatureExtractor;
+use ggdm_core::ggdm::GgdmSampler;
+use ggdm_core::model_dir::load_model_dir;
+use std::path::{Path, PathBuf};
+use tch::Kind;
+
+/// The arguments of `ddss-cli table`.
+#[derive(clap::Args, Debug)]
+pub struct TableArgs {
+    /// Model directory (diffusers layout, or model.pt + model.json).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Baselines, comma-separated: any `--sampler` name of `ddss-cli sample`; NAME@SPACING runs
+    /// it on another grid (e.g. ddim@quadratic, the DDIM paper's quadratic stride).
+    #[arg(long, value_delimiter = ',', default_value = "ddpm,ddim,ddim@quadratic")]
+    pub samplers: Vec<String>,
+    /// Step counts K of the baselines, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "5,10,20")]
+    pub steps: Vec<usize>,
+    /// Learned samplers (`sampler.json` files of `ddss-cli search`), comma-separated; each is
+    /// scored at its own K.
+    #[arg(long, value_delimiter = ',')]
+    pub learned: Vec<PathBuf>,
+    /// Feature networks, comma-separated: inception and/or classifier .safetensors paths.
+    #[arg(long, value_delimiter = ',', default_value = "inception")]
+    pub features: Vec<String>,
+    /// Real images to compare with: an image folder, an IDX(.gz) file, a .npy of samples, or a
+    /// data set folder holding train-images-idx3-ubyte.gz.
+    #[arg(long = "ref")]
+    pub reference: PathBuf,
+    /// Use the first N real images (default: --num).
+    #[arg(long)]
+    pub ref_num: Option<usize>,
+    /// Samples per sampler and K (at least 2).
+    #[arg(long)]
+    pub num: usize,
+    /// Samples per network batch.
+    #[arg(long, default_value_t = 250)]
+    pub batch: usize,
+    /// Noise seed (sample i uses stream (seed, i)).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Output directory (results.json, table.md, fid_vs_steps*.png).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// auto | cpu | cuda | cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+}
+
+/// File-name-safe form of a feature network's name (`classifier:x` -> `classifier-x`).
+fn slug(name: &str) -> String {
+    name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '-' }).collect()
+}
+
+/// Distinct values in order of first appearance.
+fn distinct<T: PartialEq + Clone>(items: impl Iterator<Item = T>) -> Vec<T> {
+    let mut out: Vec<T> = Vec::new();
+    for item in items {
+        if !out.contains(&item) {
+            out.push(item);
+        }
+    }
+    out
+}
+
+/// Writes `fid_vs_steps_<features>.png` for every feature network in `rows`, and
+/// `fid_vs_steps.png` for the first held-out one (or the first one); returns the paths.
+pub fn write_plots(rows: &[ResultRow], dir: &Path, title: &str) -> Result<Vec<PathBuf>> {
+    let feature_sets = distinct(rows.iter().map(|r| r.features.clone()));
+    let primary =
+        rows.iter().find(|r| r.held_out).map(|r| r.features.clone()).or_else(|| feature_sets.first().cloned());
+    let mut written = Vec::new();
+    for features in &feature_sets {
+        let samplers = distinct(rows.iter().filter(|r| &r.features == features).map(|r| r.sampler.clone()));
+        let series: Vec<Series> = samplers
+            .iter()
+            .map(|name| Series {
+                label: name.clone(),
+                points: rows
+                    .iter()
+                    .filter(|r| &r.features == features && &r.sampler == name)
+                    .map(|r| (r.steps, r.fid))
+                    .collect(),
+            })
+            .collect();
+        let num = rows.iter().find(|r| &r.features == features).map(|r| r.num).unwrap_or(0);
+        let title = format!("{title}: FID ({features}, {num} samples)");
+        let path = dir.join(format!("fid_vs_steps_{}.png", slug(features)));
+        plot_against_steps(&series, &title, "FID", &path)?;
+        written.push(path.clone());
+        if Some(features) == primary.as_ref() {
+            let main = dir.join("fid_vs_steps.png");
+            plot_against_steps(&series, &title, "FID", &main)?;
+            written.push(main);
+        }
+    }
+    Ok(written)
+}
+
+/// One Markdown table per feature network: samplers down, K across, cells `FID (KID x1e3)`;
+/// then, for each K with a learned sampler, its FID against the best baseline's.
+pub fn markdown_tables(rows: &[ResultRow]) -> String {
+    let mut out = String::new();
+    for features in distinct(rows.iter().map(|r| r.features.clone())) {
+        let of_set: Vec<&ResultRow> = rows.iter().filter(|r| r.features == features).collect();
+        let mut ks = distinct(of_set.iter().map(|r| r.steps));
+        ks.sort_unstable();
+        let num = of_set.first().map(|r| r.num).unwrap_or(0);
+        out.push_str(&format!("FID (KID x1e3), features `{features}`, {num} samples per cell\n\n| sampler |"));
+        for k in &ks {
+            out.push_str(&format!(" K = {k} |"));
+        }
+        out.push_str("\n|---|");
+        out.push_str(&"---|".repeat(ks.len()));
+        out.push('\n');
+        for sampler in distinct(of_set.iter().map(|r| r.sampler.clone())) {
+            let learned = sampler.starts_with("learned");
+            out.push_str(&if learned { format!("| **{sampler}** |") } else { format!("| {sampler} |") });
+            for k in &ks {
+                match of_set.iter().find(|r| r.sampler == sampler && r.steps == *k) {
+                    Some(r) => {
+                        let cell = format!("{:.3} ({:.2})", r.fid, r.kid_mean * 1e3);
+                        out.push_str(&if learned { format!(" **{cell}** |") } else { format!(" {cell} |") });
+                    }
+                    None => out.push_str(" |"),
+                }
+            }
+            out.push('\n');
+        }
+        out.push('\n');
+        for k in &ks {
+            let best = of_set
+                .iter()
+                .filter(|r| r.steps == *k && !r.sampler.starts_with("learned"))
+                .min_by(|a, b| a.fid.total_cmp(&b.fid));
+            for learned in of_set.iter().filter(|r| r.steps == *k && r.sampler.starts_with("learned")) {
+                if let Some(best) = best {
+                    let verdict = if learned.fid < best.fid { "better than" } else { "not better than" };
+                    out.push_str(&format!(
+                        "* K = {k}: {} FID {:.3} is {:.2}x the best baseline's ({} {:.3}): {verdict} the best \
+                         baseline{}.\n",
+                        learned.sampler,
+                        learned.fid,
+                        learned.fid / best.fid,
+                        best.sampler,
+                        best.fid,
+                        if learned.held_out { "" } else { " (this network is the search's loss: not held out)" }
+                    ));
+                }
+            }
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// Whether the sampler's search loss used the feature network `features` (by extractor name).
+fn loss_used(sampler: &GgdmSampler, features: &str) -> bool {
+    let loss = sampler.provenance.pointer("/config/loss/features").and_then(|v| v.as_str());
+    match loss.map(FeatureSpec::parse) {
+        Some(Ok(spec)) => spec.name() == features,
+        _ => false,
+    }
+}
+
+/// Runs `ddss-cli table`.
+pub fn run(args: TableArgs, quiet: bool) -> Result<()> {
+    if args.num < 2 {
+        bail!("--num {}: FID needs at least 2 samples", args.num);
+    }
+    if args.batch == 0 {
+        bail!("--batch 0: need at least 1");
+    }
+    if args.steps.contains(&0) {
+        bail!("--steps: step counts must be >= 1");
+    }
+    if args.samplers.is_empty() && args.learned.is_empty() {
+        bail!("nothing to compare: give --samplers and/or --learned");
+    }
+    let specs = args
+        .features
+        .iter()
+        .map(|f| FeatureSpec::parse(f).with_context(|| format!("--features {f}")))
+        .collect::<Result<Vec<_>>>()?;
+    let device = parse_device(&args.device)?;
+    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    let model =
+        load_model_dir(&args.model, device).with_context(|| format!("loading model {}", args.model.display()))?;
+
+    let mut entries: Vec<(String, SamplerChoice, Option<GgdmSampler>)> = Vec::new();
+    for &k in &args.steps {
+        for spec in &args.samplers {
+            let (name, spacing) = match spec.split_once('@') {
+                Some((name, spacing)) => (name, Some(spacing)),
+                None => (spec.as_str(), None),
+            };
+            let choice = SamplerChoice::from_args(name, Some(k), 0.0, spacing, &model, device)
+                .with_context(|| format!("--samplers {spec}"))?;
+            entries.push((spec.clone(), choice, None));
+        }
+    }
+    let learned_ks: Vec<usize> = args
+        .learned
+        .iter()
+        .map(|p| Ok(GgdmSampler::load(p, device)?.steps))
+        .collect::<Result<_>>()
+        .context("--learned")?;
+    for (path, k) in args.learned.iter().zip(&learned_ks) {
+        let sampler = GgdmSampler::load(path, device).with_context(|| format!("--learned {}", path.display()))?;
+        sampler.check_compatible(&model.scheduler, model.sample_shape())?;
+        let label = if learned_ks.iter().filter(|&&other| other == *k).count() > 1 {
+            let run = path.parent().and_then(|p| p.file_name()).map(|s| s.to_string_lossy().to_string());
+            format!("learned:{}", run.unwrap_or_else(|| path.display().to_string()))
+        } else {
+            "learned".to_string()
+        };
+        let choice = SamplerChoice::Ggdm(Box::new(GgdmSampler::load(path, device)?));
+        entries.push((label, choice, Some(sampler)));
+    }
+
+    let ref_num = args.ref_num.unwrap_or(args.num);
+    let real = load_image_source(&args.reference).with_context(|| format!("--ref {}", args.reference.display()))?;
+    let real = subsample(&real, ref_num, Subsample::First)?;
+    if let Some(shape) = model.sample_shape() {
+        if real.size()[1..] != shape[..] {
+            bail!(
+                "--ref {}: images are {:?}, the model samples {:?}",
+                args.reference.display(),
+                &real.size()[1..],
+                shape
+            );
+        }
+    }
+    let mut extractors = Vec::new();
+    let mut references = Vec::new();
+    for spec in &specs {
+        let extractor = spec.open(device)?;
+        let bar = progress(real.size()[0] as u64, quiet, &format!("reference {}", extractor.name()));
+        let feats =
+            extract_features_batched(&crate::search_cmd::DynExtractor(extractor.as_ref()), &real, args.batch, {
+                let bar = bar.clone();
+                move |done, _| bar.set_position(done as u64)
+            })?;
+        bar.finish_and_clear();
+        references.push(feats);
+        extractors.push(extractor);
+    }
+    let extractor_refs: Vec<&dyn FeatureExtractor> = extractors.iter().map(|e| e.as_ref()).collect();
+    let options = EvalOptions { num: args.num, batch: args.batch, seed: args.seed, quantize: true, device };
+    let mut rows = Vec::new();
+    for (label, choice, learned) in &entries {
+        let steps = choice.steps();
+        let bar = progress(args.num as u64, quiet, &format!("{label} K={steps}"));
+        let (features, _) = sample_features_multi(&model, choice, &options, &extractor_refs, 0, &mut |done, _| {
+            bar.set_position(done as u64)
+        })?;
+        bar.finish_and_clear();
+        for ((extractor, reference), feats) in extractors.iter().zip(&references).zip(&features) {
+            let fid =
+                fid_metrics::fid::fid_from_features(&feats.to_kind(Kind::Double), &reference.to_kind(Kind::Double))?;
+            let kid = fid_metrics::kid::kid(feats, reference, &fid_metrics::kid::KidOptions::default())?;
+            let name = extractor.name().to_string();
+            tracing::info!("{label} K={steps} {name}: FID {fid:.4}, KID {:.6}", kid.mean);
+            rows.push(ResultRow {
+                sampler: label.clone(),
+                steps,
+                num: args.num,
+                held_out: learned.as_ref().is_none_or(|s| !loss_used(s, &name)),
+                features: name,
+                fid,
+                kid_mean: kid.mean,
+                kid_std: kid.std,
+            });
+        }
+    }
+    ggdm_core::io::write_atomic(&args.out.join("results.json"), serde_json::to_string_pretty(&rows)?.as_bytes())?;
+    let tables = markdown_tables(&rows);
+    ggdm_core::io::write_atomic(&args.out.join("table.md"), tables.as_bytes())?;
+    let title = args.model.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "model".into());
+    let plots = write_plots(&rows, &args.out, &title)?;
+    println!("{tables}");
+    println!(
+        "written: {}, {}, {}",
+        args.out.join("results.json").display(),
+        args.out.join("table.md").display(),
+        plots.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(sampler: &str, steps: usize, fid: f64, held_out: bool) -> ResultRow {
+        ResultRow {
+            sampler: sampler.into(),
+            steps,
+            num: 100,
+            features: "classifier:b".into(),
+            held_out,
+            fid,
+            kid_mean: fid / 1000.0,
+            kid_std: 0.0,
+        }
+    }
+
+    #[test]
+    fn tables_compare_the_learned_sampler_with_the_best_baseline() {
+        let rows = vec![
+            row("ddim", 5, 2.0, true),
+            row("ddpm", 5, 3.0, true),
+            row("ddim", 10, 1.0, true),
+            row("ddpm", 10, 0.8, true),
+            row("learned", 10, 0.4, true),
+            row("learned", 5, 2.5, true),
+        ];
+        let text = markdown_tables(&rows);
+        assert!(text.contains("| sampler | K = 5 | K = 10 |"), "{text}");
+        assert!(text.contains("| ddim | 2.000 (2.00) | 1.000 (1.00) |"), "{text}");
+        assert!(text.contains("K = 10: learned FID 0.400 is 0.50x the best baseline's (ddpm 0.800): better than"));
+        assert!(text.contains("K = 5: learned FID 2.500 is 1.25x the best baseline's (ddim 2.000): not better than"));
+        assert_eq!(slug("classifier:fmnist-classifier-b"), "classifier-fmnist-classifier-b");
+    }
+}

@@ -1,0 +1,198 @@
+//! The main job end to end on the shipped Fashion-MNIST model with tiny settings (CPU): `search`
+//! (with the FID-vs-steps plot), `export`, `sample --sampler sampler.json`, `search --steps
+//! --skip-eval` and `table`, checking the files each writes.
+
+mod common;
+use common::*;
+
+use std::path::{Path, PathBuf};
+
+fn repo(path: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(path).to_string_lossy().to_string()
+}
+
+/// `n` deterministic 28x28 grey images as an uncompressed IDX file.
+fn write_idx(path: &Path, n: u32) {
+    let mut bytes = vec![0u8, 0, 8, 3];
+    for d in [n, 28, 28] {
+        bytes.extend(d.to_be_bytes());
+    }
+    for i in 0..n {
+        for y in 0..28u32 {
+            for x in 0..28u32 {
+                let inside = (6..22).contains(&x) && (4 + i % 3..24).contains(&y);
+                bytes.push(if inside { ((i * 29 + x * 7 + y * 3) % 160 + 90) as u8 } else { 0 });
+            }
+        }
+    }
+    std::fs::write(path, bytes).expect("write idx");
+}
+
+fn search_config(dir: &Path, data: &Path) -> PathBuf {
+    let text = format!(
+        r#"
+[model]
+path = "{model}"
+
+[data]
+path = "{data}"
+num = 32
+
+[sampler]
+steps = 3
+spacing = "trailing"
+
+[loss]
+kind = "kid"
+features = "{classifier_a}"
+
+[optim]
+steps = 2
+batch_size = 8
+validate_every = 1
+validation_num = 8
+checkpoint_every = 1
+
+[optim.lr]
+lr = 0.005
+
+[eval]
+num = 16
+batch = 8
+features = ["{classifier_b}"]
+reference = "{data}"
+compare = ["ddim", "ddpm"]
+seed = 7
+grid_num = 4
+plot_steps = [2]
+"#,
+        model = repo("models/fashion-mnist-ddpm"),
+        data = data.display(),
+        classifier_a = repo("models/fmnist-classifier-a.safetensors"),
+        classifier_b = repo("models/fmnist-classifier-b.safetensors"),
+    );
+    let path = dir.join("search.toml");
+    std::fs::write(&path, text).expect("config");
+    path
+}
+
+fn json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).expect("read json")).expect("parse json")
+}
+
+#[test]
+fn search_export_sample_and_table_on_the_shipped_model() {
+    let dir = temp_dir("workflow");
+    let data = dir.join("images.idx");
+    write_idx(&data, 32);
+    let config = search_config(&dir, &data);
+    let run = dir.join("run");
+
+    // search: sampler, grids, results at K and at the plot's extra K, the plot.
+    let out =
+        run_ok(bin().args(["--quiet", "search", "--device", "cpu", "--config"]).arg(&config).arg("--out").arg(&run));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("| sampler | steps | features |"), "{stdout}");
+    assert!(stdout.contains("run directory:"), "{stdout}");
+    for file in [
+        "config.toml",
+        "sampler.json",
+        "checkpoint.safetensors",
+        "metrics.jsonl",
+        "before.png",
+        "after.png",
+        "grid_ddim.png",
+        "grid_ddpm.png",
+        "grid_learned.png",
+        "results.json",
+        "fid_vs_steps.png",
+        "fid_vs_steps_classifier-fmnist-classifier-a.png",
+        "fid_vs_steps_classifier-fmnist-classifier-b.png",
+    ] {
+        assert!(run.join(file).is_file(), "search did not write {file}");
+    }
+    let rows = json(&run.join("results.json"));
+    let rows = rows.as_array().expect("rows");
+    // (ddim, ddpm) x (K = 3, 2) + learned, each with two feature networks.
+    assert_eq!(rows.len(), 10, "{rows:?}");
+    for row in rows {
+        assert!(row["fid"].as_f64().expect("fid").is_finite());
+        let held_out = row["held_out"].as_bool().expect("held_out");
+        let features = row["features"].as_str().expect("features");
+        assert_eq!(held_out, features.ends_with("classifier-b"), "{row}");
+        let steps = row["steps"].as_u64().expect("steps");
+        assert!(steps == 3 || (steps == 2 && row["sampler"] != "learned"), "{row}");
+    }
+    let plot = image::open(run.join("fid_vs_steps.png")).expect("plot is a PNG");
+    assert!(plot.width() >= 600 && plot.height() >= 400);
+
+    // a second search into the same folder needs --resume.
+    let err = run_err(bin().args(["search", "--device", "cpu", "--config"]).arg(&config).arg("--out").arg(&run));
+    assert!(err.contains("--resume"), "{err}");
+
+    // export: the learned grid as diffusers integer timesteps.
+    let out = run_ok(bin().args(["export", "--sampler"]).arg(run.join("sampler.json")));
+    let list = String::from_utf8_lossy(&out.stdout);
+    let parsed: Vec<i64> = serde_json::from_str(list.trim()).expect("an integer list");
+    assert_eq!(parsed.len(), 3);
+    assert!(parsed.windows(2).all(|w| w[0] > w[1]), "{parsed:?}");
+
+    // sample with the learned sampler.
+    let npy = dir.join("samples.npy");
+    run_ok(
+        bin()
+            .args(["--quiet", "sample", "--device", "cpu", "--model", &repo("models/fashion-mnist-ddpm"), "--sampler"])
+            .arg(run.join("sampler.json"))
+            .args(["--num", "3", "--out-npy"])
+            .arg(&npy),
+    );
+    assert!(npy.is_file());
+
+    // search --steps K --skip-eval: only the sampler and the grids.
+    let run2 = dir.join("run2");
+    run_ok(
+        bin()
+            .args(["--quiet", "search", "--device", "cpu", "--steps", "2", "--skip-eval", "--config"])
+            .arg(&config)
+            .arg("--out")
+            .arg(&run2),
+    );
+    assert_eq!(json(&run2.join("sampler.json"))["steps"], 2);
+    assert!(run2.join("after.png").is_file());
+    assert!(!run2.join("results.json").exists());
+
+    // table: baselines at K = 2, 3 plus both learned samplers.
+    let table = dir.join("table");
+    let learned = format!("{},{}", run.join("sampler.json").display(), run2.join("sampler.json").display());
+    let out = run_ok(
+        bin()
+            .args(["--quiet", "table", "--device", "cpu", "--model", &repo("models/fashion-mnist-ddpm")])
+            .args(["--samplers", "ddim,ddim@quadratic", "--steps", "2,3", "--learned", &learned])
+            .args(["--features", &repo("models/fmnist-classifier-b.safetensors"), "--num", "8", "--batch", "4"])
+            .arg("--ref")
+            .arg(&data)
+            .arg("--out")
+            .arg(&table),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("| sampler | K = 2 | K = 3 |"), "{stdout}");
+    assert!(stdout.contains("| ddim@quadratic |"), "{stdout}");
+    assert!(stdout.contains("| **learned** |"), "{stdout}");
+    assert!(stdout.contains("best baseline"), "{stdout}");
+    let rows = json(&table.join("results.json"));
+    assert_eq!(rows.as_array().expect("rows").len(), 6);
+    assert!(table.join("table.md").is_file());
+    assert!(table.join("fid_vs_steps.png").is_file());
+
+    // table input errors name the culprit.
+    let err = run_err(
+        bin()
+            .args(["table", "--device", "cpu", "--model", &repo("models/fashion-mnist-ddpm"), "--samplers", "nope"])
+            .args(["--features", &repo("models/fmnist-classifier-b.safetensors"), "--num", "8", "--ref"])
+            .arg(&data)
+            .arg("--out")
+            .arg(&table),
+    );
+    assert!(err.contains("nope"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}
