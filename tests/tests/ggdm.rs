@@ -2,7 +2,7 @@
 //! learnable part, and `sampler.json` round-trips bit for bit and rejects bad files clearly.
 
 use ggdm_core::analytic::{DiffusersDummyDenoiser, GaussianDataDenoiser};
-use ggdm_core::ggdm::{GgdmSampler, History, Learnable};
+use ggdm_core::ggdm::{GgdmSampler, History, Learnable, Query};
 use ggdm_core::grid::{timesteps, Spacing};
 use ggdm_core::noise::{ListNoise, NoiseSource, SeededNoise};
 use ggdm_core::samplers::{ddim, grid_steps, DdimOptions};
@@ -185,4 +185,89 @@ fn sampler_for_another_schedule_or_shape_is_rejected() {
         sampler.check_compatible(&config(PredictionType::Epsilon), Some([3, 32, 32])).expect_err("shape").to_string();
     assert!(err.contains("[3, 32, 32]"), "{err}");
     sampler.check_compatible(&config(PredictionType::Epsilon), Some([1, 28, 28])).expect("compatible");
+}
+
+/// The paper-faithful marginal query equals the grid query at DDIM initialisation, for every
+/// prediction type.
+#[test]
+fn marginal_query_at_init_equals_grid_query() {
+    for prediction_type in [PredictionType::Epsilon, PredictionType::Sample, PredictionType::VPrediction] {
+        let cfg = config(prediction_type);
+        let dummy = DiffusersDummyDenoiser { prediction_type };
+        for k in [1usize, 5, 10] {
+            for eta in [0.0, 1.0] {
+                let init = || {
+                    GgdmSampler::init_from_spacing(
+                        &cfg,
+                        k,
+                        Spacing::Trailing,
+                        eta,
+                        History::Full,
+                        Learnable::all(),
+                        Device::Cpu,
+                    )
+                    .expect("init")
+                };
+                let grid = init();
+                let marginal = init().with_query(Query::Marginal);
+                let (x_init, z) = grid.draw_noise(&mut SeededNoise::new(k as u64), &[2, 1, 4, 4], Device::Cpu).unwrap();
+                let (x_init, z): (Tensor, Vec<Tensor>) =
+                    (x_init.to_kind(Kind::Double), z.iter().map(|t| t.to_kind(Kind::Double)).collect());
+                let a = tch::no_grad(|| grid.sample(&dummy, &x_init, &z)).unwrap();
+                let b = tch::no_grad(|| marginal.sample(&dummy, &x_init, &z)).unwrap();
+                let diff = max_abs_diff(&a, &b);
+                assert!(diff <= 1e-9, "{prediction_type:?} K={k} eta={eta}: |marginal - grid| = {diff}");
+            }
+        }
+    }
+}
+
+/// Away from initialisation the marginal follows the recursion `a_{i+1} = sum_j u_ij a_j + sum_j
+/// w_ij`, `c_{i+1} = sum_j u_ij c_j + sigma_i e_{i+1}`, `v = |c|^2`, and the model is queried where
+/// `abar = a^2 / (a^2 + v)`.
+#[test]
+fn marginal_query_follows_the_recursion() {
+    let cfg = config(PredictionType::Epsilon);
+    let sampler = trained_sampler().with_query(Query::Marginal);
+    let c = tch::no_grad(|| sampler.coefficients());
+    let k = sampler.steps;
+    let abar: Vec<f64> = Vec::<f64>::try_from(&c.abar).unwrap();
+    let u = |i: usize, j: usize| c.u.double_value(&[i as i64, j as i64]);
+    let w = |i: usize, j: usize| c.w.double_value(&[i as i64, j as i64]);
+    let mut signal = vec![abar[0].sqrt()];
+    let mut noise = vec![vec![0.0; k + 1]];
+    noise[0][0] = (1.0 - abar[0]).sqrt();
+    for i in 0..k - 1 {
+        let mut a = 0.0;
+        let mut coeffs = vec![0.0; k + 1];
+        coeffs[i + 1] = c.sigma.double_value(&[i as i64]);
+        for j in 0..=i {
+            a += u(i, j) * signal[j] + w(i, j);
+            for (n, value) in coeffs.iter_mut().enumerate() {
+                *value += u(i, j) * noise[j][n];
+            }
+        }
+        signal.push(a);
+        noise.push(coeffs);
+    }
+    let schedule = cfg.schedule().unwrap();
+    for i in 0..k {
+        let variance: f64 = noise[i].iter().map(|c| c * c).sum();
+        let got_a = 1.0 / c.pred_scale.double_value(&[i as i64]);
+        let got_v = c.sqrt_one_minus_abar.double_value(&[i as i64]).powi(2);
+        assert!((got_a - signal[i]).abs() <= 1e-12 && (got_v - variance).abs() <= 1e-12, "step {i}");
+        let query_abar = signal[i].powi(2) / (signal[i].powi(2) + variance);
+        assert!((c.query_abar.double_value(&[i as i64]) - query_abar).abs() <= 1e-12);
+        let tau = c.query_tau.double_value(&[i as i64]);
+        assert!((schedule.abar_continuous(tau) - query_abar).abs() <= 1e-10 * query_abar, "step {i}: tau {tau}");
+        let scale = c.input_scale.double_value(&[i as i64]);
+        assert!((scale - 1.0 / (signal[i].powi(2) + variance).sqrt()).abs() <= 1e-12);
+    }
+    // The trained parameters move the marginal away from the grid's.
+    assert!((c.query_tau.double_value(&[k as i64 - 1]) - c.tau.double_value(&[k as i64 - 1])).abs() > 1e-3);
+    // And the file keeps the mode.
+    let back = GgdmSampler::from_json(&serde_json::to_string(&sampler.to_file()).unwrap(), Device::Cpu).unwrap();
+    assert_eq!(back.query, Query::Marginal);
+    let text = serde_json::to_string(&trained_sampler().to_file()).unwrap();
+    assert!(!text.contains("\"query\""), "the default mode is not written, so older files stay identical");
 }

@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 use ddss_opt::loss::{FeatureLoss, LossKind};
 use ddss_opt::search::{run_search, ObjectiveParts, SearchObserver, SearchSettings, StepRecord};
 use fid_metrics::features::{extract_features_batched, open_extractor, FeatureExtractor};
-use ggdm_core::ggdm::{GgdmSampler, History, Learnable, ModelIdentity};
+use ggdm_core::ggdm::{GgdmSampler, History, Learnable, ModelIdentity, Query};
 use ggdm_core::grid::Spacing;
 use ggdm_core::model_dir::load_model_dir;
 use serde::{Deserialize, Serialize};
@@ -84,6 +84,10 @@ pub struct SamplerSection {
     /// History depth.
     #[serde(default)]
     pub history: History,
+    /// `grid` (the model is queried at the grid's times; default) or `marginal` (paper-faithful
+    /// GGDM: predictions use the marginal the learned coefficients imply).
+    #[serde(default)]
+    pub query: Query,
     /// Learnable parts.
     #[serde(default)]
     pub learn: Learnable,
@@ -328,7 +332,8 @@ pub fn run(args: SearchArgs) -> Result<()> {
         config.sampler.history,
         config.sampler.learn,
         device,
-    )?;
+    )?
+    .with_query(config.sampler.query);
     sampler.model = ModelIdentity { name: config.model.path.display().to_string(), sample_shape: Some(shape) };
     let initial = SamplerChoice::Ggdm(Box::new(GgdmSampler::from_file(sampler.to_file(), device)?));
     let grid_options = EvalOptions {

@@ -79,10 +79,13 @@ fn leaf_coefficients(c: &Coefficients) -> Coefficients {
         sqrt_one_minus_abar: leaf(&c.sqrt_one_minus_abar),
         p_rel: leaf(&c.p_rel),
         q_rel: leaf(&c.q_rel),
+        query_tau: leaf(&c.query_tau),
+        query_abar: leaf(&c.query_abar),
+        input_scale: leaf(&c.input_scale),
     }
 }
 
-fn coefficient_pairs<'a>(c: &'a Coefficients, l: &'a Coefficients) -> [(&'a Tensor, &'a Tensor); 11] {
+fn coefficient_pairs<'a>(c: &'a Coefficients, l: &'a Coefficients) -> [(&'a Tensor, &'a Tensor); 14] {
     [
         (&c.tau, &l.tau),
         (&c.abar, &l.abar),
@@ -95,6 +98,9 @@ fn coefficient_pairs<'a>(c: &'a Coefficients, l: &'a Coefficients) -> [(&'a Tens
         (&c.sqrt_one_minus_abar, &l.sqrt_one_minus_abar),
         (&c.p_rel, &l.p_rel),
         (&c.q_rel, &l.q_rel),
+        (&c.query_tau, &l.query_tau),
+        (&c.query_abar, &l.query_abar),
+        (&c.input_scale, &l.input_scale),
     ]
 }
 

@@ -48,6 +48,27 @@ pub enum History {
     Last,
 }
 
+/// How the model is queried and how `x0_hat` is formed (DESIGN.md section 4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Query {
+    /// The model sees `x_i` at the grid's `tau_i`, and `x0_hat` uses `abar(tau_i)` (default).
+    #[default]
+    Grid,
+    /// Paper-faithful GGDM: `x0_hat_i = (x_i - sqrt(v_i) eps) / a_i` with the marginal
+    /// `q(x_i | x_0) = N(a_i x_0, v_i I)` that the learned coefficients imply (by recursion, with
+    /// perfect predictions), and the model is queried where its signal-to-noise ratio equals
+    /// `a_i^2 / v_i`, on the input rescaled to unit total variance. Equal to [`Query::Grid`] at
+    /// DDIM initialisation.
+    Marginal,
+}
+
+impl Query {
+    fn is_grid(&self) -> bool {
+        *self == Query::Grid
+    }
+}
+
 /// Which parts of the sampler are learnable (the paper's ablations). Frozen parts keep their
 /// DDIM-derived value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -164,14 +185,20 @@ pub struct Coefficients {
     pub p: Tensor,
     /// `[K]` `x0_hat` coefficient on `eps_i` (`q = pred_scale * q_unit`).
     pub q: Tensor,
-    /// `[K]` `1 / sqrt(abar_i)`.
+    /// `[K]` `1 / sqrt(abar_i)` (`1 / a_i`, the marginal's signal scale, for [`Query::Marginal`]).
     pub pred_scale: Tensor,
-    /// `[K]` `sqrt(1 - abar_i)`.
+    /// `[K]` `sqrt(1 - abar_i)` (`sqrt(v_i)`, the marginal's noise scale, for [`Query::Marginal`]).
     pub sqrt_one_minus_abar: Tensor,
     /// `[K]` `1 + p_residual` (exactly 1 at DDIM initialisation).
     pub p_rel: Tensor,
     /// `[K]` `1 + q_residual`.
     pub q_rel: Tensor,
+    /// `[K]` where the model is queried (`tau` for [`Query::Grid`]).
+    pub query_tau: Tensor,
+    /// `[K]` `abar(query_tau)`.
+    pub query_abar: Tensor,
+    /// `[K]` the factor the model's input is scaled by (1 for [`Query::Grid`]).
+    pub input_scale: Tensor,
 }
 
 /// `sqrt(x)` that is 0 with zero gradient for `x <= 0` (avoids an infinite gradient at 0).
@@ -189,6 +216,8 @@ pub struct GgdmSampler {
     pub eta: f64,
     /// History depth.
     pub history: History,
+    /// How the model is queried ([`Query::Grid`] unless set with [`Self::with_query`]).
+    pub query: Query,
     /// Learnable parts.
     pub learn: Learnable,
     /// The model's scheduler settings (defines the schedule).
@@ -249,6 +278,7 @@ impl GgdmSampler {
             steps: grid.len(),
             eta,
             history,
+            query: Query::Grid,
             learn,
             scheduler: scheduler.clone(),
             model: ModelIdentity::default(),
@@ -276,6 +306,12 @@ impl GgdmSampler {
         let grid = timesteps(scheduler.num_train_timesteps, steps, spacing, scheduler.steps_offset)?;
         let grid: Vec<f64> = grid.into_iter().map(|t| t as f64).collect();
         Self::init_from_ddim(scheduler, &grid, eta, history, learn, device)
+    }
+
+    /// The same sampler with another [`Query`] mode.
+    pub fn with_query(mut self, query: Query) -> Self {
+        self.query = query;
+        self
     }
 
     /// The noise schedule.
@@ -388,9 +424,95 @@ impl GgdmSampler {
         let sqrt_one_minus_abar = one_minus_t.sqrt();
         let p_rel = self.params.p_residual.ones_like() + &self.params.p_residual;
         let q_rel = self.params.q_residual.ones_like() + &self.params.q_residual;
+        let (pred_scale, sqrt_one_minus_abar, query_tau, query_abar, input_scale) = match self.query {
+            Query::Grid => {
+                (pred_scale, sqrt_one_minus_abar, tau.shallow_clone(), abar_t.shallow_clone(), tau.ones_like())
+            }
+            Query::Marginal => {
+                let (signal, variance) = self.marginal(&abar_t, &u, &w, &sigma);
+                let total = &signal * &signal + &variance;
+                let query_abar = &signal * &signal / &total;
+                let query_tau = self.tau_for_abar(&query_abar);
+                (signal.reciprocal(), variance.sqrt(), query_tau, query_abar, total.rsqrt())
+            }
+        };
         let p = &pred_scale * &p_rel;
         let q = -(&pred_scale * &sqrt_one_minus_abar * &q_rel);
-        Coefficients { tau, abar, u, w, sigma, p, q, pred_scale, sqrt_one_minus_abar, p_rel, q_rel }
+        Coefficients {
+            tau,
+            abar,
+            u,
+            w,
+            sigma,
+            p,
+            q,
+            pred_scale,
+            sqrt_one_minus_abar,
+            p_rel,
+            q_rel,
+            query_tau,
+            query_abar,
+            input_scale,
+        }
+    }
+
+    /// The marginal `q(x_i | x_0) = N(a_i x_0, v_i I)` of every state, `([K] a, [K] v)`: write each
+    /// state as `a_i x_0 + sum_j c_ij n_j` over the independent noises (the initial state's, with
+    /// `a_1 = sqrt(abar_1)`, `c_11 = sqrt(1 - abar_1)`, and `z_1..z_K`), take every `x0_hat = x_0`,
+    /// and apply the step recursion; `v_i = sum_j c_ij^2`. Differentiable in the coefficients.
+    fn marginal(&self, abar_t: &Tensor, u: &Tensor, w: &Tensor, sigma: &Tensor) -> (Tensor, Tensor) {
+        let k = self.steps as i64;
+        let device = abar_t.device();
+        let first_noise = Tensor::zeros([k + 1], (Kind::Double, device));
+        let first_noise = first_noise.index_put(
+            &[Some(Tensor::from_slice(&[0i64]).to_device(device))],
+            &(abar_t.get(0).ones_like() - abar_t.get(0)).sqrt().reshape([1]),
+            false,
+        );
+        let mut signal = vec![abar_t.get(0).sqrt()];
+        let mut noise = vec![first_noise];
+        for i in 0..k - 1 {
+            let mut a_next = w.get(i).narrow(0, 0, i + 1).sum(Kind::Double);
+            let unit = Tensor::zeros([k + 1], (Kind::Double, device));
+            let unit = unit.index_put(
+                &[Some(Tensor::from_slice(&[i + 1]).to_device(device))],
+                &Tensor::ones([1], (Kind::Double, device)),
+                false,
+            );
+            let mut c_next = unit * sigma.get(i);
+            for j in 0..=i {
+                let u_ij = u.get(i).get(j);
+                a_next += &signal[j as usize] * &u_ij;
+                c_next += &noise[j as usize] * u_ij;
+            }
+            signal.push(a_next);
+            noise.push(c_next);
+        }
+        let signal = Tensor::stack(&signal, 0);
+        let variance = Tensor::stack(&noise.iter().map(|c| (c * c).sum(Kind::Double)).collect::<Vec<_>>(), 0);
+        (signal, variance)
+    }
+
+    /// The continuous times whose `abar` equals `abar` (`[K]`), differentiable: the value is the
+    /// exact inverse of the log-linear interpolation, the gradient `d tau = d log(abar) / slope`
+    /// with the slope of `log abar` on the segment the solution lies in (0 outside the schedule).
+    fn tau_for_abar(&self, abar: &Tensor) -> Tensor {
+        let values = tensor_to_vec(&abar.detach());
+        let table = tensor_to_vec(&self.log_abar_table);
+        let (mut tau0, mut inv_slope) = (Vec::with_capacity(values.len()), Vec::with_capacity(values.len()));
+        for v in values {
+            let tau = self.schedule.tau_for_abar(v);
+            let knot = ((tau + 1.0).floor() as usize).min(table.len() - 2);
+            let slope = table[knot + 1] - table[knot];
+            let inside = tau > TAU_CLEAN && tau < self.schedule.tau_max() && slope != 0.0;
+            tau0.push(tau);
+            inv_slope.push(if inside { 1.0 / slope } else { 0.0 });
+        }
+        let device = abar.device();
+        let tau0 = Tensor::from_slice(&tau0).to_device(device);
+        let inv_slope = Tensor::from_slice(&inv_slope).to_device(device);
+        let log_at_tau0 = self.abar_of(&tau0).log().detach();
+        tau0 + (abar.log() - log_at_tau0) * inv_slope
     }
 
     /// Draws the `K + 1` noise tensors a sample needs: the initial state, then `z_1..z_K`.
@@ -457,6 +579,9 @@ impl GgdmSampler {
     ) -> Result<Tensor> {
         let n = x_i.size()[0];
         let row = i as i64;
+        if self.query == Query::Marginal {
+            return self.predict_x0_marginal(model, coeffs, i, x_i, kind);
+        }
         let tau_i = coeffs.tau.get(row).to_kind(kind).expand([n], false);
         let output = model.forward(x_i, &tau_i)?;
         let scale = coeffs.pred_scale.get(row).to_kind(kind);
@@ -474,6 +599,35 @@ impl GgdmSampler {
             }
         };
         Ok(x0_hat)
+    }
+
+    /// [`Query::Marginal`]: the model sees `x_i * input_scale_i` at `query_tau_i`; its output is
+    /// turned into `eps` with `query_abar_i`, and `x0_hat = (p_rel x_i - sqrt(v_i) q_rel eps) / a_i`.
+    fn predict_x0_marginal<D: Denoiser + ?Sized>(
+        &self,
+        model: &D,
+        coeffs: &Coefficients,
+        i: usize,
+        x_i: &Tensor,
+        kind: Kind,
+    ) -> Result<Tensor> {
+        let n = x_i.size()[0];
+        let row = i as i64;
+        let query_tau = coeffs.query_tau.get(row).to_kind(kind).expand([n], false);
+        let x_in = x_i * coeffs.input_scale.get(row).to_kind(kind);
+        let output = model.forward(&x_in, &query_tau)?;
+        let sqrt_abar = coeffs.query_abar.get(row).sqrt().to_kind(kind);
+        let sqrt_one_minus = (coeffs.query_abar.get(row).ones_like() - coeffs.query_abar.get(row)).sqrt().to_kind(kind);
+        let eps = match model.prediction_type() {
+            PredictionType::Epsilon => output,
+            PredictionType::Sample => (&x_in - output * &sqrt_abar) / &sqrt_one_minus,
+            PredictionType::VPrediction => output * &sqrt_abar + &x_in * &sqrt_one_minus,
+        };
+        let scale = coeffs.pred_scale.get(row).to_kind(kind);
+        let sqrt_variance = coeffs.sqrt_one_minus_abar.get(row).to_kind(kind);
+        let p_rel = coeffs.p_rel.get(row).to_kind(kind);
+        let q_rel = coeffs.q_rel.get(row).to_kind(kind);
+        Ok((x_i * &p_rel - eps * (&sqrt_variance * &q_rel)) * scale)
     }
 
     /// `x_{i+1} = sum_{j<=i} u_ij x_j + sum_{j<=i} w_ij x0_hat_j + sigma_i z_i`.
@@ -558,6 +712,7 @@ impl GgdmSampler {
             eta: self.eta,
             history: self.history,
             learn: self.learn,
+            query: self.query,
             scheduler: self.scheduler.clone(),
             model: self.model.clone(),
             tau_max: self.tau_max,
@@ -634,6 +789,7 @@ impl GgdmSampler {
             steps: k,
             eta: file.eta,
             history: file.history,
+            query: file.query,
             learn: file.learn,
             scheduler: file.scheduler,
             model: file.model,
@@ -706,6 +862,9 @@ pub struct SamplerFile {
     pub eta: f64,
     /// History depth.
     pub history: History,
+    /// How the model is queried (absent = `grid`).
+    #[serde(default, skip_serializing_if = "Query::is_grid")]
+    pub query: Query,
     /// Learnable parts.
     pub learn: Learnable,
     /// The model's scheduler settings.
