@@ -8,7 +8,7 @@
 //! ever saw that feature network).
 
 use crate::common::{parse_device, progress, write_grid};
-use crate::sample::SamplerChoice;
+use crate::sample::{SamplerChoice, SAMPLER_NAMES};
 use anyhow::{bail, Context, Result};
 use ddss_opt::loss::{FeatureLoss, LossKind};
 use ddss_opt::search::{run_search, ObjectiveParts, SearchObserver, SearchSettings, StepRecord};
@@ -124,7 +124,8 @@ pub struct EvalSection {
     pub features: Vec<String>,
     /// Real images for the comparison (held out from the loss's data when possible).
     pub reference: PathBuf,
-    /// Baselines to compare with at the same K: `ddim`, `ddpm`.
+    /// Baselines to compare with at the same K and spacing: any built-in `--sampler` name (`ddim`,
+    /// `ddim-noclip`, `ddpm`, `dpmpp2m`, `dpmpp3m`, `unipc`, `unipc3`).
     #[serde(default = "default_compare")]
     pub compare: Vec<String>,
     /// Seed of the evaluation noise (distinct from the search's).
@@ -194,6 +195,15 @@ fn load_config(path: &Path) -> Result<SearchConfig> {
     }
     if config.eval.num < 2 || config.eval.batch == 0 {
         bail!("{}: [eval] num must be >= 2 and batch >= 1", path.display());
+    }
+    if let Some(name) =
+        config.eval.compare.iter().find(|n| !SAMPLER_NAMES.contains(&n.as_str()) && !n.ends_with(".json"))
+    {
+        bail!(
+            "{}: [eval] compare: unknown sampler `{name}`; expected one of {} or the path of a sampler.json",
+            path.display(),
+            SAMPLER_NAMES.join(", ")
+        );
     }
     config.optim.validate().with_context(|| format!("{}: invalid [optim]", path.display()))?;
     Ok(config)
