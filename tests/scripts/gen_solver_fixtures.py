@@ -16,6 +16,8 @@ Needs diffusers==0.42.1 and torch==2.11.0. Writes, deterministically, tests/fixt
   plus final_sigmas_type "sigma_min" loops (both solvers, and UniPC's bh1) with epsilon/linspace.
   The model is the smooth nonlinear dummy `smooth_model` below, evaluated in float32; the loops
   are deterministic, so no noise is recorded.
+* "unet_loops": 8-step trailing loops of both solvers (orders 2 and 3) on the committed tiny
+  diffusers UNet tests/fixtures/unet/tiny_attn_pos, read as a v-prediction model.
 """
 
 import json
@@ -23,7 +25,7 @@ import os
 
 import torch
 import diffusers
-from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
+from diffusers import DPMSolverMultistepScheduler, UNet2DModel, UniPCMultistepScheduler
 
 assert diffusers.__version__ == "0.42.1", diffusers.__version__
 OUT = os.path.join("tests", "fixtures")
@@ -128,7 +130,43 @@ for solver, order, solver_type, final_sigmas_type in SOLVERS:
                     }
                 )
 
+# ---------------------------------------------------------------- loops on the tiny UNet
+# The committed tiny diffusers UNet of tests/fixtures/unet/ (gen_unet_fixtures.py), read as a
+# v-prediction model so that data predictions stay of order one even with random weights.
+UNET_MODEL = "tiny_attn_pos"
+unet = UNet2DModel.from_pretrained(os.path.join(OUT, "unet", UNET_MODEL)).eval()
+unet_loops = []
+for solver, order in [("dpmsolver++", 2), ("dpmsolver++", 3), ("unipc", 2), ("unipc", 3)]:
+    kwargs = dict(solver_order=order, prediction_type="v_prediction", timestep_spacing="trailing")
+    sched = DPMSolverMultistepScheduler(**kwargs) if solver == "dpmsolver++" else UniPCMultistepScheduler(**kwargs)
+    sched.set_timesteps(8)
+    x = torch.randn((1, 3, 16, 16), generator=torch.Generator().manual_seed(3000 + len(unet_loops)))
+    x_init = x.clone()
+    with torch.no_grad():
+        for t in sched.timesteps:
+            tau = torch.full((x.shape[0],), float(t), dtype=torch.float32)
+            x = sched.step(unet(x, tau).sample, t, x).prev_sample
+    unet_loops.append(
+        {
+            "model": UNET_MODEL,
+            "solver": solver,
+            "order": order,
+            "prediction_type": "v_prediction",
+            "spacing": "trailing",
+            "steps": 8,
+            "shape": list(x.shape),
+            "timesteps": sched.timesteps.tolist(),
+            "x_init": x_init.flatten().tolist(),
+            "result": x.flatten().tolist(),
+        }
+    )
+
 with open(os.path.join(OUT, "solver_loops.json"), "w") as f:
-    json.dump({"timesteps": timestep_cases, "loops": loops}, f, indent=None, separators=(",", ":"))
+    json.dump(
+        {"timesteps": timestep_cases, "loops": loops, "unet_loops": unet_loops}, f, indent=None, separators=(",", ":")
+    )
     f.write("\n")
-print(f"wrote {len(timestep_cases)} timestep cases and {len(loops)} loops to {OUT}/solver_loops.json")
+print(
+    f"wrote {len(timestep_cases)} timestep cases, {len(loops)} loops and {len(unet_loops)} UNet loops"
+    f" to {OUT}/solver_loops.json"
+)

@@ -1,10 +1,12 @@
 //! DPM-Solver++ and UniPC against diffusers 0.42.1's `DPMSolverMultistepScheduler` /
-//! `UniPCMultistepScheduler`: their `set_timesteps` lists, and full sampling loops with a smooth
-//! nonlinear dummy model (fixtures from `tests/scripts/gen_solver_fixtures.py`).
+//! `UniPCMultistepScheduler`: their `set_timesteps` lists, full sampling loops with a smooth
+//! nonlinear dummy model, and loops on the committed tiny diffusers UNet (fixtures from
+//! `tests/scripts/gen_solver_fixtures.py`). Agreement is 1e-5 in max abs difference.
 
 use ddss_tests::read_json;
 use ggdm_core::grid::{multistep_timesteps, Spacing};
 use ggdm_core::solvers::{dpm_solver, unipc, DpmSolverOptions, FinalSigma, UniPcOptions, UniPcVariant};
+use ggdm_core::unet::{UNet2DModel, UNetDenoiser};
 use ggdm_core::{Denoiser, NoiseSchedule, PredictionType};
 use serde_json::Value;
 use tch::Tensor;
@@ -107,4 +109,42 @@ fn full_loops_equal_diffusers() {
     }
     assert!(loops.len() >= 100, "{} loops", loops.len());
     println!("{} loops, worst max abs difference {worst:e}", loops.len());
+}
+
+#[test]
+fn unet_loops_equal_diffusers() {
+    let fixture = read_json("solver_loops.json");
+    let schedule = NoiseSchedule::ddpm_linear_1000();
+    let loops = fixture["unet_loops"].as_array().expect("list");
+    for case in loops {
+        let name = case["model"].as_str().expect("model");
+        let path = ddss_tests::fixture_path(&format!("unet/{name}"));
+        let network = UNet2DModel::load(&path, tch::Device::Cpu).expect("tiny UNet");
+        let prediction_type =
+            PredictionType::from_diffusers_name(case["prediction_type"].as_str().expect("pt")).expect("pt");
+        let model = UNetDenoiser::new(network, prediction_type);
+        let shape = ints(&case["shape"]);
+        let k = case["steps"].as_u64().expect("K") as usize;
+        let spacing = Spacing::parse(case["spacing"].as_str().expect("spacing")).expect("spacing");
+        let grid = multistep_timesteps(1000, k, spacing, 0).expect("grid");
+        assert_eq!(grid, ints(&case["timesteps"]));
+        let grid: Vec<f64> = grid.iter().map(|&t| t as f64).collect();
+        let order = case["order"].as_u64().expect("order") as usize;
+        let x_init = tensor(&case["x_init"], &shape);
+        let result = tch::no_grad(|| match case["solver"].as_str().expect("solver") {
+            "dpmsolver++" => {
+                let options = DpmSolverOptions { order, ..DpmSolverOptions::default() };
+                dpm_solver(&model, &schedule, &grid, &x_init, &options, &mut |_| {})
+            }
+            _ => {
+                let options = UniPcOptions { order, ..UniPcOptions::default() };
+                unipc(&model, &schedule, &grid, &x_init, &options, &mut |_| {})
+            }
+        })
+        .expect("sampling");
+        let diff = (&result - tensor(&case["result"], &shape)).abs().max().double_value(&[]);
+        eprintln!("{} order {order} on {name}: max |ours - diffusers| = {diff:e}", case["solver"]);
+        assert!(diff <= 1e-5, "{} order {order} on {name}: max |ours - diffusers| = {diff}", case["solver"]);
+    }
+    assert_eq!(loops.len(), 4);
 }
