@@ -13,7 +13,7 @@ use anyhow::{bail, Context, Result};
 use ddss_opt::loss::{FeatureLoss, LossKind};
 use ddss_opt::search::{run_search, ObjectiveParts, SearchObserver, SearchSettings, StepRecord};
 use fid_metrics::features::{extract_features_batched, open_extractor, FeatureExtractor};
-use ggdm_core::ggdm::{GgdmSampler, History, Learnable, ModelIdentity};
+use ggdm_core::ggdm::{GgdmInit, GgdmSampler, History, Learnable, ModelIdentity};
 use ggdm_core::grid::Spacing;
 use ggdm_core::model_dir::{load_model_dir, LoadedModel};
 use ggdm_core::noise::{NoiseSource, PerSampleNoise};
@@ -75,7 +75,12 @@ pub struct DataSection {
 pub struct SamplerSection {
     /// Number of steps K.
     pub steps: usize,
-    /// DDIM eta of the initialisation.
+    /// What the search starts from: `ddim` (DDIM(eta) on the DDIM grid of `spacing`, the default)
+    /// or `dpmpp2m` (DPM-Solver++(2M) on the multistep solvers' grid of `spacing`; needs
+    /// `eta = 0` and `history = "full"`).
+    #[serde(default)]
+    pub init: GgdmInit,
+    /// DDIM eta of the initialisation (and of the `ddim` baseline).
     #[serde(default)]
     pub eta: f64,
     /// Grid the search starts from (also the DDIM/DDPM baselines' grid).
@@ -192,6 +197,16 @@ fn load_config(path: &Path) -> Result<SearchConfig> {
     }
     if !(config.sampler.eta >= 0.0) {
         bail!("{}: [sampler] eta = {}: must be >= 0", path.display(), config.sampler.eta);
+    }
+    if config.sampler.init == GgdmInit::Dpmpp2m
+        && (config.sampler.eta != 0.0 || config.sampler.history != History::Full)
+    {
+        bail!(
+            "{}: [sampler] init = \"dpmpp2m\" needs eta = 0 and history = \"full\" (got eta = {}, history = {:?})",
+            path.display(),
+            config.sampler.eta,
+            config.sampler.history
+        );
     }
     if config.eval.num < 2 || config.eval.batch == 0 {
         bail!("{}: [eval] num must be >= 2 and batch >= 1", path.display());
@@ -340,15 +355,25 @@ pub fn run(args: SearchArgs) -> Result<()> {
     drop(real_images);
     let loss = FeatureLoss::new(config.loss.kind, &real.to_device(device))?;
 
-    let mut sampler = GgdmSampler::init_from_spacing(
-        &model.scheduler,
-        config.sampler.steps,
-        config.sampler.spacing,
-        config.sampler.eta,
-        config.sampler.history,
-        config.sampler.learn,
-        device,
-    )?;
+    let mut sampler = match config.sampler.init {
+        GgdmInit::Ddim => GgdmSampler::init_from_spacing(
+            &model.scheduler,
+            config.sampler.steps,
+            config.sampler.spacing,
+            config.sampler.eta,
+            config.sampler.history,
+            config.sampler.learn,
+            device,
+        )?,
+        GgdmInit::Dpmpp2m => GgdmSampler::init_from_dpm_solver_spacing(
+            &model.scheduler,
+            config.sampler.steps,
+            config.sampler.spacing,
+            config.sampler.history,
+            config.sampler.learn,
+            device,
+        )?,
+    };
     sampler.model = ModelIdentity { name: config.model.path.display().to_string(), sample_shape: Some(shape) };
     let grid_bar = indicatif::ProgressBar::hidden();
     let initial = SamplerChoice::Ggdm(Box::new(GgdmSampler::from_file(sampler.to_file(), device)?));

@@ -78,6 +78,25 @@ pub enum FinalSigma {
 /// The `K + 1` noise levels of a run over `timesteps` (descending, in `[0, T-1]`): one per step and
 /// the final one, each from `abar(tau)` as diffusers rounds it ([`NoiseLevel::from_abar_diffusers`]).
 pub fn noise_levels(schedule: &NoiseSchedule, timesteps: &[f64], final_sigma: FinalSigma) -> Result<Vec<NoiseLevel>> {
+    levels_with(schedule, timesteps, final_sigma, NoiseLevel::from_abar_diffusers)
+}
+
+/// [`noise_levels`] from the exact f64 `abar(tau)` ([`NoiseLevel::from_abar`]): the solver of the
+/// schedule itself rather than of diffusers' float32 copy of it (what a GGDM sampler starts from).
+pub fn exact_noise_levels(
+    schedule: &NoiseSchedule,
+    timesteps: &[f64],
+    final_sigma: FinalSigma,
+) -> Result<Vec<NoiseLevel>> {
+    levels_with(schedule, timesteps, final_sigma, NoiseLevel::from_abar)
+}
+
+fn levels_with(
+    schedule: &NoiseSchedule,
+    timesteps: &[f64],
+    final_sigma: FinalSigma,
+    level_at: fn(f64) -> NoiseLevel,
+) -> Result<Vec<NoiseLevel>> {
     if timesteps.is_empty() {
         return Err(Error::invalid("steps", "no sampling steps"));
     }
@@ -93,11 +112,10 @@ pub fn noise_levels(schedule: &NoiseSchedule, timesteps: &[f64], final_sigma: Fi
             format!("must decrease strictly; step {i} has t = {} after {}", timesteps[i], timesteps[i - 1]),
         ));
     }
-    let mut levels: Vec<NoiseLevel> =
-        timesteps.iter().map(|&t| NoiseLevel::from_abar_diffusers(schedule.abar_continuous(t))).collect();
+    let mut levels: Vec<NoiseLevel> = timesteps.iter().map(|&t| level_at(schedule.abar_continuous(t))).collect();
     levels.push(match final_sigma {
         FinalSigma::Zero => NoiseLevel::clean(),
-        FinalSigma::SigmaMin => NoiseLevel::from_abar_diffusers(schedule.abar()[0]),
+        FinalSigma::SigmaMin => level_at(schedule.abar()[0]),
     });
     Ok(levels)
 }
@@ -208,8 +226,8 @@ pub fn dpm_solver_coefficients(levels: &[NoiseLevel], i: usize, order: usize) ->
     }
 }
 
-/// DPM-Solver++ from `x_init` over descending `timesteps` (the model is queried at each);
-/// `on_step(i)` is called after step `i`.
+/// DPM-Solver++ from `x_init` over descending `timesteps` (the model is queried at each), with
+/// diffusers' noise levels ([`noise_levels`]); `on_step(i)` is called after step `i`.
 pub fn dpm_solver<D: Denoiser + ?Sized>(
     model: &D,
     schedule: &NoiseSchedule,
@@ -218,10 +236,29 @@ pub fn dpm_solver<D: Denoiser + ?Sized>(
     options: &DpmSolverOptions,
     on_step: &mut dyn FnMut(usize),
 ) -> Result<Tensor> {
+    let levels = noise_levels(schedule, timesteps, options.final_sigma)?;
+    dpm_solver_on_levels(model, timesteps, &levels, x_init, options, on_step)
+}
+
+/// [`dpm_solver`] with given noise levels (`timesteps.len() + 1` of them, e.g. from
+/// [`exact_noise_levels`]); `options.final_sigma` only decides the order of the last step.
+pub fn dpm_solver_on_levels<D: Denoiser + ?Sized>(
+    model: &D,
+    timesteps: &[f64],
+    levels: &[NoiseLevel],
+    x_init: &Tensor,
+    options: &DpmSolverOptions,
+    on_step: &mut dyn FnMut(usize),
+) -> Result<Tensor> {
     if !(1..=3).contains(&options.order) {
         return Err(Error::invalid("solver_order", format!("{} (DPM-Solver++ has orders 1, 2, 3)", options.order)));
     }
-    let levels = noise_levels(schedule, timesteps, options.final_sigma)?;
+    if levels.len() != timesteps.len() + 1 {
+        return Err(Error::invalid(
+            "noise levels",
+            format!("{} levels for {} steps (need one more than steps)", levels.len(), timesteps.len()),
+        ));
+    }
     let orders = dpm_solver_orders(timesteps.len(), options);
     let mut history: VecDeque<Tensor> = VecDeque::with_capacity(options.order);
     let mut x = x_init.shallow_clone();
@@ -231,7 +268,7 @@ pub fn dpm_solver<D: Denoiser + ?Sized>(
             history.pop_back();
         }
         history.push_front(data_prediction(model.prediction_type(), &output, &x, levels[i]));
-        let coefficients = dpm_solver_coefficients(&levels, i, orders[i]);
+        let coefficients = dpm_solver_coefficients(levels, i, orders[i]);
         let recent: Vec<&Tensor> = history.iter().collect();
         x = coefficients.apply(&x, &recent);
         on_step(i);
