@@ -271,3 +271,63 @@ fn marginal_query_follows_the_recursion() {
     let text = serde_json::to_string(&trained_sampler().to_file()).unwrap();
     assert!(!text.contains("\"query\""), "the default mode is not written, so older files stay identical");
 }
+
+/// `[sampler] init = "dpmpp2m"`: at initialisation the GGDM sampler is DPM-Solver++(2M) written as
+/// GGDM coefficients. Against the solver on the same (exact f64) noise levels the two agree to f64
+/// rounding; against `dpm_solver` with diffusers' float32-rounded levels, to f32 precision.
+#[test]
+fn ggdm_at_dpm_solver_init_reproduces_dpm_solver_2m() {
+    use ggdm_core::grid::multistep_timesteps;
+    use ggdm_core::solvers::{dpm_solver, dpm_solver_on_levels, exact_noise_levels, DpmSolverOptions, FinalSigma};
+    for prediction_type in [PredictionType::Epsilon, PredictionType::Sample, PredictionType::VPrediction] {
+        let cfg = config(prediction_type);
+        let schedule = cfg.schedule().expect("schedule");
+        let gaussian = GaussianDataDenoiser::new(&schedule, 0.3, 0.5, [1, 4, 4]);
+        let dummy = DiffusersDummyDenoiser { prediction_type };
+        let model: &dyn Denoiser = if prediction_type == PredictionType::Epsilon { &gaussian } else { &dummy };
+        for k in [1usize, 2, 5, 10, 20] {
+            for spacing in [Spacing::Linspace, Spacing::Trailing] {
+                let sampler = GgdmSampler::init_from_dpm_solver_spacing(
+                    &cfg,
+                    k,
+                    spacing,
+                    History::Full,
+                    Learnable::all(),
+                    Device::Cpu,
+                )
+                .expect("init");
+                let grid: Vec<f64> =
+                    multistep_timesteps(1000, k, spacing, 0).expect("grid").into_iter().map(|t| t as f64).collect();
+                for (ours, theirs) in sampler.timesteps().iter().zip(&grid) {
+                    assert!((ours - theirs).abs() < 1e-9, "grid {ours} vs {theirs}");
+                }
+                let mut source = SeededNoise::new(k as u64);
+                let (x_init, z) = sampler.draw_noise(&mut source, &[3, 1, 4, 4], Device::Cpu).expect("noise");
+                let options = DpmSolverOptions::default();
+                let label = format!("{prediction_type:?} K={k} {spacing:?}");
+
+                let x64 = x_init.to_kind(Kind::Double);
+                let ours = sampler.sample(model, &x64, &z).expect("ggdm sample");
+                let levels = exact_noise_levels(&schedule, &grid, FinalSigma::Zero).expect("levels");
+                let reference = dpm_solver_on_levels(model, &grid, &levels, &x64, &options, &mut |_| {}).expect("dpm");
+                let diff = max_abs_diff(&ours, &reference);
+                assert!(diff <= 1e-9, "{label} f64: |GGDM - DPM-Solver++(2M)| = {diff}");
+
+                let ours = sampler.sample(model, &x_init, &z).expect("ggdm sample");
+                let reference = dpm_solver(model, &schedule, &grid, &x_init, &options, &mut |_| {}).expect("dpm");
+                let diff = max_abs_diff(&ours, &reference);
+                assert!(diff <= 1e-5, "{label} f32: |GGDM - DPM-Solver++(2M)| = {diff}");
+            }
+        }
+    }
+    let err = GgdmSampler::init_from_dpm_solver_spacing(
+        &config(PredictionType::Epsilon),
+        5,
+        Spacing::Trailing,
+        History::Last,
+        Learnable::all(),
+        Device::Cpu,
+    )
+    .expect_err("history last");
+    assert!(err.to_string().contains("history"), "{err}");
+}

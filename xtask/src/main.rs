@@ -392,7 +392,7 @@ fn bench(rest: &[String]) -> Result<()> {
 
 /// The baselines `cargo xtask table` scores by default (any `ddss-cli sample --sampler` name;
 /// NAME@SPACING picks another grid).
-const TABLE_BASELINES: &str = "ddpm,ddim,ddim@quadratic";
+const TABLE_BASELINES: &str = "ddpm,ddim,ddim@quadratic,dpmpp2m,dpmpp3m,unipc,unipc3";
 
 /// `cargo xtask table`: for each K, learns a sampler with `configs/fashion_mnist.toml` (reusing
 /// `runs/fashion_mnist_k<K>/sampler.json` when it exists, resuming an interrupted search), then

@@ -13,7 +13,7 @@ mod train;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use ggdm_core::ggdm::GgdmSampler;
-use ggdm_core::grid::{timesteps, Spacing};
+use ggdm_core::grid::{multistep_timesteps, timesteps, Spacing};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -60,23 +60,28 @@ enum Command {
         #[arg(long)]
         stop_at_step: Option<u64>,
     },
-    /// Draw samples from a model with DDPM, DDIM or a learned sampler.
+    /// Draw samples from a model with DDPM, DDIM, DPM-Solver++, UniPC or a learned sampler.
     Sample {
         /// Model directory (diffusers layout, or model.pt + model.json).
         #[arg(long)]
         model: PathBuf,
-        /// ddpm | ddim (clipping as the model's scheduler_config.json says) | ddim-noclip | path of a
-        /// sampler.json written by `ddss-cli search`.
+        /// ddpm | ddim (clipping as the model's scheduler_config.json says) | ddim-noclip |
+        /// dpmpp2m, dpmpp3m (DPM-Solver++ multistep, order 2 / 3) | unipc, unipc3 (UniPC bh2,
+        /// order 2 / 3) | path of a sampler.json written by `ddss-cli search`. DPM-Solver++ and
+        /// UniPC follow diffusers' DPMSolverMultistepScheduler / UniPCMultistepScheduler defaults
+        /// and place their steps as those do (--spacing, default linspace).
         #[arg(long)]
         sampler: String,
-        /// Sampling steps K (default: 50 for ddim, T for ddpm, the file's K for sampler.json).
+        /// Sampling steps K (default: 50 for ddim, T for ddpm, 20 for dpmpp*/unipc*, the file's K
+        /// for sampler.json).
         #[arg(long)]
         steps: Option<usize>,
         /// DDIM eta (0 = deterministic).
         #[arg(long, default_value_t = 0.0)]
         eta: f64,
         /// leading | trailing | linspace (diffusers' timestep_spacing) | quadratic; default: the
-        /// model's scheduler_config.json.
+        /// model's scheduler_config.json for ddim/ddpm, linspace (diffusers' default) for
+        /// dpmpp*/unipc*.
         #[arg(long)]
         spacing: Option<String>,
         /// Number of samples.
@@ -225,8 +230,11 @@ enum Command {
         /// Model directory (diffusers layout, or model.pt + model.json).
         #[arg(long)]
         model: PathBuf,
-        /// ddpm | ddim (clipping as the model's scheduler_config.json says) | ddim-noclip | path of a
-        /// sampler.json written by `ddss-cli search`.
+        /// ddpm | ddim (clipping as the model's scheduler_config.json says) | ddim-noclip |
+        /// dpmpp2m, dpmpp3m (DPM-Solver++ multistep, order 2 / 3) | unipc, unipc3 (UniPC bh2,
+        /// order 2 / 3) | path of a sampler.json written by `ddss-cli search`. DPM-Solver++ and
+        /// UniPC follow diffusers' DPMSolverMultistepScheduler / UniPCMultistepScheduler defaults
+        /// and place their steps as those do (--spacing, default linspace).
         #[arg(long)]
         sampler: String,
         /// Sampling steps K (required, except for a sampler.json, which has its own K).
@@ -246,7 +254,8 @@ enum Command {
         #[arg(long, default_value_t = 0.0)]
         eta: f64,
         /// leading | trailing | linspace (diffusers' timestep_spacing) | quadratic; default: the
-        /// model's scheduler_config.json.
+        /// model's scheduler_config.json for ddim/ddpm, linspace (diffusers' default) for
+        /// dpmpp*/unipc*.
         #[arg(long)]
         spacing: Option<String>,
         /// Samples per network batch.
@@ -338,6 +347,10 @@ enum Command {
         /// diffusers' `steps_offset` (applies to leading spacing).
         #[arg(long, default_value_t = 0)]
         steps_offset: usize,
+        /// The list of diffusers' multistep solvers (DPMSolverMultistepScheduler,
+        /// UniPCMultistepScheduler; used by dpmpp*/unipc*) instead of DDIM/DDPM's.
+        #[arg(long)]
+        multistep: bool,
     },
     /// Print a learned sampler in another format.
     Export {
@@ -491,9 +504,13 @@ fn run(cli: Cli) -> Result<()> {
             device,
             quiet: cli.quiet,
         })?,
-        Command::Timesteps { steps, spacing, num_train_timesteps, steps_offset } => {
+        Command::Timesteps { steps, spacing, num_train_timesteps, steps_offset, multistep } => {
             let spacing = Spacing::parse(&spacing)?;
-            let grid = timesteps(num_train_timesteps, steps, spacing, steps_offset)?;
+            let grid = if multistep {
+                multistep_timesteps(num_train_timesteps, steps, spacing, steps_offset)?
+            } else {
+                timesteps(num_train_timesteps, steps, spacing, steps_offset)?
+            };
             println!("{}", serde_json::to_string(&grid)?);
         }
         Command::Search { config, out, resume, device, steps, skip_eval } => {

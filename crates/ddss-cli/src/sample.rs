@@ -1,5 +1,6 @@
-//! `ddss-cli sample`: draws samples from a model directory with DDPM, DDIM or a learned GGDM
-//! sampler (`sampler.json`), writing a PNG grid, per-image PNGs and/or a float32 `.npy`.
+//! `ddss-cli sample`: draws samples from a model directory with DDPM, DDIM, the multistep solvers
+//! DPM-Solver++ and UniPC, or a learned GGDM sampler (`sampler.json`), writing a PNG grid,
+//! per-image PNGs and/or a float32 `.npy`.
 //!
 //! Noise is per sample: sample `i` uses the stream `(seed, i)`, so results do not depend on
 //! `--batch`, and `--init-noise` + `--out-npy` reproduce runs bit for bit on the same device.
@@ -7,10 +8,11 @@
 use crate::common::{parse_device, progress, write_grid, write_images, write_npy};
 use anyhow::{bail, Context, Result};
 use ggdm_core::ggdm::GgdmSampler;
-use ggdm_core::grid::{timesteps, Spacing};
+use ggdm_core::grid::{multistep_timesteps, timesteps, Spacing};
 use ggdm_core::model_dir::{load_model_dir, LoadedModel};
 use ggdm_core::noise::{NoiseSource, PerSampleNoise};
 use ggdm_core::samplers::{ddim, ddpm, diffusers_steps, grid_steps, DdimOptions, DdpmOptions};
+use ggdm_core::solvers::{dpm_solver, unipc, DpmSolverOptions, UniPcOptions};
 use std::path::PathBuf;
 use tch::{Device, Tensor};
 
@@ -38,12 +40,26 @@ pub enum SamplerChoice {
     Ddim { grid: Vec<i64>, options: DdimOptions },
     /// DDPM ancestral.
     Ddpm { grid: Vec<i64>, options: DdpmOptions },
+    /// DPM-Solver++ (multistep, diffusers' `DPMSolverMultistepScheduler` defaults).
+    DpmSolver { grid: Vec<i64>, options: DpmSolverOptions },
+    /// UniPC (diffusers' `UniPCMultistepScheduler` defaults, bh2).
+    UniPc { grid: Vec<i64>, options: UniPcOptions },
     /// A GGDM sampler from `sampler.json`.
     Ggdm(Box<GgdmSampler>),
 }
 
+/// The built-in sampler names `--sampler` and a search config's `[eval] compare` accept.
+pub const SAMPLER_NAMES: &[&str] = &["ddim", "ddim-noclip", "ddpm", "dpmpp2m", "dpmpp3m", "unipc", "unipc3"];
+
+/// Steps of DPM-Solver++ and UniPC when `--steps` is not given (what diffusers' pipelines are
+/// usually run with).
+const SOLVER_DEFAULT_STEPS: usize = 20;
+
 impl SamplerChoice {
-    /// Parses `--sampler ddpm|ddim|FILE.json` with `--steps`, `--eta`, `--spacing`.
+    /// Parses `--sampler` (one of [`SAMPLER_NAMES`] or a `sampler.json`) with `--steps`, `--eta`,
+    /// `--spacing`. DDIM and DDPM default to the model's `timestep_spacing`; DPM-Solver++ and UniPC
+    /// place their steps as diffusers' multistep schedulers do, by default with their own default
+    /// spacing, `linspace`.
     pub fn from_args(
         name: &str,
         steps: Option<usize>,
@@ -53,11 +69,17 @@ impl SamplerChoice {
         device: Device,
     ) -> Result<Self> {
         let scheduler = &model.scheduler;
-        let spacing = match spacing {
-            Some(s) => Spacing::parse(s)?,
-            None => scheduler.timestep_spacing,
-        };
+        let requested_spacing = spacing.map(Spacing::parse).transpose()?;
+        let spacing = requested_spacing.unwrap_or(scheduler.timestep_spacing);
         let grid_for = |k: usize| timesteps(scheduler.num_train_timesteps, k, spacing, scheduler.steps_offset);
+        let solver_grid = || {
+            multistep_timesteps(
+                scheduler.num_train_timesteps,
+                steps.unwrap_or(SOLVER_DEFAULT_STEPS),
+                requested_spacing.unwrap_or(Spacing::Linspace),
+                scheduler.steps_offset,
+            )
+        };
         if !(eta >= 0.0) {
             bail!("--eta {eta}: must be >= 0");
         }
@@ -74,6 +96,14 @@ impl SamplerChoice {
                 grid: grid_for(steps.unwrap_or(scheduler.num_train_timesteps))?,
                 options: DdpmOptions { variance_type: scheduler.variance_type, clip: scheduler.clip() },
             }),
+            "dpmpp2m" | "dpmpp3m" => Ok(SamplerChoice::DpmSolver {
+                grid: solver_grid()?,
+                options: DpmSolverOptions { order: if name == "dpmpp3m" { 3 } else { 2 }, ..Default::default() },
+            }),
+            "unipc" | "unipc3" => Ok(SamplerChoice::UniPc {
+                grid: solver_grid()?,
+                options: UniPcOptions { order: if name == "unipc3" { 3 } else { 2 }, ..Default::default() },
+            }),
             path if path.ends_with(".json") => {
                 let sampler = GgdmSampler::load(path.as_ref(), device)?;
                 sampler.check_compatible(scheduler, model.sample_shape())?;
@@ -84,14 +114,20 @@ impl SamplerChoice {
                 }
                 Ok(SamplerChoice::Ggdm(Box::new(sampler)))
             }
-            other => bail!("--sampler {other}: expected ddpm, ddim, ddim-noclip or the path of a sampler.json"),
+            other => bail!(
+                "--sampler {other}: unknown sampler; expected one of {} or the path of a sampler.json",
+                SAMPLER_NAMES.join(", ")
+            ),
         }
     }
 
     /// Network evaluations per sample.
     pub fn steps(&self) -> usize {
         match self {
-            SamplerChoice::Ddim { grid, .. } | SamplerChoice::Ddpm { grid, .. } => grid.len(),
+            SamplerChoice::Ddim { grid, .. }
+            | SamplerChoice::Ddpm { grid, .. }
+            | SamplerChoice::DpmSolver { grid, .. }
+            | SamplerChoice::UniPc { grid, .. } => grid.len(),
             SamplerChoice::Ggdm(s) => s.steps,
         }
     }
@@ -109,6 +145,14 @@ impl SamplerChoice {
                 SamplerChoice::Ddpm { grid, options } => {
                     let grid: Vec<f64> = grid.iter().map(|&t| t as f64).collect();
                     ddpm(denoiser, &schedule, &grid_steps(&grid), x_init, options, noise, &mut |_| {})?
+                }
+                SamplerChoice::DpmSolver { grid, options } => {
+                    let grid: Vec<f64> = grid.iter().map(|&t| t as f64).collect();
+                    dpm_solver(denoiser, &schedule, &grid, x_init, options, &mut |_| {})?
+                }
+                SamplerChoice::UniPc { grid, options } => {
+                    let grid: Vec<f64> = grid.iter().map(|&t| t as f64).collect();
+                    unipc(denoiser, &schedule, &grid, x_init, options, &mut |_| {})?
                 }
                 SamplerChoice::Ggdm(sampler) => {
                     let shape = x_init.size();

@@ -9,12 +9,12 @@
 
 use crate::common::{parse_device, progress, write_grid};
 use crate::metrics_cmd::{sample_features_multi, EvalOptions};
-use crate::sample::SamplerChoice;
+use crate::sample::{SamplerChoice, SAMPLER_NAMES};
 use anyhow::{bail, Context, Result};
 use ddss_opt::loss::{FeatureLoss, LossKind};
 use ddss_opt::search::{run_search, ObjectiveParts, SearchObserver, SearchSettings, StepRecord};
 use fid_metrics::features::{extract_features_batched, open_extractor, FeatureExtractor};
-use ggdm_core::ggdm::{GgdmSampler, History, Learnable, ModelIdentity, Query};
+use ggdm_core::ggdm::{GgdmInit, GgdmSampler, History, Learnable, ModelIdentity, Query};
 use ggdm_core::grid::Spacing;
 use ggdm_core::model_dir::load_model_dir;
 use serde::{Deserialize, Serialize};
@@ -75,7 +75,12 @@ pub struct DataSection {
 pub struct SamplerSection {
     /// Number of steps K.
     pub steps: usize,
-    /// DDIM eta of the initialisation.
+    /// What the search starts from: `ddim` (DDIM(eta) on the DDIM grid of `spacing`, the default)
+    /// or `dpmpp2m` (DPM-Solver++(2M) on the multistep solvers' grid of `spacing`; needs
+    /// `eta = 0` and `history = "full"`).
+    #[serde(default)]
+    pub init: GgdmInit,
+    /// DDIM eta of the initialisation (and of the `ddim` baseline).
     #[serde(default)]
     pub eta: f64,
     /// Grid the search starts from (also the DDIM/DDPM baselines' grid).
@@ -128,7 +133,8 @@ pub struct EvalSection {
     pub features: Vec<String>,
     /// Real images for the comparison (held out from the loss's data when possible).
     pub reference: PathBuf,
-    /// Baselines to compare with at the same K: `ddim`, `ddpm`.
+    /// Baselines to compare with at the same K and spacing: any built-in `--sampler` name (`ddim`,
+    /// `ddim-noclip`, `ddpm`, `dpmpp2m`, `dpmpp3m`, `unipc`, `unipc3`).
     #[serde(default = "default_compare")]
     pub compare: Vec<String>,
     /// Seed of the evaluation noise (distinct from the search's).
@@ -207,11 +213,30 @@ fn load_config(path: &Path, steps: Option<usize>) -> Result<SearchConfig> {
     if !(config.sampler.eta >= 0.0) {
         bail!("{}: [sampler] eta = {}: must be >= 0", path.display(), config.sampler.eta);
     }
+    if config.sampler.init == GgdmInit::Dpmpp2m
+        && (config.sampler.eta != 0.0 || config.sampler.history != History::Full)
+    {
+        bail!(
+            "{}: [sampler] init = \"dpmpp2m\" needs eta = 0 and history = \"full\" (got eta = {}, history = {:?})",
+            path.display(),
+            config.sampler.eta,
+            config.sampler.history
+        );
+    }
     if config.eval.num < 2 || config.eval.batch == 0 {
         bail!("{}: [eval] num must be >= 2 and batch >= 1", path.display());
     }
     if config.eval.plot_steps.contains(&0) {
         bail!("{}: [eval] plot_steps contains 0: step counts must be >= 1", path.display());
+    }
+    if let Some(name) =
+        config.eval.compare.iter().find(|n| !SAMPLER_NAMES.contains(&n.as_str()) && !n.ends_with(".json"))
+    {
+        bail!(
+            "{}: [eval] compare: unknown sampler `{name}`; expected one of {} or the path of a sampler.json",
+            path.display(),
+            SAMPLER_NAMES.join(", ")
+        );
     }
     config.optim.validate().with_context(|| format!("{}: invalid [optim]", path.display()))?;
     Ok(config)
@@ -324,15 +349,25 @@ pub fn run(args: SearchArgs) -> Result<()> {
     drop(real_images);
     let loss = FeatureLoss::new(config.loss.kind, &real.to_device(device))?;
 
-    let mut sampler = GgdmSampler::init_from_spacing(
-        &model.scheduler,
-        config.sampler.steps,
-        config.sampler.spacing,
-        config.sampler.eta,
-        config.sampler.history,
-        config.sampler.learn,
-        device,
-    )?
+    let mut sampler = match config.sampler.init {
+        GgdmInit::Ddim => GgdmSampler::init_from_spacing(
+            &model.scheduler,
+            config.sampler.steps,
+            config.sampler.spacing,
+            config.sampler.eta,
+            config.sampler.history,
+            config.sampler.learn,
+            device,
+        )?,
+        GgdmInit::Dpmpp2m => GgdmSampler::init_from_dpm_solver_spacing(
+            &model.scheduler,
+            config.sampler.steps,
+            config.sampler.spacing,
+            config.sampler.history,
+            config.sampler.learn,
+            device,
+        )?,
+    }
     .with_query(config.sampler.query);
     sampler.model = ModelIdentity { name: config.model.path.display().to_string(), sample_shape: Some(shape) };
     let initial = SamplerChoice::Ggdm(Box::new(GgdmSampler::from_file(sampler.to_file(), device)?));

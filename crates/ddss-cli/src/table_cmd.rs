@@ -26,8 +26,8 @@ use tch::Kind;
 #[derive(clap::Args, Debug)]
 pub struct TableArgs {
     /// Model directory (diffusers layout, or model.pt + model.json).
-    #[arg(long)]
-    pub model: PathBuf,
+    #[arg(long, required_unless_present = "render")]
+    pub model: Option<PathBuf>,
     /// Baselines, comma-separated: any `--sampler` name of `ddss-cli sample`; NAME@SPACING runs
     /// it on another grid (e.g. ddim@quadratic, the DDIM paper's quadratic stride).
     #[arg(long, value_delimiter = ',', default_value = "ddpm,ddim,ddim@quadratic")]
@@ -36,22 +36,24 @@ pub struct TableArgs {
     #[arg(long, value_delimiter = ',', default_value = "5,10,20")]
     pub steps: Vec<usize>,
     /// Learned samplers (`sampler.json` files of `ddss-cli search`), comma-separated; each is
-    /// scored at its own K.
+    /// scored at its own K. LABEL=FILE names the row (samplers with one label form one line of
+    /// the plot, e.g. learned-kid=runs/k5/sampler.json,learned-kid=runs/k10/sampler.json; labels
+    /// should start with "learned"); without a label the row is "learned".
     #[arg(long, value_delimiter = ',')]
-    pub learned: Vec<PathBuf>,
+    pub learned: Vec<String>,
     /// Feature networks, comma-separated: inception and/or classifier .safetensors paths.
     #[arg(long, value_delimiter = ',', default_value = "inception")]
     pub features: Vec<String>,
     /// Real images to compare with: an image folder, an IDX(.gz) file, a .npy of samples, or a
     /// data set folder holding train-images-idx3-ubyte.gz.
-    #[arg(long = "ref")]
-    pub reference: PathBuf,
+    #[arg(long = "ref", required_unless_present = "render")]
+    pub reference: Option<PathBuf>,
     /// Use the first N real images (default: --num).
     #[arg(long)]
     pub ref_num: Option<usize>,
     /// Samples per sampler and K (at least 2).
-    #[arg(long)]
-    pub num: usize,
+    #[arg(long, required_unless_present = "render")]
+    pub num: Option<usize>,
     /// Samples per network batch.
     #[arg(long, default_value_t = 250)]
     pub batch: usize,
@@ -64,6 +66,11 @@ pub struct TableArgs {
     /// auto | cpu | cuda | cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Only redraw table.md and the plots in --out from its results.json (e.g. after a run was
+    /// stopped: results.json is rewritten after every sampler). --model, --ref and --num are
+    /// then not needed.
+    #[arg(long)]
+    pub render: bool,
 }
 
 /// File-name-safe form of a feature network's name (`classifier:x` -> `classifier-x`).
@@ -182,10 +189,45 @@ fn loss_used(sampler: &GgdmSampler, features: &str) -> bool {
     }
 }
 
+/// Writes table.md and the plots for `rows` into `out`; returns the Markdown.
+fn render(rows: &[ResultRow], out: &Path, title: &str) -> Result<(String, Vec<PathBuf>)> {
+    // Baselines first, learned samplers last, each in their order of appearance.
+    let (learned, baselines): (Vec<ResultRow>, Vec<ResultRow>) =
+        rows.iter().cloned().partition(|r| r.sampler.starts_with("learned"));
+    let rows: Vec<ResultRow> = baselines.into_iter().chain(learned).collect();
+    let tables = markdown_tables(&rows);
+    ggdm_core::io::write_atomic(&out.join("table.md"), tables.as_bytes())?;
+    let plots = write_plots(&rows, out, title)?;
+    Ok((tables, plots))
+}
+
+fn print_written(out: &Path, tables: &str, plots: &[PathBuf]) {
+    println!("{tables}");
+    println!(
+        "written: {}, {}, {}",
+        out.join("results.json").display(),
+        out.join("table.md").display(),
+        plots.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+    );
+}
+
 /// Runs `ddss-cli table`.
 pub fn run(args: TableArgs, quiet: bool) -> Result<()> {
-    if args.num < 2 {
-        bail!("--num {}: FID needs at least 2 samples", args.num);
+    if args.render {
+        let path = args.out.join("results.json");
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let rows: Vec<ResultRow> =
+            serde_json::from_str(&text).with_context(|| format!("{}: not a list of result rows", path.display()))?;
+        let title = args.model.as_ref().and_then(|m| m.file_name()).map(|s| s.to_string_lossy().to_string());
+        let (tables, plots) = render(&rows, &args.out, &title.unwrap_or_else(|| "results".into()))?;
+        print_written(&args.out, &tables, &plots);
+        return Ok(());
+    }
+    let (Some(model_dir), Some(reference), Some(num)) = (args.model.clone(), args.reference.clone(), args.num) else {
+        bail!("--model, --ref and --num are required (unless --render)");
+    };
+    if num < 2 {
+        bail!("--num {num}: FID needs at least 2 samples");
     }
     if args.batch == 0 {
         bail!("--batch 0: need at least 1");
@@ -203,8 +245,7 @@ pub fn run(args: TableArgs, quiet: bool) -> Result<()> {
         .collect::<Result<Vec<_>>>()?;
     let device = parse_device(&args.device)?;
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
-    let model =
-        load_model_dir(&args.model, device).with_context(|| format!("loading model {}", args.model.display()))?;
+    let model = load_model_dir(&model_dir, device).with_context(|| format!("loading model {}", model_dir.display()))?;
 
     let mut entries: Vec<(String, SamplerChoice, Option<GgdmSampler>)> = Vec::new();
     for &k in &args.steps {
@@ -218,36 +259,36 @@ pub fn run(args: TableArgs, quiet: bool) -> Result<()> {
             entries.push((spec.clone(), choice, None));
         }
     }
-    let learned_ks: Vec<usize> = args
-        .learned
-        .iter()
-        .map(|p| Ok(GgdmSampler::load(p, device)?.steps))
-        .collect::<Result<_>>()
-        .context("--learned")?;
-    for (path, k) in args.learned.iter().zip(&learned_ks) {
-        let sampler = GgdmSampler::load(path, device).with_context(|| format!("--learned {}", path.display()))?;
-        sampler.check_compatible(&model.scheduler, model.sample_shape())?;
-        let label = if learned_ks.iter().filter(|&&other| other == *k).count() > 1 {
-            let run = path.parent().and_then(|p| p.file_name()).map(|s| s.to_string_lossy().to_string());
-            format!("learned:{}", run.unwrap_or_else(|| path.display().to_string()))
-        } else {
-            "learned".to_string()
+    let mut learned_entries: Vec<(String, PathBuf, GgdmSampler)> = Vec::new();
+    for spec in &args.learned {
+        let (label, path) = match spec.split_once('=') {
+            Some((label, path)) => (label.to_string(), PathBuf::from(path)),
+            None => ("learned".to_string(), PathBuf::from(spec)),
         };
-        let choice = SamplerChoice::Ggdm(Box::new(GgdmSampler::load(path, device)?));
+        let sampler = GgdmSampler::load(&path, device).with_context(|| format!("--learned {}", path.display()))?;
+        sampler
+            .check_compatible(&model.scheduler, model.sample_shape())
+            .with_context(|| format!("--learned {}", path.display()))?;
+        learned_entries.push((label, path, sampler));
+    }
+    for (label, path, sampler) in learned_entries {
+        let clash = entries.iter().any(|(other, choice, _)| *other == label && choice.steps() == sampler.steps);
+        let label = if clash {
+            let run = path.parent().and_then(|p| p.file_name()).map(|s| s.to_string_lossy().to_string());
+            format!("{label}:{}", run.unwrap_or_else(|| path.display().to_string()))
+        } else {
+            label
+        };
+        let choice = SamplerChoice::Ggdm(Box::new(GgdmSampler::load(&path, device)?));
         entries.push((label, choice, Some(sampler)));
     }
 
-    let ref_num = args.ref_num.unwrap_or(args.num);
-    let real = load_image_source(&args.reference).with_context(|| format!("--ref {}", args.reference.display()))?;
+    let ref_num = args.ref_num.unwrap_or(num);
+    let real = load_image_source(&reference).with_context(|| format!("--ref {}", reference.display()))?;
     let real = subsample(&real, ref_num, Subsample::First)?;
     if let Some(shape) = model.sample_shape() {
         if real.size()[1..] != shape[..] {
-            bail!(
-                "--ref {}: images are {:?}, the model samples {:?}",
-                args.reference.display(),
-                &real.size()[1..],
-                shape
-            );
+            bail!("--ref {}: images are {:?}, the model samples {:?}", reference.display(), &real.size()[1..], shape);
         }
     }
     let mut extractors = Vec::new();
@@ -265,11 +306,14 @@ pub fn run(args: TableArgs, quiet: bool) -> Result<()> {
         extractors.push(extractor);
     }
     let extractor_refs: Vec<&dyn FeatureExtractor> = extractors.iter().map(|e| e.as_ref()).collect();
-    let options = EvalOptions { num: args.num, batch: args.batch, seed: args.seed, quantize: true, device };
+    let options = EvalOptions { num, batch: args.batch, seed: args.seed, quantize: true, device };
     let mut rows = Vec::new();
-    for (label, choice, learned) in &entries {
+    // Learned samplers first: if the run is stopped, results.json (rewritten after every
+    // sampler) already holds them.
+    let (learned_first, baselines): (Vec<_>, Vec<_>) = entries.iter().partition(|e| e.2.is_some());
+    for (label, choice, learned) in learned_first.into_iter().chain(baselines) {
         let steps = choice.steps();
-        let bar = progress(args.num as u64, quiet, &format!("{label} K={steps}"));
+        let bar = progress(num as u64, quiet, &format!("{label} K={steps}"));
         let (features, _) = sample_features_multi(&model, choice, &options, &extractor_refs, 0, &mut |done, _| {
             bar.set_position(done as u64)
         })?;
@@ -283,7 +327,7 @@ pub fn run(args: TableArgs, quiet: bool) -> Result<()> {
             rows.push(ResultRow {
                 sampler: label.clone(),
                 steps,
-                num: args.num,
+                num,
                 held_out: learned.as_ref().is_none_or(|s| !loss_used(s, &name)),
                 features: name,
                 fid,
@@ -291,19 +335,12 @@ pub fn run(args: TableArgs, quiet: bool) -> Result<()> {
                 kid_std: kid.std,
             });
         }
+        let results = args.out.join("results.json");
+        ggdm_core::io::write_atomic(&results, serde_json::to_string_pretty(&rows)?.as_bytes())?;
     }
-    ggdm_core::io::write_atomic(&args.out.join("results.json"), serde_json::to_string_pretty(&rows)?.as_bytes())?;
-    let tables = markdown_tables(&rows);
-    ggdm_core::io::write_atomic(&args.out.join("table.md"), tables.as_bytes())?;
-    let title = args.model.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "model".into());
-    let plots = write_plots(&rows, &args.out, &title)?;
-    println!("{tables}");
-    println!(
-        "written: {}, {}, {}",
-        args.out.join("results.json").display(),
-        args.out.join("table.md").display(),
-        plots.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
-    );
+    let title = model_dir.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "model".into());
+    let (tables, plots) = render(&rows, &args.out, &title)?;
+    print_written(&args.out, &tables, &plots);
     Ok(())
 }
 

@@ -176,9 +176,63 @@ fn bad_inputs_give_clear_errors() {
 }
 
 #[test]
+fn multistep_solvers_sample_finite_images() {
+    let (dir, data, config) = setup("solvers");
+    let model = dir.join("model");
+    train(&data, &config, &model, 2, false);
+    for sampler in ["dpmpp2m", "dpmpp3m", "unipc", "unipc3"] {
+        for spacing in [None, Some("trailing")] {
+            let npy = dir.join(format!("{sampler}.npy"));
+            let mut cmd = bin();
+            cmd.args(["--quiet", "sample", "--device", "cpu", "--sampler", sampler, "--steps", "5", "--num", "3"])
+                .arg("--model")
+                .arg(&model)
+                .arg("--out-npy")
+                .arg(&npy);
+            if let Some(spacing) = spacing {
+                cmd.args(["--spacing", spacing]);
+            }
+            run_ok(&mut cmd);
+            let samples: ndarray::Array4<f32> = ndarray_npy::read_npy(&npy).expect("read samples");
+            assert_eq!(samples.shape(), [3, 1, 8, 8], "{sampler}");
+            assert!(samples.iter().all(|v| v.is_finite()), "{sampler} {spacing:?}: non-finite samples");
+            assert!(samples.iter().any(|v| *v != 0.0), "{sampler}: all zero");
+        }
+    }
+    // An unknown name lists the valid ones.
+    let err = run_err(bin().args(["sample", "--device", "cpu", "--sampler", "dpmpp9m"]).arg("--model").arg(&model));
+    assert!(err.contains("dpmpp9m"), "{err}");
+    for name in ["ddim", "ddim-noclip", "ddpm", "dpmpp2m", "dpmpp3m", "unipc", "unipc3", "sampler.json"] {
+        assert!(err.contains(name), "{name} missing from: {err}");
+    }
+    // ... and so does a search config's [eval] compare list, before any work is done.
+    let search_config = dir.join("search.toml");
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../configs/fashion_mnist.toml"))
+        .expect("configs/fashion_mnist.toml");
+    let compare = "compare = [\"ddim\", \"dpmpp2m\", \"dpmpp3m\", \"unipc\", \"unipc3\", \"dpmpp9m\"]";
+    let text: String =
+        text.lines().map(|l| if l.starts_with("compare") { compare } else { l }).collect::<Vec<_>>().join("\n");
+    std::fs::write(&search_config, text).expect("write search config");
+    let err = run_err(bin().args(["search", "--device", "cpu", "--config"]).arg(&search_config));
+    assert!(err.contains("[eval] compare") && err.contains("`dpmpp9m`") && err.contains("unipc3"), "{err}");
+    // `[sampler] init = "dpmpp2m"` starts deterministic with the full history.
+    let text = std::fs::read_to_string(&search_config).expect("search config");
+    let text = text.replace("init = \"ddim\"", "init = \"dpmpp2m\"").replace("eta = 0.0", "eta = 0.5");
+    std::fs::write(&search_config, text).expect("write search config");
+    let err = run_err(bin().args(["search", "--device", "cpu", "--config"]).arg(&search_config));
+    assert!(err.contains("init = \"dpmpp2m\" needs eta = 0"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn timesteps_command_prints_diffusers_grids() {
     let out = run_ok(bin().args(["timesteps", "--steps", "10", "--spacing", "trailing"]));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "[999,899,799,699,599,499,399,299,199,99]");
     let out = run_ok(bin().args(["timesteps", "--steps", "4", "--spacing", "leading", "--steps-offset", "1"]));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "[751,501,251,1]");
+    // DPMSolverMultistepScheduler / UniPCMultistepScheduler place K + 1 points and drop the last.
+    let out = run_ok(bin().args(["timesteps", "--steps", "4", "--spacing", "linspace", "--multistep"]));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "[999,749,500,250]");
+    let out = run_ok(bin().args(["timesteps", "--steps", "4", "--spacing", "leading", "--multistep"]));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "[800,600,400,200]");
 }

@@ -382,6 +382,22 @@ fn eval_prints_seven_keys_and_scores_the_samples_sample_writes() {
     let fid_other_batch = eval("5")["fid"].as_f64().expect("fid");
     assert!((fid - fid_other_batch).abs() <= 1e-6 * fid.max(1.0), "{fid} vs {fid_other_batch}");
 
+    // The multistep solvers are scored by name too.
+    for sampler in ["dpmpp2m", "unipc3"] {
+        let report = stdout_json(&run_ok(
+            bin()
+                .args(["--quiet", "eval", "--json", "--device", "cpu", "--sampler", sampler, "--steps", "4"])
+                .args(["--num", "4", "--seed", "2", "--features", &classifier_a()])
+                .arg("--model")
+                .arg(&model)
+                .arg("--ref")
+                .arg(&reference),
+        ));
+        assert_eq!(report["sampler"], sampler);
+        assert_eq!(report["steps"], 4);
+        assert!(report["fid"].as_f64().is_some_and(f64::is_finite), "{report:?}");
+    }
+
     // `sample --out-dir` + `fid` scores the same images.
     let samples = dir.join("samples");
     run_ok(

@@ -163,7 +163,8 @@ fn search_export_sample_and_table_on_the_shipped_model() {
 
     // table: baselines at K = 2, 3 plus both learned samplers.
     let table = dir.join("table");
-    let learned = format!("{},{}", run.join("sampler.json").display(), run2.join("sampler.json").display());
+    let learned =
+        format!("learned-x={},learned-x={}", run.join("sampler.json").display(), run2.join("sampler.json").display());
     let out = run_ok(
         bin()
             .args(["--quiet", "table", "--device", "cpu", "--model", &repo("models/fashion-mnist-ddpm")])
@@ -177,12 +178,16 @@ fn search_export_sample_and_table_on_the_shipped_model() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("| sampler | K = 2 | K = 3 |"), "{stdout}");
     assert!(stdout.contains("| ddim@quadratic |"), "{stdout}");
-    assert!(stdout.contains("| **learned** |"), "{stdout}");
+    assert!(stdout.contains("| **learned-x** |"), "{stdout}");
     assert!(stdout.contains("best baseline"), "{stdout}");
     let rows = json(&table.join("results.json"));
     assert_eq!(rows.as_array().expect("rows").len(), 6);
     assert!(table.join("table.md").is_file());
     assert!(table.join("fid_vs_steps.png").is_file());
+    std::fs::remove_file(table.join("table.md")).unwrap();
+    let out = run_ok(bin().args(["--quiet", "table", "--render", "--out"]).arg(&table));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("| **learned-x** |"));
+    assert!(table.join("table.md").is_file());
 
     // table input errors name the culprit.
     let err = run_err(

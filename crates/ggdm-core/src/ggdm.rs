@@ -8,7 +8,8 @@
 //!
 //! Every coefficient is "DDIM(eta) at the current grid + a learned residual", so
 //! [`GgdmSampler::init_from_ddim`] reproduces DDIM exactly and learning the grid keeps the rest
-//! consistent. The grid is `tau_i = tau_end + (tau_max - tau_end) (1 - sum_{j<i} g_j)` with
+//! consistent. [`GgdmSampler::init_from_dpm_solver`] starts the residuals at the difference between
+//! DPM-Solver++(2M) and DDIM instead, so the sampler starts as DPM-Solver++(2M). The grid is `tau_i = tau_end + (tau_max - tau_end) (1 - sum_{j<i} g_j)` with
 //! `g = softmax(grid_logits)`, where `tau_end` is the clean point (`-1`, `abar = 1`, or `0` when the
 //! schedule does not set alpha to one).
 //!
@@ -22,11 +23,12 @@
 //! schedule, `K`, the model identity and every parameter; it round-trips bit for bit.
 
 use crate::denoiser::Denoiser;
-use crate::grid::{timesteps, Spacing};
+use crate::grid::{multistep_timesteps, timesteps, Spacing};
 use crate::noise::NoiseSource;
 use crate::prediction::PredictionType;
 use crate::schedule::{NoiseSchedule, TAU_CLEAN};
 use crate::scheduler_config::SchedulerConfig;
+use crate::solvers;
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -100,6 +102,17 @@ impl Learnable {
     pub fn all() -> Self {
         Self { timesteps: true, coefficients: true, sigma: true, prediction: true }
     }
+}
+
+/// The training-free sampler a GGDM sampler starts as (`[sampler] init` of a search config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum GgdmInit {
+    /// DDIM(eta) on a DDIM/DDPM grid ([`GgdmSampler::init_from_spacing`]).
+    #[default]
+    Ddim,
+    /// DPM-Solver++(2M) on the multistep solvers' grid ([`GgdmSampler::init_from_dpm_solver_spacing`]).
+    Dpmpp2m,
 }
 
 /// What model a sampler was made for (checked when it is used with a model).
@@ -312,6 +325,65 @@ impl GgdmSampler {
     pub fn with_query(mut self, query: Query) -> Self {
         self.query = query;
         self
+    }
+
+    /// A sampler equal to DPM-Solver++(2M) (diffusers' defaults: lower-order final steps, final
+    /// sigma zero) over `grid`, with the noise levels of the exact f64 schedule
+    /// ([`solvers::exact_noise_levels`]). Each multistep update `x_{i+1} = a_i x_i + b_i x0_hat_i +
+    /// c_i x0_hat_{i-1}` is written as GGDM coefficients `u_ii = a_i`, `w_ii = b_i`,
+    /// `w_{i,i-1} = c_i`: the residuals start at the difference to DDIM(eta = 0), so the learned
+    /// parts keep their meaning. Needs the full history (step `i` reads `x0_hat_{i-1}`).
+    pub fn init_from_dpm_solver(
+        scheduler: &SchedulerConfig,
+        grid: &[f64],
+        history: History,
+        learn: Learnable,
+        device: Device,
+    ) -> Result<Self> {
+        if history != History::Full && grid.len() > 1 {
+            return Err(Error::invalid(
+                "history",
+                "`last` cannot hold DPM-Solver++(2M), whose steps read the previous prediction (use `full`)",
+            ));
+        }
+        let mut sampler = Self::init_from_ddim(scheduler, grid, 0.0, history, learn, device)?;
+        let k = grid.len();
+        let options = solvers::DpmSolverOptions::default();
+        let levels = solvers::exact_noise_levels(&sampler.schedule, grid, options.final_sigma)?;
+        let orders = solvers::dpm_solver_orders(k, &options);
+        let base = sampler.coefficients();
+        let u_base = tensor_to_vec(&base.u);
+        let w_base = tensor_to_vec(&base.w);
+        let mut u_residual = vec![0.0; k * k];
+        let mut w_residual = vec![0.0; k * k];
+        for (i, &order) in orders.iter().enumerate() {
+            let step = solvers::dpm_solver_coefficients(&levels, i, order);
+            u_residual[i * k + i] = step.sample - u_base[i * k + i];
+            for (back, weight) in step.data.iter().enumerate() {
+                let j = i - back;
+                w_residual[i * k + j] = weight - w_base[i * k + j];
+            }
+        }
+        let as_matrix = |values: &[f64]| Tensor::from_slice(values).reshape([k as i64, k as i64]).to_device(device);
+        sampler.params.u_residual = as_matrix(&u_residual);
+        sampler.params.w_residual = as_matrix(&w_residual);
+        sampler.set_requires_grad();
+        Ok(sampler)
+    }
+
+    /// DPM-Solver++(2M) over the grid diffusers' multistep solvers place for `K` steps
+    /// ([`crate::grid::multistep_timesteps`]).
+    pub fn init_from_dpm_solver_spacing(
+        scheduler: &SchedulerConfig,
+        steps: usize,
+        spacing: Spacing,
+        history: History,
+        learn: Learnable,
+        device: Device,
+    ) -> Result<Self> {
+        let grid = multistep_timesteps(scheduler.num_train_timesteps, steps, spacing, scheduler.steps_offset)?;
+        let grid: Vec<f64> = grid.into_iter().map(|t| t as f64).collect();
+        Self::init_from_dpm_solver(scheduler, &grid, history, learn, device)
     }
 
     /// The noise schedule.

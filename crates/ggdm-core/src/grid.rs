@@ -1,5 +1,6 @@
 //! Timestep grids (DESIGN.md section 4, "Timestep grid"): the integer lists of diffusers'
-//! `timestep_spacing` options for DDIM/DDPM `set_timesteps`, and the quadratic stride of the DDIM
+//! `timestep_spacing` options for DDIM/DDPM `set_timesteps` ([`timesteps`]) and for the multistep
+//! solvers DPM-Solver++ / UniPC ([`multistep_timesteps`]), and the quadratic stride of the DDIM
 //! paper. Grids are descending; the sampler goes from the first entry to clean data.
 //!
 //! The integer lists reproduce numpy's arithmetic (round-half-to-even, `arange` with a float step)
@@ -100,6 +101,60 @@ pub fn timesteps(
         return Err(Error::invalid(
             "timesteps",
             format!("{spacing:?} spacing with steps_offset {steps_offset} gives timestep {bad} outside [0, {t_count})"),
+        ));
+    }
+    Ok(grid)
+}
+
+/// `K` descending integer timesteps as diffusers' multistep solvers place them
+/// (`DPMSolverMultistepScheduler.set_timesteps`, identical in `UniPCMultistepScheduler`). They
+/// differ from [`timesteps`]: `linspace` and `leading` lay out `K + 1` points and drop the last
+/// (the 0), so `linspace` is `round(linspace(0, T-1, K+1))` reversed without its final 0 and
+/// `leading` is `k * (T // (K+1)) + steps_offset` for k = K..1; `trailing` is the same list as
+/// DDIM's. `quadratic` (not a diffusers option) is the DDIM paper's list from [`timesteps`].
+///
+/// A `(T, K)` for which diffusers would repeat a timestep (possible for `leading` when
+/// `K + 1 > T`) is an error.
+pub fn multistep_timesteps(
+    num_train_timesteps: usize,
+    num_steps: usize,
+    spacing: Spacing,
+    steps_offset: usize,
+) -> Result<Vec<i64>> {
+    let t_count = num_train_timesteps;
+    let k = num_steps;
+    if k == 0 {
+        return Err(Error::invalid("steps", "0 (need at least 1 sampling step)"));
+    }
+    if k >= t_count {
+        return Err(Error::invalid(
+            "steps",
+            format!("{k}: the multistep solvers need fewer steps than num_train_timesteps = {t_count}"),
+        ));
+    }
+    let grid: Vec<i64> = match spacing {
+        Spacing::Linspace => numpy_linspace(0.0, (t_count - 1) as f64, k + 1)
+            .into_iter()
+            .skip(1)
+            .rev()
+            .map(|v| v.round_ties_even() as i64)
+            .collect(),
+        Spacing::Leading => {
+            let ratio = (t_count / (k + 1)) as i64;
+            (1..=k as i64).rev().map(|i| i * ratio + steps_offset as i64).collect()
+        }
+        Spacing::Trailing | Spacing::Quadratic => timesteps(t_count, k, spacing, steps_offset)?,
+    };
+    if let Some(bad) = grid.iter().find(|&&t| t < 0 || t >= t_count as i64) {
+        return Err(Error::invalid(
+            "timesteps",
+            format!("{spacing:?} spacing with steps_offset {steps_offset} gives timestep {bad} outside [0, {t_count})"),
+        ));
+    }
+    if grid.windows(2).any(|w| w[1] >= w[0]) {
+        return Err(Error::invalid(
+            "steps",
+            format!("{k} {} steps over {t_count} training steps repeat a timestep: {grid:?}", spacing.name()),
         ));
     }
     Ok(grid)

@@ -3,8 +3,8 @@
 //! Everything needed to *sample* a pretrained diffusion model with a fast sampler, and nothing that
 //! optimises one: noise schedules and continuous `abar(tau)` ([`schedule`]), diffusers-exact
 //! timestep grids ([`grid`]), the [`Denoiser`] trait and model adapters ([`unet`], [`torchscript`]),
-//! the DDPM and DDIM baselines ([`samplers`]) and the GGDM sampler family with its serialisable
-//! parameters ([`ggdm`]). The math is DESIGN.md section 4.
+//! the DDPM and DDIM baselines ([`samplers`]), the multistep solvers DPM-Solver++ and UniPC
+//! ([`solvers`]) and the GGDM sampler family with its serialisable parameters ([`ggdm`]). The math is DESIGN.md section 4.
 //!
 //! Scalar schedule math is `f64`; tensors appear only where values are batched or learnable.
 //!
@@ -50,6 +50,7 @@ pub mod prediction;
 pub mod samplers;
 pub mod schedule;
 pub mod scheduler_config;
+pub mod solvers;
 pub mod torchscript;
 pub mod unet;
 
