@@ -30,7 +30,7 @@ cd "$(dirname "$0")/.."
 CARRY=.devcarry
 KS="${KS:-5 10 20}"
 BASELINES="${BASELINES:-ddpm,ddim@trailing,ddim-noclip@trailing,ddim@quadratic,dpmpp2m,unipc}"
-INCEPTION_KS="${INCEPTION_KS:-10}"   # step counts searched with the Inception KID loss
+INCEPTION_KS="${INCEPTION_KS-10}"   # step counts searched with the Inception KID loss
 FASHION=/usr/share/datasets/fashion-mnist
 
 if [ "${1:-}" = "--prepare" ]; then
@@ -95,6 +95,7 @@ for loss in a inception; do
     sed -e "s|^path = \"$FASHION\"|path = \"$CARRY/train10k-images-idx3-ubyte.gz\"|" \
         -e "s|^reference = .*|reference = \"$CARRY/t10k-images-idx3-ubyte.gz\"|" \
         configs/fashion_mnist.toml > "$config"
+    [ -n "${OPTIM_STEPS:-}" ] && sed -i "s|^steps = 60$|steps = $OPTIM_STEPS|" "$config"
     [ "$loss" = inception ] && sed -i 's|^features = "models/fmnist-classifier-a.safetensors"|features = "inception"|' "$config"
     ks=$KS
     [ "$loss" = inception ] && ks=$INCEPTION_KS
@@ -114,8 +115,10 @@ for loss in a inception; do
 done
 
 echo "== comparison table, ${NUM:-10000} samples per cell ($(( $(date +%s) - started )) s so far)"
+learned_args=()
+[ -n "$learned" ] && learned_args=(--learned "${learned#,}")
 "$BIN" --quiet table --device "${DEVICE:-cuda}" --model models/fashion-mnist-ddpm --samplers "$BASELINES" \
-    --steps "${KS// /,}" --learned "${learned#,}" --features models/fmnist-classifier-b.safetensors,inception \
+    --steps "${KS// /,}" "${learned_args[@]}" --features models/fmnist-classifier-b.safetensors,inception \
     --ref "$CARRY/t10k-images-idx3-ubyte.gz" --num "${NUM:-10000}" --batch 1000 --out "$WORK" \
     > "$WORK/table.log" 2>&1 &
 table_pid=$!
