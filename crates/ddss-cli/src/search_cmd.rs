@@ -427,7 +427,9 @@ pub fn run(args: SearchArgs) -> Result<()> {
             &run_dir.join(format!("grid_{name}.png")),
         )?;
         if name == "learned" {
-            std::fs::copy(run_dir.join("grid_learned.png"), run_dir.join("after.png"))?;
+            let grid = run_dir.join("grid_learned.png");
+            let bytes = std::fs::read(&grid).with_context(|| format!("reading {}", grid.display()))?;
+            ggdm_core::io::write_atomic(&run_dir.join("after.png"), &bytes)?;
         }
         for (spec, extractor, reference) in &references {
             let feats =

@@ -245,45 +245,24 @@ fn params_from(named: &[(String, Tensor)], prefix: &str, like: &GgdmParams, path
 }
 
 fn write_checkpoint(dir: &Path, named: &[(String, Tensor)]) -> Result<()> {
-    let path = dir.join(CHECKPOINT_FILE);
-    let tmp = dir.join(format!(".{CHECKPOINT_FILE}.tmp-{}", std::process::id()));
-    let io = |e: std::io::Error| Error::File { path: path.clone(), msg: e.to_string() };
-    Tensor::write_safetensors(named, &tmp).map_err(|e| Error::File { path: tmp.clone(), msg: e.to_string() })?;
-    std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io)?;
-    std::fs::rename(&tmp, &path).map_err(io)?;
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
+    ggdm_core::io::write_atomic_with(&dir.join(CHECKPOINT_FILE), |tmp| {
+        Tensor::write_safetensors(named, tmp)
+            .map_err(|e| ggdm_core::Error::format(tmp, format!("cannot write the checkpoint: {e}")))
+    })?;
     Ok(())
 }
 
 fn append_metrics(path: &Path, record: &StepRecord) -> Result<()> {
-    use std::io::Write;
-    let io = |e: std::io::Error| Error::File { path: path.to_path_buf(), msg: e.to_string() };
     let line = serde_json::to_string(record).map_err(|e| Error::config("metrics", e.to_string()))?;
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(io)?;
-    writeln!(f, "{line}").map_err(io)?;
-    f.sync_data().map_err(io)
+    ggdm_core::io::append_line(path, &line)?;
+    Ok(())
 }
 
-/// Keeps only the `metrics.jsonl` lines of steps `<= last_step` (lines a killed run wrote after
-/// its last checkpoint are replaced by the resumed run's).
+/// Keeps only the complete `metrics.jsonl` lines of steps `<= last_step`: lines a killed run wrote
+/// after its last checkpoint are replaced by the resumed run's, and a line torn by the kill is
+/// dropped.
 fn truncate_metrics(path: &Path, last_step: u64) -> Result<()> {
-    let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
-    let kept: Vec<&str> = text
-        .lines()
-        .filter(|line| {
-            serde_json::from_str::<serde_json::Value>(line)
-                .ok()
-                .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
-                .is_some_and(|s| s <= last_step)
-        })
-        .collect();
-    let mut out = kept.join("\n");
-    if !out.is_empty() {
-        out.push('\n');
-    }
-    ggdm_core::io::write_atomic(path, out.as_bytes())?;
+    ggdm_core::io::truncate_jsonl(path, "step", last_step)?;
     Ok(())
 }
 
@@ -360,11 +339,19 @@ pub fn run_search(
                 .collect();
             let meta = get("meta")?;
             let meta_vals = ggdm_core::ggdm::tensor_to_vec(&meta);
+            if meta_vals.len() != 5 || meta_vals.iter().any(|v| v.is_nan()) {
+                return Err(Error::File {
+                    path: checkpoint_path.clone(),
+                    msg: format!("checkpoint entry `meta` must hold 5 numbers, found {meta_vals:?}"),
+                });
+            }
             step = meta_vals[0] as u64;
             best_kid = meta_vals[1];
             best_step = meta_vals[2] as u64;
             initial_kid = meta_vals[3];
             faults_total = meta_vals[4] as u64;
+            // Both parameter sets must fit this config's sampler (a changed K is caught here).
+            sampler.restore(&best_params)?;
             sampler.restore(&current)?;
             let params = sampler.trainable();
             adam = Adam::new(&params, settings.adam);
