@@ -21,8 +21,11 @@ pub(crate) fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> Result
         .file_name()
         .ok_or_else(|| Error::invalid("output path", format!("{} has no file name", path.display())))?;
     if !dir.is_dir() {
-        let what = if dir.exists() { "is not a folder" } else { "does not exist" };
-        return Err(Error::invalid("output path", format!("{}: its folder {} {what}", path.display(), dir.display())));
+        let what = if dir.exists() { "is a file, not a folder" } else { "does not exist" };
+        return Err(Error::invalid(
+            "output path",
+            format!("cannot write {}: {} {what}", path.display(), dir.display()),
+        ));
     }
     let temporary = dir.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
     let result = write(&temporary).and_then(|()| {

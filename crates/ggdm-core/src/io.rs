@@ -32,6 +32,26 @@ fn temporary_for(path: &Path) -> Result<(PathBuf, PathBuf)> {
     Ok((dir, tmp))
 }
 
+/// Checks, before any work is done, that `path` can be written: its folder exists and is a
+/// folder (or `path` is an existing special file such as `/dev/null`).
+pub fn check_output_path(path: &Path) -> Result<()> {
+    if is_special_file(path) {
+        return Ok(());
+    }
+    if path.is_dir() {
+        return Err(Error::invalid("output path", format!("cannot write {}: it is a folder", path.display())));
+    }
+    let (dir, _) = temporary_for(path)?;
+    if !dir.is_dir() {
+        let what = if dir.exists() { "is a file, not a folder" } else { "does not exist" };
+        return Err(Error::invalid(
+            "output path",
+            format!("cannot write {}: {} {what}", path.display(), dir.display()),
+        ));
+    }
+    Ok(())
+}
+
 /// Writes `bytes` to `path` atomically.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     write_atomic_with(path, |tmp| {
@@ -50,8 +70,11 @@ pub fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -
     }
     let (dir, tmp) = temporary_for(path)?;
     if !dir.is_dir() {
-        let what = if dir.exists() { "is not a folder" } else { "does not exist" };
-        return Err(Error::invalid("output path", format!("{}: its folder {} {what}", path.display(), dir.display())));
+        let what = if dir.exists() { "is a file, not a folder" } else { "does not exist" };
+        return Err(Error::invalid(
+            "output path",
+            format!("cannot write {}: {} {what}", path.display(), dir.display()),
+        ));
     }
     let result = write(&tmp).and_then(|()| {
         let file = std::fs::File::open(&tmp).map_err(|e| Error::io(path, e))?;
