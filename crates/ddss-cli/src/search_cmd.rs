@@ -184,8 +184,13 @@ pub struct ResultRow {
 
 fn load_config(path: &Path) -> Result<SearchConfig> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading search config {}", path.display()))?;
+    parse_config(&text, path)
+}
+
+/// Parses and range-checks the text of a search config (`path` is only named in errors).
+fn parse_config(text: &str, path: &Path) -> Result<SearchConfig> {
     let config: SearchConfig =
-        toml::from_str(&text).with_context(|| format!("invalid search config {}", path.display()))?;
+        toml::from_str(text).with_context(|| format!("invalid search config {}", path.display()))?;
     if config.sampler.steps == 0 {
         bail!("{}: [sampler] steps = 0: need at least 1", path.display());
     }
@@ -481,4 +486,93 @@ pub fn results_table(rows: &[ResultRow]) -> String {
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod fuzz {
+    //! Property tests (fuzzing) of the search config parser: arbitrary text, byte-mutated and
+    //! value-mutated valid configs give `Ok` or `Err`, never a panic. `PROPTEST_CASES` overrides
+    //! the number of cases (default 256).
+
+    use super::parse_config;
+    use proptest::prelude::*;
+    use proptest::test_runner::Config;
+    use std::path::Path;
+
+    const VALID: &str = include_str!("../../../configs/fashion_mnist.toml");
+
+    fn config() -> Config {
+        let cases = std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256);
+        Config { cases, failure_persistence: None, ..Config::default() }
+    }
+
+    fn parse(text: &str) {
+        if let Ok(config) = parse_config(text, Path::new("fuzz.toml")) {
+            // What a run does next with a parsed config.
+            let _ = toml::to_string_pretty(&config);
+            let _ = config.optim.lr.at(0, config.optim.steps);
+            let _ = config.optim.lr.at(config.optim.steps, config.optim.steps);
+        }
+    }
+
+    /// A TOML value as text.
+    fn toml_value() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<i64>().prop_map(|v| v.to_string()),
+            any::<f64>().prop_map(|v| format!("{v:?}")),
+            prop_oneof![Just("nan"), Just("inf"), Just("-inf"), Just("-0.0"), Just("0"), Just("-1"), Just("1e308")]
+                .prop_map(String::from),
+            any::<bool>().prop_map(|v| v.to_string()),
+            "[a-z_ ]{0,10}".prop_map(|v| format!("\"{v}\"")),
+            Just("[]".to_string()),
+            Just("{}".to_string()),
+            Just("[1, \"a\"]".to_string()),
+            Just("{ budget = { stored_steps = 0 } }".to_string()),
+            Just("18446744073709551615".to_string()),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn arbitrary_text_never_panics(text in "\\PC{0,400}") {
+            parse(&text);
+        }
+
+        #[test]
+        fn byte_mutations_never_panic(
+            edits in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+            cut in prop::option::of(any::<prop::sample::Index>()),
+        ) {
+            let mut bytes = VALID.as_bytes().to_vec();
+            for (at, byte) in edits {
+                let i = at.index(bytes.len());
+                bytes[i] = byte;
+            }
+            if let Some(cut) = cut {
+                bytes.truncate(cut.index(bytes.len()));
+            }
+            parse(&String::from_utf8_lossy(&bytes));
+        }
+
+        #[test]
+        fn value_mutations_never_panic(edits in prop::collection::vec((any::<prop::sample::Index>(), toml_value()), 1..4)) {
+            let mut lines: Vec<String> = VALID.lines().map(String::from).collect();
+            for (at, value) in edits {
+                let assignments: Vec<usize> =
+                    (0..lines.len()).filter(|&i| !lines[i].starts_with('#') && lines[i].contains(" = ")).collect();
+                let i = assignments[at.index(assignments.len())];
+                let key = lines[i].split(" = ").next().unwrap_or_default().to_string();
+                lines[i] = format!("{key} = {value}");
+            }
+            parse(&lines.join("\n"));
+        }
+    }
+
+    #[test]
+    fn the_shipped_config_parses() {
+        let config = parse_config(VALID, Path::new("configs/fashion_mnist.toml")).expect("valid");
+        assert_eq!(config.sampler.steps, 10);
+    }
 }
