@@ -286,7 +286,8 @@ impl SearchObserver for BarObserver {
     fn on_step(&mut self, record: &StepRecord) {
         self.bar.set_position(record.step);
         let val = record.validation_kid.map(|k| format!(" val KID {k:.5}")).unwrap_or_default();
-        self.bar.set_message(format!("loss {:.5} |g| {:.3}{val}", record.loss, record.grad_norm));
+        let clipped = if record.clipped { " (clipped)" } else { "" };
+        self.bar.set_message(format!("loss {:.5} |g| {:.3}{clipped}{val}", record.loss, record.grad_norm));
         if let Some(event) = &record.event {
             self.bar.println(format!("step {}: {event}", record.step));
         }
@@ -370,6 +371,7 @@ pub fn run(args: SearchArgs) -> Result<()> {
             "best_validation_kid": outcome.best_validation_kid,
             "best_step": outcome.best_step,
             "rejected_steps": outcome.faults,
+            "clipped_steps": outcome.clipped,
             "seconds": search_seconds,
         }
     });

@@ -174,6 +174,9 @@ pub struct StepRecord {
     pub loss: f64,
     /// Gradient norm before clipping.
     pub grad_norm: f64,
+    /// Whether the gradient was clipped to `optim.grad_clip` (an exploding gradient).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub clipped: bool,
     /// Learning rate used.
     pub lr: f64,
     /// Validation KID after the step, when validated.
@@ -199,6 +202,8 @@ pub struct SearchOutcome {
     pub steps: u64,
     /// Rejected steps.
     pub faults: u64,
+    /// Steps whose gradient was clipped (this run or resumption).
+    pub clipped: u64,
 }
 
 /// Callbacks for progress display.
@@ -264,6 +269,11 @@ fn append_metrics(path: &Path, record: &StepRecord) -> Result<()> {
 fn truncate_metrics(path: &Path, last_step: u64) -> Result<()> {
     ggdm_core::io::truncate_jsonl(path, "step", last_step)?;
     Ok(())
+}
+
+/// Whether a finite gradient of norm `grad_norm` was clipped by `grad_clip`.
+fn event_free_clip(finite_loss: bool, grad_norm: f64, grad_clip: Option<f64>) -> bool {
+    finite_loss && grad_norm.is_finite() && grad_clip.is_some_and(|c| grad_norm > c)
 }
 
 fn all_finite(params: &GgdmParams) -> bool {
@@ -367,6 +377,7 @@ pub fn run_search(
         }
     }
     let mut consecutive_faults = 0u32;
+    let mut clipped_steps = 0u64;
     while step < settings.steps {
         let params = sampler.trainable();
         let lr = settings.lr.at(step, settings.steps);
@@ -380,6 +391,11 @@ pub fn run_search(
             Err(e) => return Err(e),
         };
         let grad_norm = clip_grad_norm(&params, settings.grad_clip);
+        let clipped = event_free_clip(fault.is_none(), grad_norm, settings.grad_clip);
+        if clipped {
+            clipped_steps += 1;
+            tracing::debug!("step {}: gradient norm {grad_norm:.4e} clipped to {:?}", step + 1, settings.grad_clip);
+        }
         let mut event = fault;
         if event.is_none() && !grad_norm.is_finite() {
             event = Some(format!("non-finite gradient norm {grad_norm}"));
@@ -396,6 +412,7 @@ pub fn run_search(
             step,
             loss,
             grad_norm,
+            clipped,
             lr,
             validation_kid: None,
             event: None,
@@ -426,7 +443,15 @@ pub fn run_search(
             let objective = objective_parts.objective(sampler, settings);
             let kid = validation_kid(&objective, settings, real)?;
             record.validation_kid = Some(kid);
-            if kid < best_kid {
+            if !kid.is_finite() {
+                tracing::warn!("step {step}: validation KID is {kid}; this step cannot become the best");
+                let note = format!("non-finite validation KID {kid}");
+                record.event = Some(match record.event.take() {
+                    Some(e) => format!("{e}; {note}"),
+                    None => note,
+                });
+            }
+            if kid < best_kid || (kid.is_finite() && !best_kid.is_finite()) {
                 best_kid = kid;
                 best_step = step;
                 best_params = sampler.snapshot();
@@ -456,6 +481,7 @@ pub fn run_search(
         best_step,
         steps: step,
         faults: faults_total,
+        clipped: clipped_steps,
     })
 }
 
