@@ -458,7 +458,7 @@ impl GgdmSampler {
         let n = x_i.size()[0];
         let row = i as i64;
         let tau_i = coeffs.tau.get(row).to_kind(kind).expand([n], false);
-        let output = model.forward(x_i, &tau_i)?;
+        let output = crate::denoiser::checked_forward(model, x_i, &tau_i)?;
         let scale = coeffs.pred_scale.get(row).to_kind(kind);
         let sqrt_abar = coeffs.abar.get(row).sqrt().to_kind(kind);
         let sqrt_one_minus = coeffs.sqrt_one_minus_abar.get(row).to_kind(kind);
