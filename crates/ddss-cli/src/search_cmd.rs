@@ -322,6 +322,8 @@ pub fn run(args: SearchArgs) -> Result<()> {
     let device_name = args.device.clone().or(config.output.device.clone()).unwrap_or_else(|| "auto".into());
     let device = parse_device(&device_name)?;
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating run directory {}", run_dir.display()))?;
+    let _lock = RunLock::acquire(&run_dir)?;
+    remove_stale_temporaries(&run_dir);
     ggdm_core::io::write_atomic(&run_dir.join("config.toml"), toml::to_string_pretty(&config)?.as_bytes())?;
 
     let model = load_model_dir(&config.model.path, device)
@@ -465,6 +467,60 @@ pub fn run(args: SearchArgs) -> Result<()> {
         search_seconds
     );
     Ok(())
+}
+
+/// Whether a process with this id is running (Linux: `/proc/<pid>` exists).
+fn process_alive(pid: u32) -> bool {
+    Path::new("/proc").join(pid.to_string()).exists()
+}
+
+/// `.lock` in a run directory while a search runs in it: a second `ddss-cli search` on the same
+/// directory is refused instead of interleaving checkpoints. A lock left by a killed run (its
+/// process is gone) is taken over.
+struct RunLock {
+    path: PathBuf,
+}
+
+impl RunLock {
+    fn acquire(run_dir: &Path) -> Result<Self> {
+        let path = run_dir.join(".lock");
+        let ours = std::process::id();
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            if let Ok(pid) = text.trim().parse::<u32>() {
+                if pid != ours && process_alive(pid) {
+                    bail!(
+                        "{}: another ddss-cli (pid {pid}) is running a search in this directory; wait for it, \
+                         or remove {} if that process is not ddss-cli",
+                        run_dir.display(),
+                        path.display()
+                    );
+                }
+            }
+            tracing::info!("taking over the lock of a run that was interrupted ({})", path.display());
+        }
+        ggdm_core::io::write_atomic(&path, ours.to_string().as_bytes())?;
+        Ok(Self { path })
+    }
+}
+
+impl Drop for RunLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Removes temporary files (`.<name>.tmp-<pid>-<n>`) that a killed run left in `run_dir`.
+fn remove_stale_temporaries(run_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(run_dir) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        let pid = name
+            .rsplit_once(".tmp-")
+            .and_then(|(_, tail)| tail.split('-').next().and_then(|pid| pid.parse::<u32>().ok()));
+        if name.starts_with('.') && pid.is_some_and(|pid| pid != std::process::id() && !process_alive(pid)) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
 
 fn grid_columns(n: usize) -> usize {

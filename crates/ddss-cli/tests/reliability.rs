@@ -168,12 +168,33 @@ fn killed_and_resumed_search_equals_uninterrupted() {
         .map(|e| e.file_name().to_string_lossy().to_string())
         .filter(|n| n.contains(".tmp-"))
         .collect();
-    // A kill can leave a temporary file behind (never a torn output); they are harmless.
-    eprintln!("temporary files left by the kills: {leftovers:?}");
+    assert!(leftovers.is_empty(), "temporary files of killed runs are removed on resume: {leftovers:?}");
+    assert!(!killed.join(".lock").exists(), "the run lock is released");
     eprintln!(
         "uninterrupted run {:.1} s, whole test {:.1} s",
         straight_time.as_secs_f64(),
         started.elapsed().as_secs_f64()
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_running_search_locks_its_directory() {
+    let dir = temp_dir("lock");
+    let (model, data) = tiny_model(&dir);
+    let config = dir.join("search.toml");
+    std::fs::write(&config, tiny_search_config(&model, &data, 2)).expect("config");
+    let run = dir.join("run");
+    std::fs::create_dir_all(&run).expect("run dir");
+    // A live process (this test) holds the lock: refused, naming the pid.
+    std::fs::write(run.join(".lock"), std::process::id().to_string()).expect("lock");
+    let err = run_err(&mut search_cmd(&config, &run, false));
+    assert!(err.contains(&format!("pid {}", std::process::id())) && err.contains(".lock"), "{err}");
+    // A lock and a temporary file left by a killed process (pid above Linux's pid_max) are taken over.
+    std::fs::write(run.join(".lock"), "4194305").expect("lock");
+    std::fs::write(run.join(".checkpoint.safetensors.tmp-4194305-0"), "partial").expect("tmp");
+    run_ok(&mut search_cmd(&config, &run, false));
+    assert!(!run.join(".lock").exists());
+    assert!(!run.join(".checkpoint.safetensors.tmp-4194305-0").exists());
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -27,7 +27,10 @@ pub(crate) fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> Result
             format!("cannot write {}: {} {what}", path.display(), dir.display()),
         ));
     }
-    let temporary = dir.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
+    // Unique per process and per call, so threads writing the same file do not share a temporary.
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let temporary = dir.join(format!(".{}.tmp-{}-{n}", name.to_string_lossy(), std::process::id()));
     let result = write(&temporary).and_then(|()| {
         let file = std::fs::File::open(&temporary).map_err(|e| Error::io(path, e))?;
         file.sync_all().map_err(|e| Error::io(path, e))?;

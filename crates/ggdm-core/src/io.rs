@@ -28,7 +28,10 @@ fn temporary_for(path: &Path) -> Result<(PathBuf, PathBuf)> {
     let name = path
         .file_name()
         .ok_or_else(|| Error::invalid("output path", format!("{} has no file name", path.display())))?;
-    let tmp = dir.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
+    // Unique per process and per call, so threads writing the same file do not share a temporary.
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!(".{}.tmp-{}-{n}", name.to_string_lossy(), std::process::id()));
     Ok((dir, tmp))
 }
 
