@@ -164,7 +164,8 @@ fn the_valid_file_loads_and_samples() {
 fn huge_num_train_timesteps_is_an_error_not_an_abort() {
     let mut value: Value = serde_json::from_str(&valid_text()).expect("valid");
     value["scheduler"]["num_train_timesteps"] = Value::from(5_362_535_888_224_370_816u64);
-    let err = GgdmSampler::from_json(&value.to_string(), Device::Cpu).err().expect("must fail").to_string();
+    let Err(err) = GgdmSampler::from_json(&value.to_string(), Device::Cpu) else { panic!("must fail") };
+    let err = err.to_string();
     assert!(err.contains("num_train_timesteps"), "{err}");
     let err = ggdm_core::grid::timesteps(usize::MAX, 10, Spacing::Trailing, 0).expect_err("must fail").to_string();
     assert!(err.contains("num_train_timesteps"), "{err}");
