@@ -385,7 +385,14 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             // libtorch appends a C++ stack trace to its messages; the first lines say what is wrong.
-            let message = format!("{err:#}");
+            // Each cause once: an error that already prints its source is not followed by it again.
+            let mut message = err.to_string();
+            for cause in err.chain().skip(1) {
+                let text = cause.to_string();
+                if !message.ends_with(&text) {
+                    message = format!("{message}: {text}");
+                }
+            }
             let message = message.split("\nException raised from").next().unwrap_or(&message);
             eprintln!("error: {message}");
             ExitCode::FAILURE

@@ -252,6 +252,7 @@ pub fn run_stats(args: StatsArgs) -> Result<()> {
     if args.num.is_some_and(|n| n < 2) {
         bail!("--num {}: statistics need at least 2 images", args.num.unwrap_or(0));
     }
+    ggdm_core::io::check_output_path(&args.out).context("--out")?;
     let device = parse_device(&args.device)?;
     let extractor = open_features(&spec, device)?;
     let features = image_source_features(&args.path, args.num, extractor.as_ref(), args.batch, args.quiet)?;

@@ -169,6 +169,9 @@ impl SamplerChoice {
 /// Runs `ddss-cli sample`.
 pub fn run(args: SampleArgs) -> Result<()> {
     let device = parse_device(&args.device)?;
+    for path in [&args.out, &args.out_npy].into_iter().flatten() {
+        ggdm_core::io::check_output_path(path)?;
+    }
     if args.batch == 0 {
         bail!("--batch 0: need at least 1");
     }

@@ -572,8 +572,10 @@ impl Inception {
             .into_iter()
             .map(|(name, t)| Ok((name, t.f_to_device(Device::Cpu)?.f_to_kind(kind)?)))
             .collect::<Result<Vec<_>>>()?;
-        Tensor::write_safetensors(&tensors, path)
-            .map_err(|e| Error::weights(path, format!("cannot write safetensors: {e}")))
+        crate::atomic::write_atomic_with(path, |temporary| {
+            Tensor::write_safetensors(&tensors, temporary)
+                .map_err(|e| Error::weights(path, format!("cannot write safetensors: {e}")))
+        })
     }
 
     /// All tensors of the network by name, sorted by name.
