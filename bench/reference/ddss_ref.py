@@ -317,12 +317,12 @@ def main():
 
     if args.what == "features":
         feat, dim = open_features(args.features, device)
-        shape = (1, 28, 28) if dim == 128 else (3, 32, 32)
-        if args.unet_config or os.path.isdir(args.model):
-            try:
-                _, _, shape = open_unet(args, torch.device("cpu"))
-            except SystemExit:
-                pass
+        # The sample shape of the UNet, read from its config.json.
+        config_path = args.unet_config or os.path.join(args.model, "config.json")
+        with open(config_path) as f:
+            config = json.load(f)
+        size = config.get("sample_size", 32)
+        shape = (config.get("in_channels", 3),) + ((size, size) if isinstance(size, int) else tuple(size))
         extra["feature_dim"] = dim
 
         def once():

@@ -501,7 +501,14 @@ fn bench(rest: &[String]) -> Result<()> {
     let env = setup()?;
     if plan.reference && output_of(Command::new(&env.python).args(["-c", "import diffusers"])).is_none() {
         println!("[bench] installing {DIFFUSERS} into the venv (the reference's UNet)");
-        run_cmd(Command::new(&env.python).args(["-m", "pip", "install", "--disable-pip-version-check", "-q", DIFFUSERS]))?;
+        run_cmd(Command::new(&env.python).args([
+            "-m",
+            "pip",
+            "install",
+            "--disable-pip-version-check",
+            "-q",
+            DIFFUSERS,
+        ]))?;
     }
     println!("[bench] building ddss-cli (release)");
     run_cmd(cargo().current_dir(&root).args(["build", "--release", "-p", "ddss-cli"]))?;
