@@ -12,6 +12,7 @@
 #   one DDSS step, K = 10, batch 64: naive and per-call remat (reference: autograd and
 #   torch.utils.checkpoint per network call); K = 5 and 20: per-call; K = 10: budget remat (ours);
 #   DDIM sampling K = 10, batch 256; Inception feature extraction, batch 256.
+# Then, if time is left, K = 10 per-call and sampling with bf16 network calls.
 # Each part has its own timeout, and the whole stays under TOTAL_SECONDS (default 340).
 #
 # Needs there: the repository tree, target/release/ddss-cli, python3 with torch 2.11 (+ CUDA),
@@ -100,14 +101,15 @@ BATCH="${BATCH:-64}"
 TBATCH="${TBATCH:-256}"
 COMMON=(--device "$DEVICE" --unet-config "$UNET" --features "$FEATURES" --warmup "${WARMUP:-2}" --repeat "${REPEAT:-3}")
 
-step() { # K REMAT LIMIT
-    local k=$1 remat=$2 limit=$3 noise="$SCRATCH/noise-k$1.safetensors"
-    run "$limit" "step K=$k B=$BATCH $remat: ours" \
+step() { # K REMAT LIMIT [PRECISION]
+    local k=$1 remat=$2 limit=$3 prec=${4:-f32} noise="$SCRATCH/noise-k$1.safetensors"
+    run "$limit" "step K=$k B=$BATCH $remat $prec: ours" \
         "$BIN" --quiet bench-unroll --what step --steps "$k" --batch "$BATCH" --remat "$remat" "${COMMON[@]}" \
-        --save-noise "$noise"
+        --precision "$prec" --save-noise "$noise"
     case $remat in budget:*) return ;; esac
-    run "$limit" "step K=$k B=$BATCH $remat: reference" \
-        "$PY" "$REF" --what step --steps "$k" --batch "$BATCH" --remat "$remat" "${COMMON[@]}" --noise "$noise"
+    run "$limit" "step K=$k B=$BATCH $remat $prec: reference" \
+        "$PY" "$REF" --what step --steps "$k" --batch "$BATCH" --remat "$remat" "${COMMON[@]}" --precision "$prec" \
+        --noise "$noise"
 }
 
 step 10 per_call 45
@@ -119,6 +121,12 @@ for what in sample features; do
     run 40 "$what B=$TBATCH: reference" "$PY" "$REF" --what "$what" --steps 10 --batch "$TBATCH" "${COMMON[@]}"
 done
 step 10 budget:5 30
+# bf16 network calls (weights and inputs cast, outputs back to f32), while the time budget lasts.
+step 10 per_call 40 bf16
+run 40 "sample B=$TBATCH bf16: ours" "$BIN" --quiet bench-unroll --what sample --steps 10 --batch "$TBATCH" \
+    "${COMMON[@]}" --precision bf16
+run 40 "sample B=$TBATCH bf16: reference" "$PY" "$REF" --what sample --steps 10 --batch "$TBATCH" "${COMMON[@]}" \
+    --precision bf16
 
 "$PY" "$ROOT/bench/reference/table.py" "$RESULTS" --title "$DEVICE: cifar10 architecture (random weights)" \
     --out "$OUT/table.md" 2>>"$LOG" | tee -a "$LOG"
