@@ -37,6 +37,16 @@ def fmt(value, digits):
     return f"{value:.{digits}f}"
 
 
+def fmt_time(row):
+    """Median seconds, with the range of the timed runs when there were several."""
+    if not row or row.get("seconds") is None:
+        return "-"
+    times = row.get("times") or []
+    if len(times) > 1:
+        return f"{row['seconds']:.3f} ({min(times):.2f}-{max(times):.2f})"
+    return f"{row['seconds']:.3f}"
+
+
 def ratio(ours, ref):
     if ours is None or ref is None or ref == 0:
         return "-"
@@ -65,7 +75,7 @@ def build(rows, title=None):
         out += [f"### {title}", ""]
     devices = sorted({r.get("device", "?") for r in rows})
     kinds = sorted({r.get("memory_kind", "?") for r in rows})
-    out.append(f"Device: {', '.join(devices)}. Memory: {', '.join(kinds)} (MiB). Times: median of the timed runs.")
+    out.append(f"Device: {', '.join(devices)}. Memory: {', '.join(kinds)} (MiB). Times: median of the timed runs (range in brackets).")
     out.append("")
 
     step_keys = sorted((k for k in index if k[0] == "step"), key=lambda k: (k[4], remat_order(k[1]), k[2], k[3]))
@@ -79,7 +89,7 @@ def build(rows, title=None):
             ts = [r and r.get("seconds") for r in (ours, ref)]
             ms = [r and r.get("memory_mib") for r in (ours, ref)]
             out.append(
-                f"| {remat_label(key[1])} | {key[4]} | {key[2]} | {key[3]} | {fmt(ts[0], 3)} | {fmt(ts[1], 3)} | "
+                f"| {remat_label(key[1])} | {key[4]} | {key[2]} | {key[3]} | {fmt_time(ours)} | {fmt_time(ref)} | "
                 f"{ratio(ts[0], ts[1])} | {fmt(ms[0], 0)} | {fmt(ms[1], 0)} | {ratio(ms[0], ms[1])} |"
             )
         out.append("")
