@@ -394,7 +394,8 @@ def main():
     line = {
         "side": "reference", "what": args.what, "steps": K, "batch": B,
         "remat": args.remat if args.what == "step" else "-", "features": args.features,
-        "precision": args.precision, "device": str(device), "seconds": seconds, "times": times,
+        "precision": args.precision, "random_weights": bool(args.unet_config) or args.features == "inception-random",
+        "device": str(device), "seconds": seconds, "times": times,
         "images_per_second": B / seconds, "loss": value.get("loss"),
         "grad_norms": value.get("grad_norms"), "rss_before_mib": rss_before,
         "peak_rss_mib": peak, "step_extra_mib": peak - rss_before,

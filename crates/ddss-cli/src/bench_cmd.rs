@@ -363,6 +363,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "remat": if args.what == "step" { args.remat.clone() } else { "-".to_string() },
         "features": args.features,
         "precision": args.precision,
+        "random_weights": args.unet_config.is_some() || args.features == "inception-random",
         "device": format!("{device:?}"),
         "seconds": seconds,
         "times": times,
