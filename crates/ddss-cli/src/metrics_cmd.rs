@@ -197,6 +197,43 @@ fn image_source_features(
     Ok(features)
 }
 
+/// [`image_source_features`] split across the ranks of `comm`: every rank reads the source, takes
+/// a contiguous run of its `batch`-sized batches, and the features are all-gathered (the same
+/// batches, hence the same features, as one process).
+fn image_source_features_sharded(
+    path: &Path,
+    num: Option<usize>,
+    extractor: &dyn FeatureExtractor,
+    batch: usize,
+    comm: &dyn Collective,
+) -> Result<Tensor> {
+    if batch == 0 {
+        bail!("--batch 0: need at least 1");
+    }
+    let mut images = load_image_source(path)?;
+    if let Some(num) = num {
+        images = subsample(&images, num, Subsample::First)?;
+    }
+    let total = images.size()[0] as usize;
+    let batches = shard(total.div_ceil(batch), comm.rank(), comm.size());
+    let (start, end) = ((batches.start * batch).min(total), (batches.end * batch).min(total));
+    tracing::info!(
+        "{}: {total} images, features {}{}",
+        path.display(),
+        extractor.name(),
+        crate::dist::ranks_note(comm)
+    );
+    let dim = extractor.dim() as i64;
+    let local = if end > start {
+        let part = images.narrow(0, start as i64, (end - start) as i64);
+        extract_features_batched(extractor, &part, batch, |_, _| {})
+            .with_context(|| format!("computing features of {}", path.display()))?
+    } else {
+        Tensor::zeros([0, dim], (Kind::Float, Device::Cpu))
+    };
+    gather_rows(&local, &[dim], comm)
+}
+
 /// Opens `--features`, naming the flag in errors.
 fn open_features(spec: &FeatureSpec, device: Device) -> Result<Box<dyn FeatureExtractor>> {
     spec.open(device).with_context(|| format!("--features {}", spec_text(spec)))
@@ -253,9 +290,18 @@ pub fn run_stats(args: StatsArgs) -> Result<()> {
     if args.num.is_some_and(|n| n < 2) {
         bail!("--num {}: statistics need at least 2 images", args.num.unwrap_or(0));
     }
-    let device = parse_device(&args.device)?;
+    let comm = crate::dist::world();
+    let comm = comm.as_ref();
+    let device = crate::dist::rank_device(parse_device(&args.device)?, comm);
     let extractor = open_features(&spec, device)?;
-    let features = image_source_features(&args.path, args.num, extractor.as_ref(), args.batch, args.quiet)?;
+    let features = if comm.size() <= 1 {
+        image_source_features(&args.path, args.num, extractor.as_ref(), args.batch, args.quiet)?
+    } else {
+        image_source_features_sharded(&args.path, args.num, extractor.as_ref(), args.batch, comm)?
+    };
+    if !comm.is_root() {
+        return Ok(());
+    }
     let stats = FeatureStats::from_features(&features).with_context(|| {
         format!("{}: statistics need at least 2 images (got {})", args.path.display(), features.size()[0])
     })?;

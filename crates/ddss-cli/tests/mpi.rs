@@ -1,7 +1,8 @@
 //! Data-parallel `search` and sharded `eval` under `mpirun` (CPU, the shipped Fashion-MNIST model,
 //! tiny settings): 2 ranks must learn the sampler one process learns from the same global batch
 //! and seed, a run may be resumed with another number of ranks, and a 2-rank `eval` must report
-//! the FID of a 1-rank one. Built only with the `mpi` feature; skipped when `mpirun` is missing.
+//! the FID of a 1-rank one; 2-rank `stats` and `sample` write what 1 process writes. Built only
+//! with the `mpi` feature; skipped when `mpirun` is missing.
 #![cfg(feature = "mpi")]
 
 mod common;
@@ -214,11 +215,63 @@ fn two_ranks_eval_gives_the_one_process_fid() {
         assert_eq!(lines.len(), 1, "rank 0 alone prints: {stdout}");
         serde_json::from_str(lines[0]).expect("eval --json")
     };
+    // stats with 2 ranks: the same features as 1 process.
+    let reference2 = dir.join("ref2.npz");
+    run_ok(
+        mpirun(2)
+            .args(["--quiet", "stats", "--device", "cpu", "--features", &classifier, "--batch", "5", "--out"])
+            .arg(&reference2)
+            .arg(&data),
+    );
+    let reference1 = dir.join("ref1.npz");
+    run_ok(
+        single()
+            .args(["--quiet", "stats", "--device", "cpu", "--features", &classifier, "--batch", "5", "--out"])
+            .arg(&reference1)
+            .arg(&data),
+    );
+    assert_eq!(npz_features(&reference1), npz_features(&reference2), "stats features differ");
+
     let one = eval(&mut single());
     let two = eval(&mut mpirun(2));
     assert_eq!(one["num"], 10);
     let (fa, fb) = (one["fid"].as_f64().expect("fid"), two["fid"].as_f64().expect("fid"));
     assert!(fa.is_finite() && (fa - fb).abs() <= 1e-9 * fa.abs().max(1.0), "FID {fa} (1 rank) vs {fb} (2 ranks)");
     assert_close(&one, &two, 1e-9, "eval");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn npz_features(path: &Path) -> ndarray::Array2<f32> {
+    let file = std::fs::File::open(path).expect("open npz");
+    let mut npz = ndarray_npy::NpzReader::new(file).expect("npz");
+    npz.by_name("features").expect("features")
+}
+
+#[test]
+fn two_ranks_sample_what_one_process_samples() {
+    if !mpirun_available() {
+        eprintln!("skipped: mpirun not found (install Open MPI: cargo xtask setup --mpi)");
+        return;
+    }
+    let dir = temp_dir("mpi-sample");
+    let sample = |cmd: &mut Command, name: &str| {
+        cmd.args(["--quiet", "sample", "--device", "cpu", "--model", &repo("models/fashion-mnist-ddpm")])
+            .args(["--sampler", "ddim", "--steps", "2", "--num", "7", "--batch", "3", "--seed", "9", "--out-npy"])
+            .arg(dir.join(format!("{name}.npy")))
+            .arg("--out-dir")
+            .arg(dir.join(name))
+            .arg("--out")
+            .arg(dir.join(format!("{name}.png")));
+        run_ok(cmd);
+    };
+    sample(&mut single(), "one");
+    sample(&mut mpirun(2), "two");
+    let read = |p: PathBuf| std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    assert_eq!(read(dir.join("one.npy")), read(dir.join("two.npy")), "samples differ");
+    assert_eq!(read(dir.join("one.png")), read(dir.join("two.png")), "grids differ");
+    for i in 0..7 {
+        let name = format!("{i:06}.png");
+        assert_eq!(read(dir.join("one").join(&name)), read(dir.join("two").join(&name)), "{name} differs");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
