@@ -49,7 +49,7 @@ pub struct Guard {
 pub fn init() -> Result<Guard> {
     #[cfg(feature = "mpi")]
     {
-        if launcher_size() > 1 || std::env::var_os("DDSS_MPI").is_some() {
+        if launcher_size() > 1 {
             let Some(universe) = mpi::initialize() else {
                 anyhow::bail!("MPI could not be initialised (MPI_Init failed or was already called)");
             };
@@ -93,7 +93,7 @@ pub fn abort_if_parallel(code: i32) {
 }
 
 /// The device of this rank: `device` itself in one process or on the CPU; with CUDA in a
-/// multi-rank job, the GPU `local rank % GPU count` (unless a specific `cuda:N` was asked for).
+/// multi-rank job, the GPU `local rank % GPU count` (unless `cuda:N` with `N > 0` was asked for).
 pub fn rank_device(device: Device, comm: &dyn Collective) -> Device {
     match device {
         Device::Cuda(0) if comm.size() > 1 => {

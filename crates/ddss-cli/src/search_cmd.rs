@@ -342,6 +342,10 @@ pub fn run(args: SearchArgs) -> Result<()> {
     let root = comm.is_root();
     let quiet = args.quiet || !root;
     let device = crate::dist::rank_device(parse_device(&device_name)?, comm);
+    if comm.size() > 1 {
+        ddss_opt::collective::check_shardable("optim.batch_size", config.optim.batch_size, comm.size())
+            .with_context(|| format!("{}: invalid [optim] for {} ranks", args.config.display(), comm.size()))?;
+    }
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating run directory {}", run_dir.display()))?;
     if root {
         ggdm_core::io::write_atomic(&run_dir.join("config.toml"), toml::to_string_pretty(&config)?.as_bytes())?;
