@@ -137,8 +137,12 @@ fn metrics(run: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
-fn search(cmd: &mut Command, config: &Path, run: &Path, resume: bool) {
-    cmd.args(["--quiet", "search", "--device", "cpu", "--skip-eval", "--config"]).arg(config).arg("--out").arg(run);
+/// A search; with `compare`, also the final comparison (results.json).
+fn search(cmd: &mut Command, config: &Path, run: &Path, resume: bool, compare: bool) {
+    cmd.args(["--quiet", "search", "--device", "cpu", "--config"]).arg(config).arg("--out").arg(run);
+    if !compare {
+        cmd.arg("--skip-eval");
+    }
     if resume {
         cmd.arg("--resume");
     }
@@ -157,9 +161,9 @@ fn two_ranks_search_like_one_process_and_resume_with_another_rank_count() {
     let config = search_config(&dir, &data, 3);
 
     let one = dir.join("one");
-    search(&mut single(), &config, &one, false);
+    search(&mut single(), &config, &one, false, true);
     let two = dir.join("two");
-    search(&mut mpirun(2), &config, &two, false);
+    search(&mut mpirun(2), &config, &two, false, true);
 
     let (a, b) = (json(&one.join("sampler.json")), json(&two.join("sampler.json")));
     assert_close(&a, &b, 1e-6, "sampler");
@@ -178,10 +182,18 @@ fn two_ranks_search_like_one_process_and_resume_with_another_rank_count() {
     }
 
     // 2 ranks for 2 steps, then 1 process resumes to step 3: the same sampler again.
+    // The comparison (sharded sampling of ddim and the learned sampler) gives the same table.
+    let (ra, rb) = (json(&one.join("results.json")), json(&two.join("results.json")));
+    assert_eq!(ra.as_array().expect("rows").len(), 2);
+    assert_close(&ra, &rb, 1e-9, "results");
+    for file in ["before.png", "after.png", "grid_ddim.png", "grid_learned.png", "checkpoint.safetensors"] {
+        assert!(two.join(file).is_file(), "the 2-rank search did not write {file}");
+    }
+
     let config2 = search_config(&dir, &data, 2);
     let resumed = dir.join("resumed");
-    search(&mut mpirun(2), &config2, &resumed, false);
-    search(&mut single(), &config, &resumed, true);
+    search(&mut mpirun(2), &config2, &resumed, false, false);
+    search(&mut single(), &config, &resumed, true, false);
     assert_close(&a, &json(&resumed.join("sampler.json")), 1e-6, "resumed sampler");
     assert_eq!(metrics(&resumed).len(), 3);
     let _ = std::fs::remove_dir_all(&dir);
