@@ -16,8 +16,10 @@ thread_local! {
     static WORLD: RefCell<Option<Rc<dyn Collective>>> = const { RefCell::new(None) };
 }
 
-/// Environment variables holding the world size, set by the common launchers.
-const SIZE_VARS: [&str; 4] = ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MV2_COMM_WORLD_SIZE"];
+/// Environment variables holding the world size, set by the common launchers (the last one by
+/// `srun` in a job step).
+const SIZE_VARS: [&str; 5] =
+    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MV2_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS"];
 /// Environment variables holding the rank.
 const RANK_VARS: [&str; 5] = ["OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID", "MV2_COMM_WORLD_RANK"];
 /// Environment variables holding the node-local rank.
@@ -49,7 +51,8 @@ pub struct Guard {
 pub fn init() -> Result<Guard> {
     #[cfg(feature = "mpi")]
     {
-        if launcher_size() > 1 {
+        // A PMIx launcher (`srun --mpi=pmix`, Open MPI 5) may announce only the rank.
+        if launcher_size() > 1 || std::env::var_os("PMIX_RANK").is_some() {
             let Some(universe) = mpi::initialize() else {
                 anyhow::bail!("MPI could not be initialised (MPI_Init failed or was already called)");
             };
