@@ -4,6 +4,9 @@
 # table with every baseline, 10k samples per cell, scored with the FID Inception network and the
 # held-out classifier b; plus the CUDA checks of the Inception port.
 #
+# Defaults fit a 6-minute run on an H200 (DEADLINE seconds in all); BASELINES, NUM, KS and
+# INCEPTION_KS override what is compared.
+#
 # 1. On the build machine (cargo, the project venv, the Debian Fashion-MNIST package):
 #
 #      tools/gpu_eval_fashion_mnist.sh --prepare
@@ -25,8 +28,9 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 CARRY=.devcarry
-KS="5 10 20"
-BASELINES="${BASELINES:-ddpm,ddim,ddim@trailing,ddim@quadratic,dpmpp2m,dpmpp3m,unipc,unipc3}"
+KS="${KS:-5 10 20}"
+BASELINES="${BASELINES:-ddpm,ddim@trailing,ddim-noclip@trailing,ddim@quadratic,dpmpp2m,unipc}"
+INCEPTION_KS="${INCEPTION_KS-10}"   # step counts searched with the Inception KID loss
 FASHION=/usr/share/datasets/fashion-mnist
 
 if [ "${1:-}" = "--prepare" ]; then
@@ -63,7 +67,7 @@ fi
 
 : "${OUT:?set OUT to the folder that receives the results}"
 started=$(date +%s)
-DEADLINE=${DEADLINE:-540}   # seconds for the whole script; each step gets what is left
+DEADLINE=${DEADLINE:-360}   # seconds for the whole script; each step gets what is left
 remaining() { echo $(( DEADLINE - ($(date +%s) - started) )); }
 cap() { local left; left=$(( $(remaining) - $2 )); [ "$left" -lt "$1" ] && echo "$left" || echo "$1"; }
 WORK=/tmp/gpu_results
@@ -82,7 +86,7 @@ done
 python3 tools/pack.py unpack "$CARRY/inception_f16.bsxz" /tmp/carry/inception_f16.safetensors
 export DDSS_INCEPTION=/tmp/carry/inception_f16.safetensors
 BIN=/tmp/carry/ddss-cli
-{ nvidia-smi -L; date -u; } | tee "$WORK/machine.txt"
+{ nvidia-smi -L 2>/dev/null; date -u; } | tee "$WORK/machine.txt"
 
 echo "== searches"
 learned=""
@@ -91,11 +95,14 @@ for loss in a inception; do
     sed -e "s|^path = \"$FASHION\"|path = \"$CARRY/train10k-images-idx3-ubyte.gz\"|" \
         -e "s|^reference = .*|reference = \"$CARRY/t10k-images-idx3-ubyte.gz\"|" \
         configs/fashion_mnist.toml > "$config"
+    [ -n "${OPTIM_STEPS:-}" ] && sed -i "s|^steps = 60$|steps = $OPTIM_STEPS|" "$config"
     [ "$loss" = inception ] && sed -i 's|^features = "models/fmnist-classifier-a.safetensors"|features = "inception"|' "$config"
-    for k in $KS; do
+    ks=$KS
+    [ "$loss" = inception ] && ks=$INCEPTION_KS
+    for k in $ks; do
         run=/tmp/carry/runs/$loss-k$k
         t0=$(date +%s)
-        timeout "$(cap "${SEARCH_TIMEOUT:-90}" 240)" "$BIN" --quiet search --device cuda --config "$config" \
+        timeout "$(cap "${SEARCH_TIMEOUT:-90}" 180)" "$BIN" --quiet search --device "${DEVICE:-cuda}" --config "$config" \
             --steps "$k" --skip-eval --out "$run" > "$WORK/search_$loss-k$k.log" 2>&1
         echo "search loss=$loss K=$k: exit $? in $(( $(date +%s) - t0 )) s" | tee -a "$WORK/summary.log"
         if [ -f "$run/sampler.json" ]; then
@@ -108,8 +115,10 @@ for loss in a inception; do
 done
 
 echo "== comparison table, ${NUM:-10000} samples per cell ($(( $(date +%s) - started )) s so far)"
-"$BIN" --quiet table --device cuda --model models/fashion-mnist-ddpm --samplers "$BASELINES" \
-    --steps "${KS// /,}" --learned "${learned#,}" --features models/fmnist-classifier-b.safetensors,inception \
+learned_args=()
+[ -n "$learned" ] && learned_args=(--learned "${learned#,}")
+"$BIN" --quiet table --device "${DEVICE:-cuda}" --model models/fashion-mnist-ddpm --samplers "$BASELINES" \
+    --steps "${KS// /,}" "${learned_args[@]}" --features models/fmnist-classifier-b.safetensors,inception \
     --ref "$CARRY/t10k-images-idx3-ubyte.gz" --num "${NUM:-10000}" --batch 1000 --out "$WORK" \
     > "$WORK/table.log" 2>&1 &
 table_pid=$!

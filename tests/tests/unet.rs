@@ -213,6 +213,19 @@ fn timesteps_change_the_output() {
     assert!(max_abs_diff(&a, &b) > 1e-3, "timesteps do not reach the output");
 }
 
+/// A bf16 network still takes its timesteps in f32: bf16 rounds both 998 and 999 to 1000.
+#[test]
+fn bf16_network_keeps_timesteps_in_f32() {
+    let mut model = UNet2DModel::load(unet_fixture("tiny_attn_pos"), Device::Cpu).expect("load");
+    model.var_store_mut().bfloat16();
+    let io = read_tensors(&unet_fixture("tiny_attn_pos").join("io.safetensors"));
+    let x = tensor(&io, "x");
+    let a = model.forward(x, &Tensor::from_slice(&[998.0f32, 998.0])).expect("forward");
+    let b = model.forward(x, &Tensor::from_slice(&[999.0f32, 999.0])).expect("forward");
+    assert_eq!(a.kind(), Kind::BFloat16);
+    assert!(max_abs_diff(&a.to_kind(Kind::Float), &b.to_kind(Kind::Float)) > 0.0, "998 and 999 give the same output");
+}
+
 #[test]
 fn cifar10_config_has_35_746_307_parameters_with_diffusers_keys() {
     check_public_config("ddpm-cifar10-32", 35_746_307);

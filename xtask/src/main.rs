@@ -7,6 +7,8 @@
 //! * `test`     setup + `cargo fmt --check` + `cargo clippy -D warnings` + `cargo test --workspace`;
 //!   with `--mpi`, also clippy with `ddss-cli/mpi` and the `mpirun` test of `ddss-cli`.
 //! * `search`   setup + release build of `ddss-cli` + `ddss-cli search --config NAME_OR_PATH`.
+//! * `bench`    ours next to the PyTorch reference of `bench/reference/` (DDSS step time and memory,
+//!   sampling and feature throughput), one process per measurement, as a Markdown table.
 //! * `fixtures` installs the pinned reference packages (diffusers, ...) into the venv and regenerates
 //!   the committed reference fixtures under `tests/fixtures/`.
 //!
@@ -42,7 +44,9 @@ fn usage() -> &'static str {
      \x20                                --mpi: also the mpirun tests (cargo test -p ddss-cli --features mpi)\n\
      \x20 search --config NAME_OR_PATH   setup, build ddss-cli (release) and run a sampler search\n\
      \x20 fixtures                       regenerate reference fixtures with the pinned Python packages\n\
-     \x20 bench [--device D] [--batch B]  time and measure one DDSS step for K = 5, 10, 20 (naive vs per-call)\n\
+     \x20 bench [--device D] [--batch B] [--config NAME --random-weights] [--out FILE] [--json]\n\
+     \x20                                ours vs the PyTorch reference: DDSS step (K = 5, 10, 20; naive,\n\
+     \x20                                per-call, budget remat), sampling and feature throughput\n\
      \x20 table [--num N] [--steps 5,10,20] [--inception] [--device D] [--out DIR]\n\
      \x20                                learn samplers at each K, score them with the baselines, write\n\
      \x20                                table.md, results.json and fid_vs_steps.png (default runs/table)\n\
@@ -435,59 +439,271 @@ fn fixtures() -> Result<()> {
     Ok(())
 }
 
-/// `cargo xtask bench`: one `ddss-cli bench-unroll` process per (remat, K), so each memory peak is
-/// that setting's alone; prints a Markdown table.
-fn bench(rest: &[String]) -> Result<()> {
-    let root = repo_root();
+/// What `cargo xtask bench` measures, from its command line.
+struct BenchPlan {
+    device: String,
+    batch: String,
+    steps: Vec<String>,
+    sample_batch: String,
+    features_batch: String,
+    warmup: String,
+    repeat: String,
+    /// `--model DIR` or `--unet-config FILE` for ddss-cli and the reference alike.
+    model_args: Vec<String>,
+    features: String,
+    json: bool,
+    reference: bool,
+    budget: bool,
+    out: PathBuf,
+}
+
+fn parse_bench(root: &Path, rest: &[String]) -> Result<BenchPlan> {
     let mut device = "cpu".to_string();
-    let mut batch = "32".to_string();
+    let mut batch = None;
+    let mut steps = vec!["5".to_string(), "10".to_string(), "20".to_string()];
+    let mut sample_batch = None;
+    let mut features_batch = None;
+    let mut warmup = "1".to_string();
+    let mut repeat = "3".to_string();
+    let mut config = None;
+    let mut model = None;
+    let mut random_weights = false;
+    let mut json = false;
+    let mut reference = true;
+    let mut budget = true;
+    let mut out = None;
     let mut it = rest.iter();
     while let Some(arg) = it.next() {
+        let mut value = || it.next().cloned().with_context(|| format!("{arg} needs a value"));
         match arg.as_str() {
-            "--device" => device = it.next().context("--device needs a value")?.clone(),
-            "--batch" => batch = it.next().context("--batch needs a value")?.clone(),
-            other => bail!("bench: unknown argument `{other}` (expected --device D, --batch B)"),
+            "--device" => device = value()?,
+            "--batch" => batch = Some(value()?),
+            "--steps" => steps = value()?.split(',').map(str::to_string).collect(),
+            "--sample-batch" => sample_batch = Some(value()?),
+            "--features-batch" => features_batch = Some(value()?),
+            "--warmup" => warmup = value()?,
+            "--repeat" => repeat = value()?,
+            "--config" => config = Some(value()?),
+            "--model" => model = Some(value()?),
+            "--random-weights" => random_weights = true,
+            "--json" => json = true,
+            "--no-reference" => reference = false,
+            "--no-budget" => budget = false,
+            "--out" => out = Some(PathBuf::from(value()?)),
+            other => bail!(
+                "bench: unknown argument `{other}` (expected --device D, --batch B, --steps 5,10,20, \
+                 --sample-batch B, --features-batch B, --warmup N, --repeat N, --config NAME, --model DIR, \
+                 --random-weights, --json, --no-reference, --no-budget, --out FILE)"
+            ),
         }
     }
-    setup()?;
+    let cuda = device.starts_with("cuda");
+    // The model directory and loss features: the config's, else the shipped Fashion-MNIST pair.
+    let (model_dir, features) = match &config {
+        Some(name) => {
+            let path = resolve_config(root, name)?;
+            let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+            let table: toml::Table = text.parse().with_context(|| format!("parsing {}", path.display()))?;
+            let model = table
+                .get("model")
+                .and_then(|m| m.get("path"))
+                .and_then(|p| p.as_str())
+                .with_context(|| format!("{}: no [model] path", path.display()))?;
+            let features = table
+                .get("loss")
+                .and_then(|l| l.get("features"))
+                .and_then(|f| f.as_str())
+                .unwrap_or("inception")
+                .to_string();
+            (root.join(model), features)
+        }
+        None => (
+            root.join(model.as_deref().unwrap_or("models/fashion-mnist-ddpm")),
+            "models/fmnist-classifier-a.safetensors".to_string(),
+        ),
+    };
+    let features = if random_weights && features == "inception" { "inception-random".to_string() } else { features };
+    let model_args = if random_weights {
+        // The model's own config.json when it is here, else the committed public config of the
+        // same name (tests/fixtures/unet/<name>.config.json, e.g. ddpm-cifar10-32).
+        let own = model_dir.join("config.json");
+        let name = model_dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        let fixture = root.join("tests").join("fixtures").join("unet").join(format!("{name}.config.json"));
+        let config_json = [own, fixture.clone()].into_iter().find(|p| p.is_file()).with_context(|| {
+            format!("--random-weights: neither {}/config.json nor {} exists", model_dir.display(), fixture.display())
+        })?;
+        vec!["--unet-config".to_string(), config_json.to_string_lossy().to_string()]
+    } else {
+        if !model_dir.is_dir() {
+            bail!("model directory {} not found (add --random-weights to time its architecture)", model_dir.display());
+        }
+        vec!["--model".to_string(), model_dir.to_string_lossy().to_string()]
+    };
+    let default_batch = if cuda { "64" } else { "32" };
+    let default_throughput = if cuda { "256" } else { "64" };
+    let device_name = device.replace(':', "");
+    Ok(BenchPlan {
+        batch: batch.unwrap_or_else(|| default_batch.to_string()),
+        sample_batch: sample_batch.unwrap_or_else(|| default_throughput.to_string()),
+        features_batch: features_batch.unwrap_or_else(|| default_throughput.to_string()),
+        out: out.unwrap_or_else(|| root.join("bench").join(format!("results-{device_name}.md"))),
+        device,
+        steps,
+        warmup,
+        repeat,
+        model_args,
+        features,
+        json,
+        reference,
+        budget,
+    })
+}
+
+/// Runs one measurement process; returns its JSON line, or `None` (with a warning) if it failed.
+fn bench_run(cmd: &mut Command, what: &str) -> Option<String> {
+    let shown = format!("{cmd:?}");
+    let out = match cmd.output() {
+        Ok(out) => out,
+        Err(e) => {
+            eprintln!("[bench] {what}: could not start {shown}: {e}");
+            return None;
+        }
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().rev().find(|l| l.trim_start().starts_with('{')).map(str::to_string);
+    if !out.status.success() || line.is_none() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let tail: Vec<&str> = stderr.lines().rev().take(5).collect();
+        eprintln!("[bench] {what} failed ({}): {}", out.status, tail.into_iter().rev().collect::<Vec<_>>().join(" | "));
+        return None;
+    }
+    line
+}
+
+/// One line about the machine: CPU model, cores, load average (the numbers are only as quiet as
+/// the machine was).
+fn machine_line() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|| "unknown CPU".to_string());
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load: Vec<&str> = load.split_whitespace().take(3).collect();
+    format!("{model}, {cores} cores available, load average {}", load.join(" "))
+}
+
+/// `cargo xtask bench`: ours (`ddss-cli bench-unroll`) and the PyTorch reference
+/// (`bench/reference/ddss_ref.py`) side by side, each setting in its own process so each memory
+/// peak is that setting's alone; the JSON lines go to `<out>.jsonl`, the Markdown table
+/// (`bench/reference/table.py`) to `<out>` and the terminal.
+fn bench(rest: &[String]) -> Result<()> {
+    let root = repo_root();
+    let plan = parse_bench(&root, rest)?;
+    let env = setup()?;
+    if plan.reference && output_of(Command::new(&env.python).args(["-c", "import diffusers"])).is_none() {
+        println!("[bench] installing {DIFFUSERS} into the venv (the reference's UNet)");
+        run_cmd(Command::new(&env.python).args([
+            "-m",
+            "pip",
+            "install",
+            "--disable-pip-version-check",
+            "-q",
+            DIFFUSERS,
+        ]))?;
+    }
     println!("[bench] building ddss-cli (release)");
     run_cmd(cargo().current_dir(&root).args(["build", "--release", "-p", "ddss-cli"]))?;
     let bin = root.join("target").join("release").join("ddss-cli");
-    println!("| remat | K | batch | seconds | step memory (MiB, peak RSS - RSS before) |");
-    println!("|---|---|---|---|---|");
-    for remat in ["naive", "per_call"] {
-        for k in ["5", "10", "20"] {
-            let out = Command::new(&bin)
-                .current_dir(&root)
-                .args([
-                    "--quiet",
-                    "bench-unroll",
-                    "--steps",
-                    k,
-                    "--batch",
-                    &batch,
-                    "--remat",
-                    remat,
-                    "--device",
-                    &device,
-                ])
-                .output()
-                .context("running ddss-cli bench-unroll")?;
-            if !out.status.success() {
-                bail!("bench-unroll failed: {}", String::from_utf8_lossy(&out.stderr));
+    let reference = root.join("bench").join("reference").join("ddss_ref.py");
+    let scratch = root.join("target").join("bench");
+    std::fs::create_dir_all(&scratch)?;
+    let started = machine_line();
+    let mut lines = Vec::new();
+    let common = |what: &str, k: &str, batch: &str| -> Vec<String> {
+        let mut v: Vec<String> = ["--what", what, "--steps", k, "--batch", batch, "--device", &plan.device]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        v.extend(["--warmup".into(), plan.warmup.clone(), "--repeat".into(), plan.repeat.clone()]);
+        v.extend(["--features".into(), plan.features.clone()]);
+        v.extend(plan.model_args.iter().cloned());
+        v
+    };
+    let mut record = |line: Option<String>| {
+        if let Some(line) = line {
+            if plan.json {
+                println!("{line}");
             }
-            let line = String::from_utf8_lossy(&out.stdout);
-            let field = |name: &str| -> String {
-                line.split(&format!("\"{name}\":"))
-                    .nth(1)
-                    .map(|rest| rest.split([',', '}']).next().unwrap_or("").trim_matches('"').to_string())
-                    .unwrap_or_default()
-            };
-            let secs: f64 = field("seconds").parse().unwrap_or(f64::NAN);
-            let extra: f64 = field("step_extra_mib").parse().unwrap_or(f64::NAN);
-            println!("| {remat} | {k} | {batch} | {secs:.2} | {extra:.0} |");
+            lines.push(line);
+        }
+    };
+    for k in &plan.steps {
+        let noise = scratch.join(format!("noise-k{k}-b{}.safetensors", plan.batch));
+        let mut remats = vec!["naive".to_string(), "per_call".to_string()];
+        if plan.budget {
+            let half = k.parse::<usize>().unwrap_or(2) / 2;
+            remats.push(format!("budget:{half}"));
+        }
+        for remat in &remats {
+            let what = format!("step K={k} B={} {remat}", plan.batch);
+            println!("[bench] {what}: ours");
+            let mut ours = Command::new(&bin);
+            ours.current_dir(&root).arg("--quiet").arg("bench-unroll").args(common("step", k, &plan.batch));
+            ours.args(["--remat", remat]).arg("--save-noise").arg(&noise);
+            record(bench_run(&mut ours, &format!("{what} (ours)")));
+            if plan.reference && !remat.starts_with("budget") {
+                println!("[bench] {what}: reference");
+                let mut theirs = Command::new(&env.python);
+                theirs.current_dir(&root).arg(&reference).args(common("step", k, &plan.batch));
+                theirs.args(["--remat", remat]).arg("--noise").arg(&noise);
+                record(bench_run(&mut theirs, &format!("{what} (reference)")));
+            }
         }
     }
+    for (what, k, batch) in [("sample", "10", &plan.sample_batch), ("features", "10", &plan.features_batch)] {
+        println!("[bench] {what} B={batch}: ours");
+        let mut ours = Command::new(&bin);
+        ours.current_dir(&root).arg("--quiet").arg("bench-unroll").args(common(what, k, batch));
+        record(bench_run(&mut ours, &format!("{what} (ours)")));
+        if plan.reference {
+            println!("[bench] {what} B={batch}: reference");
+            let mut theirs = Command::new(&env.python);
+            theirs.current_dir(&root).arg(&reference).args(common(what, k, batch));
+            record(bench_run(&mut theirs, &format!("{what} (reference)")));
+        }
+    }
+    if let Some(dir) = plan.out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let jsonl = plan.out.with_extension("jsonl");
+    std::fs::write(&jsonl, lines.join("\n") + "\n").with_context(|| format!("writing {}", jsonl.display()))?;
+    let table = Command::new(&env.python)
+        .arg(root.join("bench").join("reference").join("table.py"))
+        .arg(&jsonl)
+        .output()
+        .context("running bench/reference/table.py")?;
+    if !table.status.success() {
+        bail!("table.py failed: {}", String::from_utf8_lossy(&table.stderr));
+    }
+    let date = output_of(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"])).unwrap_or_default();
+    let header = format!(
+        "Measured {date} with `cargo xtask bench {}`.\n\nMachine at the start: {started}; at the end: {}.\n\
+         Model: `{}`; features: `{}`; {} warm-up run(s), median of {} timed runs, one process per cell.\n\n",
+        rest.join(" "),
+        machine_line(),
+        plan.model_args.join(" "),
+        plan.features,
+        plan.warmup,
+        plan.repeat,
+    );
+    let text = header + &String::from_utf8_lossy(&table.stdout);
+    std::fs::write(&plan.out, &text).with_context(|| format!("writing {}", plan.out.display()))?;
+    println!("{text}");
+    println!("[bench] table: {}; JSON lines: {}", plan.out.display(), jsonl.display());
     Ok(())
 }
 

@@ -1,32 +1,85 @@
-//! `ddss-cli bench-unroll`: one DDSS objective evaluation (forward, loss, exact gradient) of a
-//! K-step GGDM sampler on a model, reporting its time and memory as one JSON line. `cargo xtask
-//! bench` runs it in a fresh process per setting, so each peak is that setting's alone.
+//! `ddss-cli bench-unroll`: time and memory of one workload, reported as one JSON line. `cargo
+//! xtask bench` and `tools/gpu_bench.sh` run it in a fresh process per setting, so each peak is
+//! that setting's alone, next to the PyTorch reference of `bench/reference/`.
 //!
-//! Memory: on CUDA, libtorch's allocator peak (`max_memory_allocated`) is not exposed through tch,
-//! so the process's peak resident memory (`VmHWM` in /proc/self/status) is reported on CPU, and on
-//! CUDA the same CPU number plus a note; the step's extra memory is `peak - before`.
+//! Workloads (`--what`):
+//! * `step`: one DDSS objective evaluation (forward, loss, exact gradient) of a K-step GGDM sampler
+//!   at DDIM initialisation (eta 0, trailing grid, full history), KID on the chosen features;
+//! * `sample`: the same sampler without autograd (DDIM), reported as images per second;
+//! * `features`: the feature network alone on random samples, without autograd, images per second.
+//!
+//! Each workload runs `--warmup` times, then `--repeat` times; the reported time is the median.
+//! The network is a model directory (`--model`) or, with `--unet-config`, a diffusers
+//! `config.json` built with random weights (speed does not depend on the values); the feature
+//! network may be `inception-random` likewise.
+//!
+//! Memory. CPU: the process's peak resident memory (`VmHWM` in /proc/self/status) minus the
+//! resident memory just before the first run. CUDA: libtorch's allocator statistics are not
+//! exposed through tch, so the device memory in use (`cudaMemGetInfo`: total - free) is read
+//! before the first run and after the last; the caching allocator keeps what it reserved, so the
+//! difference is the peak reserved by the runs (the PyTorch reference reports the same quantity
+//! next to `max_memory_allocated`).
 
 use crate::common::parse_device;
 use anyhow::{bail, Context, Result};
+use clap::Args;
 use ddss_opt::loss::{FeatureLoss, LossKind};
 use ddss_opt::objective::{BatchNoise, Objective};
 use ddss_opt::unroll::Remat;
-use fid_metrics::features::open_extractor;
+use fid_metrics::features::{open_extractor, FeatureExtractor};
+use fid_metrics::inception::{Inception, Precision};
+use ggdm_core::denoiser::Denoiser;
 use ggdm_core::ggdm::{GgdmSampler, History, Learnable};
 use ggdm_core::grid::Spacing;
-use ggdm_core::model_dir::load_model_dir;
-use std::path::PathBuf;
+use ggdm_core::model_dir::{load_model_dir, scheduler_config_path};
+use ggdm_core::scheduler_config::SchedulerConfig;
+use ggdm_core::unet::{UNet2DConfig, UNet2DModel, UNetDenoiser};
+use std::path::{Path, PathBuf};
 use std::time::Instant;
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 /// The arguments of `ddss-cli bench-unroll`.
+#[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
+    /// step (one DDSS objective + gradient) | sample (DDIM, no grad) | features (feature network).
+    #[arg(long, default_value = "step")]
+    pub what: String,
+    /// Model directory (diffusers layout or TorchScript).
+    #[arg(long, default_value = "models/fashion-mnist-ddpm")]
     pub model: PathBuf,
+    /// A diffusers UNet2DModel config.json to build with random weights instead of `--model`
+    /// (the scheduler is the scheduler_config.json beside it, else diffusers' DDPM defaults).
+    #[arg(long)]
+    pub unet_config: Option<PathBuf>,
+    /// Sampler steps K.
+    #[arg(long, default_value_t = 10)]
     pub steps: usize,
+    /// Batch size.
+    #[arg(long, default_value_t = 32)]
     pub batch: usize,
+    /// naive | per_call | budget:N (the step workload).
+    #[arg(long, default_value = "per_call")]
     pub remat: String,
+    /// Feature network: inception, inception-random (random weights) or a classifier .safetensors.
+    #[arg(long, default_value = "models/fmnist-classifier-a.safetensors")]
     pub features: String,
+    /// auto | cpu | cuda | cuda:N.
+    #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Untimed runs before the timed ones.
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    /// Timed runs; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    pub repeat: usize,
+    /// Arithmetic of the network calls: f32, or bf16 (weights and inputs cast to bf16 for each
+    /// call, its output cast back to f32 for the linear combination and the loss).
+    #[arg(long, default_value = "f32")]
+    pub precision: String,
+    /// Writes the step's noise (`x_init`, `z_0` .. `z_{K-1}`) and the real features (`real`) to
+    /// this safetensors file, so the reference can be run on exactly the same inputs.
+    #[arg(long)]
+    pub save_noise: Option<PathBuf>,
 }
 
 /// Resident-memory high-water mark and current value of this process, in MiB (Linux).
@@ -44,6 +97,48 @@ fn memory_mib() -> (f64, f64) {
     (field("VmHWM:"), field("VmRSS:"))
 }
 
+mod cuda_memory {
+    //! `cudaMemGetInfo` from the CUDA runtime libtorch already loaded (looked up at run time, so
+    //! nothing extra is linked).
+
+    use std::ffi::{c_char, c_int, c_void, CStr};
+
+    extern "C" {
+        fn dlopen(filename: *const c_char, flag: c_int) -> *mut c_void;
+        fn dlsym(handle: *mut c_void, symbol: *const c_char) -> *mut c_void;
+    }
+
+    const RTLD_LAZY: c_int = 1;
+    const RTLD_NOLOAD: c_int = 4;
+
+    type MemGetInfo = unsafe extern "C" fn(*mut usize, *mut usize) -> c_int;
+
+    /// Device memory in use (total - free) on the current device, in MiB, if the runtime is loaded.
+    pub fn used_mib() -> Option<f64> {
+        let names: [&CStr; 3] = [c"libcudart.so.13", c"libcudart.so.12", c"libcudart.so"];
+        for name in names {
+            // SAFETY: dlopen with RTLD_NOLOAD only returns a library already in the process;
+            // `cudaMemGetInfo` has the signature declared above in every CUDA runtime release.
+            unsafe {
+                let handle = dlopen(name.as_ptr(), RTLD_LAZY | RTLD_NOLOAD);
+                if handle.is_null() {
+                    continue;
+                }
+                let symbol = dlsym(handle, c"cudaMemGetInfo".as_ptr());
+                if symbol.is_null() {
+                    continue;
+                }
+                let get: MemGetInfo = std::mem::transmute::<*mut c_void, MemGetInfo>(symbol);
+                let (mut free, mut total) = (0usize, 0usize);
+                if get(&mut free, &mut total) == 0 {
+                    return Some((total - free) as f64 / (1024.0 * 1024.0));
+                }
+            }
+        }
+        None
+    }
+}
+
 fn parse_remat(name: &str) -> Result<Remat> {
     match name {
         "naive" => Ok(Remat::Naive),
@@ -55,19 +150,124 @@ fn parse_remat(name: &str) -> Result<Remat> {
     }
 }
 
+/// A network that runs in bf16: inputs and weights in bf16, output cast back to f32.
+struct Bf16Denoiser(Box<dyn Denoiser>);
+
+impl Denoiser for Bf16Denoiser {
+    fn forward(&self, x: &Tensor, tau: &Tensor) -> ggdm_core::Result<Tensor> {
+        Ok(self.0.forward(&x.to_kind(Kind::BFloat16), tau)?.to_kind(x.kind()))
+    }
+
+    fn prediction_type(&self) -> ggdm_core::prediction::PredictionType {
+        self.0.prediction_type()
+    }
+
+    fn sample_shape(&self) -> Option<[i64; 3]> {
+        self.0.sample_shape()
+    }
+}
+
+/// The network and its scheduler settings.
+fn open_model(args: &BenchArgs, device: Device) -> Result<(Box<dyn Denoiser>, SchedulerConfig)> {
+    let bf16 = match args.precision.as_str() {
+        "f32" => false,
+        "bf16" => true,
+        other => bail!("--precision {other}: expected f32 or bf16"),
+    };
+    let (denoiser, scheduler): (Box<dyn Denoiser>, SchedulerConfig) = match &args.unet_config {
+        Some(config_path) => {
+            let config = UNet2DConfig::from_json_file(config_path)
+                .with_context(|| format!("reading {}", config_path.display()))?;
+            tch::manual_seed(0);
+            let mut model = UNet2DModel::new(config, device)?;
+            model.var_store_mut().freeze();
+            if bf16 {
+                model.var_store_mut().bfloat16();
+            }
+            let beside = config_path.parent().map(|dir| dir.join("scheduler_config.json"));
+            let scheduler = match beside.filter(|p| p.is_file()) {
+                Some(path) => SchedulerConfig::from_file(&path)?,
+                None => SchedulerConfig::default(),
+            };
+            let denoiser = UNetDenoiser::new(model, scheduler.prediction_type);
+            (Box::new(denoiser), scheduler)
+        }
+        None => {
+            if bf16 {
+                let dir = &args.model;
+                if scheduler_config_path(dir).is_none() && dir.join("model.pt").is_file() {
+                    bail!("--precision bf16 needs a diffusers model directory");
+                }
+                let mut denoiser = ggdm_core::unet::UNetDenoiser::load(dir, device)?;
+                denoiser.model_mut().var_store_mut().bfloat16();
+                let scheduler = match scheduler_config_path(dir) {
+                    Some(path) => SchedulerConfig::from_file(&path)?,
+                    None => SchedulerConfig::default(),
+                };
+                let denoiser = denoiser.with_prediction_type(scheduler.prediction_type);
+                (Box::new(denoiser), scheduler)
+            } else {
+                let loaded = load_model_dir(&args.model, device)?;
+                (loaded.denoiser, loaded.scheduler)
+            }
+        }
+    };
+    if bf16 {
+        Ok((Box::new(Bf16Denoiser(denoiser)), scheduler))
+    } else {
+        Ok((denoiser, scheduler))
+    }
+}
+
+/// The feature network: as [`open_extractor`], plus `inception-random`. On CUDA the Inception
+/// runs with TF32 convolutions, PyTorch's default for cuDNN and what the reference uses.
+fn open_features(spec: &str, device: Device) -> Result<Box<dyn FeatureExtractor>> {
+    let precision = if device.is_cuda() { Precision::Tf32 } else { Precision::F32 };
+    Ok(match spec {
+        "inception-random" => Box::new(Inception::random(0, device)?.with_precision(precision)),
+        "inception" => Box::new(Inception::load_default(device)?.with_precision(precision)),
+        other => open_extractor(other, device)?,
+    })
+}
+
+fn synchronize(device: Device) {
+    if let Device::Cuda(index) = device {
+        tch::Cuda::synchronize(index as i64);
+    }
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    let n = values.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    }
+}
+
+fn save_noise(path: &Path, noise: BatchNoise, shape: [i64; 3], steps: usize, real: &Tensor) -> Result<()> {
+    let (x_init, z) = noise.draw(0, noise.batch, shape, steps, Device::Cpu)?;
+    let mut named = vec![("x_init".to_string(), x_init), ("real".to_string(), real.to_device(Device::Cpu))];
+    named.extend(z.into_iter().enumerate().map(|(i, t)| (format!("z_{i}"), t)));
+    Tensor::write_safetensors(&named, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
 /// Runs `ddss-cli bench-unroll`.
 pub fn run(args: BenchArgs) -> Result<()> {
     let device = parse_device(&args.device)?;
-    let remat = parse_remat(&args.remat)?;
-    let model = load_model_dir(&args.model, device)?;
+    if args.repeat == 0 {
+        bail!("--repeat must be at least 1");
+    }
+    let (model, scheduler) = open_model(&args, device)?;
     let shape = model.sample_shape().context("the model does not fix its sample size")?;
-    let extractor = open_extractor(&args.features, device)?;
-    // Reference features: a fixed random set is enough to time the loss and its gradient.
-    tch::manual_seed(0);
-    let real = Tensor::randn([256, extractor.dim() as i64], (Kind::Float, device)).abs();
-    let loss = FeatureLoss::new(LossKind::Kid, &real)?;
+    let batch = args.batch;
     let sampler = GgdmSampler::init_from_spacing(
-        &model.scheduler,
+        &scheduler,
         args.steps,
         Spacing::Trailing,
         0.0,
@@ -75,36 +275,116 @@ pub fn run(args: BenchArgs) -> Result<()> {
         Learnable::default(),
         device,
     )?;
-    let objective = Objective {
-        sampler: &sampler,
-        model: model.denoiser.as_ref(),
-        extractor: extractor.as_ref(),
-        loss: &loss,
-        remat,
-        micro_batch: args.batch,
-        sample_shape: shape,
-        device,
-        state_kind: Kind::Float,
+    let mut extra = serde_json::Map::new();
+    // One run of the workload, returning what it computed (loss and gradient norms, or nothing).
+    let mut run_once: Box<dyn FnMut() -> Result<serde_json::Value>> = match args.what.as_str() {
+        "step" => {
+            let remat = parse_remat(&args.remat)?;
+            let extractor = open_features(&args.features, device)?;
+            // Reference features: a fixed random set is enough to time the loss and its gradient.
+            tch::manual_seed(0);
+            let real = Tensor::randn([256, extractor.dim() as i64], (Kind::Float, Device::Cpu)).abs().to_device(device);
+            let loss = FeatureLoss::new(LossKind::Kid, &real)?;
+            let noise = BatchNoise { seed: 0, batch };
+            if let Some(path) = &args.save_noise {
+                save_noise(path, noise, shape, args.steps, &real)?;
+            }
+            Box::new(move || {
+                let objective = Objective {
+                    sampler: &sampler,
+                    model: model.as_ref(),
+                    extractor: extractor.as_ref(),
+                    loss: &loss,
+                    remat,
+                    micro_batch: batch,
+                    sample_shape: shape,
+                    device,
+                    state_kind: Kind::Float,
+                };
+                for p in sampler.trainable() {
+                    let mut g = p.grad();
+                    if g.defined() {
+                        let _ = g.zero_();
+                    }
+                }
+                let loss = objective.loss_and_grad(noise)?;
+                let mut norms = serde_json::Map::new();
+                for (name, p) in sampler.params.named() {
+                    let g = p.grad();
+                    if g.defined() {
+                        norms.insert(name.into(), g.norm().double_value(&[]).into());
+                    }
+                }
+                Ok(serde_json::json!({ "loss": loss, "grad_norms": norms }))
+            })
+        }
+        "sample" => Box::new(move || {
+            let full = [batch as i64, shape[0], shape[1], shape[2]];
+            tch::no_grad(|| -> Result<()> {
+                let x_init = Tensor::randn(full, (Kind::Float, device));
+                let z: Vec<Tensor> = (0..sampler.steps).map(|_| Tensor::randn(full, (Kind::Float, device))).collect();
+                let _ = sampler.sample(model.as_ref(), &x_init, &z)?;
+                Ok(())
+            })?;
+            Ok(serde_json::Value::Null)
+        }),
+        "features" => {
+            let extractor = open_features(&args.features, device)?;
+            extra.insert("feature_dim".into(), extractor.dim().into());
+            Box::new(move || {
+                let x = Tensor::rand([batch as i64, shape[0], shape[1], shape[2]], (Kind::Float, device)) * 2.0 - 1.0;
+                let _ = tch::no_grad(|| extractor.features(&x))?;
+                Ok(serde_json::Value::Null)
+            })
+        }
+        other => bail!("--what {other}: expected step, sample or features"),
     };
     let (_, rss_before) = memory_mib();
-    let started = Instant::now();
-    let value = objective.loss_and_grad(BatchNoise { seed: 0, batch: args.batch })?;
-    if let tch::Device::Cuda(_) = device {
-        tch::Cuda::synchronize(0);
+    let cuda_before = if device.is_cuda() { cuda_memory::used_mib() } else { None };
+    let mut value = serde_json::Value::Null;
+    for _ in 0..args.warmup {
+        value = run_once()?;
+        synchronize(device);
     }
-    let seconds = started.elapsed().as_secs_f64();
+    let mut times = Vec::with_capacity(args.repeat);
+    for _ in 0..args.repeat {
+        let started = Instant::now();
+        value = run_once()?;
+        synchronize(device);
+        times.push(started.elapsed().as_secs_f64());
+    }
+    let seconds = median(times.clone());
     let (peak, _) = memory_mib();
-    let line = serde_json::json!({
+    let mut line = serde_json::json!({
+        "side": "ours",
+        "what": args.what,
         "steps": args.steps,
-        "batch": args.batch,
-        "remat": args.remat,
+        "batch": batch,
+        "remat": if args.what == "step" { args.remat.clone() } else { "-".to_string() },
+        "features": args.features,
+        "precision": args.precision,
+        "random_weights": args.unet_config.is_some() || args.features == "inception-random",
         "device": format!("{device:?}"),
         "seconds": seconds,
-        "loss": value,
+        "times": times,
+        "images_per_second": batch as f64 / seconds,
+        "loss": value["loss"],
+        "grad_norms": value["grad_norms"],
         "rss_before_mib": rss_before,
         "peak_rss_mib": peak,
         "step_extra_mib": peak - rss_before,
     });
+    if let (Some(before), Some(after)) = (cuda_before, cuda_memory::used_mib()) {
+        line["cuda_reserved_mib"] = (after - before).into();
+        line["memory_mib"] = (after - before).into();
+        line["memory_kind"] = "cuda reserved growth".into();
+    } else {
+        line["memory_mib"] = (peak - rss_before).into();
+        line["memory_kind"] = "peak RSS - RSS before".into();
+    }
+    if let Some(map) = line.as_object_mut() {
+        map.extend(extra);
+    }
     println!("{line}");
     Ok(())
 }

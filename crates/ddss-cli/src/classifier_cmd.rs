@@ -79,6 +79,7 @@ pub fn run(args: TrainClassifierArgs) -> Result<()> {
     if args.out.extension() != Some(std::ffi::OsStr::new("safetensors")) {
         bail!("--out {}: the weights file name must end in .safetensors", args.out.display());
     }
+    ggdm_core::io::check_output_path(&args.out).context("--out")?;
     if !args.data.is_dir() {
         bail!(
             "--data {}: not a folder. Give the folder holding train-images-idx3-ubyte.gz, \

@@ -312,28 +312,9 @@ enum Command {
         #[arg(long)]
         half: bool,
     },
-    /// Time one DDSS objective evaluation (forward, loss, exact gradient) and report its peak
-    /// memory as one JSON line (used by `cargo xtask bench`).
-    BenchUnroll {
-        /// Model directory.
-        #[arg(long, default_value = "models/fashion-mnist-ddpm")]
-        model: PathBuf,
-        /// Sampler steps K.
-        #[arg(long, default_value_t = 10)]
-        steps: usize,
-        /// Batch size.
-        #[arg(long, default_value_t = 32)]
-        batch: usize,
-        /// naive | per_call | budget:N.
-        #[arg(long, default_value = "per_call")]
-        remat: String,
-        /// Loss feature network: inception or a classifier .safetensors.
-        #[arg(long, default_value = "models/fmnist-classifier-a.safetensors")]
-        features: String,
-        /// auto | cpu | cuda | cuda:N.
-        #[arg(long, default_value = "auto")]
-        device: String,
-    },
+    /// Time a DDSS objective evaluation (forward, loss, exact gradient), sampling or feature
+    /// extraction and report its memory as one JSON line (used by `cargo xtask bench`).
+    BenchUnroll(bench_cmd::BenchArgs),
     /// Print the timestep grid a spacing gives (diffusers' `timestep_spacing` semantics).
     Timesteps {
         /// Number of sampling steps K.
@@ -400,7 +381,14 @@ fn main() -> ExitCode {
 
 fn report(err: anyhow::Error) -> ExitCode {
     // libtorch appends a C++ stack trace to its messages; the first lines say what is wrong.
-    let message = format!("{err:#}");
+    // Each cause once: an error that already prints its source is not followed by it again.
+    let mut message = err.to_string();
+    for cause in err.chain().skip(1) {
+        let text = cause.to_string();
+        if !message.ends_with(&text) {
+            message = format!("{message}: {text}");
+        }
+    }
     let message = message.split("\nException raised from").next().unwrap_or(&message);
     eprintln!("error: {message}");
     ExitCode::FAILURE
@@ -536,9 +524,7 @@ fn run(cli: Cli) -> Result<()> {
             net.export_safetensors(&out, half).with_context(|| format!("writing {}", out.display()))?;
             println!("{} -> {} ({})", path.display(), out.display(), if half { "fp16" } else { "f32" });
         }
-        Command::BenchUnroll { model, steps, batch, remat, features, device } => {
-            bench_cmd::run(bench_cmd::BenchArgs { model, steps, batch, remat, features, device })?
-        }
+        Command::BenchUnroll(args) => bench_cmd::run(args)?,
         Command::Export { sampler, format } => {
             let loaded = GgdmSampler::load(&sampler, tch::Device::Cpu)
                 .with_context(|| format!("loading sampler {}", sampler.display()))?;

@@ -290,6 +290,7 @@ pub fn run_stats(args: StatsArgs) -> Result<()> {
     if args.num.is_some_and(|n| n < 2) {
         bail!("--num {}: statistics need at least 2 images", args.num.unwrap_or(0));
     }
+    ggdm_core::io::check_output_path(&args.out).context("--out")?;
     let comm = crate::dist::world();
     let comm = comm.as_ref();
     let device = crate::dist::rank_device(parse_device(&args.device)?, comm);

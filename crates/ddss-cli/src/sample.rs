@@ -176,6 +176,9 @@ pub fn run(args: SampleArgs) -> Result<()> {
     let comm = crate::dist::world();
     let comm = comm.as_ref();
     let device = crate::dist::rank_device(parse_device(&args.device)?, comm);
+    for path in [&args.out, &args.out_npy].into_iter().flatten() {
+        ggdm_core::io::check_output_path(path)?;
+    }
     if args.batch == 0 {
         bail!("--batch 0: need at least 1");
     }

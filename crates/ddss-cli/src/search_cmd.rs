@@ -206,8 +206,19 @@ pub struct ResultRow {
 
 fn load_config(path: &Path, steps: Option<usize>) -> Result<SearchConfig> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading search config {}", path.display()))?;
+    parse_config_with_steps(&text, path, steps)
+}
+
+/// Parses and range-checks the text of a search config (`path` is only named in errors).
+#[cfg(test)]
+fn parse_config(text: &str, path: &Path) -> Result<SearchConfig> {
+    parse_config_with_steps(text, path, None)
+}
+
+/// [`parse_config`] with `[sampler] steps` overridden by `steps` (`--steps`) before the checks.
+fn parse_config_with_steps(text: &str, path: &Path, steps: Option<usize>) -> Result<SearchConfig> {
     let mut config: SearchConfig =
-        toml::from_str(&text).with_context(|| format!("invalid search config {}", path.display()))?;
+        toml::from_str(text).with_context(|| format!("invalid search config {}", path.display()))?;
     if let Some(k) = steps {
         config.sampler.steps = k;
     }
@@ -304,7 +315,8 @@ impl SearchObserver for BarObserver {
     fn on_step(&mut self, record: &StepRecord) {
         self.bar.set_position(record.step);
         let val = record.validation_kid.map(|k| format!(" val KID {k:.5}")).unwrap_or_default();
-        self.bar.set_message(format!("loss {:.5} |g| {:.3}{val}", record.loss, record.grad_norm));
+        let clipped = if record.clipped { " (clipped)" } else { "" };
+        self.bar.set_message(format!("loss {:.5} |g| {:.3}{clipped}{val}", record.loss, record.grad_norm));
         if let Some(event) = &record.event {
             self.bar.println(format!("step {}: {event}", record.step));
         }
@@ -347,7 +359,10 @@ pub fn run(args: SearchArgs) -> Result<()> {
             .with_context(|| format!("{}: invalid [optim] for {} ranks", args.config.display(), comm.size()))?;
     }
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating run directory {}", run_dir.display()))?;
+    // Rank 0 alone owns the run directory (lock, leftovers, outputs).
+    let _lock = if root { Some(RunLock::acquire(&run_dir)?) } else { None };
     if root {
+        remove_stale_temporaries(&run_dir);
         ggdm_core::io::write_atomic(&run_dir.join("config.toml"), toml::to_string_pretty(&config)?.as_bytes())?;
     }
 
@@ -424,6 +439,7 @@ pub fn run(args: SearchArgs) -> Result<()> {
             "best_validation_kid": outcome.best_validation_kid,
             "best_step": outcome.best_step,
             "rejected_steps": outcome.faults,
+            "clipped_steps": outcome.clipped,
             "seconds": search_seconds,
         }
     });
@@ -527,7 +543,9 @@ pub fn run(args: SearchArgs) -> Result<()> {
         if keep > 0 {
             write_grid(&grid, grid_columns(config.eval.grid_num), &run_dir.join(format!("grid_{name}.png")))?;
             if name == "learned" {
-                std::fs::copy(run_dir.join("grid_learned.png"), run_dir.join("after.png"))?;
+                let grid = run_dir.join("grid_learned.png");
+                let bytes = std::fs::read(&grid).with_context(|| format!("reading {}", grid.display()))?;
+                ggdm_core::io::write_atomic(&run_dir.join("after.png"), &bytes)?;
             }
         }
         for ((spec, extractor, reference), feats) in references.iter().zip(&features) {
@@ -565,6 +583,60 @@ pub fn run(args: SearchArgs) -> Result<()> {
     Ok(())
 }
 
+/// Whether a process with this id is running (Linux: `/proc/<pid>` exists).
+fn process_alive(pid: u32) -> bool {
+    Path::new("/proc").join(pid.to_string()).exists()
+}
+
+/// `.lock` in a run directory while a search runs in it: a second `ddss-cli search` on the same
+/// directory is refused instead of interleaving checkpoints. A lock left by a killed run (its
+/// process is gone) is taken over.
+struct RunLock {
+    path: PathBuf,
+}
+
+impl RunLock {
+    fn acquire(run_dir: &Path) -> Result<Self> {
+        let path = run_dir.join(".lock");
+        let ours = std::process::id();
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            if let Ok(pid) = text.trim().parse::<u32>() {
+                if pid != ours && process_alive(pid) {
+                    bail!(
+                        "{}: another ddss-cli (pid {pid}) is running a search in this directory; wait for it, \
+                         or remove {} if that process is not ddss-cli",
+                        run_dir.display(),
+                        path.display()
+                    );
+                }
+            }
+            tracing::info!("taking over the lock of a run that was interrupted ({})", path.display());
+        }
+        ggdm_core::io::write_atomic(&path, ours.to_string().as_bytes())?;
+        Ok(Self { path })
+    }
+}
+
+impl Drop for RunLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Removes temporary files (`.<name>.tmp-<pid>-<n>`) that a killed run left in `run_dir`.
+fn remove_stale_temporaries(run_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(run_dir) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        let pid = name
+            .rsplit_once(".tmp-")
+            .and_then(|(_, tail)| tail.split('-').next().and_then(|pid| pid.parse::<u32>().ok()));
+        if name.starts_with('.') && pid.is_some_and(|pid| pid != std::process::id() && !process_alive(pid)) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
 fn grid_columns(n: usize) -> usize {
     (n as f64).sqrt().ceil().max(1.0) as usize
 }
@@ -586,4 +658,93 @@ pub fn results_table(rows: &[ResultRow]) -> String {
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod fuzz {
+    //! Property tests (fuzzing) of the search config parser: arbitrary text, byte-mutated and
+    //! value-mutated valid configs give `Ok` or `Err`, never a panic. `PROPTEST_CASES` overrides
+    //! the number of cases (default 256).
+
+    use super::parse_config;
+    use proptest::prelude::*;
+    use proptest::test_runner::Config;
+    use std::path::Path;
+
+    const VALID: &str = include_str!("../../../configs/fashion_mnist.toml");
+
+    fn config() -> Config {
+        let cases = std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256);
+        Config { cases, failure_persistence: None, ..Config::default() }
+    }
+
+    fn parse(text: &str) {
+        if let Ok(config) = parse_config(text, Path::new("fuzz.toml")) {
+            // What a run does next with a parsed config.
+            let _ = toml::to_string_pretty(&config);
+            let _ = config.optim.lr.at(0, config.optim.steps);
+            let _ = config.optim.lr.at(config.optim.steps, config.optim.steps);
+        }
+    }
+
+    /// A TOML value as text.
+    fn toml_value() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<i64>().prop_map(|v| v.to_string()),
+            any::<f64>().prop_map(|v| format!("{v:?}")),
+            prop_oneof![Just("nan"), Just("inf"), Just("-inf"), Just("-0.0"), Just("0"), Just("-1"), Just("1e308")]
+                .prop_map(String::from),
+            any::<bool>().prop_map(|v| v.to_string()),
+            "[a-z_ ]{0,10}".prop_map(|v| format!("\"{v}\"")),
+            Just("[]".to_string()),
+            Just("{}".to_string()),
+            Just("[1, \"a\"]".to_string()),
+            Just("{ budget = { stored_steps = 0 } }".to_string()),
+            Just("18446744073709551615".to_string()),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn arbitrary_text_never_panics(text in "\\PC{0,400}") {
+            parse(&text);
+        }
+
+        #[test]
+        fn byte_mutations_never_panic(
+            edits in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+            cut in prop::option::of(any::<prop::sample::Index>()),
+        ) {
+            let mut bytes = VALID.as_bytes().to_vec();
+            for (at, byte) in edits {
+                let i = at.index(bytes.len());
+                bytes[i] = byte;
+            }
+            if let Some(cut) = cut {
+                bytes.truncate(cut.index(bytes.len()));
+            }
+            parse(&String::from_utf8_lossy(&bytes));
+        }
+
+        #[test]
+        fn value_mutations_never_panic(edits in prop::collection::vec((any::<prop::sample::Index>(), toml_value()), 1..4)) {
+            let mut lines: Vec<String> = VALID.lines().map(String::from).collect();
+            for (at, value) in edits {
+                let assignments: Vec<usize> =
+                    (0..lines.len()).filter(|&i| !lines[i].starts_with('#') && lines[i].contains(" = ")).collect();
+                let i = assignments[at.index(assignments.len())];
+                let key = lines[i].split(" = ").next().unwrap_or_default().to_string();
+                lines[i] = format!("{key} = {value}");
+            }
+            parse(&lines.join("\n"));
+        }
+    }
+
+    #[test]
+    fn the_shipped_config_parses() {
+        let config = parse_config(VALID, Path::new("configs/fashion_mnist.toml")).expect("valid");
+        assert_eq!(config.sampler.steps, 10);
+    }
 }

@@ -244,7 +244,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
                         );
                     }
                     let mut t = t.shallow_clone();
-                    t.copy_(&saved.to_device(device));
+                    t.f_copy_(&saved.to_device(device))?;
                 }
             }
             Ok(())
@@ -255,9 +255,22 @@ pub fn run(args: TrainArgs) -> Result<()> {
             .map(|(n, t)| (n.clone(), t.to_device(device)))
             .collect();
         adam.load_state(&adam_state)?;
-        start_step = find("meta.step")?.int64_value(&[0]) as u64;
-        let pos = find("meta.rng_word_pos")?;
-        let word_pos = ((pos.int64_value(&[0]) as u64 as u128) << 64) | (pos.int64_value(&[1]) as u64 as u128);
+        let meta = |name: &str, len: usize| -> Result<Vec<i64>> {
+            let t = find(name)?;
+            let values =
+                Vec::<i64>::try_from(&t.f_reshape([-1])?.f_to_kind(Kind::Int64)?).ok().filter(|v| v.len() == len);
+            values.with_context(|| {
+                format!(
+                    "checkpoint {}: `{name}` must hold {len} integer(s), found shape {:?}",
+                    state_path.display(),
+                    t.size()
+                )
+            })
+        };
+        start_step = u64::try_from(meta("meta.step", 1)?[0])
+            .with_context(|| format!("checkpoint {}: negative `meta.step`", state_path.display()))?;
+        let pos = meta("meta.rng_word_pos", 2)?;
+        let word_pos = ((pos[0] as u64 as u128) << 64) | (pos[1] as u64 as u128);
         rng.set_word_pos(word_pos);
         tracing::info!("resumed from step {start_step} ({})", state_path.display());
     }
@@ -276,6 +289,12 @@ pub fn run(args: TrainArgs) -> Result<()> {
     bar.set_position(start_step);
     let started = Instant::now();
     let metrics_path = args.out.join("metrics.jsonl");
+    if args.resume {
+        // Lines written after the checkpoint (and a line torn by a kill) are replaced by this run's.
+        ggdm_core::io::truncate_jsonl(&metrics_path, "step", start_step)?;
+    } else if metrics_path.is_file() {
+        std::fs::remove_file(&metrics_path).with_context(|| format!("removing {}", metrics_path.display()))?;
+    }
     let mut loss_acc = Tensor::zeros([], (Kind::Float, device));
     let mut loss_count = 0u64;
     let mut step = start_step;
@@ -293,10 +312,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
         named.push(("meta.step".into(), Tensor::from_slice(&[step as i64])));
         let pos = rng.get_word_pos();
         named.push(("meta.rng_word_pos".into(), Tensor::from_slice(&[(pos >> 64) as u64 as i64, pos as u64 as i64])));
-        let tmp = checkpoint_dir.join(format!(".{STATE_FILE}.tmp"));
-        Tensor::write_safetensors(&named, &tmp).with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::File::open(&tmp)?.sync_all()?;
-        std::fs::rename(&tmp, &state_path)?;
+        ggdm_core::io::write_atomic_with(&state_path, |tmp| {
+            Tensor::write_safetensors(&named, tmp)
+                .map_err(|e| ggdm_core::Error::format(tmp, format!("cannot write the checkpoint: {e}")))
+        })?;
         ema.save(&args.out)?;
         ggdm_core::io::write_atomic(
             &args.out.join("scheduler_config.json"),
@@ -355,7 +374,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
             }
             bar.set_message(format!("loss {mean_loss:.4} lr {lr:.2e}"));
             let line = serde_json::json!({"step": step, "loss": mean_loss, "lr": lr, "elapsed_s": started.elapsed().as_secs_f64()});
-            append_line(&metrics_path, &line.to_string())?;
+            ggdm_core::io::append_line(&metrics_path, &line.to_string())?;
             loss_acc = Tensor::zeros([], (Kind::Float, device));
             loss_count = 0;
         }
@@ -374,13 +393,5 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
     bar.finish();
     tracing::info!("model written to {} (EMA weights, diffusers layout)", args.out.display());
-    Ok(())
-}
-
-fn append_line(path: &Path, line: &str) -> Result<()> {
-    use std::io::Write;
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
-    writeln!(f, "{line}")?;
-    f.sync_data()?;
     Ok(())
 }

@@ -128,7 +128,13 @@ impl Adam {
                 .map(|(_, t)| t)
                 .ok_or_else(|| Error::config("optimizer state", format!("missing `{name}`")))
         };
-        let step = find("adam.step")?.int64_value(&[0]);
+        let step_tensor = find("adam.step")?;
+        let step = step_tensor.f_reshape([-1]).and_then(|t| t.f_int64_value(&[0])).map_err(|_| {
+            Error::config(
+                "optimizer state",
+                format!("`adam.step` must hold one number, found shape {:?}", step_tensor.size()),
+            )
+        })?;
         if step < 0 {
             return Err(Error::config("optimizer state", format!("negative step {step}")));
         }
@@ -139,7 +145,7 @@ impl Adam {
                 if saved.size() != slot.size() {
                     return Err(Error::Shape { what: name, expected: format!("{:?}", slot.size()), got: saved.size() });
                 }
-                tch::no_grad(|| slot.copy_(saved));
+                tch::no_grad(|| slot.f_copy_(saved))?;
             }
         }
         self.step = step as u64;

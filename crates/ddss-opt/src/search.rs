@@ -180,6 +180,9 @@ pub struct StepRecord {
     pub loss: f64,
     /// Gradient norm before clipping.
     pub grad_norm: f64,
+    /// Whether the gradient was clipped to `optim.grad_clip` (an exploding gradient).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub clipped: bool,
     /// Learning rate used.
     pub lr: f64,
     /// Validation KID after the step, when validated.
@@ -209,6 +212,8 @@ pub struct SearchOutcome {
     pub steps: u64,
     /// Rejected steps.
     pub faults: u64,
+    /// Steps whose gradient was clipped (this run or resumption).
+    pub clipped: u64,
 }
 
 /// Callbacks for progress display.
@@ -255,46 +260,30 @@ fn params_from(named: &[(String, Tensor)], prefix: &str, like: &GgdmParams, path
 }
 
 fn write_checkpoint(dir: &Path, named: &[(String, Tensor)]) -> Result<()> {
-    let path = dir.join(CHECKPOINT_FILE);
-    let tmp = dir.join(format!(".{CHECKPOINT_FILE}.tmp-{}", std::process::id()));
-    let io = |e: std::io::Error| Error::File { path: path.clone(), msg: e.to_string() };
-    Tensor::write_safetensors(named, &tmp).map_err(|e| Error::File { path: tmp.clone(), msg: e.to_string() })?;
-    std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io)?;
-    std::fs::rename(&tmp, &path).map_err(io)?;
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
+    ggdm_core::io::write_atomic_with(&dir.join(CHECKPOINT_FILE), |tmp| {
+        Tensor::write_safetensors(named, tmp)
+            .map_err(|e| ggdm_core::Error::format(tmp, format!("cannot write the checkpoint: {e}")))
+    })?;
     Ok(())
 }
 
 fn append_metrics(path: &Path, record: &StepRecord) -> Result<()> {
-    use std::io::Write;
-    let io = |e: std::io::Error| Error::File { path: path.to_path_buf(), msg: e.to_string() };
     let line = serde_json::to_string(record).map_err(|e| Error::config("metrics", e.to_string()))?;
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(io)?;
-    writeln!(f, "{line}").map_err(io)?;
-    f.sync_data().map_err(io)
+    ggdm_core::io::append_line(path, &line)?;
+    Ok(())
 }
 
-/// Keeps only the `metrics.jsonl` lines of steps `<= last_step` (lines a killed run wrote after
-/// its last checkpoint are replaced by the resumed run's).
+/// Keeps only the complete `metrics.jsonl` lines of steps `<= last_step`: lines a killed run wrote
+/// after its last checkpoint are replaced by the resumed run's, and a line torn by the kill is
+/// dropped.
 fn truncate_metrics(path: &Path, last_step: u64) -> Result<()> {
-    let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
-    let kept: Vec<&str> = text
-        .lines()
-        .filter(|line| {
-            serde_json::from_str::<serde_json::Value>(line)
-                .ok()
-                .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
-                .is_some_and(|s| s <= last_step)
-        })
-        .collect();
-    let mut out = kept.join("\n");
-    if !out.is_empty() {
-        out.push('\n');
-    }
-    ggdm_core::io::write_atomic(path, out.as_bytes())?;
+    ggdm_core::io::truncate_jsonl(path, "step", last_step)?;
     Ok(())
+}
+
+/// Whether a finite gradient of norm `grad_norm` was clipped by `grad_clip`.
+fn event_free_clip(finite_loss: bool, grad_norm: f64, grad_clip: Option<f64>) -> bool {
+    finite_loss && grad_norm.is_finite() && grad_clip.is_some_and(|c| grad_norm > c)
 }
 
 fn all_finite(params: &GgdmParams) -> bool {
@@ -435,11 +424,19 @@ pub fn run_search_with(
                 .collect();
             let meta = get("meta")?;
             let meta_vals = ggdm_core::ggdm::tensor_to_vec(&meta);
+            if meta_vals.len() != 5 || meta_vals.iter().any(|v| v.is_nan()) {
+                return Err(Error::File {
+                    path: checkpoint_path.clone(),
+                    msg: format!("checkpoint entry `meta` must hold 5 numbers, found {meta_vals:?}"),
+                });
+            }
             step = meta_vals[0] as u64;
             best_kid = meta_vals[1];
             best_step = meta_vals[2] as u64;
             initial_kid = meta_vals[3];
             faults_total = meta_vals[4] as u64;
+            // Both parameter sets must fit this config's sampler (a changed K is caught here).
+            sampler.restore(&best_params)?;
             sampler.restore(&current)?;
             let params = sampler.trainable();
             adam = Adam::new(&params, settings.adam);
@@ -460,6 +457,7 @@ pub fn run_search_with(
     }
     let mut consecutive_faults = 0u32;
     let mut logged_volume = false;
+    let mut clipped_steps = 0u64;
     while step < settings.steps {
         let params = sampler.trainable();
         let lr = settings.lr.at(step, settings.steps);
@@ -492,6 +490,11 @@ pub fn run_search_with(
             Err(e) => return Err(e),
         };
         let grad_norm = clip_grad_norm(&params, settings.grad_clip);
+        let clipped = event_free_clip(fault.is_none(), grad_norm, settings.grad_clip);
+        if clipped {
+            clipped_steps += 1;
+            tracing::debug!("step {}: gradient norm {grad_norm:.4e} clipped to {:?}", step + 1, settings.grad_clip);
+        }
         let mut event = fault;
         if event.is_none() && !grad_norm.is_finite() {
             event = Some(format!("non-finite gradient norm {grad_norm}"));
@@ -508,6 +511,7 @@ pub fn run_search_with(
             step,
             loss,
             grad_norm,
+            clipped,
             lr,
             validation_kid: None,
             event: None,
@@ -541,7 +545,15 @@ pub fn run_search_with(
             let objective = objective_parts.objective(sampler, settings);
             let kid = validation_kid_sharded(&objective, settings, real, comm)?;
             record.validation_kid = Some(kid);
-            if kid < best_kid {
+            if !kid.is_finite() {
+                tracing::warn!("step {step}: validation KID is {kid}; this step cannot become the best");
+                let note = format!("non-finite validation KID {kid}");
+                record.event = Some(match record.event.take() {
+                    Some(e) => format!("{e}; {note}"),
+                    None => note,
+                });
+            }
+            if kid < best_kid || (kid.is_finite() && !best_kid.is_finite()) {
                 best_kid = kid;
                 best_step = step;
                 best_params = sampler.snapshot();
@@ -573,6 +585,7 @@ pub fn run_search_with(
         best_step,
         steps: step,
         faults: faults_total,
+        clipped: clipped_steps,
     })
 }
 

@@ -332,3 +332,164 @@ fn nan_steps_are_rejected_logged_and_eventually_stop_the_run() {
     assert!(err.contains("consecutive steps were rejected") && err.contains("optim.lr"), "{err}");
     let _ = std::fs::remove_dir_all(&base);
 }
+
+/// Which training step (1-based) a fault is injected into; set by [`ArmFaults`] between steps.
+type FaultStep = std::rc::Rc<std::cell::Cell<u64>>;
+
+/// Tells the faulty parts which step comes next (the next step is `done + 1`).
+struct ArmFaults {
+    next_step: FaultStep,
+}
+
+impl ddss_opt::search::SearchObserver for ArmFaults {
+    fn on_step(&mut self, record: &ddss_opt::search::StepRecord) {
+        self.next_step.set(record.step + 1);
+    }
+}
+
+/// A denoiser whose output becomes NaN (or inf) during chosen training steps.
+struct FaultyModel {
+    inner: UNetDenoiser,
+    next_step: FaultStep,
+    fault_steps: Vec<u64>,
+    value: f64,
+}
+
+impl ggdm_core::Denoiser for FaultyModel {
+    fn forward(&self, x: &Tensor, tau: &Tensor) -> ggdm_core::Result<Tensor> {
+        let out = self.inner.forward(x, tau)?;
+        Ok(if self.fault_steps.contains(&self.next_step.get()) { out * self.value } else { out })
+    }
+    fn prediction_type(&self) -> PredictionType {
+        self.inner.prediction_type()
+    }
+    fn sample_shape(&self) -> Option<[i64; 3]> {
+        self.inner.sample_shape()
+    }
+}
+
+/// Features that become inf (or are scaled, to make gradients explode) during chosen steps.
+struct FaultyFeatures {
+    inner: Projection,
+    next_step: FaultStep,
+    fault_steps: Vec<u64>,
+    value: f64,
+}
+
+impl FeatureExtractor for FaultyFeatures {
+    fn features(&self, x: &Tensor) -> fid_metrics::Result<Tensor> {
+        let f = self.inner.features(x)?;
+        Ok(if self.fault_steps.contains(&self.next_step.get()) { f * self.value } else { f })
+    }
+    fn dim(&self) -> usize {
+        12
+    }
+    fn name(&self) -> &str {
+        "faulty-features"
+    }
+    fn device(&self) -> Device {
+        Device::Cpu
+    }
+}
+
+/// Runs a 4-step search with a faulty model and/or features; returns the sampler, the result and
+/// the metrics lines.
+fn injected_search(
+    name: &str,
+    model_faults: (Vec<u64>, f64),
+    feature_faults: (Vec<u64>, f64),
+    max_faults: u32,
+) -> (GgdmSampler, ddss_opt::Result<ddss_opt::search::SearchOutcome>, Vec<serde_json::Value>) {
+    let dir = std::env::temp_dir().join(format!("ddss-inject-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let next_step: FaultStep = std::rc::Rc::new(std::cell::Cell::new(1));
+    let model = FaultyModel {
+        inner: tiny_model_f32(),
+        next_step: next_step.clone(),
+        fault_steps: model_faults.0,
+        value: model_faults.1,
+    };
+    let features = FaultyFeatures {
+        inner: Projection::new(),
+        next_step: next_step.clone(),
+        fault_steps: feature_faults.0,
+        value: feature_faults.1,
+    };
+    let real = real_features();
+    let loss = FeatureLoss::new(LossKind::Kid, &real).expect("loss");
+    let mut s = sampler(Learnable::all());
+    let parts = ObjectiveParts {
+        model: &model,
+        extractor: &features,
+        loss: &loss,
+        sample_shape: [1, 8, 8],
+        device: Device::Cpu,
+    };
+    let cfg = SearchSettings { validate_every: 0, max_faults, ..settings(4) };
+    // The initial validation counts as step 1 here (it runs before it): faults at step 1 hit it too.
+    let mut observer = ArmFaults { next_step };
+    let result = run_search(&mut s, parts, &cfg, &real, &dir, false, &mut observer);
+    let lines = std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("metrics line"))
+        .collect();
+    let _ = std::fs::remove_dir_all(&dir);
+    (s, result, lines)
+}
+
+fn event(line: &serde_json::Value) -> &str {
+    line.get("event").and_then(|e| e.as_str()).unwrap_or("")
+}
+
+fn all_params_finite(s: &GgdmSampler) -> bool {
+    s.params.named().iter().all(|(_, t)| t.isfinite().all().int64_value(&[]) != 0)
+}
+
+#[test]
+fn nan_network_output_rejects_the_step_and_restores_the_parameters() {
+    let (s, result, lines) = injected_search("model-nan", (vec![2], f64::NAN), (vec![], 1.0), 3);
+    let outcome = result.expect("one fault is survivable");
+    assert_eq!(outcome.faults, 1);
+    assert_eq!(lines.len(), 4);
+    assert!(event(&lines[1]).contains("rejected: non-finite loss"), "{}", lines[1]);
+    assert!(event(&lines[1]).contains("restored the last good parameters"), "{}", lines[1]);
+    for i in [0, 2, 3] {
+        assert_eq!(event(&lines[i]), "", "{}", lines[i]);
+    }
+    assert!(all_params_finite(&s));
+
+    // inf at the network output: same handling.
+    let (_, result, lines) = injected_search("model-inf", (vec![3], f64::INFINITY), (vec![], 1.0), 3);
+    assert_eq!(result.expect("survivable").faults, 1);
+    assert!(event(&lines[2]).contains("rejected"), "{}", lines[2]);
+
+    // A model that always returns NaN: the run stops with a diagnosis.
+    let (s, result, lines) = injected_search("model-dead", ((1..=4).collect(), f64::NAN), (vec![], 1.0), 2);
+    let err = result.expect_err("must stop").to_string();
+    assert!(err.contains("3 consecutive steps were rejected") && err.contains("check the model"), "{err}");
+    assert_eq!(lines.len(), 3, "each rejected step is logged, including the last");
+    assert!(lines.iter().all(|l| event(l).contains("rejected")));
+    assert!(all_params_finite(&s), "the last good parameters are kept");
+}
+
+#[test]
+fn inf_features_reject_the_step_and_exploding_gradients_are_clipped() {
+    let (s, result, lines) = injected_search("features-inf", (vec![], 1.0), (vec![2, 3], f64::INFINITY), 3);
+    assert_eq!(result.expect("two faults are survivable").faults, 2);
+    assert!(event(&lines[1]).contains("rejected") && event(&lines[2]).contains("rejected"));
+    assert_eq!(event(&lines[3]), "");
+    assert!(all_params_finite(&s));
+
+    // Features scaled by 1e4 in step 2: the gradient explodes, is clipped to optim.grad_clip = 1
+    // and reported; the step is taken and the parameters stay finite.
+    let (s, result, lines) = injected_search("features-explode", (vec![], 1.0), (vec![2], 1e4), 3);
+    let outcome = result.expect("clipping is no fault");
+    assert_eq!(outcome.faults, 0);
+    let norm = lines[1]["grad_norm"].as_f64().expect("grad_norm");
+    assert!(norm > 1.0, "the pre-clip norm is reported: {norm}");
+    assert_eq!(lines[1]["clipped"], true, "{}", lines[1]);
+    assert!(outcome.clipped >= 1);
+    assert!(all_params_finite(&s));
+}

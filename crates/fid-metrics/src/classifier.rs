@@ -451,19 +451,15 @@ impl DomainClassifier {
                 Ok((name, t.f_detach()?.f_to_device(Device::Cpu)?.f_to_kind(Kind::Float)?.f_contiguous()?))
             })
             .collect::<Result<Vec<_>>>()?;
-        let temporary = temporary_path(path)?;
-        let written = Tensor::write_safetensors(&tensors, &temporary)
-            .map_err(|e| Error::weights(path, format!("cannot write safetensors: {e}")))
-            .and_then(|_| std::fs::rename(&temporary, path).map_err(|e| Error::io(path, e)));
-        if written.is_err() {
-            let _ = std::fs::remove_file(&temporary);
-        }
-        written?;
+        crate::atomic::write_atomic_with(path, |temporary| {
+            Tensor::write_safetensors(&tensors, temporary)
+                .map_err(|e| Error::weights(path, format!("cannot write safetensors: {e}")))
+        })?;
         let sidecar = sidecar_path(path);
         let mut json = serde_json::to_string_pretty(&self.info)
             .map_err(|e| Error::format(&sidecar, format!("cannot encode the sidecar: {e}")))?;
         json.push('\n');
-        write_atomic(&sidecar, json.as_bytes())
+        crate::atomic::write_atomic(&sidecar, json.as_bytes())
     }
 
     /// The sidecar information (architecture, training record).
@@ -751,26 +747,4 @@ fn check_labelled(images: &Tensor, labels: &[u8]) -> Result<usize> {
         return Err(Error::invalid("labelled images", "the set is empty"));
     }
     Ok(labels.len())
-}
-
-/// `.<name>.tmp-<pid>` in the folder of `path`.
-fn temporary_path(path: &Path) -> Result<PathBuf> {
-    let name = path
-        .file_name()
-        .ok_or_else(|| Error::invalid("output path", format!("{} has no file name", path.display())))?;
-    let temporary = format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id());
-    Ok(match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir.join(temporary),
-        _ => PathBuf::from(temporary),
-    })
-}
-
-/// Writes `bytes` to a temporary file next to `path`, then renames it over `path`.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let temporary = temporary_path(path)?;
-    let result = std::fs::write(&temporary, bytes).and_then(|_| std::fs::rename(&temporary, path));
-    result.map_err(|e| {
-        let _ = std::fs::remove_file(&temporary);
-        Error::io(path, e)
-    })
 }

@@ -56,6 +56,9 @@ pub fn load_idx_images(path: impl AsRef<Path>) -> Result<Tensor> {
     let bytes = read_maybe_gzip(path)?;
     let (dims, data) = parse_idx(path, &bytes, IDX_IMAGES_MAGIC, "image")?;
     let (n, h, w) = (dims[0] as i64, dims[1] as i64, dims[2] as i64);
+    if n == 0 || h == 0 || w == 0 {
+        return Err(Error::format(path, format!("the IDX file holds no pixels (dimensions {dims:?})")));
+    }
     uint8_to_samples(Tensor::from_slice(data).f_reshape([n, 1, h, w])?)
 }
 
@@ -233,7 +236,9 @@ fn parse_idx<'a>(path: &Path, bytes: &'a [u8], expected_magic: u32, what: &str) 
     };
     let dims: Vec<usize> =
         header.chunks_exact(4).map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]) as usize).collect();
-    let expected_len: usize = dims.iter().product();
+    let Some(expected_len) = dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)) else {
+        return Err(Error::format(path, format!("IDX dimensions {dims:?} are too large to be real")));
+    };
     let data = &bytes[header_len..];
     if data.len() < expected_len {
         return Err(Error::format(

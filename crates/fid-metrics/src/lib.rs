@@ -33,6 +33,7 @@
 //! # }
 //! ```
 
+mod atomic;
 pub mod classifier;
 pub mod data;
 pub mod error;

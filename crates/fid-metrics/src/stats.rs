@@ -9,7 +9,7 @@
 //! `.npz` with the single key `features` (float32 or float64 [N, d]).
 
 use std::fs::File;
-use std::io::{BufReader, BufWriter};
+use std::io::BufReader;
 use std::path::Path;
 
 use ndarray::{Array1, Array2, ArrayD, IxDyn, OwnedRepr};
@@ -101,14 +101,14 @@ impl FeatureStats {
     /// deflated zip, members `mu.npy` and `sigma.npy`, float64, C order).
     pub fn write_npz(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
-        let file = File::create(path).map_err(|e| Error::io(path, e))?;
-        let mut writer = NpzWriter::new_compressed(BufWriter::new(file));
+        let mut buffer = std::io::Cursor::new(Vec::new());
+        let mut writer = NpzWriter::new_compressed(&mut buffer);
         writer
             .add_array(MU_KEY, &self.mu)
             .and_then(|_| writer.add_array(SIGMA_KEY, &self.sigma))
             .map_err(|e| Error::format(path, format!("cannot write .npz: {e}")))?;
         writer.finish().map_err(|e| Error::format(path, format!("cannot write .npz: {e}")))?;
-        Ok(())
+        crate::atomic::write_atomic(path, buffer.get_ref())
     }
 }
 
@@ -152,8 +152,8 @@ pub fn write_features_npz(path: impl AsRef<Path>, features: &Tensor) -> Result<(
     }
     let shape = IxDyn(&[size[0] as usize, size[1] as usize]);
     let cpu = features.f_detach()?.f_to_device(Device::Cpu)?;
-    let file = File::create(path).map_err(|e| Error::io(path, e))?;
-    let mut writer = NpzWriter::new(BufWriter::new(file));
+    let mut buffer = std::io::Cursor::new(Vec::new());
+    let mut writer = NpzWriter::new(&mut buffer);
     let written = if cpu.kind() == Kind::Double {
         let data = tensor_to_vec_f64(&cpu)?;
         let array = ArrayD::from_shape_vec(shape, data).map_err(|e| Error::invalid("features", e.to_string()))?;
@@ -165,7 +165,7 @@ pub fn write_features_npz(path: impl AsRef<Path>, features: &Tensor) -> Result<(
     };
     written.map_err(|e| Error::format(path, format!("cannot write .npz: {e}")))?;
     writer.finish().map_err(|e| Error::format(path, format!("cannot write .npz: {e}")))?;
-    Ok(())
+    crate::atomic::write_atomic(path, buffer.get_ref())
 }
 
 /// The names of the arrays in an `.npz` file (without the `.npy` suffix).

@@ -46,3 +46,20 @@ impl<D: Denoiser + ?Sized> Denoiser for Box<D> {
         (**self).sample_shape()
     }
 }
+
+/// `model.forward(x, tau)` with the output's shape checked against `x`: a network whose output is
+/// not a prediction of the same shape (e.g. one that also predicts a learned variance, with twice
+/// the channels) is an error naming both shapes, and a non-finite output is left to the caller.
+pub fn checked_forward<D: Denoiser + ?Sized>(model: &D, x: &Tensor, tau: &Tensor) -> Result<Tensor> {
+    let output = model.forward(x, tau)?;
+    if output.size() != x.size() {
+        return Err(crate::Error::Shape {
+            what: "network output (it must predict one value per input value: epsilon, x0 or v; a \
+                   learned-variance model with extra output channels is not supported)"
+                .into(),
+            expected: format!("{:?} like the input", x.size()),
+            got: output.size(),
+        });
+    }
+    Ok(output)
+}

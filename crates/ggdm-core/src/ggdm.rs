@@ -655,7 +655,7 @@ impl GgdmSampler {
             return self.predict_x0_marginal(model, coeffs, i, x_i, kind);
         }
         let tau_i = coeffs.tau.get(row).to_kind(kind).expand([n], false);
-        let output = model.forward(x_i, &tau_i)?;
+        let output = crate::denoiser::checked_forward(model, x_i, &tau_i)?;
         let scale = coeffs.pred_scale.get(row).to_kind(kind);
         let sqrt_abar = coeffs.abar.get(row).sqrt().to_kind(kind);
         let sqrt_one_minus = coeffs.sqrt_one_minus_abar.get(row).to_kind(kind);

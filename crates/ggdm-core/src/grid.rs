@@ -68,6 +68,12 @@ pub fn timesteps(
     if k > t_count {
         return Err(Error::invalid("steps", format!("{k} is more than num_train_timesteps = {t_count}")));
     }
+    if t_count > crate::schedule::MAX_TRAIN_TIMESTEPS {
+        return Err(Error::invalid(
+            "num_train_timesteps",
+            format!("{t_count} (at most {} are supported)", crate::schedule::MAX_TRAIN_TIMESTEPS),
+        ));
+    }
     let grid: Vec<i64> = match spacing {
         Spacing::Leading => {
             let ratio = (t_count / k) as i64;

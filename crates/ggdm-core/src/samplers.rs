@@ -75,7 +75,7 @@ fn abar_prev(schedule: &NoiseSchedule, prev: Option<f64>) -> f64 {
 pub(crate) fn query<D: Denoiser + ?Sized>(model: &D, x: &Tensor, t: f64) -> Result<Tensor> {
     let n = x.size()[0];
     let tau = Tensor::full([n], t, (Kind::Float, x.device()));
-    model.forward(x, &tau)
+    crate::denoiser::checked_forward(model, x, &tau)
 }
 
 /// A prediction function: `(x_t, abar_t) -> (x0_hat, eps_hat)`.

@@ -16,6 +16,10 @@ use tch::{Kind, Tensor};
 /// The continuous-time position of clean data (`abar = 1`).
 pub const TAU_CLEAN: f64 = -1.0;
 
+/// The largest `num_train_timesteps` accepted (diffusers models use 1000 or 4000); a bound, so
+/// that a corrupt file cannot ask for an impossible allocation.
+pub const MAX_TRAIN_TIMESTEPS: usize = 1_000_000;
+
 /// diffusers' `beta_schedule`.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
@@ -48,6 +52,12 @@ impl BetaSchedule {
     pub fn betas(&self, num_train_timesteps: usize) -> Result<Vec<f64>> {
         if num_train_timesteps < 2 {
             return Err(Error::invalid("num_train_timesteps", format!("{num_train_timesteps} (need at least 2)")));
+        }
+        if num_train_timesteps > MAX_TRAIN_TIMESTEPS {
+            return Err(Error::invalid(
+                "num_train_timesteps",
+                format!("{num_train_timesteps} (at most {MAX_TRAIN_TIMESTEPS} are supported)"),
+            ));
         }
         let t_count = num_train_timesteps;
         let betas = match *self {

@@ -105,14 +105,17 @@ impl UNet2DNetwork {
         })
     }
 
-    /// `sample` and `tau` are already checked and converted (`[N, C, H, W]`, `[N]`, network kind).
+    /// `sample` and `tau` are already checked and converted (`[N, C, H, W]` in the network kind,
+    /// `[N]` in the network kind or, for a half/bf16 network, f32).
     fn forward(&self, sample: &Tensor, tau: &Tensor, train: bool) -> Result<Tensor> {
         let sample = if self.arch.center_input_sample {
             sample.f_mul_scalar(2.0)?.f_sub_scalar(1.0)?
         } else {
             sample.shallow_clone()
         };
-        let projected = self.time_proj.forward(tau)?;
+        // The projection is computed in the kind of `tau` (f32 for reduced-precision networks, as
+        // diffusers does), then joins the network's kind.
+        let projected = self.time_proj.forward(tau)?.f_to_kind(sample.kind())?;
         let embedding = self.time_embedding.forward(&projected)?;
         // Every residual block applies the block activation to the embedding before its own
         // projection; computing it once is the same arithmetic.
@@ -133,7 +136,7 @@ impl UNet2DNetwork {
         let output = self.conv_out.forward(&hidden)?;
         match self.arch.time_embedding {
             // Score-SDE convention kept by diffusers: the output is divided by the noise level.
-            TimeEmbeddingKind::Fourier => Ok(output.f_div(&tau.f_view([-1, 1, 1, 1])?)?),
+            TimeEmbeddingKind::Fourier => Ok(output.f_div(&tau.f_to_kind(output.kind())?.f_view([-1, 1, 1, 1])?)?),
             TimeEmbeddingKind::Positional => Ok(output),
         }
     }
@@ -290,7 +293,13 @@ impl UNet2DModel {
             }
         };
         let tau = tau.f_to_device(device)?;
-        let tau = if tau.kind() == kind { tau } else { tau.f_to_kind(kind)? };
+        // bf16 cannot even hold the timestep 999 (it rounds to 1000): a half/bf16 network takes its
+        // timesteps in f32.
+        let tau_kind = match kind {
+            Kind::BFloat16 | Kind::Half => Kind::Float,
+            other => other,
+        };
+        let tau = if tau.kind() == tau_kind { tau } else { tau.f_to_kind(tau_kind)? };
         Ok((x, tau))
     }
 

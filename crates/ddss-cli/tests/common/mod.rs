@@ -62,3 +62,99 @@ seed = 3
 [train.lr]
 lr = 1e-3
 "#;
+
+/// The shipped domain classifier `a` (a feature set that needs no Inception weights).
+pub fn classifier_a_path() -> PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/fmnist-classifier-a.safetensors")
+}
+
+/// An uncompressed IDX file of `count` deterministic grey `size` x `size` images.
+pub fn write_idx(path: &std::path::Path, count: u32, size: u32) {
+    let mut bytes = vec![0u8, 0, 8, 3];
+    for d in [count, size, size] {
+        bytes.extend(d.to_be_bytes());
+    }
+    for i in 0..count {
+        for y in 0..size {
+            for x in 0..size {
+                bytes.push(((i * 37 + y * 11 + x * 5 + (x * y) % 7 * 20) % 256) as u8);
+            }
+        }
+    }
+    std::fs::write(path, bytes).expect("write idx");
+}
+
+/// Trains the tiny model of [`TINY_TRAIN_CONFIG`] for one step on 32 8x8 images in `dir`; returns
+/// (model dir, data file).
+pub fn tiny_model(dir: &std::path::Path) -> (PathBuf, PathBuf) {
+    let data = dir.join("images.idx");
+    write_idx(&data, 32, 8);
+    let config = dir.join("tiny_train.toml");
+    std::fs::write(&config, TINY_TRAIN_CONFIG).expect("config");
+    let model = dir.join("model");
+    run_ok(
+        bin()
+            .args(["--quiet", "train", "--device", "cpu", "--steps", "1"])
+            .arg("--data")
+            .arg(&data)
+            .arg("--config")
+            .arg(&config)
+            .arg("--out")
+            .arg(&model),
+    );
+    (model, data)
+}
+
+/// A tiny search config (K = 3, batch 4, a checkpoint every step, classifier-a KID, no baselines)
+/// for the model and data of [`tiny_model`].
+pub fn tiny_search_config(model: &std::path::Path, data: &std::path::Path, steps: u64) -> String {
+    format!(
+        r#"
+[model]
+path = "{model}"
+
+[data]
+path = "{data}"
+num = 16
+
+[sampler]
+steps = 3
+eta = 0.0
+spacing = "trailing"
+
+[sampler.learn]
+timesteps = true
+coefficients = true
+sigma = true
+prediction = false
+
+[loss]
+features = "{features}"
+
+[optim]
+steps = {steps}
+batch_size = 6
+seed = 5
+grad_clip = 1.0
+validate_every = 2
+validation_num = 6
+checkpoint_every = 1
+
+[optim.lr]
+lr = 0.05
+
+[eval]
+num = 4
+batch = 4
+reference = "{data}"
+compare = []
+grid_num = 4
+
+[output]
+device = "cpu"
+"#,
+        model = model.display(),
+        data = data.display(),
+        features = classifier_a_path().display(),
+    )
+}

@@ -202,29 +202,9 @@ pub(crate) fn save_var_store(var_store: &VarStore, path: &Path, storage: WeightS
     })
 }
 
-/// Writes a file atomically: `write` fills a temporary file next to `path`, which is fsynced and
-/// renamed over `path`; the directory is fsynced afterwards (best effort).
+/// Writes a file atomically (see [`crate::io::write_atomic_with`]).
 pub(crate) fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or_else(|| Path::new("."));
-    let file_name = path
-        .file_name()
-        .ok_or_else(|| Error::invalid("output path", format!("{} has no file name", path.display())))?;
-    let temporary = dir.join(format!(".{}.tmp-{}", file_name.to_string_lossy(), std::process::id()));
-    let result = write(&temporary).and_then(|()| {
-        let file = std::fs::File::open(&temporary).map_err(|e| Error::io(&temporary, e))?;
-        file.sync_all().map_err(|e| Error::io(&temporary, e))?;
-        std::fs::rename(&temporary, path).map_err(|e| Error::io(path, e))
-    });
-    if result.is_err() {
-        // Best effort: the error being returned matters more than a leftover temporary file.
-        let _ = std::fs::remove_file(&temporary);
-        return result;
-    }
-    if let Ok(directory) = std::fs::File::open(dir) {
-        // Makes the rename durable; not every platform allows syncing a directory.
-        let _ = directory.sync_all();
-    }
-    Ok(())
+    crate::io::write_atomic_with(path, write)
 }
 
 #[cfg(test)]

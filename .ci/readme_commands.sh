@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# Runs the commands the README shows, as a new user would, after `cargo xtask test` has set up the
+# environment, and checks what they produce. Progress goes to stdout; any failure stops the script.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$PWD/target/release:$PATH"
+VENV="${DDSS_VENV:-$HOME/.cache/ddss-rs/torch-2.11.0}"
+SCRATCH=$(mktemp -d)
+trap 'rm -rf "$SCRATCH"' EXIT
+step() { echo; echo "[readme] $*"; }
+seconds() { echo $(( $(date +%s) - $1 )); }
+
+step "cargo xtask search --config configs/fashion_mnist.toml"
+t0=$(date +%s)
+rm -rf runs/fashion_mnist
+cargo xtask search --config configs/fashion_mnist.toml --quiet
+echo "search and comparison: $(seconds "$t0") s (build included)"
+for f in sampler.json results.json metrics.jsonl before.png after.png fid_vs_steps.png grid_learned.png; do
+    test -s "runs/fashion_mnist/$f" || { echo "missing runs/fashion_mnist/$f"; exit 1; }
+done
+# The acceptance check: at K = 10 the learned sampler's held-out FID is at most 0.7x DDIM's.
+"$VENV/bin/python" - runs/fashion_mnist/results.json <<'EOF'
+import json, sys
+rows = json.load(open(sys.argv[1]))
+def fid(sampler):
+    return next(r["fid"] for r in rows if r["sampler"] == sampler and r["steps"] == 10 and r["held_out"])
+ratio = fid("learned") / fid("ddim")
+print(f"held-out FID at K = 10: learned {fid('learned'):.4f}, DDIM {fid('ddim'):.4f}, ratio {ratio:.3f}")
+assert all("features" in r and "held_out" in r for r in rows)
+assert ratio <= 0.7, f"learned/DDIM held-out FID ratio {ratio:.3f} > 0.7"
+EOF
+
+step "ddss-cli export / sample / timesteps on the learned sampler"
+ddss-cli export --sampler runs/fashion_mnist/sampler.json --format diffusers-timesteps
+ddss-cli export --sampler runs/fashion_mnist/sampler.json --format json > "$SCRATCH/sampler.json"
+ddss-cli --quiet sample --model models/fashion-mnist-ddpm --sampler runs/fashion_mnist/sampler.json --num 16 \
+    --out "$SCRATCH/grid.png"
+ddss-cli --quiet sample --model models/fashion-mnist-ddpm --sampler dpmpp2m --steps 10 --num 4 --out "$SCRATCH/d.png"
+ddss-cli timesteps --steps 10 --spacing trailing
+ddss-cli timesteps --steps 10 --multistep
+
+step "cargo xtask search --config lsun_church.toml without the checkpoint must explain what to do"
+if out=$(cargo xtask search --config lsun_church.toml 2>&1); then
+    echo "expected a failure: $out"; exit 1
+fi
+echo "$out" | tail -n 3
+echo "$out" | grep -q "ddpm-ema-church-256" || { echo "the message does not name the checkpoint"; exit 1; }
+if echo "$out" | grep -q "panicked"; then echo "panic: $out"; exit 1; fi
+
+step "ddss-cli stats / fid / eval with the held-out classifier"
+ddss-cli --quiet stats /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz --num 500 \
+    --features models/fmnist-classifier-b.safetensors --out "$SCRATCH/ref.npz"
+ddss-cli --quiet eval --model models/fashion-mnist-ddpm --sampler runs/fashion_mnist/sampler.json --num 200 \
+    --ref "$SCRATCH/ref.npz" --features models/fmnist-classifier-b.safetensors
+ddss-cli --quiet fid "$SCRATCH/ref.npz" "$SCRATCH/ref.npz" --json
+
+step "cargo xtask table (small)"
+t0=$(date +%s)
+cargo xtask table --num 200 --steps 5 --out "$SCRATCH/table"
+test -s "$SCRATCH/table/fid_vs_steps.png"
+echo "table: $(seconds "$t0") s"
+
+step "ddss-cli export-inception --half"
+ddss-cli export-inception --half --out "$SCRATCH/inception_f16.safetensors"
+
+step "README: converting a .bin checkpoint to safetensors"
+(
+    cd "$SCRATCH"
+    "$VENV/bin/python" -c "import torch; torch.save({'w': torch.ones(2, 3)}, 'diffusion_pytorch_model.bin')"
+    "$VENV/bin/python" -c "import torch; from safetensors.torch import save_file; \
+save_file(torch.load('diffusion_pytorch_model.bin'), 'diffusion_pytorch_model.safetensors')"
+    test -s diffusion_pytorch_model.safetensors
+)
+
+step "cargo xtask bench"
+t0=$(date +%s)
+cargo xtask bench
+echo "bench: $(seconds "$t0") s"
+
+step "cargo xtask fixtures (regenerates the reference fixtures)"
+t0=$(date +%s)
+cargo xtask fixtures
+git status --short tests/fixtures
+echo "fixtures: $(seconds "$t0") s"
+
+echo
+echo "[readme] every README command ran"

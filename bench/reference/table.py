@@ -1,0 +1,155 @@
+"""Turns the JSON lines of `ddss-cli bench-unroll` ("side": "ours") and of `ddss_ref.py`
+("side": "reference") into one Markdown table, ours next to the reference with the ratio
+ours / reference (time: below 1 is faster; images/s: above 1 is faster; memory: below 1 is
+smaller).
+
+    python table.py RESULTS.jsonl [MORE.jsonl ...] [--title TEXT] [--out FILE.md]
+
+Lines that do not parse as JSON objects (logs, warnings) are ignored. A measurement missing on
+one side is shown as "-" (a failed or timed-out run), so a partial run still gives a table.
+"""
+
+import argparse
+import json
+import sys
+
+
+def read_lines(paths):
+    rows = []
+    for path in paths:
+        with open(path) as f:
+            for line in f:
+                line = line.strip()
+                if not line.startswith("{"):
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(row, dict) and "side" in row and "what" in row:
+                    rows.append(row)
+    return rows
+
+
+def fmt(value, digits):
+    if value is None:
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def fmt_time(row):
+    """Median seconds, with the range of the timed runs when there were several."""
+    if not row or row.get("seconds") is None:
+        return "-"
+    times = row.get("times") or []
+    if len(times) > 1:
+        return f"{row['seconds']:.3f} ({min(times):.2f}-{max(times):.2f})"
+    return f"{row['seconds']:.3f}"
+
+
+def ratio(ours, ref):
+    if ours is None or ref is None or ref == 0:
+        return "-"
+    return f"{ours / ref:.2f}"
+
+
+def remat_label(remat):
+    if remat == "per_call":
+        return "per-call remat (ref: checkpoint per call)"
+    if remat.startswith("budget:"):
+        return f"budget remat, {remat.split(':')[1]} calls stored"
+    return remat
+
+
+def remat_order(remat):
+    return {"naive": 0, "per_call": 1}.get(remat, 2)
+
+
+def build(rows, title=None):
+    index = {}
+    for row in rows:
+        key = (row["what"], row.get("remat", "-"), row["steps"], row["batch"], row.get("precision", "f32"))
+        index.setdefault(key, {})[row["side"]] = row  # the last run of a setting wins
+    out = []
+    if title:
+        out += [f"### {title}", ""]
+    devices = sorted({r.get("device", "?") for r in rows})
+    kinds = sorted({r.get("memory_kind", "?") for r in rows})
+    out.append(f"Device: {', '.join(devices)}. Memory: {', '.join(kinds)} (MiB). Times: median of the timed runs (range in brackets).")
+    out.append("")
+
+    step_keys = sorted((k for k in index if k[0] == "step"), key=lambda k: (k[4] != "f32", k[4], remat_order(k[1]), k[2], k[3]))
+    if step_keys:
+        out.append("**One DDSS step** (sampler forward, KID loss, gradient to the sampler parameters)")
+        out.append("")
+        out.append("| remat | precision | K | batch | ours s | ref s | time ours/ref | ours MiB | ref MiB | memory ours/ref |")
+        out.append("|---|---|---|---|---|---|---|---|---|---|")
+        for key in step_keys:
+            ours, ref = index[key].get("ours"), index[key].get("reference")
+            ts = [r and r.get("seconds") for r in (ours, ref)]
+            ms = [r and r.get("memory_mib") for r in (ours, ref)]
+            out.append(
+                f"| {remat_label(key[1])} | {key[4]} | {key[2]} | {key[3]} | {fmt_time(ours)} | {fmt_time(ref)} | "
+                f"{ratio(ts[0], ts[1])} | {fmt(ms[0], 0)} | {fmt(ms[1], 0)} | {ratio(ms[0], ms[1])} |"
+            )
+        out.append("")
+        losses = [(k, index[k]) for k in step_keys if all(s in index[k] for s in ("ours", "reference"))]
+        checked = [
+            (k, v["ours"].get("loss"), v["reference"].get("loss"))
+            for k, v in losses
+            if v["ours"].get("loss") is not None and v["reference"].get("loss") is not None
+        ]
+        if any(r.get("random_weights") for r in rows):
+            out.append("Loss values are not compared: each side draws its own random weights.")
+            out.append("")
+        elif checked:
+            worst = max(abs(a - b) / max(abs(b), 1e-30) for _, a, b in checked)
+            out.append(f"Loss values ours vs reference: largest relative difference {worst:.1e} over {len(checked)} settings")
+            grad_diffs = []
+            for _, v in losses:
+                go, gr = v["ours"].get("grad_norms") or {}, v["reference"].get("grad_norms") or {}
+                for name in set(go) & set(gr):
+                    grad_diffs.append(abs(go[name] - gr[name]) / max(abs(gr[name]), 1e-30))
+            if grad_diffs:
+                out[-1] += f"; gradient norms per parameter: largest relative difference {max(grad_diffs):.1e}"
+            out.append("(equal noise only when the reference was given `--noise`; otherwise the noise differs).")
+            out.append("")
+
+    thr_keys = sorted((k for k in index if k[0] in ("sample", "features")), key=lambda k: (k[0], k[4] != "f32", k))
+    if thr_keys:
+        out.append("**Throughput** (no autograd)")
+        out.append("")
+        out.append("| what | precision | K | batch | ours img/s | ref img/s | ours/ref | ours MiB | ref MiB |")
+        out.append("|---|---|---|---|---|---|---|---|---|")
+        for key in thr_keys:
+            ours, ref = index[key].get("ours"), index[key].get("reference")
+            ips = [r and r.get("images_per_second") for r in (ours, ref)]
+            ms = [r and r.get("memory_mib") for r in (ours, ref)]
+            what = "sampling (DDIM)" if key[0] == "sample" else "feature extraction"
+            feats = (ours or ref).get("features", "")
+            if key[0] == "features":
+                what += f" ({feats.split('/')[-1]})"
+            k = str(key[2]) if key[0] == "sample" else "-"
+            out.append(
+                f"| {what} | {key[4]} | {k} | {key[3]} | {fmt(ips[0], 1)} | {fmt(ips[1], 1)} | {ratio(ips[0], ips[1])} | "
+                f"{fmt(ms[0], 0)} | {fmt(ms[1], 0)} |"
+            )
+        out.append("")
+    return "\n".join(out)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="+")
+    p.add_argument("--title", default=None)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    text = build(read_lines(args.inputs), args.title)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# GPU comparison of ddss-rs against the PyTorch reference (bench/reference/), on a CUDA machine
+# that has no cargo: it drives the release ddss-cli binary and system python3 directly.
+#
+#   tools/gpu_bench.sh prepare   (here, with cargo and internet) builds target/release/ddss-cli and
+#                                downloads the pure-Python wheels the reference needs into .whl/
+#   tools/gpu_bench.sh           (there) runs everything and writes into $OUT (default ./gpu-bench-out):
+#                                results.jsonl, table.md, bench.log, env.txt
+#
+# What runs there (cifar10 architecture google/ddpm-cifar10-32 with random weights, KID on a
+# random-weight Inception-v3 at 299x299; each measurement a fresh process):
+#   one DDSS step, K = 10, batch 64: naive and per-call remat (reference: autograd and
+#   torch.utils.checkpoint per network call); K = 5 and 20: per-call; K = 10: budget remat (ours);
+#   DDIM sampling K = 10, batch 256; Inception feature extraction, batch 256.
+# Then, if time is left, K = 10 per-call and sampling with bf16 network calls.
+# Each part has its own timeout, and the whole stays under TOTAL_SECONDS (default 340).
+#
+# Needs there: the repository tree, target/release/ddss-cli, python3 with torch 2.11 (+ CUDA),
+# torchvision and safetensors, and diffusers 0.42.1 (from the carried .whl/ if not installed).
+set -u
+
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+
+if [ "${1:-}" = "prepare" ]; then
+    set -e
+    export LIBTORCH="${LIBTORCH:-$ROOT/.libtorch}"
+    cargo build --release -p ddss-cli
+    PY="${PYTHON:-$HOME/.cache/ddss-rs/torch-2.11.0/bin/python}"
+    mkdir -p .whl
+    "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
+        diffusers==0.42.1 importlib_metadata
+    ls -la target/release/ddss-cli .whl
+    du -ch target/release/ddss-cli .whl/*.whl | tail -1
+    exit 0
+fi
+
+OUT="${OUT:-$ROOT/gpu-bench-out}"
+mkdir -p "$OUT"
+LOG="$OUT/bench.log"
+RESULTS="$OUT/results.jsonl"
+: >"$RESULTS"
+: >"$LOG"
+TOTAL_SECONDS="${TOTAL_SECONDS:-340}"
+START=$(date +%s)
+BIN="$ROOT/target/release/ddss-cli"
+PY="${PYTHON:-python3}"
+REF="$ROOT/bench/reference/ddss_ref.py"
+UNET="$ROOT/tests/fixtures/unet/ddpm-cifar10-32.config.json"
+FEATURES=inception-random
+SCRATCH=$(mktemp -d)
+
+log() { echo "[gpu_bench $(($(date +%s) - START))s] $*" | tee -a "$LOG"; }
+
+# libtorch of the system torch (the binary was linked against the same release).
+TORCH_LIB=$("$PY" -c 'import torch, os; print(os.path.dirname(torch.__file__))')/lib
+export LD_LIBRARY_PATH="$TORCH_LIB:${LD_LIBRARY_PATH:-}"
+export PYTHONUNBUFFERED=1
+
+if ! "$PY" -c 'import diffusers' 2>/dev/null; then
+    if ls .whl/*.whl >/dev/null 2>&1; then
+        log "installing the carried wheels into $SCRATCH/site"
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+            --target "$SCRATCH/site" .whl/*.whl >>"$LOG" 2>&1
+        export PYTHONPATH="$SCRATCH/site:${PYTHONPATH:-}"
+    fi
+fi
+
+{
+    date -u
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
+    "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0))' 2>&1
+    "$PY" -c 'import diffusers; print("diffusers", diffusers.__version__)' 2>&1 | tail -1
+    ls -la "$BIN" 2>&1
+} >"$OUT/env.txt"
+cat "$OUT/env.txt" | tee -a "$LOG"
+
+# run LIMIT NAME CMD...: runs CMD with a timeout of min(LIMIT, time left - 15 s), appending its
+# JSON line to results.jsonl and everything else to bench.log.
+run() {
+    local limit=$1 name=$2
+    shift 2
+    local left=$((TOTAL_SECONDS - ($(date +%s) - START) - 15))
+    if [ "$left" -lt 10 ]; then
+        log "$name: skipped (time budget spent)"
+        return
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
+    log "$name (timeout ${limit}s)"
+    timeout --kill-after=5 "$limit" "$@" >"$SCRATCH/out" 2>>"$LOG"
+    local rc=$?
+    grep '^{' "$SCRATCH/out" | tail -1 | tee -a "$RESULTS" >>"$LOG"
+    grep -v '^{' "$SCRATCH/out" >>"$LOG"
+    [ $rc -ne 0 ] && log "$name: exit code $rc$([ $rc -eq 124 ] && echo ' (timed out)')"
+}
+
+# Overridable for a dry run on a CPU (e.g. DEVICE=cpu BATCH=2 TBATCH=2 WARMUP=0 REPEAT=1).
+DEVICE="${DEVICE:-cuda}"
+BATCH="${BATCH:-64}"
+TBATCH="${TBATCH:-256}"
+COMMON=(--device "$DEVICE" --unet-config "$UNET" --features "$FEATURES" --warmup "${WARMUP:-2}" --repeat "${REPEAT:-3}")
+
+step() { # K REMAT LIMIT [PRECISION]
+    local k=$1 remat=$2 limit=$3 prec=${4:-f32} noise="$SCRATCH/noise-k$1.safetensors"
+    run "$limit" "step K=$k B=$BATCH $remat $prec: ours" \
+        "$BIN" --quiet bench-unroll --what step --steps "$k" --batch "$BATCH" --remat "$remat" "${COMMON[@]}" \
+        --precision "$prec" --save-noise "$noise"
+    case $remat in budget:*) return ;; esac
+    run "$limit" "step K=$k B=$BATCH $remat $prec: reference" \
+        "$PY" "$REF" --what step --steps "$k" --batch "$BATCH" --remat "$remat" "${COMMON[@]}" --precision "$prec" \
+        --noise "$noise"
+}
+
+# The first part also pays for cold caches (libraries, CUDA context, cuDNN): a longer limit.
+step 10 per_call 75
+step 10 naive 45
+step 5 per_call 35
+step 20 per_call 60
+for what in sample features; do
+    run 40 "$what B=$TBATCH: ours" "$BIN" --quiet bench-unroll --what "$what" --steps 10 --batch "$TBATCH" "${COMMON[@]}"
+    run 40 "$what B=$TBATCH: reference" "$PY" "$REF" --what "$what" --steps 10 --batch "$TBATCH" "${COMMON[@]}"
+done
+step 10 budget:5 30
+# bf16 network calls (weights and inputs cast, outputs back to f32), while the time budget lasts.
+step 10 per_call 40 bf16
+run 40 "sample B=$TBATCH bf16: ours" "$BIN" --quiet bench-unroll --what sample --steps 10 --batch "$TBATCH" \
+    "${COMMON[@]}" --precision bf16
+run 40 "sample B=$TBATCH bf16: reference" "$PY" "$REF" --what sample --steps 10 --batch "$TBATCH" "${COMMON[@]}" \
+    --precision bf16
+
+"$PY" "$ROOT/bench/reference/table.py" "$RESULTS" --title "$DEVICE: cifar10 architecture (random weights)" \
+    --out "$OUT/table.md" 2>>"$LOG" | tee -a "$LOG"
+log "done; files in $OUT"
+rm -rf "$SCRATCH"
