@@ -3,7 +3,9 @@
 //! * `setup`    creates the Python venv that provides libtorch 2.11.0 (tch 0.24's match), installs the
 //!   FID Inception weights, installs Fashion-MNIST (Debian package) and links `.libtorch` so plain
 //!   `cargo build` / `cargo test` work. Idempotent: a second run only checks and takes seconds.
-//! * `test`     setup + `cargo fmt --check` + `cargo clippy -D warnings` + `cargo test --workspace`.
+//!   With `--mpi`, also installs Open MPI and libclang (apt-get, as root) for the `mpi` feature.
+//! * `test`     setup + `cargo fmt --check` + `cargo clippy -D warnings` + `cargo test --workspace`;
+//!   with `--mpi`, also clippy with `ddss-cli/mpi` and the `mpirun` test of `ddss-cli`.
 //! * `search`   setup + release build of `ddss-cli` + `ddss-cli search --config NAME_OR_PATH`.
 //! * `bench`    ours next to the PyTorch reference of `bench/reference/` (DDSS step time and memory,
 //!   sampling and feature throughput), one process per measurement, as a Markdown table.
@@ -36,8 +38,10 @@ fn usage() -> &'static str {
     "usage: cargo xtask <command>\n\
      \n\
      commands:\n\
-     \x20 setup                          venv with torch 2.11.0, Inception weights, Fashion-MNIST, .libtorch link\n\
-     \x20 test                           setup, then fmt --check, clippy -D warnings, cargo test --workspace\n\
+     \x20 setup [--mpi]                  venv with torch 2.11.0, Inception weights, Fashion-MNIST, .libtorch link;\n\
+     \x20                                --mpi: also Open MPI + libclang for `--features mpi`\n\
+     \x20 test [--mpi]                   setup, then fmt --check, clippy -D warnings, cargo test --workspace;\n\
+     \x20                                --mpi: also the mpirun tests (cargo test -p ddss-cli --features mpi)\n\
      \x20 search --config NAME_OR_PATH   setup, build ddss-cli (release) and run a sampler search\n\
      \x20 fixtures                       regenerate reference fixtures with the pinned Python packages\n\
      \x20 bench [--device D] [--batch B] [--config NAME --random-weights] [--out FILE] [--json]\n\
@@ -56,7 +60,13 @@ fn run() -> Result<()> {
     let cmd = args.next().unwrap_or_default();
     let rest: Vec<String> = args.collect();
     match cmd.as_str() {
-        "setup" => setup().map(|_| ()),
+        "setup" => {
+            setup()?;
+            if rest.iter().any(|a| a == "--mpi") {
+                mpi_setup()?;
+            }
+            Ok(())
+        }
         "test" => test(&rest),
         "search" => search(&rest),
         "fixtures" => fixtures(),
@@ -258,14 +268,105 @@ fn cargo() -> Command {
 
 fn test(extra: &[String]) -> Result<()> {
     setup()?;
+    let with_mpi = extra.iter().any(|a| a == "--mpi");
+    let extra: Vec<&String> = extra.iter().filter(|a| *a != "--mpi").collect();
+    if with_mpi {
+        mpi_setup()?;
+    }
     let root = repo_root();
     println!("[test] cargo fmt --check");
     run_cmd(cargo().current_dir(&root).args(["fmt", "--all", "--", "--check"]))?;
     println!("[test] cargo clippy -D warnings");
     run_cmd(cargo().current_dir(&root).args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
     println!("[test] cargo test --workspace");
-    run_cmd(cargo().current_dir(&root).args(["test", "--workspace"]).args(extra))?;
+    run_cmd(cargo().current_dir(&root).args(["test", "--workspace"]).args(&extra))?;
+    if with_mpi {
+        println!("[test] cargo clippy -p ddss-cli --features mpi -D warnings");
+        run_cmd(
+            cargo()
+                .current_dir(&root)
+                .args([
+                    "clippy",
+                    "-p",
+                    "ddss-opt",
+                    "-p",
+                    "ddss-cli",
+                    "--all-targets",
+                    "--features",
+                    "ddss-cli/mpi",
+                    "--",
+                ])
+                .args(["-D", "warnings"]),
+        )?;
+        println!("[test] cargo test -p ddss-cli --features mpi --test mpi (mpirun -n 2)");
+        run_cmd(cargo().current_dir(&root).args(["test", "-p", "ddss-cli", "--features", "mpi", "--test", "mpi"]))?;
+    }
     Ok(())
+}
+
+/// Debian packages the `mpi` feature needs: Open MPI (runtime, `mpirun`, headers and `mpicc`) and
+/// libclang (rsmpi generates its bindings with bindgen).
+const MPI_PACKAGES: [&str; 4] = ["openmpi-bin", "libopenmpi-dev", "libclang-dev", "clang"];
+
+/// Whether a `libclang*.so*` is installed where bindgen looks for it.
+fn libclang_present() -> bool {
+    let mut dirs = vec![PathBuf::from("/usr/lib/x86_64-linux-gnu"), PathBuf::from("/usr/lib/aarch64-linux-gnu")];
+    if let Ok(entries) = std::fs::read_dir("/usr/lib") {
+        dirs.extend(
+            entries
+                .filter_map(|e| e.ok())
+                .filter(|e| e.file_name().to_string_lossy().starts_with("llvm-"))
+                .map(|e| e.path().join("lib")),
+        );
+    }
+    if let Some(dir) = std::env::var_os("LIBCLANG_PATH") {
+        dirs.push(PathBuf::from(dir));
+    }
+    dirs.iter().any(|dir| {
+        std::fs::read_dir(dir).is_ok_and(|rd| {
+            rd.filter_map(|e| e.ok()).any(|e| {
+                let name = e.file_name().to_string_lossy().to_string();
+                name.starts_with("libclang") && !name.starts_with("libclang-cpp") && name.contains(".so")
+            })
+        })
+    })
+}
+
+/// Installs (or checks) what `cargo build -p ddss-cli --features mpi` and `mpirun` need.
+fn mpi_setup() -> Result<()> {
+    let mpirun = output_of(Command::new("mpirun").arg("--version"));
+    let mpicc = output_of(Command::new("mpicc").arg("--showme:version")).is_some()
+        || output_of(Command::new("mpicc").arg("--version")).is_some();
+    if let (Some(version), true, true) = (&mpirun, mpicc, libclang_present()) {
+        step(&format!("MPI: {} (mpicc and libclang present)", version.lines().next().unwrap_or("mpirun")));
+        return Ok(());
+    }
+    let is_root = output_of(Command::new("id").arg("-u")).as_deref() == Some("0");
+    let has_apt = Path::new("/usr/bin/apt-get").exists();
+    if is_root && has_apt {
+        step(&format!("installing {} (apt-get)", MPI_PACKAGES.join(" ")));
+        run_cmd(Command::new("apt-get").args(["update", "-q"]))?;
+        run_cmd(
+            Command::new("apt-get")
+                .args(["install", "-y", "-q"])
+                .args(MPI_PACKAGES)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+        let version = output_of(Command::new("mpirun").arg("--version"))
+            .context("mpirun is still missing after installing Open MPI")?;
+        step(&format!("MPI: {}", version.lines().next().unwrap_or("mpirun")));
+        return Ok(());
+    }
+    bail!(
+        "the `mpi` feature needs an MPI implementation with its development files (mpirun, mpicc, mpi.h) \
+         and libclang. On Debian/Ubuntu run (as root) `apt-get install {}`; on a cluster load the MPI module \
+         (e.g. `module load openmpi`) and make libclang visible (LIBCLANG_PATH). Found: mpirun {}, mpicc {}, \
+         libclang {}",
+        MPI_PACKAGES.join(" "),
+        if mpirun.is_some() { "yes" } else { "no" },
+        if mpicc { "yes" } else { "no" },
+        if libclang_present() { "yes" } else { "no" }
+    )
 }
 
 /// Resolves `fashion_mnist.toml`, `fashion_mnist` or a path against `configs/`.

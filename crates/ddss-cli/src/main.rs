@@ -3,6 +3,7 @@
 mod bench_cmd;
 mod classifier_cmd;
 mod common;
+mod dist;
 mod metrics_cmd;
 mod plot;
 mod sample;
@@ -352,7 +353,8 @@ enum ExportFormat {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = if cli.quiet { "warn" } else { "info" };
+    // In a multi-rank job only rank 0 logs progress.
+    let filter = if cli.quiet || dist::launcher_rank() > 0 { "warn" } else { "info" };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -362,23 +364,34 @@ fn main() -> ExitCode {
         .without_time()
         .with_target(false)
         .init();
+    // MPI (with the `mpi` feature, under a launcher) stays initialised until `_mpi` drops.
+    let _mpi = match dist::init() {
+        Ok(guard) => guard,
+        Err(err) => return report(err),
+    };
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            // libtorch appends a C++ stack trace to its messages; the first lines say what is wrong.
-            // Each cause once: an error that already prints its source is not followed by it again.
-            let mut message = err.to_string();
-            for cause in err.chain().skip(1) {
-                let text = cause.to_string();
-                if !message.ends_with(&text) {
-                    message = format!("{message}: {text}");
-                }
-            }
-            let message = message.split("\nException raised from").next().unwrap_or(&message);
-            eprintln!("error: {message}");
-            ExitCode::FAILURE
+            let code = report(err);
+            dist::abort_if_parallel(1);
+            code
         }
     }
+}
+
+fn report(err: anyhow::Error) -> ExitCode {
+    // libtorch appends a C++ stack trace to its messages; the first lines say what is wrong.
+    // Each cause once: an error that already prints its source is not followed by it again.
+    let mut message = err.to_string();
+    for cause in err.chain().skip(1) {
+        let text = cause.to_string();
+        if !message.ends_with(&text) {
+            message = format!("{message}: {text}");
+        }
+    }
+    let message = message.split("\nException raised from").next().unwrap_or(&message);
+    eprintln!("error: {message}");
+    ExitCode::FAILURE
 }
 
 fn run(cli: Cli) -> Result<()> {

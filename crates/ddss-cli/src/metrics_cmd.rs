@@ -12,6 +12,7 @@
 use crate::common::{parse_device, progress};
 use crate::sample::SamplerChoice;
 use anyhow::{bail, Context, Result};
+use ddss_opt::collective::{shard, Collective, SingleProcess};
 use fid_metrics::data::{load_idx_images, load_images, quantize_to_uint8_levels, subsample, Subsample};
 use fid_metrics::features::{extract_features_batched, FeatureSpec};
 use fid_metrics::kid::{kid, KidOptions};
@@ -196,6 +197,43 @@ fn image_source_features(
     Ok(features)
 }
 
+/// [`image_source_features`] split across the ranks of `comm`: every rank reads the source, takes
+/// a contiguous run of its `batch`-sized batches, and the features are all-gathered (the same
+/// batches, hence the same features, as one process).
+fn image_source_features_sharded(
+    path: &Path,
+    num: Option<usize>,
+    extractor: &dyn FeatureExtractor,
+    batch: usize,
+    comm: &dyn Collective,
+) -> Result<Tensor> {
+    if batch == 0 {
+        bail!("--batch 0: need at least 1");
+    }
+    let mut images = load_image_source(path)?;
+    if let Some(num) = num {
+        images = subsample(&images, num, Subsample::First)?;
+    }
+    let total = images.size()[0] as usize;
+    let batches = shard(total.div_ceil(batch), comm.rank(), comm.size());
+    let (start, end) = ((batches.start * batch).min(total), (batches.end * batch).min(total));
+    tracing::info!(
+        "{}: {total} images, features {}{}",
+        path.display(),
+        extractor.name(),
+        crate::dist::ranks_note(comm)
+    );
+    let dim = extractor.dim() as i64;
+    let local = if end > start {
+        let part = images.narrow(0, start as i64, (end - start) as i64);
+        extract_features_batched(extractor, &part, batch, |_, _| {})
+            .with_context(|| format!("computing features of {}", path.display()))?
+    } else {
+        Tensor::zeros([0, dim], (Kind::Float, Device::Cpu))
+    };
+    gather_rows(&local, &[dim], comm)
+}
+
 /// Opens `--features`, naming the flag in errors.
 fn open_features(spec: &FeatureSpec, device: Device) -> Result<Box<dyn FeatureExtractor>> {
     spec.open(device).with_context(|| format!("--features {}", spec_text(spec)))
@@ -253,9 +291,18 @@ pub fn run_stats(args: StatsArgs) -> Result<()> {
         bail!("--num {}: statistics need at least 2 images", args.num.unwrap_or(0));
     }
     ggdm_core::io::check_output_path(&args.out).context("--out")?;
-    let device = parse_device(&args.device)?;
+    let comm = crate::dist::world();
+    let comm = comm.as_ref();
+    let device = crate::dist::rank_device(parse_device(&args.device)?, comm);
     let extractor = open_features(&spec, device)?;
-    let features = image_source_features(&args.path, args.num, extractor.as_ref(), args.batch, args.quiet)?;
+    let features = if comm.size() <= 1 {
+        image_source_features(&args.path, args.num, extractor.as_ref(), args.batch, args.quiet)?
+    } else {
+        image_source_features_sharded(&args.path, args.num, extractor.as_ref(), args.batch, comm)?
+    };
+    if !comm.is_root() {
+        return Ok(());
+    }
     let stats = FeatureStats::from_features(&features).with_context(|| {
         format!("{}: statistics need at least 2 images (got {})", args.path.display(), features.size()[0])
     })?;
@@ -429,6 +476,22 @@ pub fn sample_features_multi(
     keep: usize,
     on_batch: &mut dyn FnMut(usize, usize),
 ) -> Result<(Vec<Tensor>, Tensor)> {
+    sample_features_sharded(model, choice, options, extractors, keep, on_batch, &SingleProcess)
+}
+
+/// [`sample_features_multi`] split across the ranks of `comm`: the `ceil(num / batch)` batches
+/// are divided into contiguous runs, one per rank, so every rank draws exactly the batches (and
+/// noise streams) one process would, and the features and kept samples are all-gathered. Every
+/// rank returns the full result; `on_batch` reports this rank's progress scaled to `num`.
+pub fn sample_features_sharded(
+    model: &LoadedModel,
+    choice: &SamplerChoice,
+    options: &EvalOptions,
+    extractors: &[&dyn FeatureExtractor],
+    keep: usize,
+    on_batch: &mut dyn FnMut(usize, usize),
+    comm: &dyn Collective,
+) -> Result<(Vec<Tensor>, Tensor)> {
     if options.batch == 0 {
         bail!("--batch 0: need at least 1");
     }
@@ -438,9 +501,11 @@ pub fn sample_features_multi(
     let device = options.device;
     let mut chunks: Vec<Vec<Tensor>> = extractors.iter().map(|_| Vec::new()).collect();
     let mut kept = Vec::new();
-    let mut first = 0usize;
-    while first < options.num {
-        let len = options.batch.min(options.num - first);
+    let batches = shard(options.num.div_ceil(options.batch), comm.rank(), comm.size());
+    let mut first = (batches.start * options.batch).min(options.num);
+    let (start, end) = (first, (batches.end * options.batch).min(options.num));
+    while first < end {
+        let len = options.batch.min(end - first);
         let mut noise = PerSampleNoise::new(options.seed, first as u64, len);
         let x_init = noise.next(&[len as i64, shape[0], shape[1], shape[2]], device)?;
         let mut samples = choice.run(model, &x_init, &mut noise)?;
@@ -455,15 +520,45 @@ pub fn sample_features_multi(
             kept.push(samples.narrow(0, 0, (keep - first).min(len) as i64).to_device(Device::Cpu));
         }
         first += len;
-        on_batch(first, options.num);
+        on_batch((first - start) * options.num / (end - start).max(1), options.num);
     }
-    let features = chunks.iter().map(|c| Tensor::cat(c, 0)).collect();
-    let kept = if kept.is_empty() { Tensor::zeros([0], (Kind::Float, Device::Cpu)) } else { Tensor::cat(&kept, 0) };
+    if comm.size() <= 1 {
+        let features = chunks.iter().map(|c| Tensor::cat(c, 0)).collect();
+        let kept = if kept.is_empty() { Tensor::zeros([0], (Kind::Float, Device::Cpu)) } else { Tensor::cat(&kept, 0) };
+        return Ok((features, kept));
+    }
+    let mut features = Vec::with_capacity(extractors.len());
+    for (extractor, c) in extractors.iter().zip(&chunks) {
+        let dim = extractor.dim() as i64;
+        let local = if c.is_empty() { Tensor::zeros([0, dim], (Kind::Float, Device::Cpu)) } else { Tensor::cat(c, 0) };
+        features.push(gather_rows(&local, &[dim], comm)?);
+    }
+    let row = [shape[0], shape[1], shape[2]];
+    let local = if kept.is_empty() {
+        Tensor::zeros([0, row[0], row[1], row[2]], (Kind::Float, Device::Cpu))
+    } else {
+        Tensor::cat(&kept, 0)
+    };
+    let kept = gather_rows(&local, &row, comm)?;
+    let kept = if kept.size()[0] == 0 { Tensor::zeros([0], (Kind::Float, Device::Cpu)) } else { kept };
     Ok((features, kept))
 }
 
+/// All-gathers the rows (`[n_rank, row...]`, any `n_rank`) of every rank, in rank order, as f32 on
+/// the CPU.
+fn gather_rows(local: &Tensor, row: &[i64], comm: &dyn Collective) -> Result<Tensor> {
+    let flat = local.detach().to_device(Device::Cpu).to_kind(Kind::Float).contiguous().reshape([-1]);
+    let all = comm.all_gather_f32(&Vec::<f32>::try_from(&flat)?)?;
+    let mut shape = vec![-1];
+    shape.extend_from_slice(row);
+    Ok(Tensor::from_slice(&all).reshape(&shape))
+}
+
 /// Samples with `choice` and scores the samples against `reference`: FID against its
-/// statistics, KID against its features when it has them. `sampler` labels the result.
+/// statistics, KID against its features when it has them. `sampler` labels the result. The
+/// sampling is split across the ranks of `comm` ([`sample_features_sharded`]); every rank returns
+/// the same result, equal to one process's.
+#[allow(clippy::too_many_arguments)]
 pub fn evaluate(
     model: &LoadedModel,
     choice: &SamplerChoice,
@@ -472,6 +567,7 @@ pub fn evaluate(
     extractor: &dyn FeatureExtractor,
     reference: &FeatureSummary,
     on_batch: &mut dyn FnMut(usize, usize),
+    comm: &dyn Collective,
 ) -> Result<EvalResult> {
     if options.num < 2 {
         bail!("--num {}: FID needs at least 2 samples", options.num);
@@ -487,7 +583,11 @@ pub fn evaluate(
         );
     }
     reference.check_feature_set(extractor.name())?;
-    let features = sample_features(model, choice, options, extractor, on_batch)?;
+    let features = if comm.size() <= 1 {
+        sample_features(model, choice, options, extractor, on_batch)?
+    } else {
+        sample_features_sharded(model, choice, options, &[extractor], 0, on_batch, comm)?.0.remove(0)
+    };
     let generated = FeatureSummary::from_features(features, extractor.name(), Path::new("generated samples"))?;
     let fid = fid_metrics::fid::fid_from_stats(&generated.stats, &reference.stats)?;
     let kid = kid_if_possible(&generated, reference)?;
@@ -527,7 +627,9 @@ pub fn run_eval(args: EvalArgs) -> Result<()> {
         bail!("--steps is required with --sampler {} (only a sampler.json has its own K)", args.sampler);
     }
     let reference = FeatureSummary::read_npz(&args.reference).context("--ref")?;
-    let device = parse_device(&args.device)?;
+    let comm = crate::dist::world();
+    let comm = comm.as_ref();
+    let device = crate::dist::rank_device(parse_device(&args.device)?, comm);
     let model =
         load_model_dir(&args.model, device).with_context(|| format!("loading model {}", args.model.display()))?;
     let choice =
@@ -535,19 +637,32 @@ pub fn run_eval(args: EvalArgs) -> Result<()> {
     let extractor = open_features(&spec, device)?;
     let options =
         EvalOptions { num: args.num, batch: args.batch, seed: args.seed, quantize: !args.no_quantize, device };
-    tracing::info!(
-        "eval: {} samples with {} ({} steps), features {}, reference {}",
-        args.num,
-        args.sampler,
-        choice.steps(),
-        extractor.name(),
-        args.reference.display()
-    );
-    let bar = progress(args.num as u64, args.quiet, "eval");
-    let result = evaluate(&model, &choice, &args.sampler, &options, extractor.as_ref(), &reference, &mut |done, _| {
-        bar.set_position(done as u64)
-    })?;
+    if comm.is_root() {
+        tracing::info!(
+            "eval: {} samples with {} ({} steps), features {}, reference {}{}",
+            args.num,
+            args.sampler,
+            choice.steps(),
+            extractor.name(),
+            args.reference.display(),
+            crate::dist::ranks_note(comm)
+        );
+    }
+    let bar = progress(args.num as u64, args.quiet || !comm.is_root(), "eval");
+    let result = evaluate(
+        &model,
+        &choice,
+        &args.sampler,
+        &options,
+        extractor.as_ref(),
+        &reference,
+        &mut |done, _| bar.set_position(done as u64),
+        comm,
+    )?;
     bar.finish_and_clear();
+    if !comm.is_root() {
+        return Ok(());
+    }
     if args.json {
         println!("{}", serde_json::to_string(&result)?);
     } else {

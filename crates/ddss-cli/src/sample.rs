@@ -4,9 +4,14 @@
 //!
 //! Noise is per sample: sample `i` uses the stream `(seed, i)`, so results do not depend on
 //! `--batch`, and `--init-noise` + `--out-npy` reproduce runs bit for bit on the same device.
+//!
+//! Under MPI (the `mpi` feature) the batches are split into contiguous runs, one per rank: each rank
+//! writes its own `--out-dir` images, and the grid and `.npy` are gathered to rank 0, which writes
+//! them; the files are those one process writes.
 
 use crate::common::{parse_device, progress, write_grid, write_images, write_npy};
 use anyhow::{bail, Context, Result};
+use ddss_opt::collective::shard;
 use ggdm_core::ggdm::GgdmSampler;
 use ggdm_core::grid::{multistep_timesteps, timesteps, Spacing};
 use ggdm_core::model_dir::{load_model_dir, LoadedModel};
@@ -168,7 +173,9 @@ impl SamplerChoice {
 
 /// Runs `ddss-cli sample`.
 pub fn run(args: SampleArgs) -> Result<()> {
-    let device = parse_device(&args.device)?;
+    let comm = crate::dist::world();
+    let comm = comm.as_ref();
+    let device = crate::dist::rank_device(parse_device(&args.device)?, comm);
     for path in [&args.out, &args.out_npy].into_iter().flatten() {
         ggdm_core::io::check_output_path(path)?;
     }
@@ -204,15 +211,18 @@ pub fn run(args: SampleArgs) -> Result<()> {
         (a, b, c) => (a.clone(), b.clone(), c.clone()),
     };
     tracing::info!(
-        "sampling {num} images of shape {shape:?} with {} ({} steps) on {device:?}",
+        "sampling {num} images of shape {shape:?} with {} ({} steps) on {device:?}{}",
         args.sampler,
-        choice.steps()
+        choice.steps(),
+        crate::dist::ranks_note(comm)
     );
-    let bar = progress(num as u64, args.quiet, "sample");
+    let batches = shard(num.div_ceil(args.batch), comm.rank(), comm.size());
+    let (start, end) = ((batches.start * args.batch).min(num), (batches.end * args.batch).min(num));
+    let bar = progress((end - start) as u64, args.quiet || !comm.is_root(), "sample");
     let mut chunks = Vec::new();
-    let mut first = 0usize;
-    while first < num {
-        let b = args.batch.min(num - first);
+    let mut first = start;
+    while first < end {
+        let b = args.batch.min(end - first);
         let mut noise = PerSampleNoise::new(args.seed, first as u64, b);
         let x_init = match &init {
             Some(t) => t.narrow(0, first as i64, b as i64).to_device(device),
@@ -227,7 +237,23 @@ pub fn run(args: SampleArgs) -> Result<()> {
         bar.inc(b as u64);
     }
     bar.finish_and_clear();
-    let all = Tensor::cat(&chunks, 0);
+    let all = if comm.size() <= 1 {
+        Tensor::cat(&chunks, 0)
+    } else if out_grid.is_some() || out_npy.is_some() {
+        let local = if chunks.is_empty() {
+            Tensor::zeros([0, shape[0], shape[1], shape[2]], (tch::Kind::Float, Device::Cpu))
+        } else {
+            Tensor::cat(&chunks, 0)
+        };
+        let flat = local.to_kind(tch::Kind::Float).contiguous().reshape([-1]);
+        let gathered = comm.all_gather_f32(&Vec::<f32>::try_from(&flat)?)?;
+        Tensor::from_slice(&gathered).reshape([-1, shape[0], shape[1], shape[2]])
+    } else {
+        Tensor::zeros([0], (tch::Kind::Float, Device::Cpu))
+    };
+    if !comm.is_root() {
+        return Ok(());
+    }
     if let Some(path) = &out_grid {
         let columns = (num as f64).sqrt().ceil() as usize;
         write_grid(&all, columns, path)?;

@@ -6,13 +6,17 @@
 //! PNG grids (`grid_<sampler>.png`, `before.png`, `after.png` on the same noise) and
 //! `results.json` (one row per sampler and feature set, with `held_out` telling whether the loss
 //! ever saw that feature network).
+//!
+//! Under MPI (the `mpi` feature, started by `mpirun`/`srun`) every rank runs this command: each
+//! step's batch, the validation batch and the comparison's samples are split across the ranks
+//! (see [`ddss_opt::collective`]), and rank 0 alone writes the run directory and prints.
 
 use crate::common::{parse_device, progress, write_grid};
-use crate::metrics_cmd::{sample_features_multi, EvalOptions};
+use crate::metrics_cmd::{sample_features_sharded, EvalOptions};
 use crate::sample::{SamplerChoice, SAMPLER_NAMES};
 use anyhow::{bail, Context, Result};
 use ddss_opt::loss::{FeatureLoss, LossKind};
-use ddss_opt::search::{run_search, ObjectiveParts, SearchObserver, SearchSettings, StepRecord};
+use ddss_opt::search::{run_search_with, ObjectiveParts, SearchObserver, SearchSettings, StepRecord};
 use fid_metrics::features::{extract_features_batched, open_extractor, FeatureExtractor};
 use ggdm_core::ggdm::{GgdmInit, GgdmSampler, History, Learnable, ModelIdentity, Query};
 use ggdm_core::grid::Spacing;
@@ -345,21 +349,37 @@ pub fn run(args: SearchArgs) -> Result<()> {
         return Err(missing("[eval] reference data", &config.eval.reference, &config.data.hint));
     }
     let device_name = args.device.clone().or(config.output.device.clone()).unwrap_or_else(|| "auto".into());
-    let device = parse_device(&device_name)?;
+    let comm = crate::dist::world();
+    let comm = comm.as_ref();
+    let root = comm.is_root();
+    let quiet = args.quiet || !root;
+    let device = crate::dist::rank_device(parse_device(&device_name)?, comm);
+    if comm.size() > 1 {
+        ddss_opt::collective::check_shardable("optim.batch_size", config.optim.batch_size, comm.size())
+            .with_context(|| format!("{}: invalid [optim] for {} ranks", args.config.display(), comm.size()))?;
+    }
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating run directory {}", run_dir.display()))?;
-    let _lock = RunLock::acquire(&run_dir)?;
-    remove_stale_temporaries(&run_dir);
-    ggdm_core::io::write_atomic(&run_dir.join("config.toml"), toml::to_string_pretty(&config)?.as_bytes())?;
+    // Rank 0 alone owns the run directory (lock, leftovers, outputs).
+    let _lock = if root { Some(RunLock::acquire(&run_dir)?) } else { None };
+    if root {
+        remove_stale_temporaries(&run_dir);
+        ggdm_core::io::write_atomic(&run_dir.join("config.toml"), toml::to_string_pretty(&config)?.as_bytes())?;
+    }
 
     let model = load_model_dir(&config.model.path, device)
         .with_context(|| format!("loading model {}", config.model.path.display()))?;
     let shape = model.sample_shape().context("the model does not fix its sample size (sample_size in config.json)")?;
-    tracing::info!("model {} ({:?} samples) on {device:?}", config.model.path.display(), shape);
+    tracing::info!(
+        "model {} ({:?} samples) on {device:?}{}",
+        config.model.path.display(),
+        shape,
+        crate::dist::ranks_note(comm)
+    );
 
     // The loss: real features of the training data with the loss's feature network.
     let loss_extractor = open_extractor(&config.loss.features, device)?;
     let real_images = load_real_images(&config.data.path, config.data.num)?;
-    let real = features_batched(loss_extractor.as_ref(), &real_images, config.eval.batch, args.quiet, "real features")?;
+    let real = features_batched(loss_extractor.as_ref(), &real_images, config.eval.batch, quiet, "real features")?;
     drop(real_images);
     let loss = FeatureLoss::new(config.loss.kind, &real.to_device(device))?;
 
@@ -393,8 +413,10 @@ pub fn run(args: SearchArgs) -> Result<()> {
         device,
     };
     let (_, before) =
-        sample_features_multi(&model, &initial, &grid_options, &[], config.eval.grid_num, &mut |_, _| {})?;
-    write_grid(&before, grid_columns(config.eval.grid_num), &run_dir.join("before.png"))?;
+        sample_features_sharded(&model, &initial, &grid_options, &[], config.eval.grid_num, &mut |_, _| {}, comm)?;
+    if root {
+        write_grid(&before, grid_columns(config.eval.grid_num), &run_dir.join("before.png"))?;
+    }
 
     let parts = ObjectiveParts {
         model: model.denoiser.as_ref(),
@@ -403,9 +425,10 @@ pub fn run(args: SearchArgs) -> Result<()> {
         sample_shape: shape,
         device,
     };
-    let mut observer = BarObserver { bar: progress(config.optim.steps, args.quiet, "search") };
+    let mut observer = BarObserver { bar: progress(config.optim.steps, quiet, "search") };
     let search_started = Instant::now();
-    let outcome = run_search(&mut sampler, parts, &config.optim, &real, &run_dir, args.resume, &mut observer)?;
+    let outcome =
+        run_search_with(&mut sampler, parts, &config.optim, &real, &run_dir, args.resume, &mut observer, comm)?;
     observer.bar.finish_and_clear();
     let search_seconds = search_started.elapsed().as_secs_f64();
     sampler.provenance = serde_json::json!({
@@ -420,7 +443,18 @@ pub fn run(args: SearchArgs) -> Result<()> {
             "seconds": search_seconds,
         }
     });
-    sampler.save(&run_dir.join("sampler.json"))?;
+    if root {
+        sampler.save(&run_dir.join("sampler.json"))?;
+    }
+    // Every rank evaluates the learned sampler; the other ranks take it from memory (the same
+    // values `sampler.json` holds) rather than from a file rank 0 may still be writing.
+    let learned_sampler = |device: Device| -> Result<GgdmSampler> {
+        if root {
+            Ok(GgdmSampler::load(&run_dir.join("sampler.json"), device)?)
+        } else {
+            Ok(GgdmSampler::from_file(sampler.to_file(), device)?)
+        }
+    };
     tracing::info!(
         "search: validation KID {:.5} -> {:.5} (best at step {}), {:.0} s; sampler written to {}",
         outcome.initial_validation_kid,
@@ -431,9 +465,12 @@ pub fn run(args: SearchArgs) -> Result<()> {
     );
 
     if args.skip_eval {
-        let learned = SamplerChoice::Ggdm(Box::new(GgdmSampler::load(&run_dir.join("sampler.json"), device)?));
+        let learned = SamplerChoice::Ggdm(Box::new(learned_sampler(device)?));
         let (_, after) =
-            sample_features_multi(&model, &learned, &grid_options, &[], config.eval.grid_num, &mut |_, _| {})?;
+            sample_features_sharded(&model, &learned, &grid_options, &[], config.eval.grid_num, &mut |_, _| {}, comm)?;
+        if !root {
+            return Ok(());
+        }
         write_grid(&after, grid_columns(config.eval.grid_num), &run_dir.join("after.png"))?;
         println!(
             "run directory: {} ({:.0} s in total, search {:.0} s; comparison skipped)",
@@ -467,10 +504,7 @@ pub fn run(args: SearchArgs) -> Result<()> {
             samplers.push((name.clone(), choice));
         }
     }
-    samplers.push((
-        "learned".into(),
-        SamplerChoice::Ggdm(Box::new(GgdmSampler::load(&run_dir.join("sampler.json"), device)?)),
-    ));
+    samplers.push(("learned".into(), SamplerChoice::Ggdm(Box::new(learned_sampler(device)?))));
     let mut feature_specs = vec![config.loss.features.clone()];
     for f in &config.eval.features {
         if !feature_specs.contains(f) {
@@ -481,13 +515,8 @@ pub fn run(args: SearchArgs) -> Result<()> {
     let mut references = Vec::new();
     for spec in &feature_specs {
         let extractor = open_extractor(spec, device)?;
-        let feats = features_batched(
-            extractor.as_ref(),
-            &reference_images,
-            config.eval.batch,
-            args.quiet,
-            "reference features",
-        )?;
+        let feats =
+            features_batched(extractor.as_ref(), &reference_images, config.eval.batch, quiet, "reference features")?;
         references.push((spec.clone(), extractor, feats));
     }
     let extractors: Vec<&dyn FeatureExtractor> = references.iter().map(|(_, e, _)| e.as_ref()).collect();
@@ -496,12 +525,21 @@ pub fn run(args: SearchArgs) -> Result<()> {
     let mut rows = Vec::new();
     for (name, choice) in &samplers {
         let steps = choice.steps();
-        let bar = progress(config.eval.num as u64, args.quiet, &format!("eval {name} K={steps}"));
+        let bar = progress(config.eval.num as u64, quiet, &format!("eval {name} K={steps}"));
         let keep = if steps == k { config.eval.grid_num.min(config.eval.num) } else { 0 };
-        let (features, grid) = sample_features_multi(&model, choice, &options, &extractors, keep, &mut |done, _| {
-            bar.set_position(done as u64)
-        })?;
+        let (features, grid) = sample_features_sharded(
+            &model,
+            choice,
+            &options,
+            &extractors,
+            keep,
+            &mut |done, _| bar.set_position(done as u64),
+            comm,
+        )?;
         bar.finish_and_clear();
+        if !root {
+            continue;
+        }
         if keep > 0 {
             write_grid(&grid, grid_columns(config.eval.grid_num), &run_dir.join(format!("grid_{name}.png")))?;
             if name == "learned" {
@@ -525,6 +563,9 @@ pub fn run(args: SearchArgs) -> Result<()> {
                 kid_std: kid.std,
             });
         }
+    }
+    if !root {
+        return Ok(());
     }
     if step_counts.len() > 1 {
         for path in crate::table_cmd::write_plots(&rows, &run_dir, &format!("{} steps", config.model.path.display()))? {

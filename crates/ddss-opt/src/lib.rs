@@ -4,6 +4,7 @@
 //!
 //! Implemented so far: [`optim`] (Adam with exportable state, gradient clipping, LR schedules).
 
+pub mod collective;
 pub mod error;
 pub mod loss;
 pub mod objective;

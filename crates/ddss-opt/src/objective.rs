@@ -10,7 +10,14 @@
 //!
 //! Noise is per sample ([`PerSampleNoise`]): sample `i` of a batch has its own stream, so the
 //! noise does not depend on how the batch is split.
+//!
+//! [`Objective::loss_and_grad_sharded`] is the same two-pass gradient split across the ranks of a
+//! [`Collective`]: each rank generates its contiguous shard of the batch, the features are
+//! all-gathered, every rank computes the same loss and `dL/dfeatures`, back-propagates its slice
+//! through its shard, and the parameter gradients are summed over the ranks. Only features and
+//! parameter gradients are communicated, never images.
 
+use crate::collective::{check_shardable, shard, Collective, CommVolume};
 use crate::loss::FeatureLoss;
 use crate::unroll::{self, Remat};
 use crate::{Error, Result};
@@ -148,4 +155,125 @@ impl Objective<'_> {
         }
         Ok(value)
     }
+}
+
+impl Objective<'_> {
+    /// Generates samples `range` (global indices) of the batch without autograd, in micro-batches
+    /// that start at `range.start`.
+    pub fn generate_range(&self, noise: BatchNoise, range: std::ops::Range<usize>) -> Result<Tensor> {
+        let mut chunks = Vec::new();
+        let mut first = range.start;
+        while first < range.end {
+            let count = self.micro_batch.min(range.end - first);
+            let (x_init, z) =
+                noise.draw_as(first, count, self.sample_shape, self.sampler.steps, self.device, self.state_kind)?;
+            chunks.push(tch::no_grad(|| self.sampler.sample(self.model, &x_init, &z))?);
+            first += count;
+        }
+        if chunks.is_empty() {
+            return Err(Error::config("batch", format!("empty range {range:?} of {} samples", noise.batch)));
+        }
+        Ok(Tensor::cat(&chunks, 0))
+    }
+
+    /// [`Self::loss_and_grad`] split across the ranks of `comm` (the same on one rank). Every rank
+    /// returns the same loss and holds the same full-batch gradient afterwards. Rank `r` takes
+    /// the contiguous samples [`shard`]`(batch, r, size)` in micro-batches, so the result equals
+    /// one process with `micro_batch = batch / size` (when that divides evenly) up to the order
+    /// of the final gradient sum. Also returns the bytes communicated.
+    pub fn loss_and_grad_sharded(&self, noise: BatchNoise, comm: &dyn Collective) -> Result<(f64, CommVolume)> {
+        if comm.size() <= 1 {
+            return Ok((self.loss_and_grad(noise)?, CommVolume::default()));
+        }
+        if noise.batch < 2 {
+            return Err(Error::config("batch_size", format!("{} (KID needs at least 2 samples)", noise.batch)));
+        }
+        check_shardable("batch_size", noise.batch, comm.size())?;
+        let steps = self.sampler.steps;
+        let range = shard(noise.batch, comm.rank(), comm.size());
+        // Pass 1: this rank's features without autograd, then everyone's.
+        let mut features = Vec::new();
+        let mut first = range.start;
+        while first < range.end {
+            let count = self.micro_batch.min(range.end - first);
+            let (x_init, z) = noise.draw_as(first, count, self.sample_shape, steps, self.device, self.state_kind)?;
+            let out = tch::no_grad(|| self.sampler.sample(self.model, &x_init, &z))?;
+            features.push(tch::no_grad(|| features_of(self.extractor, &out))?);
+            first += count;
+        }
+        let local = Tensor::cat(&features, 0);
+        let (kind, device, dim) = (local.kind(), local.device(), local.size()[1]);
+        let (gathered, gathered_bytes) = gather_features(&local, comm)?;
+        if gathered.numel() != noise.batch * dim as usize {
+            return Err(Error::config(
+                "features",
+                format!("gathered {} values, expected {} x {dim}", gathered.numel(), noise.batch),
+            ));
+        }
+        let all = gathered.reshape([noise.batch as i64, dim]).to_kind(kind).to_device(device).set_requires_grad(true);
+        let loss = self.loss.value(&all)?;
+        loss.backward();
+        let value = loss.double_value(&[]);
+        let grad_features = all.grad();
+        // Pass 2: this rank's micro-batches with the unroll.
+        let mut first = range.start;
+        while first < range.end {
+            let count = self.micro_batch.min(range.end - first);
+            let (x_init, z) = noise.draw_as(first, count, self.sample_shape, steps, self.device, self.state_kind)?;
+            let fwd = unroll::forward(self.sampler, self.model, &x_init, &z, self.remat)?;
+            let x_out = fwd.output.detach().set_requires_grad(true);
+            let slice = grad_features.narrow(0, first as i64, count as i64);
+            let f = features_of(self.extractor, &x_out)?;
+            (f * slice.detach()).sum(Kind::Double).backward();
+            let _ = unroll::backward(self.sampler, self.model, fwd, &x_out.grad())?;
+            first += count;
+        }
+        let reduced = all_reduce_grads(&self.sampler.trainable(), comm)?;
+        Ok((value, CommVolume { gathered: gathered_bytes, reduced: reduced as u64 * 8 }))
+    }
+}
+
+/// All-gathers `local` (CPU copy, flattened): as f64 when it is f64, else as f32. Returns the
+/// gathered values and their size in bytes.
+pub fn gather_features(local: &Tensor, comm: &dyn Collective) -> Result<(Tensor, u64)> {
+    let err = |e: tch::TchError| Error::config("features", e.to_string());
+    let flat = local.detach().to_device(Device::Cpu).contiguous().reshape([-1]);
+    if flat.kind() == Kind::Double {
+        let all = comm.all_gather_f64(&Vec::<f64>::try_from(&flat).map_err(err)?)?;
+        Ok((Tensor::from_slice(&all), all.len() as u64 * 8))
+    } else {
+        let all = comm.all_gather_f32(&Vec::<f32>::try_from(&flat.to_kind(Kind::Float)).map_err(err)?)?;
+        Ok((Tensor::from_slice(&all), all.len() as u64 * 4))
+    }
+}
+
+/// Sums the gradients of `params` over the ranks (in f64), in place; returns the number of values.
+/// A parameter without a gradient contributes zeros.
+pub fn all_reduce_grads(params: &[Tensor], comm: &dyn Collective) -> Result<usize> {
+    let mut flat = Vec::new();
+    for p in params {
+        let g = p.grad();
+        if g.defined() {
+            let values = g.detach().to_device(Device::Cpu).to_kind(Kind::Double).contiguous().reshape([-1]);
+            flat.extend(Vec::<f64>::try_from(&values).map_err(|e| Error::config("gradient", e.to_string()))?);
+        } else {
+            flat.extend(std::iter::repeat_n(0.0, p.numel()));
+        }
+    }
+    comm.all_reduce_sum_f64(&mut flat)?;
+    let mut offset = 0;
+    for p in params {
+        let n = p.numel();
+        let summed =
+            Tensor::from_slice(&flat[offset..offset + n]).reshape(p.size()).to_kind(p.kind()).to_device(p.device());
+        let mut g = p.grad();
+        if g.defined() {
+            tch::no_grad(|| g.copy_(&summed));
+        } else if flat[offset..offset + n].iter().any(|&v| v != 0.0) {
+            // Only another rank's shard reached this parameter: give it the summed gradient.
+            (p * summed.detach()).sum(Kind::Double).backward();
+        }
+        offset += n;
+    }
+    Ok(flat.len())
 }

@@ -5,7 +5,13 @@
 //! Every step's noise is derived from `(seed, step)`, validation noise from `seed` alone, so a run
 //! that is stopped and resumed from its checkpoint takes exactly the same steps as one that was
 //! not (on the same device: the final `sampler.json` is bit-identical on CPU).
+//!
+//! [`run_search_with`] runs the same loop data-parallel over the ranks of a [`Collective`]: every
+//! rank computes its shard of each step's batch and of the validation batch, all ranks take the
+//! same steps, and rank 0 alone writes `metrics.jsonl` and the checkpoint. The checkpoint holds
+//! no per-rank state, so a run can be resumed with any number of ranks.
 
+use crate::collective::{check_shardable, shard, Collective, SingleProcess};
 use crate::objective::{BatchNoise, Objective};
 use crate::optim::{clip_grad_norm, Adam, AdamConfig, LrSchedule};
 use crate::unroll::Remat;
@@ -187,6 +193,10 @@ pub struct StepRecord {
     pub event: Option<String>,
     /// Seconds since the run (or resumption) started.
     pub elapsed_s: f64,
+    /// Bytes all-gathered (features) and all-reduced (parameter gradients) by the step across
+    /// ranks; only in data-parallel runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comm_bytes: Option<u64>,
 }
 
 /// The result of a search.
@@ -293,12 +303,55 @@ fn zero_grads(params: &[Tensor]) {
 }
 
 /// Validation KID (f64, unbiased MMD^2 with the cubic kernel over the whole validation batch) of
-/// the current sampler.
+/// the current sampler. Samples and features are computed micro-batch by micro-batch.
 pub fn validation_kid(objective: &Objective, settings: &SearchSettings, real: &Tensor) -> Result<f64> {
-    let samples = objective.generate(validation_noise(settings))?;
-    let features = tch::no_grad(|| objective.extractor.features(&samples.to_device(objective.extractor.device())))
-        .map_err(|e| Error::config("features", e.to_string()))?;
-    fid_metrics::kid::mmd2_unbiased(&features.to_device(Device::Cpu), &real.to_device(Device::Cpu))
+    let noise = validation_noise(settings);
+    let features = validation_features(objective, noise, 0..noise.batch)?;
+    fid_metrics::kid::mmd2_unbiased(&features, &real.to_device(Device::Cpu))
+        .map_err(|e| Error::config("validation", e.to_string()))
+}
+
+/// Features (CPU) of validation samples `range`, one micro-batch at a time from `range.start`.
+fn validation_features(objective: &Objective, noise: BatchNoise, range: std::ops::Range<usize>) -> Result<Tensor> {
+    let mut chunks = Vec::new();
+    let mut first = range.start;
+    while first < range.end {
+        let count = objective.micro_batch.min(range.end - first);
+        let samples = objective.generate_range(noise, first..first + count)?;
+        let features = tch::no_grad(|| objective.extractor.features(&samples.to_device(objective.extractor.device())))
+            .map_err(|e| Error::config("features", e.to_string()))?;
+        chunks.push(features.to_device(Device::Cpu));
+        first += count;
+    }
+    if chunks.is_empty() {
+        let dim = objective.extractor.dim() as i64;
+        return Ok(Tensor::zeros([0, dim], (Kind::Float, Device::Cpu)));
+    }
+    Ok(Tensor::cat(&chunks, 0))
+}
+
+/// [`validation_kid`] with the validation batch split across the ranks of `comm`: its
+/// micro-batches are divided into contiguous runs, one per rank, and the features all-gathered, so
+/// the value is the single process's exactly, on every rank.
+pub fn validation_kid_sharded(
+    objective: &Objective,
+    settings: &SearchSettings,
+    real: &Tensor,
+    comm: &dyn Collective,
+) -> Result<f64> {
+    if comm.size() <= 1 {
+        return validation_kid(objective, settings, real);
+    }
+    let noise = validation_noise(settings);
+    let micro = objective.micro_batch.max(1);
+    let chunks = shard(noise.batch.div_ceil(micro), comm.rank(), comm.size());
+    let range = (chunks.start * micro).min(noise.batch)..(chunks.end * micro).min(noise.batch);
+    let features = validation_features(objective, noise, range)?;
+    let dim = objective.extractor.dim() as i64;
+    // As f32 on every rank (also one whose share is empty), like the features of the networks.
+    let (all, _) = crate::objective::gather_features(&features.to_kind(Kind::Float), comm)?;
+    let all = all.reshape([-1, dim]);
+    fid_metrics::kid::mmd2_unbiased(&all, &real.to_device(Device::Cpu))
         .map_err(|e| Error::config("validation", e.to_string()))
 }
 
@@ -314,7 +367,29 @@ pub fn run_search(
     resume: bool,
     observer: &mut dyn SearchObserver,
 ) -> Result<SearchOutcome> {
+    run_search_with(sampler, objective_parts, settings, real, run_dir, resume, observer, &SingleProcess)
+}
+
+/// [`run_search`] data-parallel over the ranks of `comm`: every rank must call it with the same
+/// arguments (`run_dir` on a file system all ranks see, for `resume`); rank 0 alone writes files.
+/// Each rank returns the same outcome and sampler.
+#[allow(clippy::too_many_arguments)]
+pub fn run_search_with(
+    sampler: &mut GgdmSampler,
+    objective_parts: ObjectiveParts,
+    settings: &SearchSettings,
+    real: &Tensor,
+    run_dir: &Path,
+    resume: bool,
+    observer: &mut dyn SearchObserver,
+    comm: &dyn Collective,
+) -> Result<SearchOutcome> {
     settings.validate()?;
+    let parallel = comm.size() > 1;
+    if parallel {
+        check_shardable("optim.batch_size", settings.batch_size, comm.size())?;
+    }
+    let root = comm.is_root();
     let params = sampler.trainable();
     if params.is_empty() {
         tracing::warn!("no part of the sampler is learnable: the search only measures it");
@@ -366,17 +441,22 @@ pub fn run_search(
             let params = sampler.trainable();
             adam = Adam::new(&params, settings.adam);
             adam.load_state(&adam_state)?;
-            truncate_metrics(&metrics_path, step)?;
+            if root {
+                truncate_metrics(&metrics_path, step)?;
+            }
             tracing::info!("resumed from step {step} ({})", checkpoint_path.display());
         } else {
-            initial_kid = validation_kid(&objective, settings, real)?;
+            initial_kid = validation_kid_sharded(&objective, settings, real, comm)?;
             best_kid = initial_kid;
             best_step = 0;
-            let _ = std::fs::remove_file(&metrics_path);
+            if root {
+                let _ = std::fs::remove_file(&metrics_path);
+            }
             tracing::info!("validation KID at initialisation: {initial_kid:.6}");
         }
     }
     let mut consecutive_faults = 0u32;
+    let mut logged_volume = false;
     let mut clipped_steps = 0u64;
     while step < settings.steps {
         let params = sampler.trainable();
@@ -384,7 +464,26 @@ pub fn run_search(
         let before = sampler.snapshot();
         zero_grads(&params);
         let objective = objective_parts.objective(sampler, settings);
-        let loss = objective.loss_and_grad(step_noise(settings, step));
+        let (loss, comm_bytes) = if parallel {
+            match objective.loss_and_grad_sharded(step_noise(settings, step), comm) {
+                Ok((v, volume)) => {
+                    if comm_bytes_unlogged(&mut logged_volume) {
+                        tracing::info!(
+                            "communication per step across {} ranks: {} bytes ({} all-gathered features, {} \
+                             all-reduced gradients; independent of the image size)",
+                            comm.size(),
+                            volume.total(),
+                            volume.gathered,
+                            volume.reduced
+                        );
+                    }
+                    (Ok(v), Some(volume.total()))
+                }
+                Err(e) => (Err(e), None),
+            }
+        } else {
+            (objective.loss_and_grad(step_noise(settings, step)), None)
+        };
         let (loss, fault) = match loss {
             Ok(v) if v.is_finite() => (v, None),
             Ok(v) => (v, Some(format!("non-finite loss {v}"))),
@@ -417,6 +516,7 @@ pub fn run_search(
             validation_kid: None,
             event: None,
             elapsed_s: started.elapsed().as_secs_f64(),
+            comm_bytes,
         };
         if let Some(what) = event {
             sampler.restore(&before)?;
@@ -426,7 +526,9 @@ pub fn run_search(
             tracing::warn!("step {step} rejected ({what}); restored the last good parameters");
             record.event = Some(format!("rejected: {what}; restored the last good parameters"));
             if consecutive_faults > settings.max_faults {
-                append_metrics(&metrics_path, &record)?;
+                if root {
+                    append_metrics(&metrics_path, &record)?;
+                }
                 return Err(Error::Numerical(format!(
                     "{consecutive_faults} consecutive steps were rejected (last: {what}). The sampler \
                      diverges: lower optim.lr, set optim.grad_clip, or check the model and the features \
@@ -441,7 +543,7 @@ pub fn run_search(
             (settings.validate_every > 0 && step.is_multiple_of(settings.validate_every)) || step == settings.steps;
         if validate_now {
             let objective = objective_parts.objective(sampler, settings);
-            let kid = validation_kid(&objective, settings, real)?;
+            let kid = validation_kid_sharded(&objective, settings, real, comm)?;
             record.validation_kid = Some(kid);
             if !kid.is_finite() {
                 tracing::warn!("step {step}: validation KID is {kid}; this step cannot become the best");
@@ -457,9 +559,11 @@ pub fn run_search(
                 best_params = sampler.snapshot();
             }
         }
-        append_metrics(&metrics_path, &record)?;
+        if root {
+            append_metrics(&metrics_path, &record)?;
+        }
         observer.on_step(&record);
-        if step.is_multiple_of(settings.checkpoint_every) || step == settings.steps {
+        if root && (step.is_multiple_of(settings.checkpoint_every) || step == settings.steps) {
             let mut named = named_params(&sampler.params, "params");
             named.extend(named_params(&best_params, "best"));
             for (n, t) in adam.state() {
@@ -469,7 +573,7 @@ pub fn run_search(
             named.push(("meta".into(), Tensor::from_slice(&meta).to_kind(Kind::Double)));
             write_checkpoint(run_dir, &named)?;
         }
-        if step < settings.steps && observer.should_stop(step) {
+        if step < settings.steps && stop_everywhere(observer.should_stop(step), comm)? {
             tracing::info!("stopped at step {step}; continue with --resume");
             break;
         }
@@ -483,6 +587,21 @@ pub fn run_search(
         faults: faults_total,
         clipped: clipped_steps,
     })
+}
+
+/// `true` once (the communication volume is logged at the first step a run or resumption takes).
+fn comm_bytes_unlogged(logged: &mut bool) -> bool {
+    !std::mem::replace(logged, true)
+}
+
+/// Whether any rank's observer asked to stop (all ranks stop at the same step).
+fn stop_everywhere(local: bool, comm: &dyn Collective) -> Result<bool> {
+    if comm.size() <= 1 {
+        return Ok(local);
+    }
+    let mut votes = [f64::from(u8::from(local))];
+    comm.all_reduce_sum_f64(&mut votes)?;
+    Ok(votes[0] > 0.0)
 }
 
 /// The parts of an [`Objective`] other than the sampler (which changes during the search).
