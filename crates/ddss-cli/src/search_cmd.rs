@@ -568,7 +568,7 @@ pub fn run(args: SearchArgs) -> Result<()> {
         return Ok(());
     }
     if step_counts.len() > 1 {
-        for path in crate::table_cmd::write_plots(&rows, &run_dir, &format!("{} steps", config.model.path.display()))? {
+        for path in crate::table_cmd::write_plots(&rows, &run_dir, &model_title(&config.model.path))? {
             tracing::info!("plot written to {}", path.display());
         }
     }
@@ -635,6 +635,11 @@ fn remove_stale_temporaries(run_dir: &Path) {
             let _ = std::fs::remove_file(entry.path());
         }
     }
+}
+
+/// The model's folder name, for plot titles.
+fn model_title(path: &Path) -> String {
+    path.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| path.display().to_string())
 }
 
 fn grid_columns(n: usize) -> usize {
