@@ -31,3 +31,27 @@ fn shipped_model_is_small_enough_to_ship() {
     let bytes = std::fs::metadata(&weights).expect("weights").len();
     assert!(bytes <= 10 * 1024 * 1024, "{bytes} bytes");
 }
+
+/// bf16 network calls: the output stays f32 and close to the f32 network's (bf16 keeps about three
+/// significant digits), gradients flow to the input, and a TorchScript model refuses bf16.
+#[test]
+fn bf16_network_calls_stay_close_to_f32() {
+    use ggdm_core::model_dir::{load_model_dir_with, NetworkPrecision};
+    let f32_model = load_model_dir(&model_dir(), Device::Cpu).expect("f32");
+    let bf16_model = load_model_dir_with(&model_dir(), Device::Cpu, NetworkPrecision::Bf16).expect("bf16");
+    let io = Tensor::read_safetensors(fixture_path("shipped_model_io.safetensors")).expect("fixture");
+    let get = |name: &str| io.iter().find(|(n, _)| n == name).map(|(_, t)| t.shallow_clone()).expect(name);
+    let x = get("x").set_requires_grad(true);
+    let full = tch::no_grad(|| f32_model.denoiser.forward(&x, &get("t"))).expect("f32 forward");
+    let half = bf16_model.denoiser.forward(&x, &get("t")).expect("bf16 forward");
+    assert_eq!(half.kind(), tch::Kind::Float);
+    let rel = ((&half - &full).norm().double_value(&[])) / full.norm().double_value(&[]);
+    assert!(rel > 0.0 && rel < 5e-2, "bf16 vs f32 relative difference {rel}");
+    half.sum(tch::Kind::Float).backward();
+    assert!(x.grad().abs().sum(tch::Kind::Float).double_value(&[]) > 0.0, "no gradient through bf16");
+    assert_eq!(NetworkPrecision::parse("bf16").expect("parse"), NetworkPrecision::Bf16);
+    assert!(NetworkPrecision::parse("fp8").expect_err("fp8").to_string().contains("fp8"));
+    let torchscript = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures").join("unet").join("torchscript");
+    let err = load_model_dir_with(&torchscript, Device::Cpu, NetworkPrecision::Bf16).err().expect("refused");
+    assert!(err.to_string().contains("bf16"), "{err}");
+}

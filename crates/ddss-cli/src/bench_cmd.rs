@@ -31,7 +31,7 @@ use fid_metrics::inception::{Inception, Precision};
 use ggdm_core::denoiser::Denoiser;
 use ggdm_core::ggdm::{GgdmSampler, History, Learnable};
 use ggdm_core::grid::Spacing;
-use ggdm_core::model_dir::{load_model_dir, scheduler_config_path};
+use ggdm_core::model_dir::{load_model_dir_with, Bf16Denoiser, NetworkPrecision};
 use ggdm_core::scheduler_config::SchedulerConfig;
 use ggdm_core::unet::{UNet2DConfig, UNet2DModel, UNetDenoiser};
 use std::path::{Path, PathBuf};
@@ -150,23 +150,6 @@ fn parse_remat(name: &str) -> Result<Remat> {
     }
 }
 
-/// A network that runs in bf16: inputs and weights in bf16, output cast back to f32.
-struct Bf16Denoiser(Box<dyn Denoiser>);
-
-impl Denoiser for Bf16Denoiser {
-    fn forward(&self, x: &Tensor, tau: &Tensor) -> ggdm_core::Result<Tensor> {
-        Ok(self.0.forward(&x.to_kind(Kind::BFloat16), tau)?.to_kind(x.kind()))
-    }
-
-    fn prediction_type(&self) -> ggdm_core::prediction::PredictionType {
-        self.0.prediction_type()
-    }
-
-    fn sample_shape(&self) -> Option<[i64; 3]> {
-        self.0.sample_shape()
-    }
-}
-
 /// The network and its scheduler settings.
 fn open_model(args: &BenchArgs, device: Device) -> Result<(Box<dyn Denoiser>, SchedulerConfig)> {
     let bf16 = match args.precision.as_str() {
@@ -193,23 +176,9 @@ fn open_model(args: &BenchArgs, device: Device) -> Result<(Box<dyn Denoiser>, Sc
             (Box::new(denoiser), scheduler)
         }
         None => {
-            if bf16 {
-                let dir = &args.model;
-                if scheduler_config_path(dir).is_none() && dir.join("model.pt").is_file() {
-                    bail!("--precision bf16 needs a diffusers model directory");
-                }
-                let mut denoiser = ggdm_core::unet::UNetDenoiser::load(dir, device)?;
-                denoiser.model_mut().var_store_mut().bfloat16();
-                let scheduler = match scheduler_config_path(dir) {
-                    Some(path) => SchedulerConfig::from_file(&path)?,
-                    None => SchedulerConfig::default(),
-                };
-                let denoiser = denoiser.with_prediction_type(scheduler.prediction_type);
-                (Box::new(denoiser), scheduler)
-            } else {
-                let loaded = load_model_dir(&args.model, device)?;
-                (loaded.denoiser, loaded.scheduler)
-            }
+            let precision = if bf16 { NetworkPrecision::Bf16 } else { NetworkPrecision::F32 };
+            let loaded = load_model_dir_with(&args.model, device, precision)?;
+            return Ok((loaded.denoiser, loaded.scheduler));
         }
     };
     if bf16 {

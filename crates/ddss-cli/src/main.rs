@@ -109,6 +109,10 @@ enum Command {
         /// auto | cpu | cuda | cuda:N.
         #[arg(long, default_value = "auto")]
         device: String,
+        /// Network arithmetic: f32, or bf16 (weights and activations; the sampler's combinations stay
+        /// f32; about 1.6x faster sampling on recent GPUs, slower on most CPUs).
+        #[arg(long, default_value = "f32")]
+        precision: String,
     },
     /// Train a small domain classifier whose features serve as `--features FILE.safetensors`.
     ///
@@ -274,6 +278,10 @@ enum Command {
         /// auto | cpu | cuda | cuda:N.
         #[arg(long, default_value = "auto")]
         device: String,
+        /// Network arithmetic: f32, or bf16 (weights and activations; the sampler's combinations stay
+        /// f32; about 1.6x faster sampling on recent GPUs, slower on most CPUs).
+        #[arg(long, default_value = "f32")]
+        precision: String,
     },
     /// Learn a fast sampler for a model (DDSS over GGDM) and compare it with DDIM/DDPM.
     Search {
@@ -423,6 +431,7 @@ fn run(cli: Cli) -> Result<()> {
             out_dir,
             out_npy,
             device,
+            precision,
         } => sample::run(sample::SampleArgs {
             model,
             sampler,
@@ -437,6 +446,7 @@ fn run(cli: Cli) -> Result<()> {
             out_dir,
             out_npy,
             device,
+            precision,
             quiet: cli.quiet,
         })?,
         Command::TrainClassifier { data, out, arch, seed, epochs, batch, lr, no_augment, num, device } => {
@@ -489,6 +499,7 @@ fn run(cli: Cli) -> Result<()> {
             no_quantize,
             json,
             device,
+            precision,
         } => metrics_cmd::run_eval(metrics_cmd::EvalArgs {
             model,
             sampler,
@@ -503,6 +514,7 @@ fn run(cli: Cli) -> Result<()> {
             no_quantize,
             json,
             device,
+            precision,
             quiet: cli.quiet,
         })?,
         Command::Timesteps { steps, spacing, num_train_timesteps, steps_offset, multistep } => {

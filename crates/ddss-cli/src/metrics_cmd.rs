@@ -18,7 +18,7 @@ use fid_metrics::features::{extract_features_batched, FeatureSpec};
 use fid_metrics::kid::{kid, KidOptions};
 use fid_metrics::stats::{npz_keys, read_features_npz, FEATURES_KEY, MU_KEY, SIGMA_KEY};
 use fid_metrics::{FeatureExtractor, FeatureStats};
-use ggdm_core::model_dir::{load_model_dir, LoadedModel};
+use ggdm_core::model_dir::{load_model_dir_with, LoadedModel, NetworkPrecision};
 use ggdm_core::noise::{NoiseSource, PerSampleNoise};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -617,6 +617,7 @@ pub struct EvalArgs {
     pub no_quantize: bool,
     pub json: bool,
     pub device: String,
+    pub precision: String,
     pub quiet: bool,
 }
 
@@ -630,8 +631,8 @@ pub fn run_eval(args: EvalArgs) -> Result<()> {
     let comm = crate::dist::world();
     let comm = comm.as_ref();
     let device = crate::dist::rank_device(parse_device(&args.device)?, comm);
-    let model =
-        load_model_dir(&args.model, device).with_context(|| format!("loading model {}", args.model.display()))?;
+    let model = load_model_dir_with(&args.model, device, NetworkPrecision::parse(&args.precision)?)
+        .with_context(|| format!("loading model {}", args.model.display()))?;
     let choice =
         SamplerChoice::from_args(&args.sampler, args.steps, args.eta, args.spacing.as_deref(), &model, device)?;
     let extractor = open_features(&spec, device)?;

@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 use ddss_opt::collective::shard;
 use ggdm_core::ggdm::GgdmSampler;
 use ggdm_core::grid::{multistep_timesteps, timesteps, Spacing};
-use ggdm_core::model_dir::{load_model_dir, LoadedModel};
+use ggdm_core::model_dir::{load_model_dir_with, LoadedModel, NetworkPrecision};
 use ggdm_core::noise::{NoiseSource, PerSampleNoise};
 use ggdm_core::samplers::{ddim, ddpm, diffusers_steps, grid_steps, DdimOptions, DdpmOptions};
 use ggdm_core::solvers::{dpm_solver, unipc, DpmSolverOptions, UniPcOptions};
@@ -36,6 +36,7 @@ pub struct SampleArgs {
     pub out_dir: Option<PathBuf>,
     pub out_npy: Option<PathBuf>,
     pub device: String,
+    pub precision: String,
     pub quiet: bool,
 }
 
@@ -182,8 +183,8 @@ pub fn run(args: SampleArgs) -> Result<()> {
     if args.batch == 0 {
         bail!("--batch 0: need at least 1");
     }
-    let model =
-        load_model_dir(&args.model, device).with_context(|| format!("loading model {}", args.model.display()))?;
+    let model = load_model_dir_with(&args.model, device, NetworkPrecision::parse(&args.precision)?)
+        .with_context(|| format!("loading model {}", args.model.display()))?;
     let choice =
         SamplerChoice::from_args(&args.sampler, args.steps, args.eta, args.spacing.as_deref(), &model, device)?;
     let init = match &args.init_noise {

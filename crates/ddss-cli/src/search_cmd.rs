@@ -20,7 +20,7 @@ use ddss_opt::search::{run_search_with, ObjectiveParts, SearchObserver, SearchSe
 use fid_metrics::features::{extract_features_batched, open_extractor, FeatureExtractor};
 use ggdm_core::ggdm::{GgdmInit, GgdmSampler, History, Learnable, ModelIdentity, Query};
 use ggdm_core::grid::Spacing;
-use ggdm_core::model_dir::load_model_dir;
+use ggdm_core::model_dir::{load_model_dir_with, NetworkPrecision};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -57,6 +57,10 @@ pub struct ModelSection {
     /// What to tell a user whose model directory is missing (where to get it).
     #[serde(default)]
     pub hint: Option<String>,
+    /// Arithmetic of the network calls: `f32` (default) or `bf16` (the sampler's parameters, its
+    /// linear combinations and the loss stay f32/f64).
+    #[serde(default)]
+    pub precision: NetworkPrecision,
 }
 
 /// `[data]`.
@@ -366,7 +370,7 @@ pub fn run(args: SearchArgs) -> Result<()> {
         ggdm_core::io::write_atomic(&run_dir.join("config.toml"), toml::to_string_pretty(&config)?.as_bytes())?;
     }
 
-    let model = load_model_dir(&config.model.path, device)
+    let model = load_model_dir_with(&config.model.path, device, config.model.precision)
         .with_context(|| format!("loading model {}", config.model.path.display()))?;
     let shape = model.sample_shape().context("the model does not fix its sample size (sample_size in config.json)")?;
     tracing::info!(

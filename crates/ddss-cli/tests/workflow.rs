@@ -147,6 +147,20 @@ fn search_export_sample_and_table_on_the_shipped_model() {
             .arg(&npy),
     );
     assert!(npy.is_file());
+    // bf16 network calls, and a clear error for an unknown precision.
+    run_ok(
+        bin()
+            .args(["--quiet", "sample", "--device", "cpu", "--model", &repo("models/fashion-mnist-ddpm")])
+            .args(["--sampler", "ddim", "--steps", "2", "--num", "2", "--precision", "bf16", "--out-npy"])
+            .arg(dir.join("bf16.npy")),
+    );
+    let err = run_err(
+        bin()
+            .args(["sample", "--device", "cpu", "--model", &repo("models/fashion-mnist-ddpm"), "--sampler", "ddim"])
+            .args(["--steps", "2", "--num", "2", "--precision", "fp8", "--out-npy"])
+            .arg(dir.join("fp8.npy")),
+    );
+    assert!(err.contains("fp8"), "{err}");
 
     // search --steps K --skip-eval: only the sampler and the grids.
     let run2 = dir.join("run2");

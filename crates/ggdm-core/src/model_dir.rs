@@ -9,8 +9,51 @@ use crate::denoiser::Denoiser;
 use crate::scheduler_config::SchedulerConfig;
 use crate::unet::UNetDenoiser;
 use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-use tch::Device;
+use tch::{Device, Kind, Tensor};
+
+/// The arithmetic of the network calls. The sampler's linear combinations, its parameters and the
+/// loss stay f32/f64 whatever this says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NetworkPrecision {
+    /// f32 weights and activations (default).
+    #[default]
+    F32,
+    /// bf16 weights and activations (the timestep embedding's input stays f32); the output is cast
+    /// back to the input's kind. About 1.6x the sampling speed on an H200 (`bench/RESULTS.md`).
+    Bf16,
+}
+
+impl NetworkPrecision {
+    /// Parses `f32` or `bf16`.
+    pub fn parse(text: &str) -> Result<Self> {
+        match text {
+            "f32" => Ok(Self::F32),
+            "bf16" => Ok(Self::Bf16),
+            other => Err(Error::invalid("precision", format!("`{other}` (expected f32 or bf16)"))),
+        }
+    }
+}
+
+/// A network run in bf16: its input is cast to bf16 and its output back to the input's kind
+/// (gradients flow through both casts).
+pub struct Bf16Denoiser(pub Box<dyn Denoiser>);
+
+impl Denoiser for Bf16Denoiser {
+    fn forward(&self, x: &Tensor, tau: &Tensor) -> Result<Tensor> {
+        Ok(self.0.forward(&x.f_to_kind(Kind::BFloat16)?, tau)?.f_to_kind(x.kind())?)
+    }
+
+    fn prediction_type(&self) -> crate::PredictionType {
+        self.0.prediction_type()
+    }
+
+    fn sample_shape(&self) -> Option<[i64; 3]> {
+        self.0.sample_shape()
+    }
+}
 
 /// A model ready to sample.
 pub struct LoadedModel {
@@ -42,8 +85,14 @@ pub fn scheduler_config_path(dir: &Path) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// Opens a model directory (see the module documentation).
+/// Opens a model directory (see the module documentation) with f32 network calls.
 pub fn load_model_dir(dir: &Path, device: Device) -> Result<LoadedModel> {
+    load_model_dir_with(dir, device, NetworkPrecision::F32)
+}
+
+/// [`load_model_dir`] with the network calls in `precision` (bf16 needs a diffusers model folder:
+/// a TorchScript model keeps the precision it was traced in).
+pub fn load_model_dir_with(dir: &Path, device: Device, precision: NetworkPrecision) -> Result<LoadedModel> {
     if !dir.is_dir() {
         return Err(Error::invalid(
             "model directory",
@@ -67,9 +116,22 @@ pub fn load_model_dir(dir: &Path, device: Device) -> Result<LoadedModel> {
         }
     };
     let denoiser: Box<dyn Denoiser> = if dir.join("model.pt").is_file() {
+        if precision == NetworkPrecision::Bf16 {
+            return Err(Error::invalid(
+                "precision",
+                format!("bf16 needs a diffusers model folder; {} is a TorchScript model", dir.display()),
+            ));
+        }
         Box::new(crate::torchscript::TorchScriptDenoiser::load(dir.join("model.pt"), device)?)
     } else {
-        Box::new(UNetDenoiser::load(dir, device)?.with_prediction_type(scheduler.prediction_type))
+        let mut unet = UNetDenoiser::load(dir, device)?.with_prediction_type(scheduler.prediction_type);
+        match precision {
+            NetworkPrecision::F32 => Box::new(unet),
+            NetworkPrecision::Bf16 => {
+                unet.model_mut().var_store_mut().bfloat16();
+                Box::new(Bf16Denoiser(Box::new(unet)))
+            }
+        }
     };
     Ok(LoadedModel { denoiser, scheduler, dir: dir.to_path_buf() })
 }
