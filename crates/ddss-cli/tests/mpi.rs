@@ -11,10 +11,6 @@ use common::*;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn repo(path: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(path).to_string_lossy().to_string()
-}
-
 /// `mpirun` when it can start processes here.
 fn mpirun_available() -> bool {
     Command::new("mpirun").arg("--version").output().is_ok_and(|o| o.status.success())
@@ -35,23 +31,6 @@ fn single() -> Command {
     let mut cmd = bin();
     cmd.env("OMP_NUM_THREADS", "1");
     cmd
-}
-
-/// `n` deterministic 28x28 grey images as an uncompressed IDX file.
-fn write_idx(path: &Path, n: u32) {
-    let mut bytes = vec![0u8, 0, 8, 3];
-    for d in [n, 28, 28] {
-        bytes.extend(d.to_be_bytes());
-    }
-    for i in 0..n {
-        for y in 0..28u32 {
-            for x in 0..28u32 {
-                let inside = (6..22).contains(&x) && (4 + i % 3..24).contains(&y);
-                bytes.push(if inside { ((i * 29 + x * 7 + y * 3) % 160 + 90) as u8 } else { 0 });
-            }
-        }
-    }
-    std::fs::write(path, bytes).expect("write idx");
 }
 
 fn search_config(dir: &Path, data: &Path, steps: u64) -> PathBuf {
@@ -98,10 +77,6 @@ grid_num = 4
     let path = dir.join(format!("search-{steps}.toml"));
     std::fs::write(&path, text).expect("config");
     path
-}
-
-fn json(path: &Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(path).expect("read json")).expect("parse json")
 }
 
 /// Every number in `a` and `b` (same structure) agrees to `tol`; `provenance` is skipped.
@@ -157,7 +132,7 @@ fn two_ranks_search_like_one_process_and_resume_with_another_rank_count() {
     }
     let dir = temp_dir("mpi-search");
     let data = dir.join("images.idx");
-    write_idx(&data, 32);
+    write_idx_28(&data, 32);
     let config = search_config(&dir, &data, 3);
 
     let one = dir.join("one");
@@ -207,7 +182,7 @@ fn two_ranks_eval_gives_the_one_process_fid() {
     }
     let dir = temp_dir("mpi-eval");
     let data = dir.join("images.idx");
-    write_idx(&data, 24);
+    write_idx_28(&data, 24);
     let classifier = repo("models/fmnist-classifier-b.safetensors");
     let reference = dir.join("ref.npz");
     run_ok(

@@ -7,27 +7,6 @@ use common::*;
 
 use std::path::{Path, PathBuf};
 
-fn repo(path: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(path).to_string_lossy().to_string()
-}
-
-/// `n` deterministic 28x28 grey images as an uncompressed IDX file.
-fn write_idx(path: &Path, n: u32) {
-    let mut bytes = vec![0u8, 0, 8, 3];
-    for d in [n, 28, 28] {
-        bytes.extend(d.to_be_bytes());
-    }
-    for i in 0..n {
-        for y in 0..28u32 {
-            for x in 0..28u32 {
-                let inside = (6..22).contains(&x) && (4 + i % 3..24).contains(&y);
-                bytes.push(if inside { ((i * 29 + x * 7 + y * 3) % 160 + 90) as u8 } else { 0 });
-            }
-        }
-    }
-    std::fs::write(path, bytes).expect("write idx");
-}
-
 fn search_config(dir: &Path, data: &Path) -> PathBuf {
     let text = format!(
         r#"
@@ -76,15 +55,11 @@ plot_steps = [2]
     path
 }
 
-fn json(path: &Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(path).expect("read json")).expect("parse json")
-}
-
 #[test]
 fn search_export_sample_and_table_on_the_shipped_model() {
     let dir = temp_dir("workflow");
     let data = dir.join("images.idx");
-    write_idx(&data, 32);
+    write_idx_28(&data, 32);
     let config = search_config(&dir, &data);
     let run = dir.join("run");
 

@@ -97,16 +97,7 @@ fn features_of(extractor: &dyn FeatureExtractor, x: &Tensor) -> Result<Tensor> {
 impl Objective<'_> {
     /// Generates the batch without autograd and returns the samples (for validation / pictures).
     pub fn generate(&self, noise: BatchNoise) -> Result<Tensor> {
-        let mut chunks = Vec::new();
-        let mut first = 0;
-        while first < noise.batch {
-            let count = self.micro_batch.min(noise.batch - first);
-            let (x_init, z) =
-                noise.draw_as(first, count, self.sample_shape, self.sampler.steps, self.device, self.state_kind)?;
-            chunks.push(tch::no_grad(|| self.sampler.sample(self.model, &x_init, &z))?);
-            first += count;
-        }
-        Ok(Tensor::cat(&chunks, 0))
+        self.generate_range(noise, 0..noise.batch)
     }
 
     /// The loss value and, accumulated into the sampler parameters' `.grad()`, its exact gradient.
@@ -126,25 +117,40 @@ impl Objective<'_> {
             return Ok(value);
         }
         // Pass 1: all features without autograd.
+        let all = self.features_range(&noise, 0..noise.batch)?.detach().set_requires_grad(true);
+        let loss = self.loss.value(&all)?;
+        loss.backward();
+        let value = loss.double_value(&[]);
+        // Pass 2: each micro-batch with the unroll, pushing back its slice of dL/dfeatures.
+        self.backprop_range(&noise, 0..noise.batch, &all.grad())?;
+        Ok(value)
+    }
+
+    /// Pass 1 of the two-pass gradient: the features of samples `range` (global indices) without
+    /// autograd, in micro-batches that start at `range.start`.
+    fn features_range(&self, noise: &BatchNoise, range: std::ops::Range<usize>) -> Result<Tensor> {
         let mut features = Vec::new();
-        let mut first = 0;
-        while first < noise.batch {
-            let count = self.micro_batch.min(noise.batch - first);
-            let (x_init, z) = noise.draw_as(first, count, self.sample_shape, steps, self.device, self.state_kind)?;
+        let mut first = range.start;
+        while first < range.end {
+            let count = self.micro_batch.min(range.end - first);
+            let (x_init, z) =
+                noise.draw_as(first, count, self.sample_shape, self.sampler.steps, self.device, self.state_kind)?;
             let out = tch::no_grad(|| self.sampler.sample(self.model, &x_init, &z))?;
             features.push(tch::no_grad(|| features_of(self.extractor, &out))?);
             first += count;
         }
-        let all = Tensor::cat(&features, 0).detach().set_requires_grad(true);
-        let loss = self.loss.value(&all)?;
-        loss.backward();
-        let value = loss.double_value(&[]);
-        let grad_features = all.grad();
-        // Pass 2: each micro-batch with the unroll, pushing back its slice of dL/dfeatures.
-        let mut first = 0;
-        while first < noise.batch {
-            let count = self.micro_batch.min(noise.batch - first);
-            let (x_init, z) = noise.draw_as(first, count, self.sample_shape, steps, self.device, self.state_kind)?;
+        Ok(Tensor::cat(&features, 0))
+    }
+
+    /// Pass 2: re-runs samples `range` with the unroll, micro-batch by micro-batch (as in pass 1),
+    /// and back-propagates their rows of `grad_features` (indexed by global sample) into the
+    /// sampler parameters.
+    fn backprop_range(&self, noise: &BatchNoise, range: std::ops::Range<usize>, grad_features: &Tensor) -> Result<()> {
+        let mut first = range.start;
+        while first < range.end {
+            let count = self.micro_batch.min(range.end - first);
+            let (x_init, z) =
+                noise.draw_as(first, count, self.sample_shape, self.sampler.steps, self.device, self.state_kind)?;
             let fwd = unroll::forward(self.sampler, self.model, &x_init, &z, self.remat)?;
             let x_out = fwd.output.detach().set_requires_grad(true);
             let slice = grad_features.narrow(0, first as i64, count as i64);
@@ -153,7 +159,7 @@ impl Objective<'_> {
             let _ = unroll::backward(self.sampler, self.model, fwd, &x_out.grad())?;
             first += count;
         }
-        Ok(value)
+        Ok(())
     }
 }
 
@@ -189,19 +195,9 @@ impl Objective<'_> {
             return Err(Error::config("batch_size", format!("{} (KID needs at least 2 samples)", noise.batch)));
         }
         check_shardable("batch_size", noise.batch, comm.size())?;
-        let steps = self.sampler.steps;
         let range = shard(noise.batch, comm.rank(), comm.size());
         // Pass 1: this rank's features without autograd, then everyone's.
-        let mut features = Vec::new();
-        let mut first = range.start;
-        while first < range.end {
-            let count = self.micro_batch.min(range.end - first);
-            let (x_init, z) = noise.draw_as(first, count, self.sample_shape, steps, self.device, self.state_kind)?;
-            let out = tch::no_grad(|| self.sampler.sample(self.model, &x_init, &z))?;
-            features.push(tch::no_grad(|| features_of(self.extractor, &out))?);
-            first += count;
-        }
-        let local = Tensor::cat(&features, 0);
+        let local = self.features_range(&noise, range.clone())?;
         let (kind, device, dim) = (local.kind(), local.device(), local.size()[1]);
         let (gathered, gathered_bytes) = gather_features(&local, comm)?;
         if gathered.numel() != noise.batch * dim as usize {
@@ -214,20 +210,8 @@ impl Objective<'_> {
         let loss = self.loss.value(&all)?;
         loss.backward();
         let value = loss.double_value(&[]);
-        let grad_features = all.grad();
         // Pass 2: this rank's micro-batches with the unroll.
-        let mut first = range.start;
-        while first < range.end {
-            let count = self.micro_batch.min(range.end - first);
-            let (x_init, z) = noise.draw_as(first, count, self.sample_shape, steps, self.device, self.state_kind)?;
-            let fwd = unroll::forward(self.sampler, self.model, &x_init, &z, self.remat)?;
-            let x_out = fwd.output.detach().set_requires_grad(true);
-            let slice = grad_features.narrow(0, first as i64, count as i64);
-            let f = features_of(self.extractor, &x_out)?;
-            (f * slice.detach()).sum(Kind::Double).backward();
-            let _ = unroll::backward(self.sampler, self.model, fwd, &x_out.grad())?;
-            first += count;
-        }
+        self.backprop_range(&noise, range, &all.grad())?;
         let reduced = all_reduce_grads(&self.sampler.trainable(), comm)?;
         Ok((value, CommVolume { gathered: gathered_bytes, reduced: reduced as u64 * 8 }))
     }

@@ -116,16 +116,29 @@ fn gradients_equal_central_finite_differences() {
     let s = sampler(History::Full);
     let p = problem(&s);
     let (grads, _) = gradients(&s, &model, &p, Remat::PerCall);
-    let loss_at = || -> f64 {
-        let out = tch::no_grad(|| s.sample(&model, &p.x_init, &p.z)).expect("sample");
-        loss_and_grad(&out, &p.weights).0
-    };
-    let h = 1e-6;
     // Probe entries of every parameter: grid logits (through tau and the time embedding), the
     // coefficient residuals (including history terms), sigma, p and q.
     let probes: [(usize, &[i64]); 8] =
         [(0, &[0]), (0, &[3]), (1, &[2, 0]), (1, &[3, 3]), (2, &[3, 1]), (3, &[1]), (4, &[2]), (5, &[0])];
-    for (param_index, index) in probes {
+    assert_matches_finite_differences(&s, &model, &p, &grads, &probes, "grid query");
+}
+
+/// Central finite differences of the loss at `probes` (parameter index, element index) against the
+/// autograd gradients `grads`, to 1e-4 relative.
+fn assert_matches_finite_differences(
+    s: &GgdmSampler,
+    model: &UNetDenoiser,
+    p: &Problem,
+    grads: &[Tensor],
+    probes: &[(usize, &[i64])],
+    what: &str,
+) {
+    let loss_at = || -> f64 {
+        let out = tch::no_grad(|| s.sample(model, &p.x_init, &p.z)).expect("sample");
+        loss_and_grad(&out, &p.weights).0
+    };
+    let h = 1e-6;
+    for &(param_index, index) in probes {
         let (name, t) = s.params.named()[param_index];
         let original = t.double_value(index);
         let set = |v: f64| {
@@ -145,7 +158,7 @@ fn gradients_equal_central_finite_differences() {
         let fd = (plus - minus) / (2.0 * h);
         let analytic = grads[param_index].double_value(index);
         let rel = (fd - analytic).abs() / analytic.abs().max(1e-3);
-        assert!(rel <= 1e-4, "{name}{index:?}: autograd {analytic}, finite differences {fd} (rel {rel})");
+        assert!(rel <= 1e-4, "{what} {name}{index:?}: autograd {analytic}, finite differences {fd} (rel {rel})");
     }
 }
 
@@ -164,33 +177,7 @@ fn marginal_query_gradients_equal_naive_and_finite_differences() {
             assert!(d <= 1e-6, "{prediction_type:?}: {name} differs from naive by {d}");
             assert!(b.abs().sum(Kind::Double).double_value(&[]) > 0.0, "{name}: zero gradient");
         }
-        let loss_at = || -> f64 {
-            let out = tch::no_grad(|| s.sample(&model, &p.x_init, &p.z)).expect("sample");
-            loss_and_grad(&out, &p.weights).0
-        };
-        let h = 1e-6;
         let probes: [(usize, &[i64]); 5] = [(0, &[1]), (1, &[2, 0]), (2, &[3, 1]), (3, &[1]), (4, &[2])];
-        for (param_index, index) in probes {
-            let (name, t) = s.params.named()[param_index];
-            let original = t.double_value(index);
-            let set = |v: f64| {
-                tch::no_grad(|| {
-                    let mut e = t.shallow_clone();
-                    for &i in index {
-                        e = e.get(i);
-                    }
-                    let _ = e.fill_(v);
-                })
-            };
-            set(original + h);
-            let plus = loss_at();
-            set(original - h);
-            let minus = loss_at();
-            set(original);
-            let fd = (plus - minus) / (2.0 * h);
-            let analytic = ours[param_index].double_value(index);
-            let rel = (fd - analytic).abs() / analytic.abs().max(1e-3);
-            assert!(rel <= 1e-4, "{prediction_type:?} {name}{index:?}: autograd {analytic}, finite differences {fd}");
-        }
+        assert_matches_finite_differences(&s, &model, &p, &ours, &probes, &format!("marginal {prediction_type:?}"));
     }
 }

@@ -1,7 +1,7 @@
 //! Helpers shared by the CLI end-to-end tests: running the binary and checking its outcome.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 /// The `ddss-cli` binary under test.
@@ -157,4 +157,31 @@ device = "cpu"
         data = data.display(),
         features = classifier_a_path().display(),
     )
+}
+
+/// A path inside the repository (models, configs), as a string for command lines.
+pub fn repo(path: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(path).to_string_lossy().to_string()
+}
+
+/// Reads and parses a JSON file.
+pub fn json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).expect("read json")).expect("parse json")
+}
+
+/// `n` deterministic 28x28 grey images (Fashion-MNIST's size) as an uncompressed IDX file.
+pub fn write_idx_28(path: &Path, n: u32) {
+    let mut bytes = vec![0u8, 0, 8, 3];
+    for d in [n, 28, 28] {
+        bytes.extend(d.to_be_bytes());
+    }
+    for i in 0..n {
+        for y in 0..28u32 {
+            for x in 0..28u32 {
+                let inside = (6..22).contains(&x) && (4 + i % 3..24).contains(&y);
+                bytes.push(if inside { ((i * 29 + x * 7 + y * 3) % 160 + 90) as u8 } else { 0 });
+            }
+        }
+    }
+    std::fs::write(path, bytes).expect("write idx");
 }
