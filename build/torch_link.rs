@@ -1,12 +1,12 @@
 // Shared build script for every crate whose binaries or tests link libtorch (included with
-// `include!` from each crate's build.rs).
+// `include!` from each crate's build.rs, whose `main` calls `torch_link()`).
 //
 // * rpath: binaries find libtorch at run time without LD_LIBRARY_PATH. `LIBTORCH` comes from
 //   `.cargo/config.toml` ([env], pointing at the `.libtorch` link that `cargo xtask setup` makes);
 //   the link is resolved so the rpath stays valid for every clone on the machine.
 // * CUDA: when the libtorch install has `libtorch_cuda.so`, link it with `--no-as-needed`;
 //   otherwise the linker drops it (nothing references it directly) and tch reports no CUDA.
-fn main() {
+fn torch_link() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-changed=build.rs");
     let Ok(libtorch) = std::env::var("LIBTORCH") else {

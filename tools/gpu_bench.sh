@@ -8,12 +8,14 @@
 #                                results.jsonl, table.md, bench.log, env.txt
 #
 # What runs there (cifar10 architecture google/ddpm-cifar10-32 with random weights, KID on a
-# random-weight Inception-v3 at 299x299; each measurement a fresh process):
-#   one DDSS step, K = 10, batch 64: naive and per-call remat (reference: autograd and
-#   torch.utils.checkpoint per network call); K = 5 and 20: per-call; K = 10: budget remat (ours);
-#   DDIM sampling K = 10, batch 256; Inception feature extraction, batch 256.
-# Then, if time is left, K = 10 per-call and sampling with bf16 network calls.
-# Each part has its own timeout, and the whole stays under TOTAL_SECONDS (default 340).
+# random-weight Inception-v3 at 299x299; each measurement a fresh process), most important first:
+#   one DDSS step, K = 10, batch 64, per-call remat (reference: torch.utils.checkpoint per network
+#   call), f32 and bf16 network calls, ours eager and with --cuda-graphs (same weights and noise,
+#   so the table also compares their losses and gradients);
+#   DDIM sampling K = 10, batch 256, f32 and bf16, eager and with CUDA graphs;
+#   K = 5 and 20 per-call (memory growth with K); K = 10 naive autograd; Inception feature
+#   extraction, batch 256; K = 10 budget remat (ours).
+# Each part has its own timeout, and the whole stays under TOTAL_SECONDS (default 420).
 #
 # Needs there: the repository tree, target/release/ddss-cli, python3 with torch 2.11 (+ CUDA),
 # torchvision and safetensors, and diffusers 0.42.1 (from the carried .whl/ if not installed).
@@ -25,7 +27,7 @@ ROOT=$(pwd)
 if [ "${1:-}" = "prepare" ]; then
     set -e
     export LIBTORCH="${LIBTORCH:-$ROOT/.libtorch}"
-    cargo build --release -p ddss-cli
+    cargo build --release -p ddss-cli --features cuda-graphs
     PY="${PYTHON:-$HOME/.cache/ddss-rs/torch-2.11.0/bin/python}"
     mkdir -p .whl
     "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -42,9 +44,9 @@ LOG="$OUT/bench.log"
 RESULTS="$OUT/results.jsonl"
 : >"$RESULTS"
 : >"$LOG"
-TOTAL_SECONDS="${TOTAL_SECONDS:-340}"
+TOTAL_SECONDS="${TOTAL_SECONDS:-420}"
 START=$(date +%s)
-BIN="$ROOT/target/release/ddss-cli"
+BIN="${BIN:-$ROOT/target/release/ddss-cli}"
 PY="${PYTHON:-python3}"
 REF="$ROOT/bench/reference/ddss_ref.py"
 UNET="$ROOT/tests/fixtures/unet/ddpm-cifar10-32.config.json"
@@ -101,33 +103,41 @@ BATCH="${BATCH:-64}"
 TBATCH="${TBATCH:-256}"
 COMMON=(--device "$DEVICE" --unet-config "$UNET" --features "$FEATURES" --warmup "${WARMUP:-2}" --repeat "${REPEAT:-3}")
 
-step() { # K REMAT LIMIT [PRECISION]
+step() { # K REMAT LIMIT [PRECISION]: ours eager, ours with CUDA graphs (not for naive), reference
     local k=$1 remat=$2 limit=$3 prec=${4:-f32} noise="$SCRATCH/noise-k$1.safetensors"
     run "$limit" "step K=$k B=$BATCH $remat $prec: ours" \
         "$BIN" --quiet bench-unroll --what step --steps "$k" --batch "$BATCH" --remat "$remat" "${COMMON[@]}" \
         --precision "$prec" --save-noise "$noise"
+    [ "$remat" != naive ] && run "$limit" "step K=$k B=$BATCH $remat $prec: ours, CUDA graphs" \
+        "$BIN" --quiet bench-unroll --what step --steps "$k" --batch "$BATCH" --remat "$remat" "${COMMON[@]}" \
+        --precision "$prec" --cuda-graphs
     case $remat in budget:*) return ;; esac
     run "$limit" "step K=$k B=$BATCH $remat $prec: reference" \
         "$PY" "$REF" --what step --steps "$k" --batch "$BATCH" --remat "$remat" "${COMMON[@]}" --precision "$prec" \
         --noise "$noise"
 }
 
+sample() { # PRECISION: ours eager, ours with CUDA graphs, reference
+    local prec=$1
+    run 40 "sample B=$TBATCH $prec: ours" "$BIN" --quiet bench-unroll --what sample --steps 10 --batch "$TBATCH" \
+        "${COMMON[@]}" --precision "$prec"
+    run 40 "sample B=$TBATCH $prec: ours, CUDA graphs" "$BIN" --quiet bench-unroll --what sample --steps 10 \
+        --batch "$TBATCH" "${COMMON[@]}" --precision "$prec" --cuda-graphs
+    run 40 "sample B=$TBATCH $prec: reference" "$PY" "$REF" --what sample --steps 10 --batch "$TBATCH" \
+        "${COMMON[@]}" --precision "$prec"
+}
+
 # The first part also pays for cold caches (libraries, CUDA context, cuDNN): a longer limit.
 step 10 per_call 75
-step 10 naive 45
+step 10 per_call 40 bf16
+sample f32
+sample bf16
 step 5 per_call 35
 step 20 per_call 60
-for what in sample features; do
-    run 40 "$what B=$TBATCH: ours" "$BIN" --quiet bench-unroll --what "$what" --steps 10 --batch "$TBATCH" "${COMMON[@]}"
-    run 40 "$what B=$TBATCH: reference" "$PY" "$REF" --what "$what" --steps 10 --batch "$TBATCH" "${COMMON[@]}"
-done
+step 10 naive 45
+run 40 "features B=$TBATCH: ours" "$BIN" --quiet bench-unroll --what features --steps 10 --batch "$TBATCH" "${COMMON[@]}"
+run 40 "features B=$TBATCH: reference" "$PY" "$REF" --what features --steps 10 --batch "$TBATCH" "${COMMON[@]}"
 step 10 budget:5 30
-# bf16 network calls (weights and inputs cast, outputs back to f32), while the time budget lasts.
-step 10 per_call 40 bf16
-run 40 "sample B=$TBATCH bf16: ours" "$BIN" --quiet bench-unroll --what sample --steps 10 --batch "$TBATCH" \
-    "${COMMON[@]}" --precision bf16
-run 40 "sample B=$TBATCH bf16: reference" "$PY" "$REF" --what sample --steps 10 --batch "$TBATCH" "${COMMON[@]}" \
-    --precision bf16
 
 "$PY" "$ROOT/bench/reference/table.py" "$RESULTS" --title "$DEVICE: cifar10 architecture (random weights)" \
     --out "$OUT/table.md" 2>>"$LOG" | tee -a "$LOG"

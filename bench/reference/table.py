@@ -1,7 +1,8 @@
 """Turns the JSON lines of `ddss-cli bench-unroll` ("side": "ours") and of `ddss_ref.py`
 ("side": "reference") into one Markdown table, ours next to the reference with the ratio
 ours / reference (time: below 1 is faster; images/s: above 1 is faster; memory: below 1 is
-smaller).
+smaller). Runs of ours with `--cuda-graphs` get rows of their own, next to the same reference, and
+their loss values and gradient norms are compared with the eager runs of the same setting.
 
     python table.py RESULTS.jsonl [MORE.jsonl ...] [--title TEXT] [--out FILE.md]
 
@@ -65,11 +66,38 @@ def remat_order(remat):
     return {"naive": 0, "per_call": 1}.get(remat, 2)
 
 
+OURS_VARIANTS = (("ours", ""), ("ours+graphs", " + CUDA graphs"))
+
+
+def side_of(row):
+    """"ours", "ours+graphs" (a `--cuda-graphs` run of ours) or "reference"."""
+    if row["side"] == "ours" and row.get("cuda_graphs"):
+        return "ours+graphs"
+    return row["side"]
+
+
+def graphs_check(index, keys):
+    """Largest relative differences of the loss and of the gradient norms between the eager and
+    the CUDA-graph runs of ours (same weights, same noise), or None when no setting has both."""
+    loss_diffs, grad_diffs = [], []
+    for key in keys:
+        eager, graphs = index[key].get("ours"), index[key].get("ours+graphs")
+        if not eager or not graphs or eager.get("loss") is None or graphs.get("loss") is None:
+            continue
+        loss_diffs.append(abs(graphs["loss"] - eager["loss"]) / max(abs(eager["loss"]), 1e-30))
+        ge, gg = eager.get("grad_norms") or {}, graphs.get("grad_norms") or {}
+        for name in set(ge) & set(gg):
+            grad_diffs.append(abs(gg[name] - ge[name]) / max(abs(ge[name]), 1e-30))
+    if not loss_diffs:
+        return None
+    return max(loss_diffs), (max(grad_diffs) if grad_diffs else None), len(loss_diffs)
+
+
 def build(rows, title=None):
     index = {}
     for row in rows:
         key = (row["what"], row.get("remat", "-"), row["steps"], row["batch"], row.get("precision", "f32"))
-        index.setdefault(key, {})[row["side"]] = row  # the last run of a setting wins
+        index.setdefault(key, {})[side_of(row)] = row  # the last run of a setting wins
     out = []
     if title:
         out += [f"### {title}", ""]
@@ -85,14 +113,25 @@ def build(rows, title=None):
         out.append("| remat | precision | K | batch | ours s | ref s | time ours/ref | ours MiB | ref MiB | memory ours/ref |")
         out.append("|---|---|---|---|---|---|---|---|---|---|")
         for key in step_keys:
-            ours, ref = index[key].get("ours"), index[key].get("reference")
-            ts = [r and r.get("seconds") for r in (ours, ref)]
-            ms = [r and r.get("memory_mib") for r in (ours, ref)]
-            out.append(
-                f"| {remat_label(key[1])} | {key[4]} | {key[2]} | {key[3]} | {fmt_time(ours)} | {fmt_time(ref)} | "
-                f"{ratio(ts[0], ts[1])} | {fmt(ms[0], 0)} | {fmt(ms[1], 0)} | {ratio(ms[0], ms[1])} |"
-            )
+            ref = index[key].get("reference")
+            variants = [(s, label) for s, label in OURS_VARIANTS if s in index[key]] or [("ours", "")]
+            for side, label in variants:
+                ours = index[key].get(side)
+                ts = [r and r.get("seconds") for r in (ours, ref)]
+                ms = [r and r.get("memory_mib") for r in (ours, ref)]
+                out.append(
+                    f"| {remat_label(key[1])}{label} | {key[4]} | {key[2]} | {key[3]} | {fmt_time(ours)} | {fmt_time(ref)} | "
+                    f"{ratio(ts[0], ts[1])} | {fmt(ms[0], 0)} | {fmt(ms[1], 0)} | {ratio(ms[0], ms[1])} |"
+                )
         out.append("")
+        check = graphs_check(index, step_keys)
+        if check:
+            loss_diff, grad_diff, n = check
+            line = f"CUDA graphs vs eager (ours): largest relative difference of the loss {loss_diff:.1e}"
+            if grad_diff is not None:
+                line += f", of the gradient norms {grad_diff:.1e}"
+            out.append(line + f" over {n} settings.")
+            out.append("")
         losses = [(k, index[k]) for k in step_keys if all(s in index[k] for s in ("ours", "reference"))]
         checked = [
             (k, v["ours"].get("loss"), v["reference"].get("loss"))
@@ -122,18 +161,21 @@ def build(rows, title=None):
         out.append("| what | precision | K | batch | ours img/s | ref img/s | ours/ref | ours MiB | ref MiB |")
         out.append("|---|---|---|---|---|---|---|---|---|")
         for key in thr_keys:
-            ours, ref = index[key].get("ours"), index[key].get("reference")
-            ips = [r and r.get("images_per_second") for r in (ours, ref)]
-            ms = [r and r.get("memory_mib") for r in (ours, ref)]
-            what = "sampling (DDIM)" if key[0] == "sample" else "feature extraction"
-            feats = (ours or ref).get("features", "")
-            if key[0] == "features":
-                what += f" ({feats.split('/')[-1]})"
-            k = str(key[2]) if key[0] == "sample" else "-"
-            out.append(
-                f"| {what} | {key[4]} | {k} | {key[3]} | {fmt(ips[0], 1)} | {fmt(ips[1], 1)} | {ratio(ips[0], ips[1])} | "
-                f"{fmt(ms[0], 0)} | {fmt(ms[1], 0)} |"
-            )
+            ref = index[key].get("reference")
+            variants = [(s, label) for s, label in OURS_VARIANTS if s in index[key]] or [("ours", "")]
+            for side, label in variants:
+                ours = index[key].get(side)
+                ips = [r and r.get("images_per_second") for r in (ours, ref)]
+                ms = [r and r.get("memory_mib") for r in (ours, ref)]
+                what = "sampling (DDIM)" if key[0] == "sample" else "feature extraction"
+                feats = (ours or ref).get("features", "")
+                if key[0] == "features":
+                    what += f" ({feats.split('/')[-1]})"
+                k = str(key[2]) if key[0] == "sample" else "-"
+                out.append(
+                    f"| {what}{label} | {key[4]} | {k} | {key[3]} | {fmt(ips[0], 1)} | {fmt(ips[1], 1)} | "
+                    f"{ratio(ips[0], ips[1])} | {fmt(ms[0], 0)} | {fmt(ms[1], 0)} |"
+                )
         out.append("")
     return "\n".join(out)
 

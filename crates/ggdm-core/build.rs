@@ -1,1 +1,61 @@
 include!("../../build/torch_link.rs");
+
+fn main() {
+    torch_link();
+    #[cfg(feature = "cuda-graphs")]
+    build_cuda_graph_shim();
+}
+
+// The `cuda-graphs` feature: compile the CUDA-graph shim (csrc/cuda_graph.cpp) against the libtorch
+// headers and the CUDA runtime headers, and link the libtorch CUDA libraries it calls.
+#[cfg(feature = "cuda-graphs")]
+fn build_cuda_graph_shim() {
+    use std::path::PathBuf;
+    println!("cargo:rerun-if-changed=csrc/cuda_graph.cpp");
+    println!("cargo:rerun-if-env-changed=CUDA_INCLUDE");
+    let libtorch = std::env::var("LIBTORCH")
+        .expect("the cuda-graphs feature needs LIBTORCH (run `cargo xtask setup`, or point it at a CUDA libtorch)");
+    let libtorch = PathBuf::from(libtorch);
+    let libtorch = libtorch.canonicalize().unwrap_or(libtorch);
+    // CUDA headers: $CUDA_INCLUDE, else the pip layout next to torch (nvidia/cu13/include, from the
+    // nvidia-cuda-runtime and nvidia-cuda-crt wheels), else $CUDA_HOME/include.
+    let mut candidates = Vec::new();
+    if let Ok(dir) = std::env::var("CUDA_INCLUDE") {
+        candidates.push(PathBuf::from(dir));
+    }
+    if let Some(site) = libtorch.parent() {
+        candidates.push(site.join("nvidia/cu13/include"));
+    }
+    for var in ["CUDA_HOME", "CUDA_PATH"] {
+        if let Ok(dir) = std::env::var(var) {
+            candidates.push(PathBuf::from(dir).join("include"));
+        }
+    }
+    candidates.push(PathBuf::from("/usr/local/cuda/include"));
+    let cuda_include = candidates
+        .iter()
+        .find(|d| d.join("cuda_runtime_api.h").is_file() && d.join("crt/host_config.h").is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "the cuda-graphs feature needs the CUDA runtime headers (cuda_runtime_api.h and \
+                 crt/host_config.h); looked in {candidates:?}. `cargo xtask setup` installs them into \
+                 the project's venv, or set CUDA_INCLUDE"
+            )
+        });
+    let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
+    cc::Build::new()
+        .cpp(true)
+        .std("c++17")
+        .file("csrc/cuda_graph.cpp")
+        .include(libtorch.join("include"))
+        .include(libtorch.join("include/torch/csrc/api/include"))
+        .include(cuda_include)
+        .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str())
+        .flag_if_supported("-w")
+        .compile("ddss_cuda_graph");
+    let lib = libtorch.join("lib");
+    println!("cargo:rustc-link-search=native={}", lib.display());
+    for name in ["torch_cuda", "c10_cuda", "c10"] {
+        println!("cargo:rustc-link-lib=dylib={name}");
+    }
+}

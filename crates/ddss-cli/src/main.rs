@@ -62,58 +62,7 @@ enum Command {
         stop_at_step: Option<u64>,
     },
     /// Draw samples from a model with DDPM, DDIM, DPM-Solver++, UniPC or a learned sampler.
-    Sample {
-        /// Model directory (diffusers layout, or model.pt + model.json).
-        #[arg(long)]
-        model: PathBuf,
-        /// ddpm | ddim (clipping as the model's scheduler_config.json says) | ddim-noclip |
-        /// dpmpp2m, dpmpp3m (DPM-Solver++ multistep, order 2 / 3) | unipc, unipc3 (UniPC bh2,
-        /// order 2 / 3) | path of a sampler.json written by `ddss-cli search`. DPM-Solver++ and
-        /// UniPC follow diffusers' DPMSolverMultistepScheduler / UniPCMultistepScheduler defaults
-        /// and place their steps as those do (--spacing, default linspace).
-        #[arg(long)]
-        sampler: String,
-        /// Sampling steps K (default: 50 for ddim, T for ddpm, 20 for dpmpp*/unipc*, the file's K
-        /// for sampler.json).
-        #[arg(long)]
-        steps: Option<usize>,
-        /// DDIM eta (0 = deterministic).
-        #[arg(long, default_value_t = 0.0)]
-        eta: f64,
-        /// leading | trailing | linspace (diffusers' timestep_spacing) | quadratic; default: the
-        /// model's scheduler_config.json for ddim/ddpm, linspace (diffusers' default) for
-        /// dpmpp*/unipc*.
-        #[arg(long)]
-        spacing: Option<String>,
-        /// Number of samples.
-        #[arg(long, default_value_t = 64)]
-        num: usize,
-        /// Samples per network batch.
-        #[arg(long, default_value_t = 64)]
-        batch: usize,
-        /// Noise seed (sample i uses stream (seed, i)).
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// Initial noise as float32 N x C x H x W .npy (sets --num).
-        #[arg(long)]
-        init_noise: Option<PathBuf>,
-        /// PNG grid of all samples (default samples.png when no output is given).
-        #[arg(long)]
-        out: Option<PathBuf>,
-        /// Folder for one PNG per sample.
-        #[arg(long)]
-        out_dir: Option<PathBuf>,
-        /// float32 N x C x H x W .npy of the samples in [-1, 1].
-        #[arg(long)]
-        out_npy: Option<PathBuf>,
-        /// auto | cpu | cuda | cuda:N.
-        #[arg(long, default_value = "auto")]
-        device: String,
-        /// Network arithmetic: f32, or bf16 (weights and activations; the sampler's combinations stay
-        /// f32; about 1.6x faster sampling on recent GPUs, slower on most CPUs).
-        #[arg(long, default_value = "f32")]
-        precision: String,
-    },
+    Sample(sample::SampleArgs),
     /// Train a small domain classifier whose features serve as `--features FILE.safetensors`.
     ///
     /// Trains on the labelled training split of an MNIST-layout data set folder (all 60k images of
@@ -231,58 +180,7 @@ enum Command {
     /// (when the .npz has them; write references with `ddss-cli stats`). With --json, stdout is
     /// exactly one JSON object: {"sampler", "steps", "num", "features", "fid", "kid_mean",
     /// "kid_std"}.
-    Eval {
-        /// Model directory (diffusers layout, or model.pt + model.json).
-        #[arg(long)]
-        model: PathBuf,
-        /// ddpm | ddim (clipping as the model's scheduler_config.json says) | ddim-noclip |
-        /// dpmpp2m, dpmpp3m (DPM-Solver++ multistep, order 2 / 3) | unipc, unipc3 (UniPC bh2,
-        /// order 2 / 3) | path of a sampler.json written by `ddss-cli search`. DPM-Solver++ and
-        /// UniPC follow diffusers' DPMSolverMultistepScheduler / UniPCMultistepScheduler defaults
-        /// and place their steps as those do (--spacing, default linspace).
-        #[arg(long)]
-        sampler: String,
-        /// Sampling steps K (required, except for a sampler.json, which has its own K).
-        #[arg(long)]
-        steps: Option<usize>,
-        /// Number of samples (at least 2).
-        #[arg(long)]
-        num: usize,
-        /// Reference statistics (.npz from `ddss-cli stats` or pytorch-fid), made with the same
-        /// --features.
-        #[arg(long = "ref")]
-        reference: PathBuf,
-        /// Feature set: inception or the path of a classifier .safetensors.
-        #[arg(long, default_value = "inception")]
-        features: String,
-        /// DDIM eta (0 = deterministic).
-        #[arg(long, default_value_t = 0.0)]
-        eta: f64,
-        /// leading | trailing | linspace (diffusers' timestep_spacing) | quadratic; default: the
-        /// model's scheduler_config.json for ddim/ddpm, linspace (diffusers' default) for
-        /// dpmpp*/unipc*.
-        #[arg(long)]
-        spacing: Option<String>,
-        /// Samples per network batch.
-        #[arg(long, default_value_t = 64)]
-        batch: usize,
-        /// Noise seed (sample i uses stream (seed, i)).
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// Score the raw float samples instead of their 8-bit rounding.
-        #[arg(long)]
-        no_quantize: bool,
-        /// Print one JSON object instead of text.
-        #[arg(long)]
-        json: bool,
-        /// auto | cpu | cuda | cuda:N.
-        #[arg(long, default_value = "auto")]
-        device: String,
-        /// Network arithmetic: f32, or bf16 (weights and activations; the sampler's combinations stay
-        /// f32; about 1.6x faster sampling on recent GPUs, slower on most CPUs).
-        #[arg(long, default_value = "f32")]
-        precision: String,
-    },
+    Eval(metrics_cmd::EvalArgs),
     /// Learn a fast sampler for a model (DDSS over GGDM) and compare it with DDIM/DDPM.
     Search {
         /// Search config (TOML: [model], [data], [sampler], [loss], [optim], [eval], [output]).
@@ -417,38 +315,10 @@ fn run(cli: Cli) -> Result<()> {
                 quiet: cli.quiet,
             })?
         }
-        Command::Sample {
-            model,
-            sampler,
-            steps,
-            eta,
-            spacing,
-            num,
-            batch,
-            seed,
-            init_noise,
-            out,
-            out_dir,
-            out_npy,
-            device,
-            precision,
-        } => sample::run(sample::SampleArgs {
-            model,
-            sampler,
-            steps,
-            eta,
-            spacing,
-            num,
-            batch,
-            seed,
-            init_noise,
-            out,
-            out_dir,
-            out_npy,
-            device,
-            precision,
-            quiet: cli.quiet,
-        })?,
+        Command::Sample(mut args) => {
+            args.quiet = cli.quiet;
+            sample::run(args)?
+        }
         Command::TrainClassifier { data, out, arch, seed, epochs, batch, lr, no_augment, num, device } => {
             classifier_cmd::run(classifier_cmd::TrainClassifierArgs {
                 data,
@@ -485,38 +355,10 @@ fn run(cli: Cli) -> Result<()> {
                 quiet: cli.quiet,
             })?
         }
-        Command::Eval {
-            model,
-            sampler,
-            steps,
-            num,
-            reference,
-            features,
-            eta,
-            spacing,
-            batch,
-            seed,
-            no_quantize,
-            json,
-            device,
-            precision,
-        } => metrics_cmd::run_eval(metrics_cmd::EvalArgs {
-            model,
-            sampler,
-            steps,
-            num,
-            reference,
-            features,
-            eta,
-            spacing,
-            batch,
-            seed,
-            no_quantize,
-            json,
-            device,
-            precision,
-            quiet: cli.quiet,
-        })?,
+        Command::Eval(mut args) => {
+            args.quiet = cli.quiet;
+            metrics_cmd::run_eval(args)?
+        }
         Command::Timesteps { steps, spacing, num_train_timesteps, steps_offset, multistep } => {
             let spacing = Spacing::parse(&spacing)?;
             let grid = if multistep {

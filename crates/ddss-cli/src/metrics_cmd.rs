@@ -9,7 +9,7 @@
 //! never compared. pytorch-fid reads only `mu` and `sigma` and ignores other keys. [`evaluate`] draws samples exactly as `ddss-cli sample` does (sample
 //! `i` uses the noise stream `(seed, i)`), so `eval` scores the very images `sample` writes.
 
-use crate::common::{parse_device, progress};
+use crate::common::{parse_device, progress, NetworkArgs};
 use crate::sample::SamplerChoice;
 use anyhow::{bail, Context, Result};
 use ddss_opt::collective::{shard, Collective, SingleProcess};
@@ -18,7 +18,7 @@ use fid_metrics::features::{extract_features_batched, FeatureSpec};
 use fid_metrics::kid::{kid, KidOptions};
 use fid_metrics::stats::{npz_keys, read_features_npz, FEATURES_KEY, MU_KEY, SIGMA_KEY};
 use fid_metrics::{FeatureExtractor, FeatureStats};
-use ggdm_core::model_dir::{load_model_dir_with, LoadedModel, NetworkPrecision};
+use ggdm_core::model_dir::LoadedModel;
 use ggdm_core::noise::{NoiseSource, PerSampleNoise};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -603,21 +603,58 @@ pub fn evaluate(
 }
 
 /// The arguments of `ddss-cli eval`.
+#[derive(Debug, Clone, clap::Args)]
 pub struct EvalArgs {
+    /// Model directory (diffusers layout, or model.pt + model.json).
+    #[arg(long)]
     pub model: PathBuf,
+    /// ddpm | ddim (clipping as the model's scheduler_config.json says) | ddim-noclip |
+    /// dpmpp2m, dpmpp3m (DPM-Solver++ multistep, order 2 / 3) | unipc, unipc3 (UniPC bh2,
+    /// order 2 / 3) | path of a sampler.json written by `ddss-cli search`. DPM-Solver++ and
+    /// UniPC follow diffusers' DPMSolverMultistepScheduler / UniPCMultistepScheduler defaults
+    /// and place their steps as those do (--spacing, default linspace).
+    #[arg(long)]
     pub sampler: String,
+    /// Sampling steps K (required, except for a sampler.json, which has its own K).
+    #[arg(long)]
     pub steps: Option<usize>,
+    /// Number of samples (at least 2).
+    #[arg(long)]
     pub num: usize,
+    /// Reference statistics (.npz from `ddss-cli stats` or pytorch-fid), made with the same
+    /// --features.
+    #[arg(long = "ref")]
     pub reference: PathBuf,
+    /// Feature set: inception or the path of a classifier .safetensors.
+    #[arg(long, default_value = "inception")]
     pub features: String,
+    /// DDIM eta (0 = deterministic).
+    #[arg(long, default_value_t = 0.0)]
     pub eta: f64,
+    /// leading | trailing | linspace (diffusers' timestep_spacing) | quadratic; default: the
+    /// model's scheduler_config.json for ddim/ddpm, linspace (diffusers' default) for
+    /// dpmpp*/unipc*.
+    #[arg(long)]
     pub spacing: Option<String>,
+    /// Samples per network batch.
+    #[arg(long, default_value_t = 64)]
     pub batch: usize,
+    /// Noise seed (sample i uses stream (seed, i)).
+    #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Score the raw float samples instead of their 8-bit rounding.
+    #[arg(long)]
     pub no_quantize: bool,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
     pub json: bool,
+    /// auto | cpu | cuda | cuda:N.
+    #[arg(long, default_value = "auto")]
     pub device: String,
-    pub precision: String,
+    #[command(flatten)]
+    pub network: NetworkArgs,
+    /// Set from the global --quiet.
+    #[arg(skip)]
     pub quiet: bool,
 }
 
@@ -631,8 +668,7 @@ pub fn run_eval(args: EvalArgs) -> Result<()> {
     let comm = crate::dist::world();
     let comm = comm.as_ref();
     let device = crate::dist::rank_device(parse_device(&args.device)?, comm);
-    let model = load_model_dir_with(&args.model, device, NetworkPrecision::parse(&args.precision)?)
-        .with_context(|| format!("loading model {}", args.model.display()))?;
+    let model = args.network.load(&args.model, device)?;
     let choice =
         SamplerChoice::from_args(&args.sampler, args.steps, args.eta, args.spacing.as_deref(), &model, device)?;
     let extractor = open_features(&spec, device)?;

@@ -9,12 +9,12 @@
 //! writes its own `--out-dir` images, and the grid and `.npy` are gathered to rank 0, which writes
 //! them; the files are those one process writes.
 
-use crate::common::{parse_device, progress, write_grid, write_images, write_npy};
+use crate::common::{parse_device, progress, write_grid, write_images, write_npy, NetworkArgs};
 use anyhow::{bail, Context, Result};
 use ddss_opt::collective::shard;
 use ggdm_core::ggdm::GgdmSampler;
 use ggdm_core::grid::{multistep_timesteps, timesteps, Spacing};
-use ggdm_core::model_dir::{load_model_dir_with, LoadedModel, NetworkPrecision};
+use ggdm_core::model_dir::LoadedModel;
 use ggdm_core::noise::{NoiseSource, PerSampleNoise};
 use ggdm_core::samplers::{ddim, ddpm, diffusers_steps, grid_steps, DdimOptions, DdpmOptions};
 use ggdm_core::solvers::{dpm_solver, unipc, DpmSolverOptions, UniPcOptions};
@@ -22,21 +22,58 @@ use std::path::PathBuf;
 use tch::{Device, Tensor};
 
 /// The arguments of `ddss-cli sample`.
+#[derive(Debug, Clone, clap::Args)]
 pub struct SampleArgs {
+    /// Model directory (diffusers layout, or model.pt + model.json).
+    #[arg(long)]
     pub model: PathBuf,
+    /// ddpm | ddim (clipping as the model's scheduler_config.json says) | ddim-noclip |
+    /// dpmpp2m, dpmpp3m (DPM-Solver++ multistep, order 2 / 3) | unipc, unipc3 (UniPC bh2,
+    /// order 2 / 3) | path of a sampler.json written by `ddss-cli search`. DPM-Solver++ and
+    /// UniPC follow diffusers' DPMSolverMultistepScheduler / UniPCMultistepScheduler defaults
+    /// and place their steps as those do (--spacing, default linspace).
+    #[arg(long)]
     pub sampler: String,
+    /// Sampling steps K (default: 50 for ddim, T for ddpm, 20 for dpmpp*/unipc*, the file's K
+    /// for sampler.json).
+    #[arg(long)]
     pub steps: Option<usize>,
+    /// DDIM eta (0 = deterministic).
+    #[arg(long, default_value_t = 0.0)]
     pub eta: f64,
+    /// leading | trailing | linspace (diffusers' timestep_spacing) | quadratic; default: the
+    /// model's scheduler_config.json for ddim/ddpm, linspace (diffusers' default) for
+    /// dpmpp*/unipc*.
+    #[arg(long)]
     pub spacing: Option<String>,
+    /// Number of samples.
+    #[arg(long, default_value_t = 64)]
     pub num: usize,
+    /// Samples per network batch.
+    #[arg(long, default_value_t = 64)]
     pub batch: usize,
+    /// Noise seed (sample i uses stream (seed, i)).
+    #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Initial noise as float32 N x C x H x W .npy (sets --num).
+    #[arg(long)]
     pub init_noise: Option<PathBuf>,
+    /// PNG grid of all samples (default samples.png when no output is given).
+    #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Folder for one PNG per sample.
+    #[arg(long)]
     pub out_dir: Option<PathBuf>,
+    /// float32 N x C x H x W .npy of the samples in [-1, 1].
+    #[arg(long)]
     pub out_npy: Option<PathBuf>,
+    /// auto | cpu | cuda | cuda:N.
+    #[arg(long, default_value = "auto")]
     pub device: String,
-    pub precision: String,
+    #[command(flatten)]
+    pub network: NetworkArgs,
+    /// Set from the global --quiet.
+    #[arg(skip)]
     pub quiet: bool,
 }
 
@@ -183,8 +220,7 @@ pub fn run(args: SampleArgs) -> Result<()> {
     if args.batch == 0 {
         bail!("--batch 0: need at least 1");
     }
-    let model = load_model_dir_with(&args.model, device, NetworkPrecision::parse(&args.precision)?)
-        .with_context(|| format!("loading model {}", args.model.display()))?;
+    let model = args.network.load(&args.model, device)?;
     let choice =
         SamplerChoice::from_args(&args.sampler, args.steps, args.eta, args.spacing.as_deref(), &model, device)?;
     let init = match &args.init_noise {

@@ -20,7 +20,7 @@ use ddss_opt::search::{run_search_with, ObjectiveParts, SearchObserver, SearchSe
 use fid_metrics::features::{extract_features_batched, open_extractor, FeatureExtractor};
 use ggdm_core::ggdm::{GgdmInit, GgdmSampler, History, Learnable, ModelIdentity, Query};
 use ggdm_core::grid::Spacing;
-use ggdm_core::model_dir::{load_model_dir_with, NetworkPrecision};
+use ggdm_core::model_dir::NetworkPrecision;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -61,6 +61,11 @@ pub struct ModelSection {
     /// linear combinations and the loss stay f32/f64).
     #[serde(default)]
     pub precision: NetworkPrecision,
+    /// Replay the network calls as CUDA graphs (the no-autograd calls and, in the reverse sweep,
+    /// each call's forward and backward): the same gradients with far fewer kernel launches.
+    /// Needs a build with the `cuda-graphs` feature; no effect on the CPU. Default false.
+    #[serde(default)]
+    pub cuda_graphs: bool,
 }
 
 /// `[data]`.
@@ -370,8 +375,8 @@ pub fn run(args: SearchArgs) -> Result<()> {
         ggdm_core::io::write_atomic(&run_dir.join("config.toml"), toml::to_string_pretty(&config)?.as_bytes())?;
     }
 
-    let model = load_model_dir_with(&config.model.path, device, config.model.precision)
-        .with_context(|| format!("loading model {}", config.model.path.display()))?;
+    let model =
+        crate::common::load_model(&config.model.path, device, config.model.precision, config.model.cuda_graphs)?;
     let shape = model.sample_shape().context("the model does not fix its sample size (sample_size in config.json)")?;
     tracing::info!(
         "model {} ({:?} samples) on {device:?}{}",

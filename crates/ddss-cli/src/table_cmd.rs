@@ -18,7 +18,6 @@ use fid_metrics::data::{subsample, Subsample};
 use fid_metrics::features::{extract_features_batched, FeatureSpec};
 use fid_metrics::FeatureExtractor;
 use ggdm_core::ggdm::GgdmSampler;
-use ggdm_core::model_dir::{load_model_dir_with, NetworkPrecision};
 use std::path::{Path, PathBuf};
 use tch::Kind;
 
@@ -66,9 +65,8 @@ pub struct TableArgs {
     /// auto | cpu | cuda | cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
-    /// Network arithmetic: f32 or bf16 (see `ddss-cli sample --help`).
-    #[arg(long, default_value = "f32")]
-    pub precision: String,
+    #[command(flatten)]
+    pub network: crate::common::NetworkArgs,
     /// Only redraw table.md and the plots in --out from its results.json (e.g. after a run was
     /// stopped: results.json is rewritten after every sampler). --model, --ref and --num are
     /// then not needed.
@@ -248,8 +246,7 @@ pub fn run(args: TableArgs, quiet: bool) -> Result<()> {
         .collect::<Result<Vec<_>>>()?;
     let device = parse_device(&args.device)?;
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
-    let model = load_model_dir_with(&model_dir, device, NetworkPrecision::parse(&args.precision)?)
-        .with_context(|| format!("loading model {}", model_dir.display()))?;
+    let model = args.network.load(&model_dir, device)?;
 
     let mut entries: Vec<(String, SamplerChoice, Option<GgdmSampler>)> = Vec::new();
     for &k in &args.steps {

@@ -10,6 +10,12 @@
 //! * [`Remat::Budget`]: the first `stored_steps` network calls keep their activations from the
 //!   forward pass (no recompute), the rest are recomputed — the memory-budget middle ground.
 //!
+//! A network with its own [`Denoiser::vjp`] (a CUDA-graphed one) changes how a recomputed step is
+//! swept: the forward pass also keeps each call's output, and the sweep differentiates the
+//! post-processing `x0_hat(x_i, output)` with that output as a leaf, then hands the output's
+//! cotangent to `vjp` (one replayed forward + backward of the call) and pushes the input
+//! cotangents into `x_i` and the timestep. The gradient is the same.
+//!
 //! The reverse sweep, for `i = K..1`: the cotangent of `x_{i+1}` flows through the linear
 //! combination into every earlier `x_j`, `x0_hat_j` and into `u, w, sigma`; once all uses of
 //! `x0_hat_i` are accounted for, `model(x_i, tau_i)` is evaluated with autograd (recomputed or
@@ -59,6 +65,9 @@ struct SweepState {
     x0_hats: Vec<Tensor>,
     /// Stored graphs `(x_i leaf, x0_hat_i with graph)` for the steps kept by the budget.
     stored: Vec<Option<(Tensor, Tensor)>>,
+    /// The network outputs of the recomputed steps, kept when the model has its own
+    /// [`Denoiser::vjp`] (empty otherwise).
+    outputs: Vec<Option<Tensor>>,
     z: Vec<Tensor>,
 }
 
@@ -140,16 +149,24 @@ pub fn forward<D: Denoiser + ?Sized>(
     let mut states = vec![x_init.detach()];
     let mut x0_hats = Vec::with_capacity(k);
     let mut stored = Vec::with_capacity(k);
+    let keep_outputs = model.has_vjp();
+    let mut outputs = Vec::with_capacity(if keep_outputs { k } else { 0 });
     for i in 0..k {
         if i < stored_steps {
             let x_leaf = states[i].detach().set_requires_grad(true);
             let x0_hat = sampler.predict_x0(model, &leaves, i, &x_leaf, kind)?;
             x0_hats.push(x0_hat.detach());
             stored.push(Some((x_leaf, x0_hat)));
+            if keep_outputs {
+                outputs.push(None);
+            }
         } else {
-            let x0_hat = tch::no_grad(|| sampler.predict_x0(model, &leaves, i, &states[i], kind))?;
+            let (x0_hat, output) = tch::no_grad(|| sampler.predict_x0_and_output(model, &leaves, i, &states[i], kind))?;
             x0_hats.push(x0_hat);
             stored.push(None);
+            if keep_outputs {
+                outputs.push(Some(output));
+            }
         }
         let next = tch::no_grad(|| sampler.combine(&leaves, i, &states, &x0_hats, &z[i], kind));
         states.push(next);
@@ -158,8 +175,51 @@ pub fn forward<D: Denoiser + ?Sized>(
     let z = z.iter().map(|t| t.shallow_clone()).collect();
     Ok(Forward {
         output,
-        inner: ForwardInner::Swept(Box::new(SweepState { coeffs, leaves, states, x0_hats, stored, z })),
+        inner: ForwardInner::Swept(Box::new(SweepState { coeffs, leaves, states, x0_hats, stored, outputs, z })),
     })
+}
+
+/// The network step of the reverse sweep through the model's own [`Denoiser::vjp`]: the
+/// post-processing `x0_hat_i(x_i, output)` is differentiated with the forward pass's `output` as a
+/// leaf, the output's cotangent goes through `vjp` (a replayed CUDA graph for
+/// [`ggdm_core::cuda_graph::GraphedDenoiser`]), and the input cotangents are pushed into `x_i` and
+/// the coefficient leaves. The same gradient as recomputing the call under autograd.
+#[allow(clippy::too_many_arguments)]
+fn backward_with_vjp<D: Denoiser + ?Sized>(
+    sampler: &GgdmSampler,
+    model: &D,
+    leaves: &Coefficients,
+    i: usize,
+    x_in: &Tensor,
+    output: &Tensor,
+    grad_x0: &Tensor,
+    kind: Kind,
+) -> Result<()> {
+    let (x_net, tau_net) = sampler.network_input(leaves, i, x_in, kind);
+    // The post-processing sees the network input as a leaf too, so that the graph from `x_i` to
+    // `x_net` is walked once, with both of its cotangents.
+    let x_net_leaf = x_net.detach().set_requires_grad(true);
+    let output = output.detach().set_requires_grad(true);
+    let x0_hat = sampler.x0_from_output(leaves, i, x_in, &x_net_leaf, &output, model.prediction_type(), kind);
+    vjp_scalar(&x0_hat, grad_x0).backward();
+    drop(x0_hat);
+    let grad_out = output.grad();
+    let mut grad_x_net = x_net_leaf.grad();
+    let mut terms = Vec::with_capacity(2);
+    if grad_out.defined() {
+        let (through_net, grad_tau) = model.vjp(&x_net.detach(), &tau_net.detach(), &grad_out)?;
+        grad_x_net = if grad_x_net.defined() { grad_x_net + through_net } else { through_net };
+        if tau_net.requires_grad() {
+            terms.push(vjp_scalar(&tau_net, &grad_tau));
+        }
+    }
+    if grad_x_net.defined() && x_net.requires_grad() {
+        terms.push(vjp_scalar(&x_net, &grad_x_net));
+    }
+    if !terms.is_empty() {
+        Tensor::stack(&terms, 0).sum(Kind::Double).backward();
+    }
+    Ok(())
 }
 
 /// Back-propagates `grad_output = dL/dx_out` through the sampler into its parameters
@@ -177,7 +237,7 @@ pub fn backward<D: Denoiser + ?Sized>(
             Ok(x_init.grad().detach())
         }
         ForwardInner::Swept(state) => {
-            let SweepState { coeffs, leaves, states, x0_hats, stored, z } = *state;
+            let SweepState { coeffs, leaves, states, x0_hats, stored, mut outputs, z } = *state;
             let k = sampler.steps;
             let kind = states[0].kind();
             let state_leaves: Vec<Tensor> = states[..k].iter().map(|s| s.detach().set_requires_grad(true)).collect();
@@ -190,18 +250,29 @@ pub fn backward<D: Denoiser + ?Sized>(
                 vjp_scalar(&next, &grad_next).backward();
                 // Every use of x0_hat_i is now accounted for: push its cotangent through the network.
                 let grad_x0 = x0_leaves[i].grad();
-                let (x_in, x0_hat) = match stored[i].take() {
-                    Some(pair) => pair,
-                    None => {
+                let x_in = match (stored[i].take(), outputs.get_mut(i).and_then(Option::take)) {
+                    (Some((x_in, x0_hat)), _) => {
+                        if grad_x0.defined() {
+                            vjp_scalar(&x0_hat, &grad_x0).backward();
+                        }
+                        x_in
+                    }
+                    (None, Some(output)) => {
+                        let x_in = states[i].detach().set_requires_grad(true);
+                        if grad_x0.defined() {
+                            backward_with_vjp(sampler, model, &leaves, i, &x_in, &output, &grad_x0, kind)?;
+                        }
+                        x_in
+                    }
+                    (None, None) => {
                         let x_in = states[i].detach().set_requires_grad(true);
                         let x0_hat = sampler.predict_x0(model, &leaves, i, &x_in, kind)?;
-                        (x_in, x0_hat)
+                        if grad_x0.defined() {
+                            vjp_scalar(&x0_hat, &grad_x0).backward();
+                        }
+                        x_in
                     }
                 };
-                if grad_x0.defined() {
-                    vjp_scalar(&x0_hat, &grad_x0).backward();
-                }
-                drop(x0_hat);
                 let mut total = state_leaves[i].grad().detach().copy();
                 let through_model = x_in.grad();
                 if through_model.defined() {

@@ -8,7 +8,7 @@ use ggdm_core::grid::Spacing;
 use ggdm_core::noise::{NoiseSource, SeededNoise};
 use ggdm_core::scheduler_config::SchedulerConfig;
 use ggdm_core::unet::{UNet2DConfig, UNet2DModel, UNetDenoiser};
-use ggdm_core::PredictionType;
+use ggdm_core::{Denoiser, PredictionType};
 use tch::{Device, Kind, Tensor};
 
 const TINY: &str = r#"{
@@ -72,7 +72,7 @@ fn zero_grads(s: &GgdmSampler) {
     }
 }
 
-fn gradients(s: &GgdmSampler, model: &UNetDenoiser, p: &Problem, remat: Remat) -> (Vec<Tensor>, Tensor) {
+fn gradients<D: Denoiser>(s: &GgdmSampler, model: &D, p: &Problem, remat: Remat) -> (Vec<Tensor>, Tensor) {
     zero_grads(s);
     let fwd = forward(s, model, &p.x_init, &p.z, remat).expect("forward");
     let (_, g) = loss_and_grad(&fwd.output, &p.weights);
@@ -179,5 +179,44 @@ fn marginal_query_gradients_equal_naive_and_finite_differences() {
         }
         let probes: [(usize, &[i64]); 5] = [(0, &[1]), (1, &[2, 0]), (2, &[3, 1]), (3, &[1]), (4, &[2])];
         assert_matches_finite_differences(&s, &model, &p, &ours, &probes, &format!("marginal {prediction_type:?}"));
+    }
+}
+
+/// A network that brings its own [`Denoiser::vjp`] (here the default, autograd through one call),
+/// as a CUDA-graphed network does: the unroll keeps the forward pass's outputs and sweeps back
+/// through `vjp` instead of recomputing the calls.
+struct OwnVjp(UNetDenoiser);
+
+impl Denoiser for OwnVjp {
+    fn forward(&self, x: &Tensor, tau: &Tensor) -> ggdm_core::Result<Tensor> {
+        self.0.forward(x, tau)
+    }
+    fn prediction_type(&self) -> PredictionType {
+        self.0.prediction_type()
+    }
+    fn has_vjp(&self) -> bool {
+        true
+    }
+}
+
+#[test]
+fn sweep_through_the_network_vjp_equals_naive_autograd() {
+    for prediction_type in [PredictionType::Epsilon, PredictionType::Sample, PredictionType::VPrediction] {
+        for query in [Query::Grid, Query::Marginal] {
+            let model = OwnVjp(tiny_model(prediction_type));
+            let s = sampler(History::Full).with_query(query);
+            let p = problem(&s);
+            let (naive, naive_x) = gradients(&s, &model.0, &p, Remat::Naive);
+            for remat in [Remat::PerCall, Remat::Budget { stored_steps: 2 }] {
+                let (ours, ours_x) = gradients(&s, &model, &p, remat);
+                for ((name, _), (a, b)) in s.params.named().iter().zip(ours.iter().zip(&naive)) {
+                    let d = rel_diff(a, b);
+                    assert!(d <= 1e-6, "{prediction_type:?} {query:?} {remat:?}: {name} differs from naive by {d}");
+                    assert!(b.abs().sum(Kind::Double).double_value(&[]) > 0.0, "{name}: zero gradient");
+                }
+                let d = rel_diff(&ours_x, &naive_x);
+                assert!(d <= 1e-6, "{prediction_type:?} {query:?} {remat:?}: dL/dx_init differs by {d}");
+            }
+        }
     }
 }

@@ -569,7 +569,10 @@ impl Inception {
         let net = InceptionNet::new(&var_store.root())?;
         tch::manual_seed(seed);
         tch::no_grad(|| -> Result<()> {
-            for (name, tensor) in var_store.variables() {
+            // In name order: the variables come as a hash map, whose order changes between runs.
+            let mut variables: Vec<(String, Tensor)> = var_store.variables().into_iter().collect();
+            variables.sort_by(|a, b| a.0.cmp(&b.0));
+            for (name, tensor) in variables {
                 if name.ends_with(".weight") {
                     let size = tensor.size();
                     let fan_in: i64 = size[1..].iter().product();

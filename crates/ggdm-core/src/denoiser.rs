@@ -21,6 +21,43 @@ pub trait Denoiser {
     fn sample_shape(&self) -> Option<[i64; 3]> {
         None
     }
+
+    /// Whether [`Self::vjp`] has its own implementation (a replayed CUDA graph). The unroll then
+    /// keeps each call's output from its forward pass and asks `vjp` for the backward step
+    /// instead of recomputing the call under autograd.
+    fn has_vjp(&self) -> bool {
+        false
+    }
+
+    /// `(dL/dx, dL/dtau)` of `L = sum(forward(x, tau) * grad_out)` for `x` and `tau` that do not
+    /// require grad; gradients of the network's own weights are not computed. The default runs
+    /// the call under autograd.
+    fn vjp(&self, x: &Tensor, tau: &Tensor, grad_out: &Tensor) -> Result<(Tensor, Tensor)> {
+        eager_vjp(self, x, tau, grad_out)
+    }
+}
+
+/// [`Denoiser::vjp`] by autograd through `model.forward`.
+pub fn eager_vjp<D: Denoiser + ?Sized>(
+    model: &D,
+    x: &Tensor,
+    tau: &Tensor,
+    grad_out: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let x = x.f_detach()?.set_requires_grad(true);
+    let tau = tau.f_detach()?.set_requires_grad(true);
+    let out = model.forward(&x, &tau)?;
+    let scalar = out.f_mul(&grad_out.f_detach()?)?.f_sum(out.kind())?;
+    let grads = Tensor::f_run_backward(&[scalar], &[&x, &tau], false, false)?;
+    let mut grads = grads.into_iter();
+    match (grads.next(), grads.next()) {
+        // An input the network ignores gets an undefined gradient: make it zeros.
+        (Some(gx), Some(gtau)) => Ok((
+            if gx.defined() { gx } else { x.f_zeros_like()? },
+            if gtau.defined() { gtau } else { tau.f_zeros_like()? },
+        )),
+        _ => Err(crate::Error::invalid("vjp", "autograd returned fewer gradients than inputs")),
+    }
 }
 
 impl<D: Denoiser + ?Sized> Denoiser for &D {
@@ -33,6 +70,12 @@ impl<D: Denoiser + ?Sized> Denoiser for &D {
     fn sample_shape(&self) -> Option<[i64; 3]> {
         (**self).sample_shape()
     }
+    fn has_vjp(&self) -> bool {
+        (**self).has_vjp()
+    }
+    fn vjp(&self, x: &Tensor, tau: &Tensor, grad_out: &Tensor) -> Result<(Tensor, Tensor)> {
+        (**self).vjp(x, tau, grad_out)
+    }
 }
 
 impl<D: Denoiser + ?Sized> Denoiser for Box<D> {
@@ -44,6 +87,12 @@ impl<D: Denoiser + ?Sized> Denoiser for Box<D> {
     }
     fn sample_shape(&self) -> Option<[i64; 3]> {
         (**self).sample_shape()
+    }
+    fn has_vjp(&self) -> bool {
+        (**self).has_vjp()
+    }
+    fn vjp(&self, x: &Tensor, tau: &Tensor, grad_out: &Tensor) -> Result<(Tensor, Tensor)> {
+        (**self).vjp(x, tau, grad_out)
     }
 }
 

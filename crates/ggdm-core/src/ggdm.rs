@@ -649,57 +649,79 @@ impl GgdmSampler {
         x_i: &Tensor,
         kind: Kind,
     ) -> Result<Tensor> {
-        let n = x_i.size()[0];
-        let row = i as i64;
-        if self.query == Query::Marginal {
-            return self.predict_x0_marginal(model, coeffs, i, x_i, kind);
-        }
-        let tau_i = coeffs.tau.get(row).to_kind(kind).expand([n], false);
-        let output = crate::denoiser::checked_forward(model, x_i, &tau_i)?;
-        let scale = coeffs.pred_scale.get(row).to_kind(kind);
-        let sqrt_abar = coeffs.abar.get(row).sqrt().to_kind(kind);
-        let sqrt_one_minus = coeffs.sqrt_one_minus_abar.get(row).to_kind(kind);
-        let p_rel = coeffs.p_rel.get(row).to_kind(kind);
-        let q_rel = coeffs.q_rel.get(row).to_kind(kind);
-        let x0_hat = match model.prediction_type() {
-            PredictionType::Epsilon => (x_i * &p_rel - output * (&sqrt_one_minus * &q_rel)) * scale,
-            PredictionType::Sample => x_i * ((&p_rel - &q_rel) * scale) + output * q_rel,
-            PredictionType::VPrediction => {
-                let x0_model = x_i * &sqrt_abar - &output * &sqrt_one_minus;
-                let eps_model = output * &sqrt_abar + x_i * &sqrt_one_minus;
-                x0_model * &p_rel + eps_model * (scale * sqrt_one_minus * (p_rel - q_rel))
-            }
-        };
-        Ok(x0_hat)
+        Ok(self.predict_x0_and_output(model, coeffs, i, x_i, kind)?.0)
     }
 
-    /// [`Query::Marginal`]: the model sees `x_i * input_scale_i` at `query_tau_i`; its output is
-    /// turned into `eps` with `query_abar_i`, and `x0_hat = (p_rel x_i - sqrt(v_i) q_rel eps) / a_i`.
-    fn predict_x0_marginal<D: Denoiser + ?Sized>(
+    /// [`Self::predict_x0`], also returning the network's raw output.
+    pub fn predict_x0_and_output<D: Denoiser + ?Sized>(
         &self,
         model: &D,
         coeffs: &Coefficients,
         i: usize,
         x_i: &Tensor,
         kind: Kind,
-    ) -> Result<Tensor> {
+    ) -> Result<(Tensor, Tensor)> {
+        let (x_net, tau_net) = self.network_input(coeffs, i, x_i, kind);
+        let output = crate::denoiser::checked_forward(model, &x_net, &tau_net)?;
+        let x0_hat = self.x0_from_output(coeffs, i, x_i, &x_net, &output, model.prediction_type(), kind);
+        Ok((x0_hat, output))
+    }
+
+    /// What the network sees at step `i`: `(x_i, tau_i)` for [`Query::Grid`]; for
+    /// [`Query::Marginal`], `x_i * input_scale_i` at `query_tau_i`. `tau` is expanded to the batch.
+    pub fn network_input(&self, coeffs: &Coefficients, i: usize, x_i: &Tensor, kind: Kind) -> (Tensor, Tensor) {
         let n = x_i.size()[0];
         let row = i as i64;
-        let query_tau = coeffs.query_tau.get(row).to_kind(kind).expand([n], false);
-        let x_in = x_i * coeffs.input_scale.get(row).to_kind(kind);
-        let output = model.forward(&x_in, &query_tau)?;
-        let sqrt_abar = coeffs.query_abar.get(row).sqrt().to_kind(kind);
-        let sqrt_one_minus = (coeffs.query_abar.get(row).ones_like() - coeffs.query_abar.get(row)).sqrt().to_kind(kind);
-        let eps = match model.prediction_type() {
-            PredictionType::Epsilon => output,
-            PredictionType::Sample => (&x_in - output * &sqrt_abar) / &sqrt_one_minus,
-            PredictionType::VPrediction => output * &sqrt_abar + &x_in * &sqrt_one_minus,
-        };
+        match self.query {
+            Query::Grid => (x_i.shallow_clone(), coeffs.tau.get(row).to_kind(kind).expand([n], false)),
+            Query::Marginal => (
+                x_i * coeffs.input_scale.get(row).to_kind(kind),
+                coeffs.query_tau.get(row).to_kind(kind).expand([n], false),
+            ),
+        }
+    }
+
+    /// `x0_hat_i` from the network's `output` on `x_net = network_input(..).0` (see
+    /// [`Self::predict_x0`]; [`Query::Marginal`]: the output is turned into `eps` with
+    /// `query_abar_i`, and `x0_hat = (p_rel x_i - sqrt(v_i) q_rel eps) / a_i`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn x0_from_output(
+        &self,
+        coeffs: &Coefficients,
+        i: usize,
+        x_i: &Tensor,
+        x_net: &Tensor,
+        output: &Tensor,
+        prediction: PredictionType,
+        kind: Kind,
+    ) -> Tensor {
+        let row = i as i64;
         let scale = coeffs.pred_scale.get(row).to_kind(kind);
-        let sqrt_variance = coeffs.sqrt_one_minus_abar.get(row).to_kind(kind);
         let p_rel = coeffs.p_rel.get(row).to_kind(kind);
         let q_rel = coeffs.q_rel.get(row).to_kind(kind);
-        Ok((x_i * &p_rel - eps * (&sqrt_variance * &q_rel)) * scale)
+        if self.query == Query::Marginal {
+            let sqrt_abar = coeffs.query_abar.get(row).sqrt().to_kind(kind);
+            let sqrt_one_minus =
+                (coeffs.query_abar.get(row).ones_like() - coeffs.query_abar.get(row)).sqrt().to_kind(kind);
+            let eps = match prediction {
+                PredictionType::Epsilon => output.shallow_clone(),
+                PredictionType::Sample => (x_net - output * &sqrt_abar) / &sqrt_one_minus,
+                PredictionType::VPrediction => output * &sqrt_abar + x_net * &sqrt_one_minus,
+            };
+            let sqrt_variance = coeffs.sqrt_one_minus_abar.get(row).to_kind(kind);
+            return (x_i * &p_rel - eps * (&sqrt_variance * &q_rel)) * scale;
+        }
+        let sqrt_abar = coeffs.abar.get(row).sqrt().to_kind(kind);
+        let sqrt_one_minus = coeffs.sqrt_one_minus_abar.get(row).to_kind(kind);
+        match prediction {
+            PredictionType::Epsilon => (x_i * &p_rel - output * (&sqrt_one_minus * &q_rel)) * scale,
+            PredictionType::Sample => x_i * ((&p_rel - &q_rel) * scale) + output * q_rel,
+            PredictionType::VPrediction => {
+                let x0_model = x_i * &sqrt_abar - output * &sqrt_one_minus;
+                let eps_model = output * &sqrt_abar + x_i * &sqrt_one_minus;
+                x0_model * &p_rel + eps_model * (scale * sqrt_one_minus * (p_rel - q_rel))
+            }
+        }
     }
 
     /// `x_{i+1} = sum_{j<=i} u_ij x_j + sum_{j<=i} w_ij x0_hat_j + sigma_i z_i`.

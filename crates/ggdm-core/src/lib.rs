@@ -39,6 +39,7 @@
 //! ```
 
 pub mod analytic;
+pub mod cuda_graph;
 pub mod denoiser;
 pub mod error;
 pub mod ggdm;

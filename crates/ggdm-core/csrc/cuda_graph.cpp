@@ -1,0 +1,98 @@
+// CUDA graph capture and replay for ggdm-core's `cuda-graphs` feature: a thin C interface over
+// at::cuda::CUDAGraph and a side-stream guard (capture must not run on the default stream).
+// Every function returns nullptr on success or a heap-allocated error message that the caller
+// frees with ddss_graph_free_error.
+
+#include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <cstring>
+#include <exception>
+#include <optional>
+#include <string>
+
+namespace {
+
+char* copy_message(const std::string& message) {
+  char* out = new char[message.size() + 1];
+  std::memcpy(out, message.c_str(), message.size() + 1);
+  return out;
+}
+
+template <typename F>
+char* guarded(F&& f) {
+  try {
+    f();
+    return nullptr;
+  } catch (const std::exception& e) {
+    return copy_message(e.what());
+  } catch (...) {
+    return copy_message("unknown C++ exception");
+  }
+}
+
+// The side stream a capture (and its warm-up) runs on, and the stream it replaced. Streams are
+// switched with c10's exported setters rather than the inline guard classes, so this file needs no
+// symbol from the CUDA runtime itself.
+struct SideStream {
+  c10::cuda::CUDAStream previous;
+  c10::cuda::CUDAStream side;
+};
+
+}  // namespace
+
+extern "C" {
+
+void ddss_graph_free_error(char* message) { delete[] message; }
+
+// Makes a pooled side stream current on `device` (after it waits for the current stream).
+char* ddss_side_stream_enter(int device, void** out) {
+  return guarded([&] {
+    c10::DeviceIndex index = static_cast<c10::DeviceIndex>(device);
+    c10::cuda::set_device(index);
+    auto previous = c10::cuda::getCurrentCUDAStream(index);
+    auto side = c10::cuda::getStreamFromPool(false, index);
+    // Entering and leaving a capture is rare: a device-wide sync orders the streams without
+    // needing the CUDA runtime's event API here.
+    c10::cuda::device_synchronize();
+    c10::cuda::setCurrentCUDAStream(side);
+    *out = new SideStream{previous, side};
+  });
+}
+
+// Restores the previous stream, which then waits for everything queued on the side stream.
+char* ddss_side_stream_exit(void* handle) {
+  return guarded([&] {
+    auto* s = static_cast<SideStream*>(handle);
+    auto previous = s->previous;
+    delete s;
+    c10::cuda::device_synchronize();
+    c10::cuda::setCurrentCUDAStream(previous);
+  });
+}
+
+char* ddss_graph_new(void** out) {
+  return guarded([&] { *out = new at::cuda::CUDAGraph(); });
+}
+
+char* ddss_graph_capture_begin(void* graph) {
+  return guarded([&] { static_cast<at::cuda::CUDAGraph*>(graph)->capture_begin(); });
+}
+
+char* ddss_graph_capture_end(void* graph) {
+  return guarded([&] { static_cast<at::cuda::CUDAGraph*>(graph)->capture_end(); });
+}
+
+char* ddss_graph_replay(void* graph) {
+  return guarded([&] { static_cast<at::cuda::CUDAGraph*>(graph)->replay(); });
+}
+
+void ddss_graph_delete(void* graph) {
+  try {
+    delete static_cast<at::cuda::CUDAGraph*>(graph);
+  } catch (...) {
+  }
+}
+
+}  // extern "C"
