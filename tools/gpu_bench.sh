@@ -28,13 +28,22 @@ if [ "${1:-}" = "prepare" ]; then
     set -e
     export LIBTORCH="${LIBTORCH:-$ROOT/.libtorch}"
     cargo build --release -p ddss-cli --features cuda-graphs
+    # The CUDA-graph test (replayed calls equal eager ones), run there before the timings.
+    test_bin=$(cargo test --release -p ggdm-core --features cuda-graphs --test cuda_graphs --no-run \
+        --message-format=json 2>/dev/null | "${PYTHON:-$HOME/.cache/ddss-rs/torch-2.11.0/bin/python}" -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "cuda_graphs":
+        print(m["executable"])')
     PY="${PYTHON:-$HOME/.cache/ddss-rs/torch-2.11.0/bin/python}"
     mkdir -p .whl
+    cp "$test_bin" .whl/cuda_graphs-test
     "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
         diffusers==0.42.1 importlib_metadata
     ls -la target/release/ddss-cli .whl
-    du -ch target/release/ddss-cli .whl/*.whl | tail -1
+    du -ch target/release/ddss-cli .whl/* | tail -1
     exit 0
 fi
 
@@ -127,6 +136,13 @@ sample() { # PRECISION: ours eager, ours with CUDA graphs, reference
         "${COMMON[@]}" --precision "$prec"
 }
 
+# The CUDA-graph test binary (from `prepare`): replayed forward calls and VJPs equal eager ones.
+if [ -x .whl/cuda_graphs-test ]; then
+    log "CUDA-graph test"
+    timeout 120 .whl/cuda_graphs-test --nocapture >>"$LOG" 2>&1 && log "CUDA-graph test: passed" \
+        || log "CUDA-graph test: FAILED (see bench.log)"
+fi
+
 # The first part also pays for cold caches (libraries, CUDA context, cuDNN): a longer limit.
 step 10 per_call 75
 step 10 per_call 40 bf16
@@ -138,6 +154,14 @@ step 10 naive 45
 run 40 "features B=$TBATCH: ours" "$BIN" --quiet bench-unroll --what features --steps 10 --batch "$TBATCH" "${COMMON[@]}"
 run 40 "features B=$TBATCH: reference" "$PY" "$REF" --what features --steps 10 --batch "$TBATCH" "${COMMON[@]}"
 step 10 budget:5 30
+# Channels-last (NHWC) network calls with CUDA graphs, bf16 then f32, while the time budget lasts.
+for prec in bf16 f32; do
+    run 40 "step K=10 B=$BATCH per_call $prec: ours, CUDA graphs, channels-last" "$BIN" --quiet bench-unroll \
+        --what step --steps 10 --batch "$BATCH" --remat per_call "${COMMON[@]}" --precision "$prec" --cuda-graphs \
+        --channels-last
+    run 40 "sample B=$TBATCH $prec: ours, CUDA graphs, channels-last" "$BIN" --quiet bench-unroll --what sample \
+        --steps 10 --batch "$TBATCH" "${COMMON[@]}" --precision "$prec" --cuda-graphs --channels-last
+done
 
 "$PY" "$ROOT/bench/reference/table.py" "$RESULTS" --title "$DEVICE: cifar10 architecture (random weights)" \
     --out "$OUT/table.md" 2>>"$LOG" | tee -a "$LOG"

@@ -1,8 +1,9 @@
 """Turns the JSON lines of `ddss-cli bench-unroll` ("side": "ours") and of `ddss_ref.py`
 ("side": "reference") into one Markdown table, ours next to the reference with the ratio
 ours / reference (time: below 1 is faster; images/s: above 1 is faster; memory: below 1 is
-smaller). Runs of ours with `--cuda-graphs` get rows of their own, next to the same reference, and
-their loss values and gradient norms are compared with the eager runs of the same setting.
+smaller). Runs of ours with `--cuda-graphs` or `--channels-last` get rows of their own, next to the
+same reference, and the loss values and gradient norms of the CUDA-graph runs are compared with the
+eager runs of the same setting.
 
     python table.py RESULTS.jsonl [MORE.jsonl ...] [--title TEXT] [--out FILE.md]
 
@@ -66,14 +67,20 @@ def remat_order(remat):
     return {"naive": 0, "per_call": 1}.get(remat, 2)
 
 
-OURS_VARIANTS = (("ours", ""), ("ours+graphs", " + CUDA graphs"))
+OURS_VARIANTS = (
+    ("ours", ""),
+    ("ours+graphs", " + CUDA graphs"),
+    ("ours+cl", " + channels-last"),
+    ("ours+graphs+cl", " + CUDA graphs + channels-last"),
+)
 
 
 def side_of(row):
-    """"ours", "ours+graphs" (a `--cuda-graphs` run of ours) or "reference"."""
-    if row["side"] == "ours" and row.get("cuda_graphs"):
-        return "ours+graphs"
-    return row["side"]
+    """"reference", or "ours" with "+graphs" for a `--cuda-graphs` run and "+cl" for a
+    `--channels-last` run."""
+    if row["side"] != "ours":
+        return row["side"]
+    return "ours" + ("+graphs" if row.get("cuda_graphs") else "") + ("+cl" if row.get("channels_last") else "")
 
 
 def graphs_check(index, keys):

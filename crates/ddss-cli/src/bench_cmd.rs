@@ -32,7 +32,7 @@ use ggdm_core::cuda_graph::GraphedDenoiser;
 use ggdm_core::denoiser::Denoiser;
 use ggdm_core::ggdm::{GgdmSampler, History, Learnable};
 use ggdm_core::grid::Spacing;
-use ggdm_core::model_dir::{Bf16Denoiser, NetworkPrecision};
+use ggdm_core::model_dir::{Bf16Denoiser, ChannelsLastDenoiser, NetworkPrecision};
 use ggdm_core::scheduler_config::SchedulerConfig;
 use ggdm_core::unet::{UNet2DConfig, UNet2DModel, UNetDenoiser};
 use std::path::{Path, PathBuf};
@@ -81,6 +81,10 @@ pub struct BenchArgs {
     /// forward and backward in the step's reverse sweep); needs `--features cuda-graphs`.
     #[arg(long)]
     pub cuda_graphs: bool,
+    /// Run the network in channels-last memory format (convolution weights and each call's input
+    /// NHWC in memory), for NHWC cuDNN kernels; only with --unet-config.
+    #[arg(long)]
+    pub channels_last: bool,
     /// Writes the step's noise (`x_init`, `z_0` .. `z_{K-1}`) and the real features (`real`) to
     /// this safetensors file, so the reference can be run on exactly the same inputs.
     #[arg(long)]
@@ -172,15 +176,23 @@ fn open_model(args: &BenchArgs, device: Device) -> Result<(Box<dyn Denoiser>, Sc
             if bf16 {
                 model.var_store_mut().bfloat16();
             }
+            if args.channels_last {
+                model.to_channels_last()?;
+            }
             let beside = config_path.parent().map(|dir| dir.join("scheduler_config.json"));
             let scheduler = match beside.filter(|p| p.is_file()) {
                 Some(path) => SchedulerConfig::from_file(&path)?,
                 None => SchedulerConfig::default(),
             };
-            let denoiser = UNetDenoiser::new(model, scheduler.prediction_type);
-            (Box::new(denoiser), scheduler)
+            let denoiser: Box<dyn Denoiser> = Box::new(UNetDenoiser::new(model, scheduler.prediction_type));
+            let denoiser: Box<dyn Denoiser> =
+                if args.channels_last { Box::new(ChannelsLastDenoiser(denoiser)) } else { denoiser };
+            (denoiser, scheduler)
         }
         None => {
+            if args.channels_last {
+                bail!("--channels-last is only available with --unet-config");
+            }
             let precision = if bf16 { NetworkPrecision::Bf16 } else { NetworkPrecision::F32 };
             let loaded = crate::common::load_model(&args.model, device, precision, args.cuda_graphs)?;
             return Ok((loaded.denoiser, loaded.scheduler));
@@ -339,6 +351,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "features": args.features,
         "precision": args.precision,
         "cuda_graphs": args.cuda_graphs,
+        "channels_last": args.channels_last,
         "random_weights": args.unet_config.is_some() || args.features == "inception-random",
         "device": format!("{device:?}"),
         "seconds": seconds,

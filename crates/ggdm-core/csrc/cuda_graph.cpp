@@ -61,7 +61,8 @@ char* ddss_side_stream_enter(int device, void** out) {
   });
 }
 
-// Restores the previous stream, which then waits for everything queued on the side stream.
+// Waits for everything queued on the side stream, restores the previous stream and releases the
+// cached blocks nobody uses.
 char* ddss_side_stream_exit(void* handle) {
   return guarded([&] {
     auto* s = static_cast<SideStream*>(handle);
@@ -69,6 +70,9 @@ char* ddss_side_stream_exit(void* handle) {
     delete s;
     c10::cuda::device_synchronize();
     c10::cuda::setCurrentCUDAStream(previous);
+    // The warm-up calls cached their memory for the side stream, where the eager work that follows
+    // (on the previous stream) cannot reuse it: hand the unused blocks back. Graph pools stay.
+    c10::cuda::CUDACachingAllocator::emptyCache();
   });
 }
 

@@ -55,6 +55,30 @@ impl Denoiser for Bf16Denoiser {
     }
 }
 
+/// `t` (`N x C x H x W`) with channels-last strides: NHWC in memory, the same shape and values.
+pub fn to_channels_last(t: &Tensor) -> Result<Tensor> {
+    Ok(t.f_permute([0, 2, 3, 1])?.f_contiguous()?.f_permute([0, 3, 1, 2])?)
+}
+
+/// A network run in channels-last memory format: each call's input is converted (the weights are
+/// converted once, with [`crate::unet::UNet2DModel::to_channels_last`]) and its output is returned
+/// contiguous again. Gradients flow through both conversions.
+pub struct ChannelsLastDenoiser(pub Box<dyn Denoiser>);
+
+impl Denoiser for ChannelsLastDenoiser {
+    fn forward(&self, x: &Tensor, tau: &Tensor) -> Result<Tensor> {
+        Ok(self.0.forward(&to_channels_last(x)?, tau)?.f_contiguous()?)
+    }
+
+    fn prediction_type(&self) -> crate::PredictionType {
+        self.0.prediction_type()
+    }
+
+    fn sample_shape(&self) -> Option<[i64; 3]> {
+        self.0.sample_shape()
+    }
+}
+
 /// A model ready to sample.
 pub struct LoadedModel {
     /// The network.

@@ -318,6 +318,21 @@ impl UNet2DModel {
         &mut self.var_store
     }
 
+    /// Gives every 4-D weight (the convolutions) channels-last strides, PyTorch's
+    /// `model.to(memory_format=torch.channels_last)`: cuDNN then runs NHWC kernels when the input is
+    /// channels-last too (see [`crate::model_dir::ChannelsLastDenoiser`]). Values are unchanged.
+    pub fn to_channels_last(&mut self) -> Result<()> {
+        tch::no_grad(|| -> Result<()> {
+            for (_, mut variable) in self.var_store.variables() {
+                if variable.dim() == 4 {
+                    let converted = crate::model_dir::to_channels_last(&variable)?;
+                    variable.f_set_data(&converted)?;
+                }
+            }
+            Ok(())
+        })
+    }
+
     /// Total number of parameters (diffusers' `num_parameters()`, fixed Fourier features included).
     pub fn num_parameters(&self) -> i64 {
         self.var_store.variables().values().map(|t| t.numel() as i64).sum()
