@@ -80,8 +80,18 @@ char* ddss_graph_new(void** out) {
   return guarded([&] { *out = new at::cuda::CUDAGraph(); });
 }
 
-char* ddss_graph_capture_begin(void* graph) {
-  return guarded([&] { static_cast<at::cuda::CUDAGraph*>(graph)->capture_begin(); });
+// A memory-pool id that several captures can share (at::cuda::graph_pool_handle).
+char* ddss_graph_pool_handle(unsigned long long* first, unsigned long long* second) {
+  return guarded([&] {
+    auto id = at::cuda::graph_pool_handle();
+    *first = id.first;
+    *second = id.second;
+  });
+}
+
+// Begins capturing on the current stream into the pool (first, second); (0, 0) is a private pool.
+char* ddss_graph_capture_begin(void* graph, unsigned long long first, unsigned long long second) {
+  return guarded([&] { static_cast<at::cuda::CUDAGraph*>(graph)->capture_begin({first, second}); });
 }
 
 char* ddss_graph_capture_end(void* graph) {

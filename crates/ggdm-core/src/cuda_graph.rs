@@ -9,8 +9,12 @@
 //!
 //! Calls that need autograd (an input requiring grad, or a network whose output would require
 //! grad) always run eagerly, as do calls on the CPU. A shape whose capture fails is logged once and
-//! then also runs eagerly. Each captured shape keeps a private memory pool of about one
-//! no-autograd call's working set for as long as the denoiser lives.
+//! then also runs eagerly.
+//!
+//! Memory: all graphs of one denoiser share one memory pool, kept for as long as the denoiser
+//! lives; its size is about the largest captured call's working set (one call's activations when a
+//! VJP is captured). Sharing is safe because replays run one at a time on one stream and a replay's
+//! outputs are copied out before the next replay can overwrite the pool.
 //!
 //! Building with the feature compiles `csrc/cuda_graph.cpp` against the libtorch headers and the
 //! CUDA runtime headers (`cargo xtask setup` installs them into the project's venv).
@@ -33,7 +37,8 @@ mod ffi {
         fn ddss_side_stream_enter(device: c_int, out: *mut *mut c_void) -> *mut c_char;
         fn ddss_side_stream_exit(handle: *mut c_void) -> *mut c_char;
         fn ddss_graph_new(out: *mut *mut c_void) -> *mut c_char;
-        fn ddss_graph_capture_begin(graph: *mut c_void) -> *mut c_char;
+        fn ddss_graph_pool_handle(first: *mut u64, second: *mut u64) -> *mut c_char;
+        fn ddss_graph_capture_begin(graph: *mut c_void, first: u64, second: u64) -> *mut c_char;
         fn ddss_graph_capture_end(graph: *mut c_void) -> *mut c_char;
         fn ddss_graph_replay(graph: *mut c_void) -> *mut c_char;
         fn ddss_graph_delete(graph: *mut c_void);
@@ -79,6 +84,14 @@ mod ffi {
         }
     }
 
+    /// A new memory-pool id for captures to share.
+    pub fn pool_handle() -> crate::Result<(u64, u64)> {
+        let (mut first, mut second) = (0u64, 0u64);
+        // SAFETY: both outputs are plain integers written by the shim.
+        check("creating a memory pool", unsafe { ddss_graph_pool_handle(&mut first, &mut second) })?;
+        Ok((first, second))
+    }
+
     /// An `at::cuda::CUDAGraph`.
     pub struct Graph(*mut c_void);
 
@@ -89,9 +102,10 @@ mod ffi {
             check("creating a graph", unsafe { ddss_graph_new(&mut handle) })?;
             Ok(Self(handle))
         }
-        pub fn capture_begin(&self) -> crate::Result<()> {
+        /// Begins capturing into the shared memory pool `pool` (from [`pool_handle`]).
+        pub fn capture_begin(&self, pool: (u64, u64)) -> crate::Result<()> {
             // SAFETY: `self.0` is a live graph.
-            check("beginning the capture", unsafe { ddss_graph_capture_begin(self.0) })
+            check("beginning the capture", unsafe { ddss_graph_capture_begin(self.0, pool.0, pool.1) })
         }
         pub fn capture_end(&self) -> crate::Result<()> {
             // SAFETY: `self.0` is a live graph.
@@ -146,6 +160,9 @@ pub struct GraphedDenoiser {
     inner: Box<dyn Denoiser>,
     /// `None`: capturing this shape failed or is not possible; run it eagerly.
     graphs: RefCell<HashMap<Key, Option<Captured>>>,
+    /// The memory pool every capture of this denoiser shares (made at the first capture).
+    #[cfg_attr(not(feature = "cuda-graphs"), allow(dead_code))]
+    pool: std::cell::Cell<Option<(u64, u64)>>,
 }
 
 /// Eager calls on the side stream before a capture (cuDNN/cuBLAS set-up happens outside the graph).
@@ -162,7 +179,7 @@ impl GraphedDenoiser {
                  (it needs the CUDA runtime headers that `cargo xtask setup` installs)",
             ));
         }
-        Ok(Self { inner, graphs: RefCell::new(HashMap::new()) })
+        Ok(Self { inner, graphs: RefCell::new(HashMap::new()), pool: std::cell::Cell::new(None) })
     }
 
     /// Number of input shapes replayed from a captured graph so far.
@@ -199,8 +216,16 @@ impl GraphedDenoiser {
                 return Ok(None);
             }
         }
+        let pool = match self.pool.get() {
+            Some(pool) => pool,
+            None => {
+                let pool = ffi::pool_handle()?;
+                self.pool.set(Some(pool));
+                pool
+            }
+        };
         let graph = ffi::Graph::new()?;
-        graph.capture_begin()?;
+        graph.capture_begin(pool)?;
         let outputs = self.eager(call, &views);
         let ended = graph.capture_end();
         side.exit()?;
