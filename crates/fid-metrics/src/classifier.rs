@@ -53,7 +53,6 @@
 //! flip; all randomness comes from the crate's [`SplitMix64`], so a seed gives the same network on
 //! the same CPU setup.
 
-use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -61,6 +60,7 @@ use tch::{nn, Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
 use crate::features::FeatureExtractor;
+use crate::named_weights::{copy_by_name, CopyError};
 use crate::rng::SplitMix64;
 
 /// Value of [`ClassifierInfo::format`].
@@ -533,38 +533,23 @@ impl DomainClassifier {
     /// Copies named tensors into the network; every tensor must be present with its exact shape
     /// and no other tensor may be.
     fn copy_named_tensors(&mut self, tensors: Vec<(String, Tensor)>, source: &Path) -> Result<()> {
-        let mut variables = self.var_store.variables();
-        let mut loaded = HashSet::new();
-        let mut unexpected = Vec::new();
-        for (name, src) in tensors {
-            let Some(dst) = variables.get_mut(&name) else {
-                unexpected.push(name);
-                continue;
-            };
-            if dst.size() != src.size() {
+        let mismatch = match copy_by_name(&self.var_store, tensors) {
+            Ok(mismatch) => mismatch,
+            Err(CopyError::Shape { name, got, want }) => {
                 return Err(Error::weights(
                     source,
-                    format!(
-                        "tensor `{name}` has shape {:?}, arch `{}` needs {:?}",
-                        src.size(),
-                        self.info.arch,
-                        dst.size()
-                    ),
-                ));
+                    format!("tensor `{name}` has shape {got:?}, arch `{}` needs {want:?}", self.info.arch),
+                ))
             }
-            tch::no_grad(|| dst.f_copy_(&src.f_to_kind(Kind::Float)?))?;
-            loaded.insert(name);
-        }
-        let mut missing: Vec<&String> = variables.keys().filter(|k| !loaded.contains(*k)).collect();
-        missing.sort();
-        unexpected.sort();
-        if !missing.is_empty() || !unexpected.is_empty() {
+            Err(CopyError::Torch(e)) => return Err(e.into()),
+        };
+        if !mismatch.is_empty() {
             return Err(Error::weights(
                 source,
                 format!(
                     "not the weights of a classifier of arch `{}` (as the sidecar says): missing {:?}, \
                      unexpected {:?}",
-                    self.info.arch, missing, unexpected
+                    self.info.arch, mismatch.missing, mismatch.unexpected
                 ),
             ));
         }

@@ -36,7 +36,7 @@
 //! flag, whose default would turn TF32 on for cuDNN convolutions); `Tf32`, `Bf16` and `F16` trade
 //! accuracy for speed. Features always come back as f32.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -44,6 +44,7 @@ use tch::{nn, Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
 use crate::features::FeatureExtractor;
+use crate::named_weights::{copy_by_name, CopyError};
 
 /// Length of the pooled feature vector.
 pub const FEATURE_DIM: usize = 2048;
@@ -518,36 +519,26 @@ impl Inception {
     pub fn from_named_tensors(tensors: Vec<(String, Tensor)>, source: &Path, device: Device) -> Result<Self> {
         let mut var_store = nn::VarStore::new(device);
         let net = InceptionNet::new(&var_store.root())?;
-        let mut variables = var_store.variables();
-        let mut loaded = HashSet::new();
-        let mut unexpected = Vec::new();
-        for (name, src) in tensors {
-            let Some(dst) = variables.get_mut(&name) else {
-                unexpected.push(name);
-                continue;
-            };
-            if dst.size() != src.size() {
+        let mismatch = match copy_by_name(&var_store, tensors) {
+            Ok(mismatch) => mismatch,
+            Err(CopyError::Shape { name, got, want }) => {
                 return Err(Error::weights(
                     source,
-                    format!("tensor `{name}` has shape {:?}, the network needs {:?}", src.size(), dst.size()),
-                ));
+                    format!("tensor `{name}` has shape {got:?}, the network needs {want:?}"),
+                ))
             }
-            tch::no_grad(|| dst.f_copy_(&src))?;
-            loaded.insert(name);
-        }
-        let mut missing: Vec<&String> = variables.keys().filter(|k| !loaded.contains(*k)).collect();
-        missing.sort();
-        unexpected.sort();
-        if !missing.is_empty() || !unexpected.is_empty() {
+            Err(CopyError::Torch(e)) => return Err(e.into()),
+        };
+        if !mismatch.is_empty() {
             return Err(Error::weights(
                 source,
                 format!(
                     "not the FID Inception weights: {} of {NUM_TENSORS} tensors missing ({}), {} \
                      unexpected ({})",
-                    missing.len(),
-                    preview(&missing),
-                    unexpected.len(),
-                    preview(&unexpected)
+                    mismatch.missing.len(),
+                    preview(&mismatch.missing),
+                    mismatch.unexpected.len(),
+                    preview(&mismatch.unexpected)
                 ),
             ));
         }

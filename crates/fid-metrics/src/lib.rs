@@ -41,6 +41,7 @@ pub mod features;
 pub mod fid;
 pub mod inception;
 pub mod kid;
+mod named_weights;
 pub mod rng;
 pub mod stats;
 #[cfg(feature = "inception-torchscript")]
