@@ -14,8 +14,9 @@
 #   so the table also compares their losses and gradients);
 #   DDIM sampling K = 10, batch 256, f32 and bf16, eager and with CUDA graphs;
 #   K = 5 and 20 per-call (memory growth with K); K = 10 naive autograd; Inception feature
-#   extraction, batch 256; K = 10 budget remat (ours).
-# Each part has its own timeout, and the whole stays under TOTAL_SECONDS (default 420).
+#   extraction, batch 256; K = 10 budget remat (ours); channels-last with CUDA graphs; then the
+#   church-256 architecture (step at batch 8, sampling at batch 32).
+# Each part has its own timeout, and the whole stays under TOTAL_SECONDS (default 540; give the device call a 600 s limit).
 #
 # Needs there: the repository tree, target/release/ddss-cli, python3 with torch 2.11 (+ CUDA),
 # torchvision and safetensors, and diffusers 0.42.1 (from the carried .whl/ if not installed).
@@ -53,7 +54,7 @@ LOG="$OUT/bench.log"
 RESULTS="$OUT/results.jsonl"
 : >"$RESULTS"
 : >"$LOG"
-TOTAL_SECONDS="${TOTAL_SECONDS:-420}"
+TOTAL_SECONDS="${TOTAL_SECONDS:-540}"
 START=$(date +%s)
 BIN="${BIN:-$ROOT/target/release/ddss-cli}"
 PY="${PYTHON:-python3}"
@@ -162,6 +163,26 @@ for prec in bf16 f32; do
     run 40 "sample B=$TBATCH $prec: ours, CUDA graphs, channels-last" "$BIN" --quiet bench-unroll --what sample \
         --steps 10 --batch "$TBATCH" "${COMMON[@]}" --precision "$prec" --cuda-graphs --channels-last
 done
+
+# The google/ddpm-ema-church-256 architecture (113.7M parameters, 256x256), random weights:
+# K = 10 per-call step at batch 8 and sampling at batch 32, eager and with CUDA graphs, bf16 graphs.
+CHURCH="$ROOT/tests/fixtures/unet/ddpm-ema-church-256.config.json"
+CHURCH_COMMON=(--device "$DEVICE" --unet-config "$CHURCH" --features "$FEATURES" --warmup 1 --repeat 2)
+CB="${CHURCH_BATCH:-8}"
+CS="${CHURCH_SAMPLE_BATCH:-32}"
+run 60 "church step K=10 B=$CB per_call: ours" "$BIN" --quiet bench-unroll --what step --steps 10 --batch "$CB" \
+    --remat per_call "${CHURCH_COMMON[@]}" --save-noise "$SCRATCH/noise-church.safetensors"
+run 60 "church step K=10 B=$CB per_call: ours, CUDA graphs" "$BIN" --quiet bench-unroll --what step --steps 10 \
+    --batch "$CB" --remat per_call "${CHURCH_COMMON[@]}" --cuda-graphs
+run 60 "church step K=10 B=$CB per_call: reference" "$PY" "$REF" --what step --steps 10 --batch "$CB" \
+    --remat per_call "${CHURCH_COMMON[@]}" --noise "$SCRATCH/noise-church.safetensors"
+run 60 "church step K=10 B=$CB per_call bf16: ours, CUDA graphs" "$BIN" --quiet bench-unroll --what step \
+    --steps 10 --batch "$CB" --remat per_call "${CHURCH_COMMON[@]}" --precision bf16 --cuda-graphs
+for g in "" --cuda-graphs; do
+    run 60 "church sample B=$CS: ours ${g}" "$BIN" --quiet bench-unroll --what sample --steps 10 --batch "$CS" \
+        "${CHURCH_COMMON[@]}" $g
+done
+run 60 "church sample B=$CS: reference" "$PY" "$REF" --what sample --steps 10 --batch "$CS" "${CHURCH_COMMON[@]}"
 
 "$PY" "$ROOT/bench/reference/table.py" "$RESULTS" --title "$DEVICE: cifar10 architecture (random weights)" \
     --out "$OUT/table.md" 2>>"$LOG" | tee -a "$LOG"

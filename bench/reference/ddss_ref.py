@@ -287,6 +287,18 @@ def cuda_used_mib():
     return (total - free) / 2**20
 
 
+def model_name(args):
+    """The network's name in the tables: the --unet-config file without .config.json / .json,
+    else the model folder's name (as `ddss-cli bench-unroll` reports it)."""
+    if args.unet_config:
+        name = os.path.basename(args.unet_config)
+        for suffix in (".config.json", ".json"):
+            if name.endswith(suffix):
+                return name[: -len(suffix)]
+        return name
+    return os.path.basename(os.path.normpath(args.model))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--what", default="step", choices=["step", "sample", "features"])
@@ -392,7 +404,7 @@ def main():
     seconds = statistics.median(times)
     peak, _ = rss_mib()
     line = {
-        "side": "reference", "what": args.what, "steps": K, "batch": B,
+        "side": "reference", "what": args.what, "steps": K, "batch": B, "model": model_name(args),
         "remat": args.remat if args.what == "step" else "-", "features": args.features,
         "precision": args.precision, "random_weights": bool(args.unet_config) or args.features == "inception-random",
         "device": str(device), "seconds": seconds, "times": times,

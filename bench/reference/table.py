@@ -103,7 +103,10 @@ def graphs_check(index, keys):
 def build(rows, title=None):
     index = {}
     for row in rows:
-        key = (row["what"], row.get("remat", "-"), row["steps"], row["batch"], row.get("precision", "f32"))
+        key = (
+            row["what"], row.get("remat", "-"), row["steps"], row["batch"], row.get("precision", "f32"),
+            row.get("model", "-"),
+        )
         index.setdefault(key, {})[side_of(row)] = row  # the last run of a setting wins
     out = []
     if title:
@@ -113,7 +116,12 @@ def build(rows, title=None):
     out.append(f"Device: {', '.join(devices)}. Memory: {', '.join(kinds)} (MiB). Times: median of the timed runs (range in brackets).")
     out.append("")
 
-    step_keys = sorted((k for k in index if k[0] == "step"), key=lambda k: (k[4] != "f32", k[4], remat_order(k[1]), k[2], k[3]))
+    # With several networks in the rows, each row names its network.
+    several = len({k[5] for k in index}) > 1
+    net = (lambda k: f"{k[5]}: ") if several else (lambda k: "")
+    step_keys = sorted(
+        (k for k in index if k[0] == "step"), key=lambda k: (k[5], k[4] != "f32", k[4], remat_order(k[1]), k[2], k[3])
+    )
     if step_keys:
         out.append("**One DDSS step** (sampler forward, KID loss, gradient to the sampler parameters)")
         out.append("")
@@ -127,7 +135,7 @@ def build(rows, title=None):
                 ts = [r and r.get("seconds") for r in (ours, ref)]
                 ms = [r and r.get("memory_mib") for r in (ours, ref)]
                 out.append(
-                    f"| {remat_label(key[1])}{label} | {key[4]} | {key[2]} | {key[3]} | {fmt_time(ours)} | {fmt_time(ref)} | "
+                    f"| {net(key)}{remat_label(key[1])}{label} | {key[4]} | {key[2]} | {key[3]} | {fmt_time(ours)} | {fmt_time(ref)} | "
                     f"{ratio(ts[0], ts[1])} | {fmt(ms[0], 0)} | {fmt(ms[1], 0)} | {ratio(ms[0], ms[1])} |"
                 )
         out.append("")
@@ -161,7 +169,7 @@ def build(rows, title=None):
             out.append("(equal noise only when the reference was given `--noise`; otherwise the noise differs).")
             out.append("")
 
-    thr_keys = sorted((k for k in index if k[0] in ("sample", "features")), key=lambda k: (k[0], k[4] != "f32", k))
+    thr_keys = sorted((k for k in index if k[0] in ("sample", "features")), key=lambda k: (k[5], k[0], k[4] != "f32", k))
     if thr_keys:
         out.append("**Throughput** (no autograd)")
         out.append("")
@@ -180,7 +188,7 @@ def build(rows, title=None):
                     what += f" ({feats.split('/')[-1]})"
                 k = str(key[2]) if key[0] == "sample" else "-"
                 out.append(
-                    f"| {what}{label} | {key[4]} | {k} | {key[3]} | {fmt(ips[0], 1)} | {fmt(ips[1], 1)} | "
+                    f"| {net(key)}{what}{label} | {key[4]} | {k} | {key[3]} | {fmt(ips[0], 1)} | {fmt(ips[1], 1)} | "
                     f"{ratio(ips[0], ips[1])} | {fmt(ms[0], 0)} | {fmt(ms[1], 0)} |"
                 )
         out.append("")

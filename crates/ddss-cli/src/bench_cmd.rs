@@ -91,6 +91,20 @@ pub struct BenchArgs {
     pub save_noise: Option<PathBuf>,
 }
 
+/// The network's name in the tables: the `--unet-config` file without `.config.json` / `.json`,
+/// else the model folder's name (as `bench/reference/ddss_ref.py` reports it).
+fn model_name(args: &BenchArgs) -> String {
+    let file_name = |p: &Path| p.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    match &args.unet_config {
+        Some(config) => {
+            let name = file_name(config);
+            let stem = name.strip_suffix(".config.json").or_else(|| name.strip_suffix(".json"));
+            stem.map(str::to_string).unwrap_or(name)
+        }
+        None => file_name(&args.model),
+    }
+}
+
 /// Resident-memory high-water mark and current value of this process, in MiB (Linux).
 fn memory_mib() -> (f64, f64) {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -344,6 +358,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let (peak, _) = memory_mib();
     let mut line = serde_json::json!({
         "side": "ours",
+        "model": model_name(&args),
         "what": args.what,
         "steps": args.steps,
         "batch": batch,
