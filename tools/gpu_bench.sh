@@ -30,14 +30,9 @@ if [ "${1:-}" = "prepare" ]; then
     export LIBTORCH="${LIBTORCH:-$ROOT/.libtorch}"
     cargo build --release -p ddss-cli --features cuda-graphs
     # The CUDA-graph test (replayed calls equal eager ones), run there before the timings.
-    test_bin=$(cargo test --release -p ggdm-core --features cuda-graphs --test cuda_graphs --no-run \
-        --message-format=json 2>/dev/null | "${PYTHON:-$HOME/.cache/ddss-rs/torch-2.11.0/bin/python}" -c '
-import json, sys
-for line in sys.stdin:
-    m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "cuda_graphs":
-        print(m["executable"])')
     PY="${PYTHON:-$HOME/.cache/ddss-rs/torch-2.11.0/bin/python}"
+    test_bin=$(cargo test --release -p ggdm-core --features cuda-graphs --test cuda_graphs --no-run \
+        --message-format=json 2>/dev/null | "$PY" tools/cargo_executable.py cuda_graphs)
     mkdir -p .whl
     cp "$test_bin" .whl/cuda_graphs-test
     "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

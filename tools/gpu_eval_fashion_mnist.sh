@@ -41,12 +41,7 @@ if [ "${1:-}" = "--prepare" ]; then
     strip -o "$CARRY/ddss-cli" target/release/ddss-cli
     xz -1 -T1 -f "$CARRY/ddss-cli"
     test_bin=$(cargo test --release -p fid-metrics --features cuda-tests --test cuda_inception --no-run \
-        --message-format=json 2>/dev/null | "$PY" -c '
-import json, sys
-for line in sys.stdin:
-    m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "cuda_inception":
-        print(m["executable"])')
+        --message-format=json 2>/dev/null | "$PY" tools/cargo_executable.py cuda_inception)
     strip -o "$CARRY/cuda_inception" "$test_bin"
     xz -1 -T1 -f "$CARRY/cuda_inception"
     if [ ! -f "$CARRY/inception_f16.bsxz" ]; then
