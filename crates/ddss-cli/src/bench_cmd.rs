@@ -28,7 +28,6 @@ use ddss_opt::objective::{BatchNoise, Objective};
 use ddss_opt::unroll::Remat;
 use fid_metrics::features::{open_extractor, FeatureExtractor};
 use fid_metrics::inception::{Inception, Precision};
-use ggdm_core::cuda_graph::GraphedDenoiser;
 use ggdm_core::denoiser::Denoiser;
 use ggdm_core::ggdm::{GgdmSampler, History, Learnable};
 use ggdm_core::grid::Spacing;
@@ -213,11 +212,7 @@ fn open_model(args: &BenchArgs, device: Device) -> Result<(Box<dyn Denoiser>, Sc
         }
     };
     let denoiser: Box<dyn Denoiser> = if bf16 { Box::new(Bf16Denoiser(denoiser)) } else { denoiser };
-    if args.cuda_graphs {
-        Ok((Box::new(GraphedDenoiser::new(denoiser)?), scheduler))
-    } else {
-        Ok((denoiser, scheduler))
-    }
+    Ok((crate::common::graphed_if(denoiser, device, args.cuda_graphs)?, scheduler))
 }
 
 /// The feature network: as [`open_extractor`], plus `inception-random`. On CUDA the Inception

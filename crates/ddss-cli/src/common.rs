@@ -2,7 +2,9 @@
 //! sample files.
 
 use anyhow::{bail, Context, Result};
+use ggdm_core::cuda_graph::GraphedDenoiser;
 use ggdm_core::model_dir::{load_model_dir_with, LoadedModel, NetworkPrecision};
+use ggdm_core::Denoiser;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
@@ -31,13 +33,21 @@ impl NetworkArgs {
 pub fn load_model(dir: &Path, device: Device, precision: NetworkPrecision, cuda_graphs: bool) -> Result<LoadedModel> {
     let model =
         load_model_dir_with(dir, device, precision).with_context(|| format!("loading model {}", dir.display()))?;
+    let LoadedModel { denoiser, scheduler, dir } = model;
+    Ok(LoadedModel { denoiser: graphed_if(denoiser, device, cuda_graphs)?, scheduler, dir })
+}
+
+/// `denoiser` wrapped for CUDA-graph replay when `cuda_graphs` is asked for and `device` is a GPU
+/// (on the CPU it is returned as it is, with a note); an error when the build lacks the feature.
+pub fn graphed_if(denoiser: Box<dyn Denoiser>, device: Device, cuda_graphs: bool) -> Result<Box<dyn Denoiser>> {
     if !cuda_graphs {
-        return Ok(model);
+        return Ok(denoiser);
     }
     if !device.is_cuda() {
         tracing::info!("CUDA graphs apply to CUDA devices only; running the network eagerly on {device:?}");
+        return Ok(denoiser);
     }
-    Ok(model.with_cuda_graphs()?)
+    Ok(Box::new(GraphedDenoiser::new(denoiser)?))
 }
 
 /// `--device auto|cpu|cuda|cuda:N`.

@@ -199,6 +199,19 @@ fn multistep_solvers_sample_finite_images() {
             assert!(samples.iter().any(|v| *v != 0.0), "{sampler}: all zero");
         }
     }
+    // --cuda-graphs is a no-op on the CPU (with a note): the same samples, whatever the build.
+    let graphed = dir.join("graphed.npy");
+    run_ok(
+        bin()
+            .args(["--quiet", "sample", "--device", "cpu", "--sampler", "unipc3", "--steps", "5", "--num", "3"])
+            .args(["--cuda-graphs", "--spacing", "trailing"])
+            .arg("--model")
+            .arg(&model)
+            .arg("--out-npy")
+            .arg(&graphed),
+    );
+    let eager = std::fs::read(dir.join("unipc3.npy")).expect("unipc3.npy");
+    assert_eq!(std::fs::read(&graphed).expect("graphed.npy"), eager, "--cuda-graphs changed CPU samples");
     // An unknown name lists the valid ones.
     let err = run_err(bin().args(["sample", "--device", "cpu", "--sampler", "dpmpp9m"]).arg("--model").arg(&model));
     assert!(err.contains("dpmpp9m"), "{err}");
