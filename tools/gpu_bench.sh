@@ -10,8 +10,9 @@
 # What runs there (cifar10 architecture google/ddpm-cifar10-32 with random weights, KID on a
 # random-weight Inception-v3 at 299x299; each measurement a fresh process), most important first:
 #   one DDSS step, K = 10, batch 64, per-call remat (reference: torch.utils.checkpoint per network
-#   call), f32 and bf16 network calls, ours eager and with --cuda-graphs (same weights and noise,
-#   so the table also compares their losses and gradients);
+#   call), f32 and bf16 network calls, ours eager, with --cuda-graphs, and with --cuda-graphs
+#   --feature-chunk 16 (the Inception's backward 16 samples at a time, less memory); same weights
+#   and noise, so the table also compares their losses and gradients;
 #   DDIM sampling K = 10, batch 256, f32 and bf16, eager and with CUDA graphs;
 #   K = 5 and 20 per-call (memory growth with K); K = 10 naive autograd; Inception feature
 #   extraction, batch 256; K = 10 budget remat (ours); channels-last with CUDA graphs; then the
@@ -108,14 +109,18 @@ BATCH="${BATCH:-64}"
 TBATCH="${TBATCH:-256}"
 COMMON=(--device "$DEVICE" --unet-config "$UNET" --features "$FEATURES" --warmup "${WARMUP:-2}" --repeat "${REPEAT:-3}")
 
-step() { # K REMAT LIMIT [PRECISION]: ours eager, ours with CUDA graphs (not for naive), reference
-    local k=$1 remat=$2 limit=$3 prec=${4:-f32} noise="$SCRATCH/noise-k$1.safetensors"
+step() { # K REMAT LIMIT [PRECISION [CHUNK]]: ours eager, ours with CUDA graphs (not for naive), with
+    # CUDA graphs and the Inception's backward in chunks of CHUNK samples (when given), reference
+    local k=$1 remat=$2 limit=$3 prec=${4:-f32} chunk=${5:-} noise="$SCRATCH/noise-k$1.safetensors"
     run "$limit" "step K=$k B=$BATCH $remat $prec: ours" \
         "$BIN" --quiet bench-unroll --what step --steps "$k" --batch "$BATCH" --remat "$remat" "${COMMON[@]}" \
         --precision "$prec" --save-noise "$noise"
     [ "$remat" != naive ] && run "$limit" "step K=$k B=$BATCH $remat $prec: ours, CUDA graphs" \
         "$BIN" --quiet bench-unroll --what step --steps "$k" --batch "$BATCH" --remat "$remat" "${COMMON[@]}" \
         --precision "$prec" --cuda-graphs
+    [ -n "$chunk" ] && run "$limit" "step K=$k B=$BATCH $remat $prec: ours, CUDA graphs, feature chunks of $chunk" \
+        "$BIN" --quiet bench-unroll --what step --steps "$k" --batch "$BATCH" --remat "$remat" "${COMMON[@]}" \
+        --precision "$prec" --cuda-graphs --feature-chunk "$chunk"
     case $remat in budget:*) return ;; esac
     run "$limit" "step K=$k B=$BATCH $remat $prec: reference" \
         "$PY" "$REF" --what step --steps "$k" --batch "$BATCH" --remat "$remat" "${COMMON[@]}" --precision "$prec" \
@@ -140,8 +145,8 @@ if [ -x .whl/cuda_graphs-test ]; then
 fi
 
 # The first part also pays for cold caches (libraries, CUDA context, cuDNN): a longer limit.
-step 10 per_call 75
-step 10 per_call 40 bf16
+step 10 per_call 75 f32 16
+step 10 per_call 40 bf16 16
 sample f32
 sample bf16
 step 5 per_call 35

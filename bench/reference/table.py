@@ -67,28 +67,44 @@ def remat_order(remat):
     return {"naive": 0, "per_call": 1}.get(remat, 2)
 
 
-OURS_VARIANTS = (
-    ("ours", ""),
-    ("ours+graphs", " + CUDA graphs"),
-    ("ours+cl", " + channels-last"),
-    ("ours+graphs+cl", " + CUDA graphs + channels-last"),
-)
-
-
 def side_of(row):
-    """"reference", or "ours" with "+graphs" for a `--cuda-graphs` run and "+cl" for a
-    `--channels-last` run."""
+    """"reference", or "ours" followed by "+graphs" for a `--cuda-graphs` run, "+cl" for a
+    `--channels-last` run and "+chunkN" for a `--feature-chunk N` run."""
     if row["side"] != "ours":
         return row["side"]
-    return "ours" + ("+graphs" if row.get("cuda_graphs") else "") + ("+cl" if row.get("channels_last") else "")
+    side = "ours" + ("+graphs" if row.get("cuda_graphs") else "") + ("+cl" if row.get("channels_last") else "")
+    if row.get("feature_chunk"):
+        side += f"+chunk{row['feature_chunk']}"
+    return side
+
+
+def variant_label(side):
+    """The row label's suffix for a side of ours."""
+    parts = {"graphs": "CUDA graphs", "cl": "channels-last"}
+    words = []
+    for part in side.split("+")[1:]:
+        words.append(f"feature chunks of {part[5:]}" if part.startswith("chunk") else parts.get(part, part))
+    return "".join(f" + {w}" for w in words)
+
+
+def ours_variants(entries):
+    """The sides of ours present for one setting, eager first (at least "ours")."""
+    sides = sorted((s for s in entries if s.startswith("ours")), key=lambda s: (s.count("+"), s))
+    return [(s, variant_label(s)) for s in sides] or [("ours", "")]
 
 
 def graphs_check(index, keys):
-    """Largest relative differences of the loss and of the gradient norms between the eager and
-    the CUDA-graph runs of ours (same weights, same noise), or None when no setting has both."""
+    """Largest relative differences of the loss and of the gradient norms between the eager runs
+    of ours and the CUDA-graph (and feature-chunk) runs of the same setting (same weights, same
+    noise), or None when no setting has both."""
     loss_diffs, grad_diffs = [], []
-    for key in keys:
-        eager, graphs = index[key].get("ours"), index[key].get("ours+graphs")
+    pairs = [
+        (index[key].get("ours"), index[key][side])
+        for key in keys
+        for side in index[key]
+        if side.startswith("ours+") and "+cl" not in side
+    ]
+    for eager, graphs in pairs:
         if not eager or not graphs or eager.get("loss") is None or graphs.get("loss") is None:
             continue
         loss_diffs.append(abs(graphs["loss"] - eager["loss"]) / max(abs(eager["loss"]), 1e-30))
@@ -129,8 +145,7 @@ def build(rows, title=None):
         out.append("|---|---|---|---|---|---|---|---|---|---|")
         for key in step_keys:
             ref = index[key].get("reference")
-            variants = [(s, label) for s, label in OURS_VARIANTS if s in index[key]] or [("ours", "")]
-            for side, label in variants:
+            for side, label in ours_variants(index[key]):
                 ours = index[key].get(side)
                 ts = [r and r.get("seconds") for r in (ours, ref)]
                 ms = [r and r.get("memory_mib") for r in (ours, ref)]
@@ -142,7 +157,7 @@ def build(rows, title=None):
         check = graphs_check(index, step_keys)
         if check:
             loss_diff, grad_diff, n = check
-            line = f"CUDA graphs vs eager (ours): largest relative difference of the loss {loss_diff:.1e}"
+            line = f"CUDA graphs / feature chunks vs eager (ours): largest relative difference of the loss {loss_diff:.1e}"
             if grad_diff is not None:
                 line += f", of the gradient norms {grad_diff:.1e}"
             out.append(line + f" over {n} settings.")
@@ -177,8 +192,7 @@ def build(rows, title=None):
         out.append("|---|---|---|---|---|---|---|---|---|")
         for key in thr_keys:
             ref = index[key].get("reference")
-            variants = [(s, label) for s, label in OURS_VARIANTS if s in index[key]] or [("ours", "")]
-            for side, label in variants:
+            for side, label in ours_variants(index[key]):
                 ours = index[key].get(side)
                 ips = [r and r.get("images_per_second") for r in (ours, ref)]
                 ms = [r and r.get("memory_mib") for r in (ours, ref)]

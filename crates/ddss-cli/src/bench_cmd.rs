@@ -84,6 +84,10 @@ pub struct BenchArgs {
     /// NHWC in memory), for NHWC cuDNN kernels; only with --unet-config.
     #[arg(long)]
     pub channels_last: bool,
+    /// Back-propagate through the feature network this many samples at a time (the step
+    /// workload; default: the whole batch at once).
+    #[arg(long)]
+    pub feature_chunk: Option<usize>,
     /// Writes the step's noise (`x_init`, `z_0` .. `z_{K-1}`) and the real features (`real`) to
     /// this safetensors file, so the reference can be run on exactly the same inputs.
     #[arg(long)]
@@ -259,6 +263,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if args.repeat == 0 {
         bail!("--repeat must be at least 1");
     }
+    if args.feature_chunk == Some(0) {
+        bail!("--feature-chunk must be at least 1");
+    }
     let (model, scheduler) = open_model(&args, device)?;
     let shape = model.sample_shape().context("the model does not fix its sample size")?;
     let batch = args.batch;
@@ -293,6 +300,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     loss: &loss,
                     remat,
                     micro_batch: batch,
+                    feature_chunk: args.feature_chunk,
                     sample_shape: shape,
                     device,
                     state_kind: Kind::Float,
@@ -362,6 +370,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "precision": args.precision,
         "cuda_graphs": args.cuda_graphs,
         "channels_last": args.channels_last,
+        "feature_chunk": args.feature_chunk,
         "random_weights": args.unet_config.is_some() || args.features == "inception-random",
         "device": format!("{device:?}"),
         "seconds": seconds,

@@ -82,6 +82,11 @@ pub struct Objective<'a> {
     pub remat: Remat,
     /// Samples per micro-batch (the whole batch when >= batch).
     pub micro_batch: usize,
+    /// Samples per backward pass through the feature network (`None`: a micro-batch at once). A
+    /// smaller chunk bounds the feature network's activation memory (at 299x299 the Inception's
+    /// exceed a small UNet's): the loss's features are then computed without autograd first and
+    /// recomputed chunk by chunk with it. The gradient is exact for any value.
+    pub feature_chunk: Option<usize>,
     /// `[C, H, W]` of a sample.
     pub sample_shape: [i64; 3],
     /// Device of the model and sampler.
@@ -109,6 +114,16 @@ impl Objective<'_> {
         if self.micro_batch >= noise.batch {
             let (x_init, z) = noise.draw_as(0, noise.batch, self.sample_shape, steps, self.device, self.state_kind)?;
             let fwd = unroll::forward(self.sampler, self.model, &x_init, &z, self.remat)?;
+            if self.feature_chunk.is_some_and(|c| c < noise.batch) {
+                let features = tch::no_grad(|| features_of(self.extractor, &fwd.output))?;
+                let features = features.detach().set_requires_grad(true);
+                let loss = self.loss.value(&features)?;
+                loss.backward();
+                let value = loss.double_value(&[]);
+                let grad_x = self.features_vjp(&fwd.output, &features.grad())?;
+                let _ = unroll::backward(self.sampler, self.model, fwd, &grad_x)?;
+                return Ok(value);
+            }
             let x_out = fwd.output.detach().set_requires_grad(true);
             let loss = self.loss.value(&features_of(self.extractor, &x_out)?)?;
             loss.backward();
@@ -152,14 +167,30 @@ impl Objective<'_> {
             let (x_init, z) =
                 noise.draw_as(first, count, self.sample_shape, self.sampler.steps, self.device, self.state_kind)?;
             let fwd = unroll::forward(self.sampler, self.model, &x_init, &z, self.remat)?;
-            let x_out = fwd.output.detach().set_requires_grad(true);
             let slice = grad_features.narrow(0, first as i64, count as i64);
-            let f = features_of(self.extractor, &x_out)?;
-            (f * slice.detach()).sum(Kind::Double).backward();
-            let _ = unroll::backward(self.sampler, self.model, fwd, &x_out.grad())?;
+            let grad_x = self.features_vjp(&fwd.output, &slice)?;
+            let _ = unroll::backward(self.sampler, self.model, fwd, &grad_x)?;
             first += count;
         }
         Ok(())
+    }
+
+    /// `dL/dx` for samples `x` whose features have the cotangent `grad_features`, back-propagated
+    /// through the feature network [`Self::feature_chunk`] samples at a time.
+    fn features_vjp(&self, x: &Tensor, grad_features: &Tensor) -> Result<Tensor> {
+        let n = x.size()[0];
+        let chunk = self.feature_chunk.map_or(n, |c| (c.max(1) as i64).min(n));
+        let mut grads = Vec::new();
+        let mut start = 0;
+        while start < n {
+            let len = chunk.min(n - start);
+            let x_chunk = x.narrow(0, start, len).detach().set_requires_grad(true);
+            let f = features_of(self.extractor, &x_chunk)?;
+            (f * grad_features.narrow(0, start, len).detach()).sum(Kind::Double).backward();
+            grads.push(x_chunk.grad());
+            start += len;
+        }
+        Ok(if grads.len() == 1 { grads.remove(0) } else { Tensor::cat(&grads, 0) })
     }
 }
 

@@ -33,6 +33,10 @@ pub struct SearchSettings {
     /// Samples per micro-batch (memory); the gradient is exact for any value.
     #[serde(default)]
     pub micro_batch: Option<usize>,
+    /// Samples per backward pass through the feature network (memory; exact for any value;
+    /// default: a micro-batch at once). See [`Objective::feature_chunk`].
+    #[serde(default)]
+    pub feature_chunk: Option<usize>,
     /// Learning rate and schedule.
     pub lr: LrSchedule,
     /// Adam settings.
@@ -117,6 +121,9 @@ impl SearchSettings {
         }
         if self.micro_batch == Some(0) {
             return Err(Error::config("optim.micro_batch", "0 (need at least 1)"));
+        }
+        if self.feature_chunk == Some(0) {
+            return Err(Error::config("optim.feature_chunk", "0 (need at least 1)"));
         }
         if self.validation_num < 2 {
             return Err(Error::config("optim.validation_num", format!("{} (need at least 2)", self.validation_num)));
@@ -631,6 +638,7 @@ impl<'a> ObjectiveParts<'a> {
             loss: self.loss,
             remat: settings.remat,
             micro_batch: settings.micro_batch.unwrap_or(settings.batch_size),
+            feature_chunk: settings.feature_chunk,
             sample_shape: self.sample_shape,
             device: self.device,
             state_kind: Kind::Float,

@@ -98,7 +98,7 @@ fn zero(s: &GgdmSampler) {
 }
 
 #[test]
-fn two_pass_gradient_equals_single_pass() {
+fn two_pass_and_chunked_gradients_equal_single_pass() {
     let model = tiny_model();
     let features = Projection::new();
     for kind in [LossKind::Kid, LossKind::MmdRbf { bandwidth: None }, LossKind::Moments] {
@@ -106,9 +106,17 @@ fn two_pass_gradient_equals_single_pass() {
         let s = sampler(Learnable::all());
         let noise = BatchNoise { seed: 5, batch: 10 };
         let mut results = Vec::new();
-        for (micro_batch, remat) in
-            [(10, Remat::Naive), (10, Remat::PerCall), (3, Remat::PerCall), (4, Remat::Budget { stored_steps: 2 })]
-        {
+        // (micro-batch, remat, feature chunk): single pass, two passes, and the feature network's
+        // backward in chunks in either.
+        for (micro_batch, remat, feature_chunk) in [
+            (10, Remat::Naive, None),
+            (10, Remat::PerCall, None),
+            (3, Remat::PerCall, None),
+            (4, Remat::Budget { stored_steps: 2 }, None),
+            (10, Remat::PerCall, Some(3)),
+            (10, Remat::Naive, Some(4)),
+            (4, Remat::PerCall, Some(3)),
+        ] {
             zero(&s);
             let objective = Objective {
                 sampler: &s,
@@ -117,6 +125,7 @@ fn two_pass_gradient_equals_single_pass() {
                 loss: &loss,
                 remat,
                 micro_batch,
+                feature_chunk,
                 sample_shape: [1, 8, 8],
                 device: Device::Cpu,
                 state_kind: Kind::Double,
@@ -151,6 +160,7 @@ fn ggdm_at_init_gives_the_ddim_loss() {
         loss: &loss,
         remat: Remat::PerCall,
         micro_batch: 8,
+        feature_chunk: None,
         sample_shape: [1, 8, 8],
         device: Device::Cpu,
         state_kind: Kind::Double,
@@ -181,6 +191,7 @@ fn settings(steps: u64) -> SearchSettings {
         steps,
         batch_size: 6,
         micro_batch: Some(3),
+        feature_chunk: None,
         lr: LrSchedule { lr: 0.02, warmup_steps: 1, decay: "cosine".into(), min_lr_ratio: 0.1 },
         adam: Default::default(),
         lr_scale: Default::default(),
