@@ -56,6 +56,9 @@ char* ddss_side_stream_enter(int device, void** out) {
     // Entering and leaving a capture is rare: a device-wide sync orders the streams without
     // needing the CUDA runtime's event API here.
     c10::cuda::device_synchronize();
+    // Blocks cached for the current stream cannot serve the side stream or the graph's pool:
+    // return them first, so the warm-up and the capture can reuse that memory.
+    c10::cuda::CUDACachingAllocator::emptyCache();
     c10::cuda::setCurrentCUDAStream(side);
     *out = new SideStream{previous, side};
   });
