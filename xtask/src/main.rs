@@ -47,9 +47,10 @@ fn usage() -> &'static str {
      \x20                                --mpi: also the mpirun tests (cargo test -p ddss-cli --features mpi)\n\
      \x20 search --config NAME_OR_PATH   setup, build ddss-cli (release) and run a sampler search\n\
      \x20 fixtures                       regenerate reference fixtures with the pinned Python packages\n\
-     \x20 bench [--device D] [--batch B] [--config NAME --random-weights] [--out FILE] [--json]\n\
+     \x20 bench [--device D] [--batch B] [--config NAME --random-weights] [--cuda-graphs] [--out FILE] [--json]\n\
      \x20                                ours vs the PyTorch reference: DDSS step (K = 5, 10, 20; naive,\n\
-     \x20                                per-call, budget remat), sampling and feature throughput\n\
+     \x20                                per-call, budget remat), sampling and feature throughput;\n\
+     \x20                                --cuda-graphs: also ours with CUDA graphs (builds the feature)\n\
      \x20 table [--num N] [--steps 5,10,20] [--inception] [--device D] [--out DIR]\n\
      \x20                                learn samplers at each K, score them with the baselines, write\n\
      \x20                                table.md, results.json and fid_vs_steps.png (default runs/table)\n\
@@ -490,6 +491,8 @@ struct BenchPlan {
     json: bool,
     reference: bool,
     budget: bool,
+    /// Also run ours with `--cuda-graphs` (per-call/budget steps and sampling).
+    cuda_graphs: bool,
     out: PathBuf,
 }
 
@@ -507,6 +510,7 @@ fn parse_bench(root: &Path, rest: &[String]) -> Result<BenchPlan> {
     let mut json = false;
     let mut reference = true;
     let mut budget = true;
+    let mut cuda_graphs = false;
     let mut out = None;
     let mut it = rest.iter();
     while let Some(arg) = it.next() {
@@ -525,11 +529,12 @@ fn parse_bench(root: &Path, rest: &[String]) -> Result<BenchPlan> {
             "--json" => json = true,
             "--no-reference" => reference = false,
             "--no-budget" => budget = false,
+            "--cuda-graphs" => cuda_graphs = true,
             "--out" => out = Some(PathBuf::from(value()?)),
             other => bail!(
                 "bench: unknown argument `{other}` (expected --device D, --batch B, --steps 5,10,20, \
                  --sample-batch B, --features-batch B, --warmup N, --repeat N, --config NAME, --model DIR, \
-                 --random-weights, --json, --no-reference, --no-budget, --out FILE)"
+                 --random-weights, --json, --no-reference, --no-budget, --cuda-graphs, --out FILE)"
             ),
         }
     }
@@ -592,6 +597,7 @@ fn parse_bench(root: &Path, rest: &[String]) -> Result<BenchPlan> {
         json,
         reference,
         budget,
+        cuda_graphs,
     })
 }
 
@@ -652,7 +658,12 @@ fn bench(rest: &[String]) -> Result<()> {
         ]))?;
     }
     println!("[bench] building ddss-cli (release)");
-    run_cmd(cargo().current_dir(&root).args(["build", "--release", "-p", "ddss-cli"]))?;
+    let mut build = cargo();
+    build.current_dir(&root).args(["build", "--release", "-p", "ddss-cli"]);
+    if plan.cuda_graphs {
+        build.args(["--features", "cuda-graphs"]);
+    }
+    run_cmd(&mut build)?;
     let bin = root.join("target").join("release").join("ddss-cli");
     let reference = root.join("bench").join("reference").join("ddss_ref.py");
     let scratch = root.join("target").join("bench");
@@ -691,6 +702,13 @@ fn bench(rest: &[String]) -> Result<()> {
             ours.current_dir(&root).arg("--quiet").arg("bench-unroll").args(common("step", k, &plan.batch));
             ours.args(["--remat", remat]).arg("--save-noise").arg(&noise);
             record(bench_run(&mut ours, &format!("{what} (ours)")));
+            if plan.cuda_graphs && remat != "naive" {
+                println!("[bench] {what}: ours, CUDA graphs");
+                let mut graphed = Command::new(&bin);
+                graphed.current_dir(&root).arg("--quiet").arg("bench-unroll").args(common("step", k, &plan.batch));
+                graphed.args(["--remat", remat, "--cuda-graphs"]);
+                record(bench_run(&mut graphed, &format!("{what} (ours, CUDA graphs)")));
+            }
             if plan.reference && !remat.starts_with("budget") {
                 println!("[bench] {what}: reference");
                 let mut theirs = Command::new(&env.python);
@@ -705,6 +723,13 @@ fn bench(rest: &[String]) -> Result<()> {
         let mut ours = Command::new(&bin);
         ours.current_dir(&root).arg("--quiet").arg("bench-unroll").args(common(what, k, batch));
         record(bench_run(&mut ours, &format!("{what} (ours)")));
+        if plan.cuda_graphs && what == "sample" {
+            println!("[bench] {what} B={batch}: ours, CUDA graphs");
+            let mut graphed = Command::new(&bin);
+            graphed.current_dir(&root).arg("--quiet").arg("bench-unroll").args(common(what, k, batch));
+            graphed.arg("--cuda-graphs");
+            record(bench_run(&mut graphed, &format!("{what} (ours, CUDA graphs)")));
+        }
         if plan.reference {
             println!("[bench] {what} B={batch}: reference");
             let mut theirs = Command::new(&env.python);
