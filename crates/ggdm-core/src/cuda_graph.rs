@@ -246,7 +246,8 @@ impl GraphedDenoiser {
             }
             #[cfg(feature = "cuda-graphs")]
             captured.graph.replay()?;
-            Ok(captured.outputs.iter().map(Tensor::copy).collect())
+            // One copy kernel per output (the buffers are overwritten by the next replay).
+            Ok(captured.outputs.iter().map(Tensor::f_detach_copy).collect::<std::result::Result<_, _>>()?)
         })
     }
 
