@@ -119,26 +119,24 @@ impl Objective<'_> {
                 let features = features.detach().set_requires_grad(true);
                 let loss = self.loss.value(&features)?;
                 loss.backward();
-                let value = loss.double_value(&[]);
                 let grad_x = self.features_vjp(&fwd.output, &features.grad())?;
                 let _ = unroll::backward(self.sampler, self.model, fwd, &grad_x)?;
-                return Ok(value);
+                return Ok(loss.double_value(&[]));
             }
             let x_out = fwd.output.detach().set_requires_grad(true);
             let loss = self.loss.value(&features_of(self.extractor, &x_out)?)?;
             loss.backward();
-            let value = loss.double_value(&[]);
             let _ = unroll::backward(self.sampler, self.model, fwd, &x_out.grad())?;
-            return Ok(value);
+            // Read last: reading the value waits for the device, which would stall the sweep's launches.
+            return Ok(loss.double_value(&[]));
         }
         // Pass 1: all features without autograd.
         let all = self.features_range(&noise, 0..noise.batch)?.detach().set_requires_grad(true);
         let loss = self.loss.value(&all)?;
         loss.backward();
-        let value = loss.double_value(&[]);
         // Pass 2: each micro-batch with the unroll, pushing back its slice of dL/dfeatures.
         self.backprop_range(&noise, 0..noise.batch, &all.grad())?;
-        Ok(value)
+        Ok(loss.double_value(&[]))
     }
 
     /// Pass 1 of the two-pass gradient: the features of samples `range` (global indices) without
