@@ -93,27 +93,32 @@ def ours_variants(entries):
     return [(s, variant_label(s)) for s in sides] or [("ours", "")]
 
 
-def graphs_check(index, keys):
-    """Largest relative differences of the loss and of the gradient norms between the eager runs
-    of ours and the CUDA-graph (and feature-chunk) runs of the same setting (same weights, same
-    noise), or None when no setting has both."""
+def largest_differences(pairs):
+    """Largest relative differences of the loss and of the per-parameter gradient norms over
+    `pairs` of rows (the second of a pair is the reference), as (loss, grad or None, number of
+    compared pairs), or None when no pair has both losses."""
     loss_diffs, grad_diffs = [], []
-    pairs = [
-        (index[key].get("ours"), index[key][side])
-        for key in keys
-        for side in index[key]
-        if side.startswith("ours+") and "+cl" not in side
-    ]
-    for eager, graphs in pairs:
-        if not eager or not graphs or eager.get("loss") is None or graphs.get("loss") is None:
+    for row, ref in pairs:
+        if not row or not ref or row.get("loss") is None or ref.get("loss") is None:
             continue
-        loss_diffs.append(abs(graphs["loss"] - eager["loss"]) / max(abs(eager["loss"]), 1e-30))
-        ge, gg = eager.get("grad_norms") or {}, graphs.get("grad_norms") or {}
-        for name in set(ge) & set(gg):
-            grad_diffs.append(abs(gg[name] - ge[name]) / max(abs(ge[name]), 1e-30))
+        loss_diffs.append(abs(row["loss"] - ref["loss"]) / max(abs(ref["loss"]), 1e-30))
+        gr, gf = row.get("grad_norms") or {}, ref.get("grad_norms") or {}
+        for name in set(gr) & set(gf):
+            grad_diffs.append(abs(gr[name] - gf[name]) / max(abs(gf[name]), 1e-30))
     if not loss_diffs:
         return None
     return max(loss_diffs), (max(grad_diffs) if grad_diffs else None), len(loss_diffs)
+
+
+def graphs_check(index, keys):
+    """`largest_differences` between the CUDA-graph (and feature-chunk) runs of ours and the eager
+    run of the same setting (same weights, same noise)."""
+    return largest_differences(
+        (index[key][side], index[key].get("ours"))
+        for key in keys
+        for side in index[key]
+        if side.startswith("ours+") and "+cl" not in side
+    )
 
 
 def build(rows, title=None):
@@ -162,25 +167,15 @@ def build(rows, title=None):
                 line += f", of the gradient norms {grad_diff:.1e}"
             out.append(line + f" over {n} settings.")
             out.append("")
-        losses = [(k, index[k]) for k in step_keys if all(s in index[k] for s in ("ours", "reference"))]
-        checked = [
-            (k, v["ours"].get("loss"), v["reference"].get("loss"))
-            for k, v in losses
-            if v["ours"].get("loss") is not None and v["reference"].get("loss") is not None
-        ]
+        against_reference = largest_differences((index[k].get("ours"), index[k].get("reference")) for k in step_keys)
         if any(r.get("random_weights") for r in rows):
             out.append("Loss values are not compared: each side draws its own random weights.")
             out.append("")
-        elif checked:
-            worst = max(abs(a - b) / max(abs(b), 1e-30) for _, a, b in checked)
-            out.append(f"Loss values ours vs reference: largest relative difference {worst:.1e} over {len(checked)} settings")
-            grad_diffs = []
-            for _, v in losses:
-                go, gr = v["ours"].get("grad_norms") or {}, v["reference"].get("grad_norms") or {}
-                for name in set(go) & set(gr):
-                    grad_diffs.append(abs(go[name] - gr[name]) / max(abs(gr[name]), 1e-30))
-            if grad_diffs:
-                out[-1] += f"; gradient norms per parameter: largest relative difference {max(grad_diffs):.1e}"
+        elif against_reference:
+            worst, grad_worst, n = against_reference
+            out.append(f"Loss values ours vs reference: largest relative difference {worst:.1e} over {n} settings")
+            if grad_worst is not None:
+                out[-1] += f"; gradient norms per parameter: largest relative difference {grad_worst:.1e}"
             out.append("(equal noise only when the reference was given `--noise`; otherwise the noise differs).")
             out.append("")
 

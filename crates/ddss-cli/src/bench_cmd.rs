@@ -178,11 +178,8 @@ fn parse_remat(name: &str) -> Result<Remat> {
 
 /// The network and its scheduler settings.
 fn open_model(args: &BenchArgs, device: Device) -> Result<(Box<dyn Denoiser>, SchedulerConfig)> {
-    let bf16 = match args.precision.as_str() {
-        "f32" => false,
-        "bf16" => true,
-        other => bail!("--precision {other}: expected f32 or bf16"),
-    };
+    let precision = NetworkPrecision::parse(&args.precision)?;
+    let bf16 = precision == NetworkPrecision::Bf16;
     let (denoiser, scheduler): (Box<dyn Denoiser>, SchedulerConfig) = match &args.unet_config {
         Some(config_path) => {
             let config = UNet2DConfig::from_json_file(config_path)
@@ -210,7 +207,6 @@ fn open_model(args: &BenchArgs, device: Device) -> Result<(Box<dyn Denoiser>, Sc
             if args.channels_last {
                 bail!("--channels-last is only available with --unet-config");
             }
-            let precision = if bf16 { NetworkPrecision::Bf16 } else { NetworkPrecision::F32 };
             let loaded = crate::common::load_model(&args.model, device, precision, args.cuda_graphs)?;
             return Ok((loaded.denoiser, loaded.scheduler));
         }

@@ -100,14 +100,6 @@ impl LoadedModel {
     pub fn sample_shape(&self) -> Option<[i64; 3]> {
         self.denoiser.sample_shape()
     }
-
-    /// Replays the network's no-autograd CUDA calls as CUDA graphs
-    /// ([`crate::cuda_graph::GraphedDenoiser`]); fails when the build lacks the `cuda-graphs`
-    /// feature. Calls on the CPU are unaffected.
-    pub fn with_cuda_graphs(self) -> Result<Self> {
-        let denoiser = Box::new(crate::cuda_graph::GraphedDenoiser::new(self.denoiser)?);
-        Ok(Self { denoiser, ..self })
-    }
 }
 
 /// Where the scheduler config of a model directory is, if anywhere.
