@@ -121,7 +121,7 @@ step() { # K REMAT LIMIT [PRECISION [CHUNK]]: ours eager, ours with CUDA graphs 
     [ -n "$chunk" ] && run "$limit" "step K=$k B=$BATCH $remat $prec: ours, CUDA graphs, feature chunks of $chunk" \
         "$BIN" --quiet bench-unroll --what step --steps "$k" --batch "$BATCH" --remat "$remat" "${COMMON[@]}" \
         --precision "$prec" --cuda-graphs --feature-chunk "$chunk"
-    case $remat in budget:*) return ;; esac
+    case $remat in budget:* | memory:*) return ;; esac
     run "$limit" "step K=$k B=$BATCH $remat $prec: reference" \
         "$PY" "$REF" --what step --steps "$k" --batch "$BATCH" --remat "$remat" "${COMMON[@]}" --precision "$prec" \
         --noise "$noise"
@@ -155,6 +155,8 @@ step 10 naive 45
 run 40 "features B=$TBATCH: ours" "$BIN" --quiet bench-unroll --what features --steps 10 --batch "$TBATCH" "${COMMON[@]}"
 run 40 "features B=$TBATCH: reference" "$PY" "$REF" --what features --steps 10 --batch "$TBATCH" "${COMMON[@]}"
 step 10 budget:5 30
+# The memory budget chooses the stored calls itself (about 3 GB per call is expected here).
+step 10 memory:12288 30
 # Channels-last (NHWC) network calls with CUDA graphs, bf16 then f32, while the time budget lasts.
 for prec in bf16 f32; do
     run 40 "step K=10 B=$BATCH per_call $prec: ours, CUDA graphs, channels-last" "$BIN" --quiet bench-unroll \

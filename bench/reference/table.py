@@ -60,6 +60,8 @@ def remat_label(remat):
         return "per-call remat (ref: checkpoint per call)"
     if remat.startswith("budget:"):
         return f"budget remat, {remat.split(':')[1]} calls stored"
+    if remat.startswith("memory:"):
+        return f"memory-budget remat, {remat.split(':')[1]} MiB"
     return remat
 
 
@@ -146,18 +148,30 @@ def build(rows, title=None):
     if step_keys:
         out.append("**One DDSS step** (sampler forward, KID loss, gradient to the sampler parameters)")
         out.append("")
-        out.append("| remat | precision | K | batch | ours s | ref s | time ours/ref | ours MiB | ref MiB | memory ours/ref |")
-        out.append("|---|---|---|---|---|---|---|---|---|---|")
+        # On CUDA, the caching allocator's peak bytes in tensors as well (when both sides report it).
+        alloc = any(r.get("cuda_max_allocated_mib") is not None and side_of(r) != "reference" for r in rows)
+        header = "| remat | precision | K | batch | ours s | ref s | time ours/ref | ours MiB | ref MiB | memory ours/ref |"
+        if alloc:
+            header += " ours peak alloc MiB | ref peak alloc MiB | ours/ref |"
+        out.append(header)
+        out.append("|---" * (header.count("|") - 1) + "|")
         for key in step_keys:
             ref = index[key].get("reference")
             for side, label in ours_variants(index[key]):
                 ours = index[key].get(side)
                 ts = [r and r.get("seconds") for r in (ours, ref)]
                 ms = [r and r.get("memory_mib") for r in (ours, ref)]
-                out.append(
+                stored = ours and ours.get("stored_steps")
+                if stored is not None and key[1].startswith("memory:"):
+                    label += f" ({stored} stored, {ours.get('call_activation_mib', 0):.0f} MiB each)"
+                row = (
                     f"| {net(key)}{remat_label(key[1])}{label} | {key[4]} | {key[2]} | {key[3]} | {fmt_time(ours)} | {fmt_time(ref)} | "
                     f"{ratio(ts[0], ts[1])} | {fmt(ms[0], 0)} | {fmt(ms[1], 0)} | {ratio(ms[0], ms[1])} |"
                 )
+                if alloc:
+                    al = [r and r.get("cuda_max_allocated_mib") for r in (ours, ref)]
+                    row += f" {fmt(al[0], 0)} | {fmt(al[1], 0)} | {ratio(al[0], al[1])} |"
+                out.append(row)
         out.append("")
         check = graphs_check(index, step_keys)
         if check:

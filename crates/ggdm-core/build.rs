@@ -2,8 +2,38 @@ include!("../../build/torch_link.rs");
 
 fn main() {
     torch_link();
+    build_memory_shim();
     #[cfg(feature = "cuda-graphs")]
     build_cuda_graph_shim();
+}
+
+/// The libtorch install the crate links against (`LIBTORCH`, resolved), if it is set.
+fn libtorch_dir() -> Option<std::path::PathBuf> {
+    let libtorch = std::path::PathBuf::from(std::env::var_os("LIBTORCH")?);
+    Some(libtorch.canonicalize().unwrap_or(libtorch))
+}
+
+// The memory-statistics shim (csrc/memory.cpp): needs only the libtorch headers. Without LIBTORCH
+// (a libtorch found some other way) it is left out and `memory` reports no device statistics.
+fn build_memory_shim() {
+    println!("cargo::rustc-check-cfg=cfg(ddss_memory_shim)");
+    println!("cargo:rerun-if-changed=csrc/memory.cpp");
+    let Some(libtorch) = libtorch_dir() else {
+        println!("cargo:warning=LIBTORCH is not set: device memory statistics are unavailable");
+        return;
+    };
+    let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
+    cc::Build::new()
+        .cpp(true)
+        .std("c++17")
+        .file("csrc/memory.cpp")
+        .include(libtorch.join("include"))
+        .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str())
+        .flag_if_supported("-w")
+        .compile("ddss_memory");
+    println!("cargo:rustc-link-search=native={}", libtorch.join("lib").display());
+    println!("cargo:rustc-link-lib=dylib=c10");
+    println!("cargo:rustc-cfg=ddss_memory_shim");
 }
 
 // The `cuda-graphs` feature: compile the CUDA-graph shim (csrc/cuda_graph.cpp) against the libtorch
@@ -13,10 +43,8 @@ fn build_cuda_graph_shim() {
     use std::path::PathBuf;
     println!("cargo:rerun-if-changed=csrc/cuda_graph.cpp");
     println!("cargo:rerun-if-env-changed=CUDA_INCLUDE");
-    let libtorch = std::env::var("LIBTORCH")
+    let libtorch = libtorch_dir()
         .expect("the cuda-graphs feature needs LIBTORCH (run `cargo xtask setup`, or point it at a CUDA libtorch)");
-    let libtorch = PathBuf::from(libtorch);
-    let libtorch = libtorch.canonicalize().unwrap_or(libtorch);
     // CUDA headers: $CUDA_INCLUDE, else the pip layout next to torch (nvidia/cu13/include, from the
     // nvidia-cuda-runtime and nvidia-cuda-crt wheels), else $CUDA_HOME/include.
     let mut candidates = Vec::new();

@@ -491,6 +491,8 @@ struct BenchPlan {
     json: bool,
     reference: bool,
     budget: bool,
+    /// Also run ours with a memory-budget remat of this many MiB.
+    memory_budget: Option<String>,
     /// Also run ours with `--cuda-graphs` (per-call/budget steps and sampling).
     cuda_graphs: bool,
     out: PathBuf,
@@ -510,6 +512,7 @@ fn parse_bench(root: &Path, rest: &[String]) -> Result<BenchPlan> {
     let mut json = false;
     let mut reference = true;
     let mut budget = true;
+    let mut memory_budget = None;
     let mut cuda_graphs = false;
     let mut out = None;
     let mut it = rest.iter();
@@ -529,12 +532,17 @@ fn parse_bench(root: &Path, rest: &[String]) -> Result<BenchPlan> {
             "--json" => json = true,
             "--no-reference" => reference = false,
             "--no-budget" => budget = false,
+            "--memory-budget" => {
+                let mib = value()?;
+                mib.parse::<u64>().with_context(|| format!("--memory-budget {mib}: expected a whole number of MiB"))?;
+                memory_budget = Some(mib);
+            }
             "--cuda-graphs" => cuda_graphs = true,
             "--out" => out = Some(PathBuf::from(value()?)),
             other => bail!(
                 "bench: unknown argument `{other}` (expected --device D, --batch B, --steps 5,10,20, \
                  --sample-batch B, --features-batch B, --warmup N, --repeat N, --config NAME, --model DIR, \
-                 --random-weights, --json, --no-reference, --no-budget, --cuda-graphs, --out FILE)"
+                 --random-weights, --json, --no-reference, --no-budget, --memory-budget MIB, --cuda-graphs, --out FILE)"
             ),
         }
     }
@@ -597,6 +605,7 @@ fn parse_bench(root: &Path, rest: &[String]) -> Result<BenchPlan> {
         json,
         reference,
         budget,
+        memory_budget,
         cuda_graphs,
     })
 }
@@ -695,6 +704,9 @@ fn bench(rest: &[String]) -> Result<()> {
             let half = k.parse::<usize>().unwrap_or(2) / 2;
             remats.push(format!("budget:{half}"));
         }
+        if let Some(mib) = &plan.memory_budget {
+            remats.push(format!("memory:{mib}"));
+        }
         for remat in &remats {
             let what = format!("step K={k} B={} {remat}", plan.batch);
             println!("[bench] {what}: ours");
@@ -709,7 +721,7 @@ fn bench(rest: &[String]) -> Result<()> {
                 graphed.args(["--remat", remat, "--cuda-graphs"]);
                 record(bench_run(&mut graphed, &format!("{what} (ours, CUDA graphs)")));
             }
-            if plan.reference && !remat.starts_with("budget") {
+            if plan.reference && !remat.starts_with("budget") && !remat.starts_with("memory") {
                 println!("[bench] {what}: reference");
                 let mut theirs = Command::new(&env.python);
                 theirs.current_dir(&root).arg(&reference).args(common("step", k, &plan.batch));

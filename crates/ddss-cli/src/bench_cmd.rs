@@ -14,11 +14,13 @@
 //! network may be `inception-random` likewise.
 //!
 //! Memory. CPU: the process's peak resident memory (`VmHWM` in /proc/self/status) minus the
-//! resident memory just before the first run. CUDA: libtorch's allocator statistics are not
-//! exposed through tch, so the device memory in use (`cudaMemGetInfo`: total - free) is read
-//! before the first run and after the last; the caching allocator keeps what it reserved, so the
-//! difference is the peak reserved by the runs (the PyTorch reference reports the same quantity
-//! next to `max_memory_allocated`).
+//! resident memory just before the first run. CUDA: the device memory in use (`cudaMemGetInfo`:
+//! total - free) is read before the first run and after the last; the caching allocator keeps what
+//! it reserved, so the difference is the peak reserved by the runs (`memory_mib`; the PyTorch
+//! reference reports the same quantity). Next to it, from the caching allocator's counters
+//! ([`ggdm_core::memory`]), the peak bytes in tensors and the peak reserved, each above its value
+//! before the runs (`cuda_max_allocated_mib`, `cuda_max_reserved_mib`, as the reference's
+//! `torch.cuda.max_memory_allocated` and `max_memory_reserved`).
 
 use crate::common::parse_device;
 use anyhow::{bail, Context, Result};
@@ -31,6 +33,7 @@ use fid_metrics::inception::{Inception, Precision};
 use ggdm_core::denoiser::Denoiser;
 use ggdm_core::ggdm::{GgdmSampler, History, Learnable};
 use ggdm_core::grid::Spacing;
+use ggdm_core::memory;
 use ggdm_core::model_dir::{Bf16Denoiser, ChannelsLastDenoiser, NetworkPrecision};
 use ggdm_core::scheduler_config::SchedulerConfig;
 use ggdm_core::unet::{UNet2DConfig, UNet2DModel, UNetDenoiser};
@@ -57,7 +60,8 @@ pub struct BenchArgs {
     /// Batch size.
     #[arg(long, default_value_t = 32)]
     pub batch: usize,
-    /// naive | per_call | budget:N (the step workload).
+    /// naive | per_call | budget:N (N calls stored) | memory:MIB (as many calls stored as fit in MIB
+    /// MiB) (the step workload).
     #[arg(long, default_value = "per_call")]
     pub remat: String,
     /// Feature network: inception, inception-random (random weights) or a classifier .safetensors.
@@ -109,18 +113,10 @@ fn model_name(args: &BenchArgs) -> String {
 }
 
 /// Resident-memory high-water mark and current value of this process, in MiB (Linux).
+/// The process's peak and current resident memory, in MiB (NaN where unreadable).
 fn memory_mib() -> (f64, f64) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<f64>().ok())
-            .map(|kib| kib / 1024.0)
-            .unwrap_or(f64::NAN)
-    };
-    (field("VmHWM:"), field("VmRSS:"))
+    let mib = |bytes: Option<u64>| bytes.map_or(f64::NAN, |b| b as f64 / f64::from(1 << 20));
+    (mib(memory::peak_resident_bytes()), mib(memory::resident_bytes()))
 }
 
 mod cuda_memory {
@@ -171,7 +167,10 @@ fn parse_remat(name: &str) -> Result<Remat> {
         "per_call" | "per-call" => Ok(Remat::PerCall),
         other => match other.strip_prefix("budget:") {
             Some(n) => Ok(Remat::Budget { stored_steps: n.parse().with_context(|| format!("--remat {other}"))? }),
-            None => bail!("--remat {other}: expected naive, per_call or budget:N"),
+            None => match other.strip_prefix("memory:") {
+                Some(mib) => Ok(Remat::MemoryBudget { mib: mib.parse().with_context(|| format!("--remat {other}"))? }),
+                None => bail!("--remat {other}: expected naive, per_call, budget:N (stored calls) or memory:MIB"),
+            },
         },
     }
 }
@@ -341,6 +340,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
     };
     let (_, rss_before) = memory_mib();
     let cuda_before = if device.is_cuda() { cuda_memory::used_mib() } else { None };
+    // The caching allocator's own counters (what the reference reports as max_memory_allocated).
+    let allocator_before = memory::reset_peak(device).then(|| memory::device_stats(device)).flatten();
     let mut value = serde_json::Value::Null;
     for _ in 0..args.warmup {
         value = run_once()?;
@@ -378,6 +379,15 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "peak_rss_mib": peak,
         "step_extra_mib": peak - rss_before,
     });
+    let mib = |bytes: u64| bytes as f64 / f64::from(1 << 20);
+    if let (Some(before), Some(after)) = (allocator_before, memory::device_stats(device)) {
+        line["cuda_max_allocated_mib"] = (mib(after.peak_allocated) - mib(before.allocated)).into();
+        line["cuda_max_reserved_mib"] = (mib(after.peak_reserved) - mib(before.reserved)).into();
+    }
+    if let Some(plan) = ddss_opt::unroll::last_memory_plan().filter(|_| args.what == "step") {
+        line["stored_steps"] = plan.stored_steps.into();
+        line["call_activation_mib"] = mib(plan.call_bytes).into();
+    }
     if let (Some(before), Some(after)) = (cuda_before, cuda_memory::used_mib()) {
         line["cuda_reserved_mib"] = (after - before).into();
         line["memory_mib"] = (after - before).into();

@@ -681,6 +681,7 @@ mod fuzz {
     //! the number of cases (default 256).
 
     use super::parse_config;
+    use ddss_opt::unroll::Remat;
     use proptest::prelude::*;
     use proptest::test_runner::Config;
     use std::path::Path;
@@ -714,6 +715,7 @@ mod fuzz {
             Just("{}".to_string()),
             Just("[1, \"a\"]".to_string()),
             Just("{ budget = { stored_steps = 0 } }".to_string()),
+            Just("{ memory_budget = { mib = 2048 } }".to_string()),
             Just("18446744073709551615".to_string()),
         ]
     }
@@ -760,5 +762,23 @@ mod fuzz {
     fn the_shipped_config_parses() {
         let config = parse_config(VALID, Path::new("configs/fashion_mnist.toml")).expect("valid");
         assert_eq!(config.sampler.steps, 10);
+    }
+
+    #[test]
+    fn every_remat_spelling_parses_and_a_wrong_one_is_named() {
+        for (text, expected) in [
+            ("\"naive\"", Remat::Naive),
+            ("\"per_call\"", Remat::PerCall),
+            ("{ budget = { stored_steps = 4 } }", Remat::Budget { stored_steps: 4 }),
+            ("{ memory_budget = { mib = 2048 } }", Remat::MemoryBudget { mib: 2048 }),
+        ] {
+            let config =
+                parse_config(&VALID.replace("remat = \"naive\"", &format!("remat = {text}")), Path::new("c.toml"))
+                    .unwrap_or_else(|e| panic!("{text}: {e:#}"));
+            assert_eq!(config.optim.remat, expected, "{text}");
+        }
+        let wrong = VALID.replace("remat = \"naive\"", "remat = { memory_budget = { gib = 2 } }");
+        let err = format!("{:#}", parse_config(&wrong, Path::new("c.toml")).expect_err("unknown field"));
+        assert!(err.contains("gib") && err.contains("remat"), "{err}");
     }
 }

@@ -8,7 +8,11 @@
 //!   `x_i` and prediction `x0_hat_i`; the reverse sweep recomputes one network call at a time
 //!   (memory: K state batches + one call's activations, flat in K);
 //! * [`Remat::Budget`]: the first `stored_steps` network calls keep their activations from the
-//!   forward pass (no recompute), the rest are recomputed — the memory-budget middle ground.
+//!   forward pass (no recompute), the rest are recomputed — the memory-budget middle ground;
+//! * [`Remat::MemoryBudget`]: the same, with the number of stored calls chosen from a byte budget.
+//!   Each forward pass measures the memory the first call's activations take
+//!   ([`ggdm_core::memory::live_bytes`] before and after it) and stores as many calls as fit
+//!   (`floor(budget / per_call)`, at most K); [`last_memory_plan`] reports the choice.
 //!
 //! A network with its own [`Denoiser::vjp`] (a CUDA-graphed one) changes how a recomputed step is
 //! swept: the forward pass also keeps each call's output, and the sweep differentiates the
@@ -44,13 +48,81 @@ pub enum Remat {
         /// Network calls whose activations are stored.
         stored_steps: usize,
     },
+    /// Keep the activations of as many calls as fit in `mib` MiB (on top of what per-call
+    /// rematerialisation needs), recompute the rest. The size of one call's activations is
+    /// measured on the first call of every forward pass: exactly on a CUDA device (the caching
+    /// allocator's counters), as resident-memory growth on the CPU.
+    MemoryBudget {
+        /// The memory for stored activations, in MiB.
+        mib: u64,
+    },
+}
+
+/// What a [`Remat::MemoryBudget`] forward pass chose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryPlan {
+    /// The budget, in bytes.
+    pub budget_bytes: u64,
+    /// The measured memory of one network call's stored activations, in bytes.
+    pub call_bytes: u64,
+    /// Network calls stored (the rest are recomputed).
+    pub stored_steps: usize,
+    /// Network calls in the unroll (K).
+    pub steps: usize,
+}
+
+static LAST_PLAN: std::sync::Mutex<Option<MemoryPlan>> = std::sync::Mutex::new(None);
+
+/// The choice of the most recent [`Remat::MemoryBudget`] forward pass in this process (on any
+/// thread; [`Forward::memory_plan`] is that of one pass).
+pub fn last_memory_plan() -> Option<MemoryPlan> {
+    *LAST_PLAN.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Records `plan`, logging it when the choice differs from the previous one.
+fn record_plan(plan: MemoryPlan) {
+    let mut last = LAST_PLAN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if last.map(|p| (p.stored_steps, p.steps, p.budget_bytes))
+        != Some((plan.stored_steps, plan.steps, plan.budget_bytes))
+    {
+        let mib = |b: u64| b as f64 / f64::from(1 << 20);
+        tracing::info!(
+            "memory budget {:.0} MiB: one network call keeps {:.1} MiB of activations; storing {} of {} calls, recomputing the rest",
+            mib(plan.budget_bytes),
+            mib(plan.call_bytes),
+            plan.stored_steps,
+            plan.steps
+        );
+    }
+    *last = Some(plan);
+}
+
+/// Memory live on `device`, or an error naming the budget that needs it.
+fn measure_live(device: tch::Device) -> Result<u64> {
+    ggdm_core::memory::live_bytes(device).ok_or_else(|| {
+        crate::Error::config(
+            "remat",
+            format!(
+                "memory_budget needs the memory statistics of {device:?}, which cannot be read here; \
+                 give the number of stored calls instead: {{ budget = {{ stored_steps = N }} }}"
+            ),
+        )
+    })
 }
 
 /// What a sampler run returns before the loss: the output and the state needed for the sweep.
 pub struct Forward {
     /// `x_{K+1}`, detached.
     pub output: Tensor,
+    plan: Option<MemoryPlan>,
     inner: ForwardInner,
+}
+
+impl Forward {
+    /// What a [`Remat::MemoryBudget`] pass chose (`None` for the other strategies).
+    pub fn memory_plan(&self) -> Option<MemoryPlan> {
+        self.plan
+    }
 }
 
 enum ForwardInner {
@@ -132,6 +204,7 @@ pub fn forward<D: Denoiser + ?Sized>(
         let output_with_graph = sampler.sample(model, &x_init, z)?;
         return Ok(Forward {
             output: output_with_graph.detach(),
+            plan: None,
             inner: ForwardInner::Naive { output_with_graph, x_init },
         });
     }
@@ -139,9 +212,10 @@ pub fn forward<D: Denoiser + ?Sized>(
     if z.len() != k {
         return Err(crate::Error::config("noise", format!("{} step-noise tensors for K = {k}", z.len())));
     }
-    let stored_steps = match remat {
-        Remat::Budget { stored_steps } => stored_steps.min(k),
-        _ => 0,
+    let (mut stored_steps, budget_bytes) = match remat {
+        Remat::Budget { stored_steps } => (stored_steps.min(k), None),
+        Remat::MemoryBudget { mib } => (k, Some(mib.saturating_mul(1 << 20))),
+        _ => (0, None),
     };
     let coeffs = sampler.coefficients();
     let leaves = leaf_coefficients(&coeffs);
@@ -151,12 +225,25 @@ pub fn forward<D: Denoiser + ?Sized>(
     let mut stored = Vec::with_capacity(k);
     let keep_outputs = model.has_vjp();
     let mut outputs = Vec::with_capacity(if keep_outputs { k } else { 0 });
+    let mut plan = None;
     for i in 0..k {
         if i < stored_steps {
+            let measuring = budget_bytes.filter(|_| i == 0);
+            let before = measuring.map(|_| measure_live(x_init.device())).transpose()?;
             let x_leaf = states[i].detach().set_requires_grad(true);
             let x0_hat = sampler.predict_x0(model, &leaves, i, &x_leaf, kind)?;
             x0_hats.push(x0_hat.detach());
-            stored.push(Some((x_leaf, x0_hat)));
+            if let (Some(budget), Some(before)) = (measuring, before) {
+                // At least a page, so that a measurement lost in the noise cannot divide by zero.
+                let call_bytes = measure_live(x_init.device())?.saturating_sub(before).max(4096);
+                stored_steps = usize::try_from(budget / call_bytes).unwrap_or(usize::MAX).min(k);
+                let chosen = MemoryPlan { budget_bytes: budget, call_bytes, stored_steps, steps: k };
+                record_plan(chosen);
+                plan = Some(chosen);
+            }
+            // The measured call is dropped again when not even one call fits the budget: the
+            // sweep then recomputes it like any other.
+            stored.push(if i < stored_steps { Some((x_leaf, x0_hat)) } else { None });
             if keep_outputs {
                 outputs.push(None);
             }
@@ -175,6 +262,7 @@ pub fn forward<D: Denoiser + ?Sized>(
     let z = z.iter().map(|t| t.shallow_clone()).collect();
     Ok(Forward {
         output,
+        plan,
         inner: ForwardInner::Swept(Box::new(SweepState { coeffs, leaves, states, x0_hats, stored, outputs, z })),
     })
 }

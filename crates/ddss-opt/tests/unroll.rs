@@ -2,7 +2,7 @@
 //! relative 1e-6) and all equal central finite differences (1e-4), on a tiny random UNet with
 //! every part of the sampler learnable, K = 4.
 
-use ddss_opt::unroll::{backward, forward, Remat};
+use ddss_opt::unroll::{backward, forward, MemoryPlan, Remat};
 use ggdm_core::ggdm::{GgdmSampler, History, Learnable, Query};
 use ggdm_core::grid::Spacing;
 use ggdm_core::noise::{NoiseSource, SeededNoise};
@@ -73,11 +73,21 @@ fn zero_grads(s: &GgdmSampler) {
 }
 
 fn gradients<D: Denoiser>(s: &GgdmSampler, model: &D, p: &Problem, remat: Remat) -> (Vec<Tensor>, Tensor) {
+    gradients_and_plan(s, model, p, remat).0
+}
+
+fn gradients_and_plan<D: Denoiser>(
+    s: &GgdmSampler,
+    model: &D,
+    p: &Problem,
+    remat: Remat,
+) -> ((Vec<Tensor>, Tensor), Option<MemoryPlan>) {
     zero_grads(s);
     let fwd = forward(s, model, &p.x_init, &p.z, remat).expect("forward");
+    let plan = fwd.memory_plan();
     let (_, g) = loss_and_grad(&fwd.output, &p.weights);
     let x_grad = backward(s, model, fwd, &g).expect("backward");
-    (s.params.named().iter().map(|(_, t)| t.grad().copy()).collect(), x_grad)
+    ((s.params.named().iter().map(|(_, t)| t.grad().copy()).collect(), x_grad), plan)
 }
 
 fn rel_diff(a: &Tensor, b: &Tensor) -> f64 {
@@ -94,8 +104,18 @@ fn remat_gradients_equal_naive_autograd() {
             let s = sampler(history);
             let p = problem(&s);
             let (naive, naive_x) = gradients(&s, &model, &p, Remat::Naive);
-            for remat in [Remat::PerCall, Remat::Budget { stored_steps: 2 }, Remat::Budget { stored_steps: 4 }] {
-                let (ours, ours_x) = gradients(&s, &model, &p, remat);
+            for remat in [
+                Remat::PerCall,
+                Remat::Budget { stored_steps: 2 },
+                Remat::Budget { stored_steps: 4 },
+                Remat::MemoryBudget { mib: 0 },
+                Remat::MemoryBudget { mib: 1 << 30 },
+            ] {
+                let ((ours, ours_x), plan) = gradients_and_plan(&s, &model, &p, remat);
+                if let Remat::MemoryBudget { mib } = remat {
+                    let plan = plan.expect("a memory-budget forward pass reports its plan");
+                    assert_eq!(plan.stored_steps, if mib == 0 { 0 } else { 4 }, "{plan:?}");
+                }
                 for ((name, _), (a, b)) in s.params.named().iter().zip(ours.iter().zip(&naive)) {
                     let d = rel_diff(a, b);
                     assert!(d <= 1e-6, "{prediction_type:?} {history:?} {remat:?}: {name} differs from naive by {d}");
@@ -207,7 +227,7 @@ fn sweep_through_the_network_vjp_equals_naive_autograd() {
             let s = sampler(History::Full).with_query(query);
             let p = problem(&s);
             let (naive, naive_x) = gradients(&s, &model.0, &p, Remat::Naive);
-            for remat in [Remat::PerCall, Remat::Budget { stored_steps: 2 }] {
+            for remat in [Remat::PerCall, Remat::Budget { stored_steps: 2 }, Remat::MemoryBudget { mib: 0 }] {
                 let (ours, ours_x) = gradients(&s, &model, &p, remat);
                 for ((name, _), (a, b)) in s.params.named().iter().zip(ours.iter().zip(&naive)) {
                     let d = rel_diff(a, b);

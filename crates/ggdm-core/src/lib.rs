@@ -45,6 +45,7 @@ pub mod error;
 pub mod ggdm;
 pub mod grid;
 pub mod io;
+pub mod memory;
 pub mod model_dir;
 pub mod noise;
 pub mod prediction;
