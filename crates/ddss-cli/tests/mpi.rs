@@ -34,23 +34,9 @@ fn single() -> Command {
 }
 
 fn search_config(dir: &Path, data: &Path, steps: u64) -> PathBuf {
-    let text = format!(
-        r#"
-[model]
-path = "{model}"
-
-[data]
-path = "{data}"
-num = 32
-
-[sampler]
-steps = 3
-spacing = "trailing"
-
-[loss]
-kind = "kid"
-features = "{classifier_a}"
-
+    let text = shipped_search_head(data)
+        + &format!(
+            r#"
 [optim]
 steps = {steps}
 batch_size = 8
@@ -70,10 +56,8 @@ compare = ["ddim"]
 seed = 7
 grid_num = 4
 "#,
-        model = repo("models/fashion-mnist-ddpm"),
-        data = data.display(),
-        classifier_a = repo("models/fmnist-classifier-a.safetensors"),
-    );
+            data = data.display(),
+        );
     let path = dir.join(format!("search-{steps}.toml"));
     std::fs::write(&path, text).expect("config");
     path

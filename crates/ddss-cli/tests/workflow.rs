@@ -8,23 +8,9 @@ use common::*;
 use std::path::{Path, PathBuf};
 
 fn search_config(dir: &Path, data: &Path) -> PathBuf {
-    let text = format!(
-        r#"
-[model]
-path = "{model}"
-
-[data]
-path = "{data}"
-num = 32
-
-[sampler]
-steps = 3
-spacing = "trailing"
-
-[loss]
-kind = "kid"
-features = "{classifier_a}"
-
+    let text = shipped_search_head(data)
+        + &format!(
+            r#"
 [optim]
 steps = 2
 batch_size = 8
@@ -45,11 +31,9 @@ seed = 7
 grid_num = 4
 plot_steps = [2]
 "#,
-        model = repo("models/fashion-mnist-ddpm"),
-        data = data.display(),
-        classifier_a = repo("models/fmnist-classifier-a.safetensors"),
-        classifier_b = repo("models/fmnist-classifier-b.safetensors"),
-    );
+            data = data.display(),
+            classifier_b = repo("models/fmnist-classifier-b.safetensors"),
+        );
     let path = dir.join("search.toml");
     std::fs::write(&path, text).expect("config");
     path

@@ -2,17 +2,16 @@
 //! sharded objective gives every rank the single-process loss and gradient, and a 2-rank search
 //! learns the single-process sampler while rank 0 alone writes files.
 
+mod common;
+use common::*;
+
 use ddss_opt::collective::{Collective, SingleProcess};
 use ddss_opt::loss::{FeatureLoss, LossKind};
 use ddss_opt::objective::{BatchNoise, Objective};
-use ddss_opt::optim::LrSchedule;
-use ddss_opt::search::{run_search_with, NoObserver, ObjectiveParts, SearchSettings};
+use ddss_opt::search::{run_search_with, NoObserver, ObjectiveParts};
 use ddss_opt::unroll::Remat;
-use fid_metrics::features::FeatureExtractor;
-use ggdm_core::ggdm::{GgdmSampler, History, Learnable};
-use ggdm_core::grid::Spacing;
-use ggdm_core::scheduler_config::SchedulerConfig;
-use ggdm_core::unet::{UNet2DConfig, UNet2DModel, UNetDenoiser};
+use ggdm_core::ggdm::Learnable;
+use ggdm_core::unet::UNetDenoiser;
 use ggdm_core::PredictionType;
 use std::sync::{Arc, Barrier, Mutex};
 use tch::{Device, Kind, Tensor};
@@ -74,65 +73,16 @@ impl Collective for ThreadRank {
     }
 }
 
-/// `tch::manual_seed` is global: models are built one at a time.
-static BUILD: Mutex<()> = Mutex::new(());
-
-const TINY: &str = r#"{
-  "sample_size": 8, "in_channels": 1, "out_channels": 1,
-  "block_out_channels": [8, 16], "layers_per_block": 1, "norm_num_groups": 4,
-  "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
-  "up_block_types": ["AttnUpBlock2D", "UpBlock2D"], "attention_head_dim": 8,
-  "flip_sin_to_cos": false, "freq_shift": 1
-}"#;
-
-/// A fixed non-linear feature map: tanh of a random projection of the pixels.
-struct Projection {
-    weight: Tensor,
-}
-
-impl FeatureExtractor for Projection {
-    fn features(&self, x: &Tensor) -> fid_metrics::Result<Tensor> {
-        Ok(x.to_kind(Kind::Double).reshape([x.size()[0], -1]).matmul(&self.weight).tanh().to_kind(x.kind()))
-    }
-    fn dim(&self) -> usize {
-        12
-    }
-    fn name(&self) -> &str {
-        "projection"
-    }
-    fn device(&self) -> Device {
-        Device::Cpu
-    }
-}
-
 /// Model (f64 or f32 weights), features and real features, built identically on every rank.
 fn parts(double: bool) -> (UNetDenoiser, Projection, Tensor) {
-    let _guard = BUILD.lock().expect("build lock");
-    tch::manual_seed(0);
-    let config = UNet2DConfig::from_json_str(TINY).expect("config");
-    let mut model = UNet2DModel::new(config, Device::Cpu).expect("model");
-    if double {
-        model.var_store_mut().double();
-    }
-    model.var_store_mut().freeze();
-    tch::manual_seed(1);
-    let weight = Tensor::randn([64, 12], (Kind::Double, Device::Cpu)) * 0.3;
-    tch::manual_seed(2);
-    let real = (Tensor::randn([40, 12], (Kind::Float, Device::Cpu)) * 0.5).tanh();
-    (UNetDenoiser::new(model, PredictionType::Epsilon), Projection { weight }, real)
-}
-
-fn sampler() -> GgdmSampler {
-    let scheduler = SchedulerConfig { clip_sample: false, ..SchedulerConfig::default() };
-    GgdmSampler::init_from_spacing(&scheduler, 4, Spacing::Trailing, 0.3, History::Full, Learnable::all(), Device::Cpu)
-        .expect("sampler")
+    (tiny_unet(double, PredictionType::Epsilon), Projection::with_output(true), real_features())
 }
 
 /// Loss and flattened gradient of one objective evaluation on `comm`.
 fn loss_and_grad(comm: &dyn Collective, micro_batch: usize) -> (f64, Vec<f64>) {
     let (model, features, real) = parts(true);
     let loss = FeatureLoss::new(LossKind::Kid, &real).expect("loss");
-    let s = sampler();
+    let s = tiny_sampler(Learnable::all());
     let objective = Objective {
         sampler: &s,
         model: &model,
@@ -182,30 +132,11 @@ fn sharded_gradient_equals_the_single_process_one_on_every_rank() {
     }
 }
 
-fn settings() -> SearchSettings {
-    SearchSettings {
-        steps: 3,
-        batch_size: 6,
-        micro_batch: Some(3),
-        feature_chunk: None,
-        lr: LrSchedule { lr: 0.02, warmup_steps: 1, decay: "cosine".into(), min_lr_ratio: 0.1 },
-        adam: Default::default(),
-        lr_scale: Default::default(),
-        grad_clip: Some(1.0),
-        remat: Remat::PerCall,
-        seed: 3,
-        validate_every: 1,
-        validation_num: 6,
-        checkpoint_every: 1,
-        max_faults: 3,
-    }
-}
-
 /// A 3-step search on `comm` in `dir`; the learned parameters.
 fn search(comm: &dyn Collective, dir: &std::path::Path) -> Vec<f64> {
     let (model, features, real) = parts(false);
     let loss = FeatureLoss::new(LossKind::Kid, &real).expect("loss");
-    let mut s = sampler();
+    let mut s = tiny_sampler(Learnable::all());
     let objective_parts = ObjectiveParts {
         model: &model,
         extractor: &features,
@@ -213,7 +144,8 @@ fn search(comm: &dyn Collective, dir: &std::path::Path) -> Vec<f64> {
         sample_shape: [1, 8, 8],
         device: Device::Cpu,
     };
-    run_search_with(&mut s, objective_parts, &settings(), &real, dir, false, &mut NoObserver, comm).expect("search");
+    run_search_with(&mut s, objective_parts, &settings(3, 1), &real, dir, false, &mut NoObserver, comm)
+        .expect("search");
     s.params.named().iter().flat_map(|(_, t)| Vec::<f64>::try_from(&t.reshape([-1])).expect("params")).collect()
 }
 

@@ -1,37 +1,22 @@
 //! The memory-budget rematerialisation on the CPU, alone in its test binary so that no other test
 //! allocates while it measures resident memory.
 
+mod common;
+use common::*;
+
 use ddss_opt::unroll::{forward, Remat};
-use ggdm_core::ggdm::{GgdmSampler, History, Learnable};
-use ggdm_core::grid::Spacing;
+use ggdm_core::ggdm::Learnable;
 use ggdm_core::noise::SeededNoise;
-use ggdm_core::scheduler_config::SchedulerConfig;
-use ggdm_core::unet::{UNet2DConfig, UNet2DModel, UNetDenoiser};
 use ggdm_core::PredictionType;
 use tch::{Device, Kind, Tensor};
-
-const TINY: &str = r#"{
-  "sample_size": 8, "in_channels": 1, "out_channels": 1,
-  "block_out_channels": [8, 16], "layers_per_block": 1, "norm_num_groups": 4,
-  "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
-  "up_block_types": ["AttnUpBlock2D", "UpBlock2D"], "attention_head_dim": 8,
-  "flip_sin_to_cos": false, "freq_shift": 1
-}"#;
 
 /// The memory budget measures one call's activations and stores as many calls as fit: the
 /// measurement agrees with the growth of live memory over a whole naive forward pass (K calls'
 /// activations), and a budget of 2.5 measured calls stores 2.
 #[test]
 fn memory_budget_measures_a_call_and_stores_what_fits() {
-    tch::manual_seed(0);
-    let mut unet = UNet2DModel::new(UNet2DConfig::from_json_str(TINY).expect("config"), Device::Cpu).expect("model");
-    unet.var_store_mut().double();
-    unet.var_store_mut().freeze();
-    let model = UNetDenoiser::new(unet, PredictionType::Epsilon);
-    let cfg = SchedulerConfig { clip_sample: false, ..SchedulerConfig::default() };
-    let s =
-        GgdmSampler::init_from_spacing(&cfg, 4, Spacing::Trailing, 0.5, History::Full, Learnable::all(), Device::Cpu)
-            .expect("sampler");
+    let model = tiny_unet(true, PredictionType::Epsilon);
+    let s = tiny_sampler(Learnable::all());
     let mut noise = SeededNoise::new(3);
     let shape = [32, 1, 32, 32];
     let (x_init, z) = s.draw_noise(&mut noise, &shape, Device::Cpu).expect("noise");

@@ -2,87 +2,20 @@
 //! initialisation gives exactly the DDIM loss; a search with every part frozen changes nothing;
 //! a resumed search ends bit-identical to an uninterrupted one.
 
+mod common;
+use common::*;
+
 use ddss_opt::loss::{FeatureLoss, LossKind};
 use ddss_opt::objective::{BatchNoise, Objective};
-use ddss_opt::optim::LrSchedule;
 use ddss_opt::search::{run_search, NoObserver, ObjectiveParts, SearchSettings};
 use ddss_opt::unroll::Remat;
 use fid_metrics::features::FeatureExtractor;
-use ggdm_core::ggdm::{GgdmSampler, History, Learnable};
-use ggdm_core::grid::Spacing;
+use ggdm_core::ggdm::{GgdmSampler, Learnable};
 use ggdm_core::noise::ListNoise;
 use ggdm_core::samplers::{ddim, grid_steps, DdimOptions};
-use ggdm_core::scheduler_config::SchedulerConfig;
-use ggdm_core::unet::{UNet2DConfig, UNet2DModel, UNetDenoiser};
+use ggdm_core::unet::UNetDenoiser;
 use ggdm_core::PredictionType;
 use tch::{Device, Kind, Tensor};
-
-const TINY: &str = r#"{
-  "sample_size": 8, "in_channels": 1, "out_channels": 1,
-  "block_out_channels": [8, 16], "layers_per_block": 1, "norm_num_groups": 4,
-  "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
-  "up_block_types": ["AttnUpBlock2D", "UpBlock2D"], "attention_head_dim": 8,
-  "flip_sin_to_cos": false, "freq_shift": 1
-}"#;
-
-fn tiny_model() -> UNetDenoiser {
-    tch::manual_seed(0);
-    let config = UNet2DConfig::from_json_str(TINY).expect("config");
-    let mut model = UNet2DModel::new(config, Device::Cpu).expect("model");
-    model.var_store_mut().double();
-    model.var_store_mut().freeze();
-    UNetDenoiser::new(model, PredictionType::Epsilon)
-}
-
-/// The search itself runs f32 states: a float copy of the same model.
-fn tiny_model_f32() -> UNetDenoiser {
-    tch::manual_seed(0);
-    let config = UNet2DConfig::from_json_str(TINY).expect("config");
-    let mut model = UNet2DModel::new(config, Device::Cpu).expect("model");
-    model.var_store_mut().freeze();
-    UNetDenoiser::new(model, PredictionType::Epsilon)
-}
-
-/// A fixed non-linear feature map: tanh of a random projection of the pixels (differentiable).
-struct Projection {
-    weight: Tensor,
-}
-
-impl Projection {
-    fn new() -> Self {
-        tch::manual_seed(1);
-        Self { weight: Tensor::randn([64, 12], (Kind::Double, Device::Cpu)) * 0.3 }
-    }
-}
-
-impl FeatureExtractor for Projection {
-    fn features(&self, x: &Tensor) -> fid_metrics::Result<Tensor> {
-        Ok(x.to_kind(Kind::Double).reshape([x.size()[0], -1]).matmul(&self.weight).tanh())
-    }
-    fn dim(&self) -> usize {
-        12
-    }
-    fn name(&self) -> &str {
-        "projection"
-    }
-    fn device(&self) -> Device {
-        Device::Cpu
-    }
-}
-
-fn scheduler() -> SchedulerConfig {
-    SchedulerConfig { clip_sample: false, ..SchedulerConfig::default() }
-}
-
-fn sampler(learn: Learnable) -> GgdmSampler {
-    GgdmSampler::init_from_spacing(&scheduler(), 4, Spacing::Trailing, 0.3, History::Full, learn, Device::Cpu)
-        .expect("sampler")
-}
-
-fn real_features() -> Tensor {
-    tch::manual_seed(2);
-    (Tensor::randn([40, 12], (Kind::Float, Device::Cpu)) * 0.5).tanh()
-}
 
 fn grads(s: &GgdmSampler) -> Vec<Tensor> {
     s.params.named().iter().map(|(_, t)| t.grad().copy()).collect()
@@ -99,11 +32,11 @@ fn zero(s: &GgdmSampler) {
 
 #[test]
 fn two_pass_and_chunked_gradients_equal_single_pass() {
-    let model = tiny_model();
+    let model = tiny_unet(true, PredictionType::Epsilon);
     let features = Projection::new();
     for kind in [LossKind::Kid, LossKind::MmdRbf { bandwidth: None }, LossKind::Moments] {
         let loss = FeatureLoss::new(kind, &real_features()).expect("loss");
-        let s = sampler(Learnable::all());
+        let s = tiny_sampler(Learnable::all());
         let noise = BatchNoise { seed: 5, batch: 10 };
         let mut results = Vec::new();
         // (micro-batch, remat, feature chunk): single pass, two passes, and the feature network's
@@ -148,10 +81,10 @@ fn two_pass_and_chunked_gradients_equal_single_pass() {
 
 #[test]
 fn ggdm_at_init_gives_the_ddim_loss() {
-    let model = tiny_model();
+    let model = tiny_unet(true, PredictionType::Epsilon);
     let features = Projection::new();
     let loss = FeatureLoss::new(LossKind::Kid, &real_features()).expect("loss");
-    let s = sampler(Learnable::all());
+    let s = tiny_sampler(Learnable::all());
     let noise = BatchNoise { seed: 11, batch: 8 };
     let objective = Objective {
         sampler: &s,
@@ -186,25 +119,6 @@ fn ggdm_at_init_gives_the_ddim_loss() {
     assert!((ggdm_loss - ddim_loss).abs() <= 1e-6 * ddim_loss.abs().max(1e-9), "GGDM {ggdm_loss} vs DDIM {ddim_loss}");
 }
 
-fn settings(steps: u64) -> SearchSettings {
-    SearchSettings {
-        steps,
-        batch_size: 6,
-        micro_batch: Some(3),
-        feature_chunk: None,
-        lr: LrSchedule { lr: 0.02, warmup_steps: 1, decay: "cosine".into(), min_lr_ratio: 0.1 },
-        adam: Default::default(),
-        lr_scale: Default::default(),
-        grad_clip: Some(1.0),
-        remat: Remat::PerCall,
-        seed: 3,
-        validate_every: 2,
-        validation_num: 6,
-        checkpoint_every: 2,
-        max_faults: 3,
-    }
-}
-
 /// Stops a search after a given step, as an interruption would.
 struct StopAt(u64);
 
@@ -216,11 +130,11 @@ impl ddss_opt::search::SearchObserver for StopAt {
 
 /// Runs (or resumes) a 4-step search in `dir`, stopping after `stop_at` steps.
 fn search(dir: &std::path::Path, learn: Learnable, stop_at: u64, resume: bool) -> GgdmSampler {
-    let model = tiny_model_f32();
+    let model = tiny_unet(false, PredictionType::Epsilon);
     let features = Projection::new();
     let real = real_features();
     let loss = FeatureLoss::new(LossKind::Kid, &real).expect("loss");
-    let mut s = sampler(learn);
+    let mut s = tiny_sampler(learn);
     let parts = ObjectiveParts {
         model: &model,
         extractor: &features,
@@ -228,7 +142,7 @@ fn search(dir: &std::path::Path, learn: Learnable, stop_at: u64, resume: bool) -
         sample_shape: [1, 8, 8],
         device: Device::Cpu,
     };
-    run_search(&mut s, parts, &settings(4), &real, dir, resume, &mut StopAt(stop_at)).expect("search");
+    run_search(&mut s, parts, &settings(4, 2), &real, dir, resume, &mut StopAt(stop_at)).expect("search");
     s
 }
 
@@ -247,7 +161,7 @@ fn checkpoint_params(dir: &std::path::Path) -> Vec<(String, Tensor)> {
 fn frozen_search_changes_nothing() {
     let dir = std::env::temp_dir().join(format!("ddss-frozen-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
-    let before = sampler(Learnable::none()).to_file();
+    let before = tiny_sampler(Learnable::none()).to_file();
     let after = search(&dir, Learnable::none(), 4, false).to_file();
     assert_eq!(before.params, after.params);
     let _ = std::fs::remove_dir_all(&dir);
@@ -271,7 +185,7 @@ fn resumed_search_equals_uninterrupted() {
         assert!(ta.equal(tb), "{na} differs between the resumed and the uninterrupted run");
     }
     // The search did move the sampler (its current parameters, whatever the best one was).
-    let initial = sampler(Learnable::all());
+    let initial = tiny_sampler(Learnable::all());
     let logits = ca.iter().find(|(n, _)| n == "params.grid_logits").expect("logits");
     assert!(!logits.1.equal(&initial.params.grid_logits.detach()), "the search must move the grid");
     let lines = std::fs::read_to_string(b.join("metrics.jsonl")).expect("metrics").lines().count();
@@ -305,11 +219,11 @@ impl FeatureExtractor for Faulty {
 }
 
 fn faulty_search(dir: &std::path::Path, nan_calls: Vec<usize>, steps: u64) -> (GgdmSampler, ddss_opt::Result<()>) {
-    let model = tiny_model_f32();
+    let model = tiny_unet(false, PredictionType::Epsilon);
     let features = Faulty { inner: Projection::new(), calls: std::cell::Cell::new(0), nan_calls };
     let real = real_features();
     let loss = FeatureLoss::new(LossKind::Kid, &real).expect("loss");
-    let mut s = sampler(Learnable::all());
+    let mut s = tiny_sampler(Learnable::all());
     let parts = ObjectiveParts {
         model: &model,
         extractor: &features,
@@ -317,7 +231,7 @@ fn faulty_search(dir: &std::path::Path, nan_calls: Vec<usize>, steps: u64) -> (G
         sample_shape: [1, 8, 8],
         device: Device::Cpu,
     };
-    let cfg = SearchSettings { steps, validate_every: 0, micro_batch: None, ..settings(steps) };
+    let cfg = SearchSettings { steps, validate_every: 0, micro_batch: None, ..settings(steps, 2) };
     let result = run_search(&mut s, parts, &cfg, &real, dir, false, &mut NoObserver).map(|_| ());
     (s, result)
 }
@@ -416,7 +330,7 @@ fn injected_search(
     std::fs::create_dir_all(&dir).expect("dir");
     let next_step: FaultStep = std::rc::Rc::new(std::cell::Cell::new(1));
     let model = FaultyModel {
-        inner: tiny_model_f32(),
+        inner: tiny_unet(false, PredictionType::Epsilon),
         next_step: next_step.clone(),
         fault_steps: model_faults.0,
         value: model_faults.1,
@@ -429,7 +343,7 @@ fn injected_search(
     };
     let real = real_features();
     let loss = FeatureLoss::new(LossKind::Kid, &real).expect("loss");
-    let mut s = sampler(Learnable::all());
+    let mut s = tiny_sampler(Learnable::all());
     let parts = ObjectiveParts {
         model: &model,
         extractor: &features,
@@ -437,7 +351,7 @@ fn injected_search(
         sample_shape: [1, 8, 8],
         device: Device::Cpu,
     };
-    let cfg = SearchSettings { validate_every: 0, max_faults, ..settings(4) };
+    let cfg = SearchSettings { validate_every: 0, max_faults, ..settings(4, 2) };
     // The initial validation counts as step 1 here (it runs before it): faults at step 1 hit it too.
     let mut observer = ArmFaults { next_step };
     let result = run_search(&mut s, parts, &cfg, &real, &dir, false, &mut observer);

@@ -2,36 +2,25 @@
 //! relative 1e-6) and all equal central finite differences (1e-4), on a tiny random UNet with
 //! every part of the sampler learnable, K = 4.
 
+mod common;
+use common::*;
+
 use ddss_opt::unroll::{backward, forward, MemoryPlan, Remat};
 use ggdm_core::ggdm::{GgdmSampler, History, Learnable, Query};
 use ggdm_core::grid::Spacing;
 use ggdm_core::noise::{NoiseSource, SeededNoise};
-use ggdm_core::scheduler_config::SchedulerConfig;
-use ggdm_core::unet::{UNet2DConfig, UNet2DModel, UNetDenoiser};
+use ggdm_core::unet::UNetDenoiser;
 use ggdm_core::{Denoiser, PredictionType};
 use tch::{Device, Kind, Tensor};
 
-const TINY: &str = r#"{
-  "sample_size": 8, "in_channels": 1, "out_channels": 1,
-  "block_out_channels": [8, 16], "layers_per_block": 1, "norm_num_groups": 4,
-  "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
-  "up_block_types": ["AttnUpBlock2D", "UpBlock2D"], "attention_head_dim": 8,
-  "flip_sin_to_cos": false, "freq_shift": 1
-}"#;
-
 fn tiny_model(prediction_type: PredictionType) -> UNetDenoiser {
-    tch::manual_seed(0);
-    let config = UNet2DConfig::from_json_str(TINY).expect("config");
-    let mut model = UNet2DModel::new(config, Device::Cpu).expect("model");
-    model.var_store_mut().double();
-    model.var_store_mut().freeze();
-    UNetDenoiser::new(model, prediction_type)
+    tiny_unet(true, prediction_type)
 }
 
 fn sampler(history: History) -> GgdmSampler {
-    let cfg = SchedulerConfig { clip_sample: false, ..SchedulerConfig::default() };
-    let s = GgdmSampler::init_from_spacing(&cfg, 4, Spacing::Trailing, 0.5, history, Learnable::all(), Device::Cpu)
-        .expect("sampler");
+    let s =
+        GgdmSampler::init_from_spacing(&scheduler(), 4, Spacing::Trailing, 0.5, history, Learnable::all(), Device::Cpu)
+            .expect("sampler");
     // Move every parameter off its initial value so no gradient is trivially zero.
     tch::no_grad(|| {
         for (i, (_, t)) in s.params.named().into_iter().enumerate() {

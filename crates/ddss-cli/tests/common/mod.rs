@@ -105,6 +105,32 @@ pub fn tiny_model(dir: &std::path::Path) -> (PathBuf, PathBuf) {
     (model, data)
 }
 
+/// The `[model]`, `[data]` (32 images), `[sampler]` (K = 3, trailing) and `[loss]` (classifier-a
+/// KID) sections of a search config for the shipped model; callers add `[optim]` and `[eval]`.
+pub fn shipped_search_head(data: &std::path::Path) -> String {
+    format!(
+        r#"
+[model]
+path = "{model}"
+
+[data]
+path = "{data}"
+num = 32
+
+[sampler]
+steps = 3
+spacing = "trailing"
+
+[loss]
+kind = "kid"
+features = "{classifier_a}"
+"#,
+        model = repo("models/fashion-mnist-ddpm"),
+        data = data.display(),
+        classifier_a = repo("models/fmnist-classifier-a.safetensors"),
+    )
+}
+
 /// A tiny search config (K = 3, batch 4, a checkpoint every step, classifier-a KID, no baselines)
 /// for the model and data of [`tiny_model`].
 pub fn tiny_search_config(model: &std::path::Path, data: &std::path::Path, steps: u64) -> String {
