@@ -13,6 +13,20 @@ fn libtorch_dir() -> Option<std::path::PathBuf> {
     Some(libtorch.canonicalize().unwrap_or(libtorch))
 }
 
+/// A C++17 build of `file` against the libtorch headers, with libtorch's C++ ABI.
+fn torch_cpp(libtorch: &std::path::Path, file: &str) -> cc::Build {
+    let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
+    let mut build = cc::Build::new();
+    build
+        .cpp(true)
+        .std("c++17")
+        .file(file)
+        .include(libtorch.join("include"))
+        .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str())
+        .flag_if_supported("-w");
+    build
+}
+
 // The memory-statistics shim (csrc/memory.cpp): needs only the libtorch headers. Without LIBTORCH
 // (a libtorch found some other way) it is left out and `memory` reports no device statistics.
 fn build_memory_shim() {
@@ -22,15 +36,7 @@ fn build_memory_shim() {
         println!("cargo:warning=LIBTORCH is not set: device memory statistics are unavailable");
         return;
     };
-    let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
-    cc::Build::new()
-        .cpp(true)
-        .std("c++17")
-        .file("csrc/memory.cpp")
-        .include(libtorch.join("include"))
-        .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str())
-        .flag_if_supported("-w")
-        .compile("ddss_memory");
+    torch_cpp(&libtorch, "csrc/memory.cpp").compile("ddss_memory");
     println!("cargo:rustc-link-search=native={}", libtorch.join("lib").display());
     println!("cargo:rustc-link-lib=dylib=c10");
     println!("cargo:rustc-cfg=ddss_memory_shim");
@@ -70,16 +76,9 @@ fn build_cuda_graph_shim() {
                  the project's venv, or set CUDA_INCLUDE"
             )
         });
-    let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
-    cc::Build::new()
-        .cpp(true)
-        .std("c++17")
-        .file("csrc/cuda_graph.cpp")
-        .include(libtorch.join("include"))
+    torch_cpp(&libtorch, "csrc/cuda_graph.cpp")
         .include(libtorch.join("include/torch/csrc/api/include"))
         .include(cuda_include)
-        .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str())
-        .flag_if_supported("-w")
         .compile("ddss_cuda_graph");
     let lib = libtorch.join("lib");
     println!("cargo:rustc-link-search=native={}", lib.display());

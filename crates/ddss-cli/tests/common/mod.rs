@@ -108,15 +108,9 @@ pub fn tiny_model(dir: &std::path::Path) -> (PathBuf, PathBuf) {
 /// The `[model]`, `[data]` (32 images), `[sampler]` (K = 3, trailing) and `[loss]` (classifier-a
 /// KID) sections of a search config for the shipped model; callers add `[optim]` and `[eval]`.
 pub fn shipped_search_head(data: &std::path::Path) -> String {
-    format!(
-        r#"
-[model]
-path = "{model}"
-
-[data]
-path = "{data}"
-num = 32
-
+    model_and_data(std::path::Path::new(&repo("models/fashion-mnist-ddpm")), data, 32)
+        + &format!(
+            r#"
 [sampler]
 steps = 3
 spacing = "trailing"
@@ -125,24 +119,21 @@ spacing = "trailing"
 kind = "kid"
 features = "{classifier_a}"
 "#,
-        model = repo("models/fashion-mnist-ddpm"),
-        data = data.display(),
-        classifier_a = repo("models/fmnist-classifier-a.safetensors"),
-    )
+            classifier_a = repo("models/fmnist-classifier-a.safetensors"),
+        )
+}
+
+/// The `[model]` and `[data]` sections of a search config.
+fn model_and_data(model: &std::path::Path, data: &std::path::Path, num: usize) -> String {
+    format!("\n[model]\npath = \"{}\"\n\n[data]\npath = \"{}\"\nnum = {num}\n", model.display(), data.display())
 }
 
 /// A tiny search config (K = 3, batch 4, a checkpoint every step, classifier-a KID, no baselines)
 /// for the model and data of [`tiny_model`].
 pub fn tiny_search_config(model: &std::path::Path, data: &std::path::Path, steps: u64) -> String {
-    format!(
-        r#"
-[model]
-path = "{model}"
-
-[data]
-path = "{data}"
-num = 16
-
+    model_and_data(model, data, 16)
+        + &format!(
+            r#"
 [sampler]
 steps = 3
 eta = 0.0
@@ -179,10 +170,9 @@ grid_num = 4
 [output]
 device = "cpu"
 "#,
-        model = model.display(),
-        data = data.display(),
-        features = classifier_a_path().display(),
-    )
+            data = data.display(),
+            features = classifier_a_path().display(),
+        )
 }
 
 /// A path inside the repository (models, configs), as a string for command lines.
