@@ -231,7 +231,7 @@ pub fn forward<D: Denoiser + ?Sized>(
             let measuring = budget_bytes.filter(|_| i == 0);
             let before = measuring.map(|_| measure_live(x_init.device())).transpose()?;
             let x_leaf = states[i].detach().set_requires_grad(true);
-            let x0_hat = sampler.predict_x0(model, &leaves, i, &x_leaf, kind)?;
+            let (x0_hat, output) = sampler.predict_x0_and_output(model, &leaves, i, &x_leaf, kind)?;
             x0_hats.push(x0_hat.detach());
             if let (Some(budget), Some(before)) = (measuring, before) {
                 // At least a page, so that a measurement lost in the noise cannot divide by zero.
@@ -241,11 +241,18 @@ pub fn forward<D: Denoiser + ?Sized>(
                 record_plan(chosen);
                 plan = Some(chosen);
             }
-            // The measured call is dropped again when not even one call fits the budget: the
-            // sweep then recomputes it like any other.
-            stored.push(if i < stored_steps { Some((x_leaf, x0_hat)) } else { None });
-            if keep_outputs {
-                outputs.push(None);
+            if i < stored_steps {
+                stored.push(Some((x_leaf, x0_hat)));
+                if keep_outputs {
+                    outputs.push(None);
+                }
+            } else {
+                // The measured call does not fit the budget: its graph is dropped, and the sweep
+                // treats it like any other recomputed call.
+                stored.push(None);
+                if keep_outputs {
+                    outputs.push(Some(output.detach()));
+                }
             }
         } else {
             let (x0_hat, output) = tch::no_grad(|| sampler.predict_x0_and_output(model, &leaves, i, &states[i], kind))?;
