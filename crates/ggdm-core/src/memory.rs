@@ -5,8 +5,10 @@
 //!
 //! [`live_bytes`] is the one measure the memory-budget rematerialisation uses: on a CUDA device the
 //! bytes the allocator has handed out (exact; no device synchronisation needed, the allocator's
-//! bookkeeping is on the host), on the CPU the resident set size after the heap's free pages were
-//! returned to the system (an estimate: it includes page rounding and memory other threads hold).
+//! bookkeeping is on the host), on the CPU the bytes the C heap has handed out (glibc's
+//! `mallinfo2`, which libtorch's CPU tensors come from; looked up at run time), or where that is
+//! missing the resident set size after the heap's free pages were returned to the system (an
+//! estimate, and a slow one: the returned pages fault in again when reused).
 
 use tch::Device;
 
@@ -112,16 +114,54 @@ pub fn release_free_host_memory() -> bool {
     }
 }
 
+/// glibc's `struct mallinfo2` (glibc 2.33 and later).
+#[repr(C)]
+#[derive(Default)]
+struct MallInfo2 {
+    arena: usize,
+    ordblks: usize,
+    smblks: usize,
+    hblks: usize,
+    hblkhd: usize,
+    usmblks: usize,
+    fsmblks: usize,
+    uordblks: usize,
+    fordblks: usize,
+    keepcost: usize,
+}
+
+/// Bytes the C heap has handed out and not taken back (in-use arena chunks plus mmapped
+/// chunks, over all arenas), from glibc's `mallinfo2`; `None` where the C library has none. The
+/// function is looked up at run time, so the binary also starts on an older glibc.
+pub fn heap_allocated_bytes() -> Option<u64> {
+    use std::ffi::{c_char, c_void};
+    extern "C" {
+        fn dlsym(handle: *mut c_void, symbol: *const c_char) -> *mut c_void;
+    }
+    type MallInfo2Fn = unsafe extern "C" fn() -> MallInfo2;
+    static FUNCTION: std::sync::OnceLock<Option<MallInfo2Fn>> = std::sync::OnceLock::new();
+    let function = FUNCTION.get_or_init(|| {
+        // SAFETY: RTLD_DEFAULT (a null handle) searches the process's global symbols; a non-null
+        // result for "mallinfo2" is glibc's function of the signature declared above.
+        let symbol = unsafe { dlsym(std::ptr::null_mut(), c"mallinfo2".as_ptr()) };
+        // SAFETY: see above; a function pointer of the declared type.
+        (!symbol.is_null()).then(|| unsafe { std::mem::transmute::<*mut c_void, MallInfo2Fn>(symbol) })
+    });
+    // SAFETY: mallinfo2 takes no arguments and returns the structure by value.
+    let info = unsafe { (*function)?() };
+    Some((info.uordblks as u64).saturating_add(info.hblkhd as u64))
+}
+
 /// The memory live on `device` now, in bytes (see the module documentation for what is counted);
 /// `None` where it cannot be measured.
 pub fn live_bytes(device: Device) -> Option<u64> {
     match device {
-        Device::Cpu => {
+        Device::Cpu => heap_allocated_bytes().or_else(|| {
             if !release_free_host_memory() {
                 return None;
             }
             resident_bytes()
-        }
+        }),
         other => device_stats(other).map(|m| m.allocated),
     }
 }

@@ -19,6 +19,22 @@ fn live_bytes_follow_a_large_tensor_on_the_cpu() {
 }
 
 #[test]
+fn the_heap_counts_a_tensor_exactly() {
+    let Some(before) = memory::heap_allocated_bytes() else {
+        eprintln!("no mallinfo2 in this C library: skipped");
+        return;
+    };
+    let bytes = 64u64 << 20;
+    let t = Tensor::zeros([(bytes / 4) as i64], (Kind::Float, Device::Cpu));
+    let with = memory::heap_allocated_bytes().unwrap();
+    drop(t);
+    let after = memory::heap_allocated_bytes().unwrap();
+    // Other tests of this binary run on other threads; a tensor this large dwarfs what they hold.
+    assert!((with as f64 - before as f64 - bytes as f64).abs() < 0.02 * bytes as f64, "{before} -> {with}");
+    assert!((with as f64 - after as f64 - bytes as f64).abs() < 0.02 * bytes as f64, "{with} -> {after}");
+}
+
+#[test]
 fn the_cpu_has_no_device_counters() {
     assert_eq!(memory::device_stats(Device::Cpu), None);
     assert!(!memory::reset_peak(Device::Cpu));
