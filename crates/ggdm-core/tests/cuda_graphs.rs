@@ -1,7 +1,9 @@
 //! CUDA-graph replay (`--features cuda-graphs`, on a machine with a GPU; skipped without one):
 //! replayed forward calls and VJPs equal the eager calls on the same inputs, a replay with new
 //! inputs gives new results (no stale buffers), one graph is captured per call kind and shape,
-//! and calls that need autograd still carry their graph.
+//! and calls that need autograd still carry their graph. Also the CUDA caching allocator's counters
+//! (`ggdm_core::memory`, which the memory-budget rematerialisation and the benchmarks read), as this
+//! binary is the one `tools/gpu_bench.sh` runs on the GPU before its timings.
 #![cfg(feature = "cuda-graphs")]
 
 use ggdm_core::cuda_graph::GraphedDenoiser;
@@ -67,4 +69,29 @@ fn replayed_calls_equal_eager_calls() -> Result<()> {
     out.sum(Kind::Float).backward();
     assert!(x.grad().defined());
     Ok(())
+}
+
+#[test]
+fn allocator_counters_follow_a_tensor() {
+    use ggdm_core::memory;
+    if !tch::Cuda::is_available() {
+        eprintln!("no CUDA device: skipped");
+        return;
+    }
+    let device = Device::Cuda(0);
+    let _warm = Tensor::zeros([1], (Kind::Float, device));
+    let before = memory::device_stats(device).expect("the CUDA caching allocator's counters");
+    assert!(memory::reset_peak(device));
+    let bytes = 64u64 << 20;
+    let t = Tensor::zeros([(bytes / 4) as i64], (Kind::Float, device));
+    let with = memory::device_stats(device).expect("counters");
+    assert_eq!(with.allocated - before.allocated, bytes, "{before:?} -> {with:?}");
+    assert!(with.peak_allocated >= with.allocated && with.reserved >= with.allocated, "{with:?}");
+    drop(t);
+    let after = memory::device_stats(device).expect("counters");
+    assert_eq!(after.allocated, before.allocated, "{after:?}");
+    assert_eq!(after.peak_allocated, with.peak_allocated, "the peak stays until reset");
+    assert_eq!(memory::live_bytes(device), Some(after.allocated));
+    assert!(memory::reset_peak(device));
+    assert_eq!(memory::device_stats(device).expect("counters").peak_allocated, after.allocated);
 }
