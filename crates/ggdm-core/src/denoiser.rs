@@ -60,41 +60,30 @@ pub fn eager_vjp<D: Denoiser + ?Sized>(
     }
 }
 
-impl<D: Denoiser + ?Sized> Denoiser for &D {
-    fn forward(&self, x: &Tensor, tau: &Tensor) -> Result<Tensor> {
-        (**self).forward(x, tau)
-    }
-    fn prediction_type(&self) -> PredictionType {
-        (**self).prediction_type()
-    }
-    fn sample_shape(&self) -> Option<[i64; 3]> {
-        (**self).sample_shape()
-    }
-    fn has_vjp(&self) -> bool {
-        (**self).has_vjp()
-    }
-    fn vjp(&self, x: &Tensor, tau: &Tensor, grad_out: &Tensor) -> Result<(Tensor, Tensor)> {
-        (**self).vjp(x, tau, grad_out)
-    }
+/// Forwards every [`Denoiser`] method through a pointer type to the network it points to.
+macro_rules! forward_denoiser {
+    ($($pointer:ty),*) => {$(
+        impl<D: Denoiser + ?Sized> Denoiser for $pointer {
+            fn forward(&self, x: &Tensor, tau: &Tensor) -> Result<Tensor> {
+                (**self).forward(x, tau)
+            }
+            fn prediction_type(&self) -> PredictionType {
+                (**self).prediction_type()
+            }
+            fn sample_shape(&self) -> Option<[i64; 3]> {
+                (**self).sample_shape()
+            }
+            fn has_vjp(&self) -> bool {
+                (**self).has_vjp()
+            }
+            fn vjp(&self, x: &Tensor, tau: &Tensor, grad_out: &Tensor) -> Result<(Tensor, Tensor)> {
+                (**self).vjp(x, tau, grad_out)
+            }
+        }
+    )*};
 }
 
-impl<D: Denoiser + ?Sized> Denoiser for Box<D> {
-    fn forward(&self, x: &Tensor, tau: &Tensor) -> Result<Tensor> {
-        (**self).forward(x, tau)
-    }
-    fn prediction_type(&self) -> PredictionType {
-        (**self).prediction_type()
-    }
-    fn sample_shape(&self) -> Option<[i64; 3]> {
-        (**self).sample_shape()
-    }
-    fn has_vjp(&self) -> bool {
-        (**self).has_vjp()
-    }
-    fn vjp(&self, x: &Tensor, tau: &Tensor, grad_out: &Tensor) -> Result<(Tensor, Tensor)> {
-        (**self).vjp(x, tau, grad_out)
-    }
-}
+forward_denoiser!(&D, Box<D>);
 
 /// `model.forward(x, tau)` with the output's shape checked against `x`: a network whose output is
 /// not a prediction of the same shape (e.g. one that also predicts a learned variance, with twice
