@@ -759,9 +759,16 @@ mod fuzz {
     }
 
     #[test]
-    fn the_shipped_config_parses() {
+    fn the_shipped_configs_parse() {
         let config = parse_config(VALID, Path::new("configs/fashion_mnist.toml")).expect("valid");
         assert_eq!(config.sampler.steps, 10);
+        for (name, text) in [
+            ("cifar10", include_str!("../../../configs/cifar10.toml")),
+            ("lsun_church", include_str!("../../../configs/lsun_church.toml")),
+        ] {
+            let config = parse_config(text, Path::new(name)).unwrap_or_else(|e| panic!("configs/{name}.toml: {e:#}"));
+            assert_eq!(config.optim.remat, Remat::PerCall, "{name}");
+        }
     }
 
     #[test]
