@@ -10,7 +10,7 @@
 //! `i` uses the noise stream `(seed, i)`), so `eval` scores the very images `sample` writes.
 
 use crate::common::{parse_device, progress, NetworkArgs};
-use crate::sample::SamplerChoice;
+use crate::sample::{ModelSamplerArgs, SamplerChoice};
 use anyhow::{bail, Context, Result};
 use ddss_opt::collective::{shard, Collective, SingleProcess};
 use fid_metrics::data::{load_idx_images, load_images, quantize_to_uint8_levels, subsample, Subsample};
@@ -605,16 +605,8 @@ pub fn evaluate(
 /// The arguments of `ddss-cli eval`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct EvalArgs {
-    /// Model directory (diffusers layout, or model.pt + model.json).
-    #[arg(long)]
-    pub model: PathBuf,
-    /// ddpm | ddim (clipping as the model's scheduler_config.json says) | ddim-noclip |
-    /// dpmpp2m, dpmpp3m (DPM-Solver++ multistep, order 2 / 3) | unipc, unipc3 (UniPC bh2,
-    /// order 2 / 3) | path of a sampler.json written by `ddss-cli search`. DPM-Solver++ and
-    /// UniPC follow diffusers' DPMSolverMultistepScheduler / UniPCMultistepScheduler defaults
-    /// and place their steps as those do (--spacing, default linspace).
-    #[arg(long)]
-    pub sampler: String,
+    #[command(flatten)]
+    pub run: ModelSamplerArgs,
     /// Sampling steps K (required, except for a sampler.json, which has its own K).
     #[arg(long)]
     pub steps: Option<usize>,
@@ -628,14 +620,6 @@ pub struct EvalArgs {
     /// Feature set: inception or the path of a classifier .safetensors.
     #[arg(long, default_value = "inception")]
     pub features: String,
-    /// DDIM eta (0 = deterministic).
-    #[arg(long, default_value_t = 0.0)]
-    pub eta: f64,
-    /// leading | trailing | linspace (diffusers' timestep_spacing) | quadratic; default: the
-    /// model's scheduler_config.json for ddim/ddpm, linspace (diffusers' default) for
-    /// dpmpp*/unipc*.
-    #[arg(long)]
-    pub spacing: Option<String>,
     /// Samples per network batch.
     #[arg(long, default_value_t = 64)]
     pub batch: usize,
@@ -661,16 +645,14 @@ pub struct EvalArgs {
 /// Runs `ddss-cli eval`.
 pub fn run_eval(args: EvalArgs) -> Result<()> {
     let spec = FeatureSpec::parse(&args.features).context("--features")?;
-    if args.steps.is_none() && !args.sampler.ends_with(".json") {
-        bail!("--steps is required with --sampler {} (only a sampler.json has its own K)", args.sampler);
+    if args.steps.is_none() && !args.run.sampler.ends_with(".json") {
+        bail!("--steps is required with --sampler {} (only a sampler.json has its own K)", args.run.sampler);
     }
     let reference = FeatureSummary::read_npz(&args.reference).context("--ref")?;
     let comm = crate::dist::world();
     let comm = comm.as_ref();
     let device = crate::dist::rank_device(parse_device(&args.device)?, comm);
-    let model = args.network.load(&args.model, device)?;
-    let choice =
-        SamplerChoice::from_args(&args.sampler, args.steps, args.eta, args.spacing.as_deref(), &model, device)?;
+    let (model, choice) = args.run.load(&args.network, args.steps, device)?;
     let extractor = open_features(&spec, device)?;
     let options =
         EvalOptions { num: args.num, batch: args.batch, seed: args.seed, quantize: !args.no_quantize, device };
@@ -678,7 +660,7 @@ pub fn run_eval(args: EvalArgs) -> Result<()> {
         tracing::info!(
             "eval: {} samples with {} ({} steps), features {}, reference {}{}",
             args.num,
-            args.sampler,
+            args.run.sampler,
             choice.steps(),
             extractor.name(),
             args.reference.display(),
@@ -689,7 +671,7 @@ pub fn run_eval(args: EvalArgs) -> Result<()> {
     let result = evaluate(
         &model,
         &choice,
-        &args.sampler,
+        &args.run.sampler,
         &options,
         extractor.as_ref(),
         &reference,

@@ -24,28 +24,12 @@ use tch::{Device, Tensor};
 /// The arguments of `ddss-cli sample`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct SampleArgs {
-    /// Model directory (diffusers layout, or model.pt + model.json).
-    #[arg(long)]
-    pub model: PathBuf,
-    /// ddpm | ddim (clipping as the model's scheduler_config.json says) | ddim-noclip |
-    /// dpmpp2m, dpmpp3m (DPM-Solver++ multistep, order 2 / 3) | unipc, unipc3 (UniPC bh2,
-    /// order 2 / 3) | path of a sampler.json written by `ddss-cli search`. DPM-Solver++ and
-    /// UniPC follow diffusers' DPMSolverMultistepScheduler / UniPCMultistepScheduler defaults
-    /// and place their steps as those do (--spacing, default linspace).
-    #[arg(long)]
-    pub sampler: String,
+    #[command(flatten)]
+    pub run: ModelSamplerArgs,
     /// Sampling steps K (default: 50 for ddim, T for ddpm, 20 for dpmpp*/unipc*, the file's K
     /// for sampler.json).
     #[arg(long)]
     pub steps: Option<usize>,
-    /// DDIM eta (0 = deterministic).
-    #[arg(long, default_value_t = 0.0)]
-    pub eta: f64,
-    /// leading | trailing | linspace (diffusers' timestep_spacing) | quadratic; default: the
-    /// model's scheduler_config.json for ddim/ddpm, linspace (diffusers' default) for
-    /// dpmpp*/unipc*.
-    #[arg(long)]
-    pub spacing: Option<String>,
     /// Number of samples.
     #[arg(long, default_value_t = 64)]
     pub num: usize,
@@ -75,6 +59,43 @@ pub struct SampleArgs {
     /// Set from the global --quiet.
     #[arg(skip)]
     pub quiet: bool,
+}
+
+/// The model and the sampler of `sample` and `eval` (their step count is each command's own).
+#[derive(Debug, Clone, clap::Args)]
+pub struct ModelSamplerArgs {
+    /// Model directory (diffusers layout, or model.pt + model.json).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// ddpm | ddim (clipping as the model's scheduler_config.json says) | ddim-noclip |
+    /// dpmpp2m, dpmpp3m (DPM-Solver++ multistep, order 2 / 3) | unipc, unipc3 (UniPC bh2,
+    /// order 2 / 3) | path of a sampler.json written by `ddss-cli search`. DPM-Solver++ and
+    /// UniPC follow diffusers' DPMSolverMultistepScheduler / UniPCMultistepScheduler defaults
+    /// and place their steps as those do (--spacing, default linspace).
+    #[arg(long)]
+    pub sampler: String,
+    /// DDIM eta (0 = deterministic).
+    #[arg(long, default_value_t = 0.0)]
+    pub eta: f64,
+    /// leading | trailing | linspace (diffusers' timestep_spacing) | quadratic; default: the
+    /// model's scheduler_config.json for ddim/ddpm, linspace (diffusers' default) for
+    /// dpmpp*/unipc*.
+    #[arg(long)]
+    pub spacing: Option<String>,
+}
+
+impl ModelSamplerArgs {
+    /// Loads the model (as `network` says) and sets up the sampler with `steps`.
+    pub fn load(
+        &self,
+        network: &NetworkArgs,
+        steps: Option<usize>,
+        device: Device,
+    ) -> Result<(LoadedModel, SamplerChoice)> {
+        let model = network.load(&self.model, device)?;
+        let choice = SamplerChoice::from_args(&self.sampler, steps, self.eta, self.spacing.as_deref(), &model, device)?;
+        Ok((model, choice))
+    }
 }
 
 /// A sampler chosen on the command line, ready to run batches.
@@ -220,9 +241,7 @@ pub fn run(args: SampleArgs) -> Result<()> {
     if args.batch == 0 {
         bail!("--batch 0: need at least 1");
     }
-    let model = args.network.load(&args.model, device)?;
-    let choice =
-        SamplerChoice::from_args(&args.sampler, args.steps, args.eta, args.spacing.as_deref(), &model, device)?;
+    let (model, choice) = args.run.load(&args.network, args.steps, device)?;
     let init = match &args.init_noise {
         Some(path) => Some(
             fid_metrics::data::load_samples_npy(path).with_context(|| format!("--init-noise {}", path.display()))?,
@@ -249,7 +268,7 @@ pub fn run(args: SampleArgs) -> Result<()> {
     };
     tracing::info!(
         "sampling {num} images of shape {shape:?} with {} ({} steps) on {device:?}{}",
-        args.sampler,
+        args.run.sampler,
         choice.steps(),
         crate::dist::ranks_note(comm)
     );
