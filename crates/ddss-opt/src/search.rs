@@ -204,6 +204,10 @@ pub struct StepRecord {
     /// ranks; only in data-parallel runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub comm_bytes: Option<u64>,
+    /// Network calls whose activations the step stored (the rest were recomputed), as a
+    /// memory-budget rematerialisation chose them; only with `remat = { memory_budget = ... }`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stored_calls: Option<usize>,
 }
 
 /// The result of a search.
@@ -524,6 +528,10 @@ pub fn run_search_with(
             event: None,
             elapsed_s: started.elapsed().as_secs_f64(),
             comm_bytes,
+            stored_calls: match settings.remat {
+                Remat::MemoryBudget { .. } => crate::unroll::last_memory_plan().map(|p| p.stored_steps),
+                _ => None,
+            },
         };
         if let Some(what) = event {
             sampler.restore(&before)?;

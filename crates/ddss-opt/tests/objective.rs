@@ -130,6 +130,17 @@ impl ddss_opt::search::SearchObserver for StopAt {
 
 /// Runs (or resumes) a 4-step search in `dir`, stopping after `stop_at` steps.
 fn search(dir: &std::path::Path, learn: Learnable, stop_at: u64, resume: bool) -> GgdmSampler {
+    search_with(dir, learn, &settings(4, 2), stop_at, resume)
+}
+
+/// Runs (or resumes) a search with `settings` in `dir`, stopping after `stop_at` steps.
+fn search_with(
+    dir: &std::path::Path,
+    learn: Learnable,
+    settings: &SearchSettings,
+    stop_at: u64,
+    resume: bool,
+) -> GgdmSampler {
     let model = tiny_unet(false, PredictionType::Epsilon);
     let features = Projection::new();
     let real = real_features();
@@ -142,7 +153,7 @@ fn search(dir: &std::path::Path, learn: Learnable, stop_at: u64, resume: bool) -
         sample_shape: [1, 8, 8],
         device: Device::Cpu,
     };
-    run_search(&mut s, parts, &settings(4, 2), &real, dir, resume, &mut StopAt(stop_at)).expect("search");
+    run_search(&mut s, parts, settings, &real, dir, resume, &mut StopAt(stop_at)).expect("search");
     s
 }
 
@@ -190,6 +201,28 @@ fn resumed_search_equals_uninterrupted() {
     assert!(!logits.1.equal(&initial.params.grid_logits.detach()), "the search must move the grid");
     let lines = std::fs::read_to_string(b.join("metrics.jsonl")).expect("metrics").lines().count();
     assert_eq!(lines, 4);
+    let _ = std::fs::remove_dir_all(&base);
+}
+
+#[test]
+fn memory_budget_search_learns_the_per_call_sampler_and_logs_its_stored_calls() {
+    let base = std::env::temp_dir().join(format!("ddss-memory-budget-{}", std::process::id()));
+    let (a, b) = (base.join("per-call"), base.join("budget"));
+    std::fs::create_dir_all(&a).expect("dir");
+    std::fs::create_dir_all(&b).expect("dir");
+    let per_call = search_with(&a, Learnable::all(), &settings(3, 1), 3, false);
+    let everything = SearchSettings { remat: Remat::MemoryBudget { mib: 1 << 20 }, ..settings(3, 1) };
+    let budget = search_with(&b, Learnable::all(), &everything, 3, false);
+    for ((name, x), (_, y)) in per_call.params.named().iter().zip(budget.params.named().iter()) {
+        let d = (*x - *y).abs().max().double_value(&[]);
+        assert!(d <= 1e-6, "{name}: the memory-budget search differs from the per-call one by {d}");
+    }
+    let lines = |dir: &std::path::Path| std::fs::read_to_string(dir.join("metrics.jsonl")).expect("metrics");
+    let logged = lines(&b);
+    assert_eq!(logged.lines().count(), 3);
+    // A budget of 1 TiB stores every one of the K = 4 calls.
+    assert!(logged.lines().all(|l| l.contains("\"stored_calls\":4")), "{logged}");
+    assert!(!lines(&a).contains("stored_calls"));
     let _ = std::fs::remove_dir_all(&base);
 }
 
