@@ -112,7 +112,6 @@ fn model_name(args: &BenchArgs) -> String {
     }
 }
 
-/// Resident-memory high-water mark and current value of this process, in MiB (Linux).
 /// The process's peak and current resident memory, in MiB (NaN where unreadable).
 fn memory_mib() -> (f64, f64) {
     let mib = |bytes: Option<u64>| bytes.map_or(f64::NAN, |b| b as f64 / f64::from(1 << 20));

@@ -51,7 +51,7 @@ pub enum Remat {
     /// Keep the activations of as many calls as fit in `mib` MiB (on top of what per-call
     /// rematerialisation needs), recompute the rest. The size of one call's activations is
     /// measured on the first call of every forward pass: exactly on a CUDA device (the caching
-    /// allocator's counters), as resident-memory growth on the CPU.
+    /// allocator's counters), from the C heap's in-use bytes on the CPU ([`ggdm_core::memory::live_bytes`]).
     MemoryBudget {
         /// The memory for stored activations, in MiB.
         mib: u64,
