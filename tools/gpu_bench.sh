@@ -9,15 +9,22 @@
 #
 # What runs there (cifar10 architecture google/ddpm-cifar10-32 with random weights, KID on a
 # random-weight Inception-v3 at 299x299; each measurement a fresh process), most important first:
-#   one DDSS step, K = 10, batch 64, per-call remat (reference: torch.utils.checkpoint per network
-#   call), f32 and bf16 network calls, ours eager, with --cuda-graphs, and with --cuda-graphs
-#   --feature-chunk 16 (the Inception's backward 16 samples at a time, less memory); same weights
-#   and noise, so the table also compares their losses and gradients;
-#   DDIM sampling K = 10, batch 256, f32 and bf16, eager and with CUDA graphs;
-#   K = 5 and 20 per-call (memory growth with K); K = 10 naive autograd; Inception feature
-#   extraction, batch 256; K = 10 budget remat (ours); channels-last with CUDA graphs; then the
-#   church-256 architecture (step at batch 8, sampling at batch 32).
-# Each part has its own timeout, and the whole stays under TOTAL_SECONDS (default 540; give the device call a 600 s limit).
+#   1. one DDSS step, K = 10, batch 64, per-call remat (reference: torch.utils.checkpoint per
+#      network call), f32 and bf16 network calls: ours eager, with --cuda-graphs, and with
+#      --cuda-graphs --feature-chunk 16 (the Inception's backward 16 samples at a time, less
+#      memory), same weights and noise, so the table also compares their losses and gradients;
+#      then ours with the memory-budget remat given the room left under the reference's f32 peak
+#      (as many stored calls as fit there);
+#   2. DDIM sampling K = 10, batch 256, f32 and bf16, eager and with CUDA graphs;
+#   3. K = 5 and 20 per-call steps (memory growth with K), eager and with bf16 CUDA graphs;
+#   4. K = 10 naive autograd; Inception feature extraction, batch 256; K = 10 budget remat (ours);
+#      bf16 channels-last with CUDA graphs; the church-256 architecture (step at batch 8, sampling
+#      at batch 32).
+# table.md ends with the headline comparisons (bench/reference/table.py): every K = 10 step against
+# the reference's f32 per-call checkpoint (goal: 2x the throughput at no more than its peak
+# memory), sampling against its f32 loop (goal: 1.5x), and the memory growth from K = 5 to 20.
+# Each part has its own timeout, and the whole stays under TOTAL_SECONDS (default 470, under
+# 8 minutes; give the device call a 600 s limit); what the time budget cuts is logged as skipped.
 #
 # Needs there: the repository tree, target/release/ddss-cli, python3 with torch 2.11 (+ CUDA),
 # torchvision and safetensors, and diffusers 0.42.1 (from the carried .whl/ if not installed).
@@ -50,7 +57,7 @@ LOG="$OUT/bench.log"
 RESULTS="$OUT/results.jsonl"
 : >"$RESULTS"
 : >"$LOG"
-TOTAL_SECONDS="${TOTAL_SECONDS:-540}"
+TOTAL_SECONDS="${TOTAL_SECONDS:-470}"
 START=$(date +%s)
 BIN="${BIN:-$ROOT/target/release/ddss-cli}"
 PY="${PYTHON:-python3}"
@@ -144,27 +151,72 @@ if [ -x .whl/cuda_graphs-test ]; then
         || log "CUDA-graph test: FAILED (see bench.log)"
 fi
 
-# The first part also pays for cold caches (libraries, CUDA context, cuDNN): a longer limit.
+# MiB between the reference's f32 per-call K = 10 peak and ours with CUDA graphs and feature chunks
+# of 16 at PRECISION (the caching allocator's peak bytes in tensors when both report them), less a
+# 128 MiB margin; nothing when a side is missing or there is no room.
+headroom() {
+    "$PY" - "$RESULTS" "$1" "$BATCH" <<'PYEOF'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+prec, batch = sys.argv[2], int(sys.argv[3])
+def pick(**want):
+    found = [r for r in rows if all(r.get(k) == v for k, v in want.items()) and r.get("seconds")]
+    return found[-1] if found else None
+base = dict(what="step", steps=10, batch=batch, remat="per_call")
+ref = pick(side="reference", precision="f32", **base)
+ours = pick(side="ours", precision=prec, cuda_graphs=True, feature_chunk=16, **base)
+if ref and ours:
+    key = "cuda_max_allocated_mib" if ref.get("cuda_max_allocated_mib") is not None and ours.get("cuda_max_allocated_mib") is not None else "memory_mib"
+    room = int(ref[key] - ours[key] - 128)
+    if room > 0:
+        print(room)
+PYEOF
+}
+
+# One step that stores as many network calls as fit under the reference's f32 peak (the
+# memory-budget rematerialisation with the headroom measured above), with CUDA graphs and feature
+# chunks of 16: the fastest step at no more than the reference's memory.
+within_reference_peak() { # PRECISION
+    local prec=$1 room
+    room=$(headroom "$prec")
+    if [ -z "$room" ]; then
+        log "step K=10 $prec within the reference's peak: skipped (no headroom measured)"
+        return
+    fi
+    run 40 "step K=10 B=$BATCH memory:$room $prec: ours, CUDA graphs, feature chunks of 16 (within the reference's peak)" \
+        "$BIN" --quiet bench-unroll --what step --steps 10 --batch "$BATCH" --remat "memory:$room" "${COMMON[@]}" \
+        --precision "$prec" --cuda-graphs --feature-chunk 16
+}
+
+# Most important first (the time budget may cut the tail). The first part also pays for cold
+# caches (libraries, CUDA context, cuDNN): a longer limit.
+# 1. The step goal: K = 10, batch 64, against the reference's per-call checkpoint.
 step 10 per_call 75 f32 16
 step 10 per_call 40 bf16 16
+within_reference_peak bf16
+within_reference_peak f32
+# 2. The sampling goal: against the reference's f32 loop.
 sample f32
 sample bf16
+# 3. Memory growth of the per-call step from K = 5 to K = 20, eager and with bf16 CUDA graphs.
 step 5 per_call 35
 step 20 per_call 60
+for k in 5 20; do
+    run 40 "step K=$k B=$BATCH per_call bf16: ours, CUDA graphs" "$BIN" --quiet bench-unroll --what step --steps "$k" \
+        --batch "$BATCH" --remat per_call "${COMMON[@]}" --precision bf16 --cuda-graphs
+done
+# 4. The rest: naive autograd, features, a fixed budget, channels-last (bf16, where cuDNN's NHWC
+# kernels matter most), then the church-256 architecture.
 step 10 naive 45
 run 40 "features B=$TBATCH: ours" "$BIN" --quiet bench-unroll --what features --steps 10 --batch "$TBATCH" "${COMMON[@]}"
 run 40 "features B=$TBATCH: reference" "$PY" "$REF" --what features --steps 10 --batch "$TBATCH" "${COMMON[@]}"
-step 10 budget:5 30
-# The memory budget chooses the stored calls itself (about 3 GB per call is expected here).
-step 10 memory:12288 30
-# Channels-last (NHWC) network calls with CUDA graphs, bf16 then f32, while the time budget lasts.
-for prec in bf16 f32; do
-    run 40 "step K=10 B=$BATCH per_call $prec: ours, CUDA graphs, channels-last" "$BIN" --quiet bench-unroll \
-        --what step --steps 10 --batch "$BATCH" --remat per_call "${COMMON[@]}" --precision "$prec" --cuda-graphs \
-        --channels-last
-    run 40 "sample B=$TBATCH $prec: ours, CUDA graphs, channels-last" "$BIN" --quiet bench-unroll --what sample \
-        --steps 10 --batch "$TBATCH" "${COMMON[@]}" --precision "$prec" --cuda-graphs --channels-last
-done
+run 30 "step K=10 B=$BATCH budget:5 f32: ours" "$BIN" --quiet bench-unroll --what step --steps 10 --batch "$BATCH" \
+    --remat budget:5 "${COMMON[@]}"
+run 40 "step K=10 B=$BATCH per_call bf16: ours, CUDA graphs, channels-last" "$BIN" --quiet bench-unroll \
+    --what step --steps 10 --batch "$BATCH" --remat per_call "${COMMON[@]}" --precision bf16 --cuda-graphs \
+    --channels-last
+run 40 "sample B=$TBATCH bf16: ours, CUDA graphs, channels-last" "$BIN" --quiet bench-unroll --what sample \
+    --steps 10 --batch "$TBATCH" "${COMMON[@]}" --precision bf16 --cuda-graphs --channels-last
 
 # The google/ddpm-ema-church-256 architecture (113.7M parameters, 256x256), random weights:
 # K = 10 per-call step at batch 8 and sampling at batch 32, eager and with CUDA graphs, bf16 graphs.
@@ -173,17 +225,13 @@ CHURCH_COMMON=(--device "$DEVICE" --unet-config "$CHURCH" --features "$FEATURES"
 CB="${CHURCH_BATCH:-8}"
 CS="${CHURCH_SAMPLE_BATCH:-32}"
 run 60 "church step K=10 B=$CB per_call: ours" "$BIN" --quiet bench-unroll --what step --steps 10 --batch "$CB" \
-    --remat per_call "${CHURCH_COMMON[@]}" --save-noise "$SCRATCH/noise-church.safetensors"
-run 60 "church step K=10 B=$CB per_call: ours, CUDA graphs" "$BIN" --quiet bench-unroll --what step --steps 10 \
-    --batch "$CB" --remat per_call "${CHURCH_COMMON[@]}" --cuda-graphs
+    --remat per_call "${CHURCH_COMMON[@]}"
 run 60 "church step K=10 B=$CB per_call: reference" "$PY" "$REF" --what step --steps 10 --batch "$CB" \
-    --remat per_call "${CHURCH_COMMON[@]}" --noise "$SCRATCH/noise-church.safetensors"
+    --remat per_call "${CHURCH_COMMON[@]}"
 run 60 "church step K=10 B=$CB per_call bf16: ours, CUDA graphs" "$BIN" --quiet bench-unroll --what step \
     --steps 10 --batch "$CB" --remat per_call "${CHURCH_COMMON[@]}" --precision bf16 --cuda-graphs
-for g in "" --cuda-graphs; do
-    run 60 "church sample B=$CS: ours ${g}" "$BIN" --quiet bench-unroll --what sample --steps 10 --batch "$CS" \
-        "${CHURCH_COMMON[@]}" $g
-done
+run 60 "church sample B=$CS: ours, CUDA graphs" "$BIN" --quiet bench-unroll --what sample --steps 10 --batch "$CS" \
+    "${CHURCH_COMMON[@]}" --cuda-graphs
 run 60 "church sample B=$CS: reference" "$PY" "$REF" --what sample --steps 10 --batch "$CS" "${CHURCH_COMMON[@]}"
 
 "$PY" "$ROOT/bench/reference/table.py" "$RESULTS" --title "$DEVICE: cifar10 architecture (random weights)" \

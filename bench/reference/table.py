@@ -6,6 +6,12 @@ same reference, and the loss values and gradient norms of the CUDA-graph runs ar
 eager runs of the same setting.
 
     python table.py RESULTS.jsonl [MORE.jsonl ...] [--title TEXT] [--out FILE.md]
+                    [--step-goal 2] [--sample-goal 1.5]
+
+After the tables come the headline comparisons ("goal met" against --step-goal and --sample-goal):
+every K = 10 rematerialised step of ours against the reference's f32 per-call checkpoint, every
+sampling run against the reference's f32 loop, and the per-call step's memory growth from K = 5
+to K = 20.
 
 Lines that do not parse as JSON objects (logs, warnings) are ignored. A measurement missing on
 one side is shown as "-" (a failed or timed-out run), so a partial run still gives a table.
@@ -123,7 +129,7 @@ def graphs_check(index, keys):
     )
 
 
-def build(rows, title=None):
+def build(rows, title=None, step_goal=2.0, sample_goal=1.5):
     index = {}
     for row in rows:
         key = (
@@ -215,7 +221,114 @@ def build(rows, title=None):
                     f"{ratio(ips[0], ips[1])} | {fmt(ms[0], 0)} | {fmt(ms[1], 0)} |"
                 )
         out.append("")
+    out += goals(index, step_goal, sample_goal)
     return "\n".join(out)
+
+
+def peaks(*rows):
+    """The peak memory of each row in one measure: the caching allocator's peak bytes in tensors
+    when every row reports it, else `memory_mib`; with the name of the measure."""
+    if all(r.get("cuda_max_allocated_mib") is not None for r in rows):
+        return [r["cuda_max_allocated_mib"] for r in rows], "peak alloc"
+    return [r.get("memory_mib") for r in rows], rows[0].get("memory_kind", "memory")
+
+
+def goals(index, step_goal=2.0, sample_goal=1.5):
+    """The headline comparisons, for every batch and network present: each rematerialised K = 10
+    step of ours (any precision and variant) against the reference's f32 per-call checkpoint
+    (throughput ratio, peak memory ratio); each K = 10 sampling run of ours against the reference's
+    f32 loop; and how the peak memory of ours' per-call step grows from K = 5 to K = 20, next to
+    the stored states' share (`state_batch_mib` per kept tensor: input, prediction and noise, and
+    the network output with CUDA graphs)."""
+    out = []
+    step_rows = []
+    for key, entries in sorted(index.items(), key=lambda kv: str(kv[0])):
+        what, remat, k, batch, prec, model = key
+        if what != "step" or k != 10 or remat == "naive":
+            continue
+        ref = index.get(("step", "per_call", 10, batch, "f32", model), {}).get("reference")
+        if not ref or not ref.get("seconds"):
+            continue
+        for side, label in ours_variants(entries):
+            ours = entries.get(side)
+            if not ours or not ours.get("seconds"):
+                continue
+            speed = ref["seconds"] / ours["seconds"]
+            (mem, ref_mem), measure = peaks(ours, ref)
+            mem_ratio = mem / ref_mem if mem is not None and ref_mem else None
+            met = speed >= step_goal and mem_ratio is not None and mem_ratio <= 1.0
+            stored = ours.get("stored_steps")
+            extra = f" ({stored} stored)" if stored is not None and remat.startswith("memory:") else ""
+            step_rows.append(
+                f"| {model} | {remat_label(remat)}{extra}{label} | {prec} | {batch} | {ours['seconds']:.3f} | "
+                f"{ref['seconds']:.3f} | {speed:.2f}x | {measure} | {fmt(mem, 0)} | {fmt(ref_mem, 0)} | "
+                f"{fmt(mem_ratio, 2)} | {'yes' if met else 'no'} |"
+            )
+    if step_rows:
+        out.append(
+            f"**Goal: a K = 10 step at {step_goal:g}x the reference's f32 per-call checkpoint throughput, "
+            "at no more than its peak memory**"
+        )
+        out.append("")
+        out.append(
+            "| network | ours | precision | batch | ours s | ref f32 per-call s | throughput ours/ref | memory measure "
+            "| ours MiB | ref MiB | memory ours/ref | goal met |"
+        )
+        out.append("|---" * 12 + "|")
+        out += step_rows
+        out.append("")
+    sample_rows = []
+    for key, entries in sorted(index.items(), key=lambda kv: str(kv[0])):
+        what, _, k, batch, prec, model = key
+        if what != "sample":
+            continue
+        ref = index.get(("sample", "-", k, batch, "f32", model), {}).get("reference")
+        if not ref or not ref.get("images_per_second"):
+            continue
+        for side, label in ours_variants(entries):
+            ours = entries.get(side)
+            if not ours or not ours.get("images_per_second"):
+                continue
+            speed = ours["images_per_second"] / ref["images_per_second"]
+            sample_rows.append(
+                f"| {model} | DDIM{label} | {prec} | {k} | {batch} | {ours['images_per_second']:.1f} | "
+                f"{ref['images_per_second']:.1f} | {speed:.2f}x | {'yes' if speed >= sample_goal else 'no'} |"
+            )
+    if sample_rows:
+        out.append(f"**Goal: sampling at {sample_goal:g}x the reference's f32 loop (images/s)**")
+        out.append("")
+        out.append("| network | ours | precision | K | batch | ours img/s | ref f32 img/s | ours/ref | goal met |")
+        out.append("|---" * 9 + "|")
+        out += sample_rows
+        out.append("")
+    growth_rows = []
+    sides = {}
+    for key, entries in index.items():
+        what, remat, k, batch, prec, model = key
+        if what == "step" and remat == "per_call" and k in (5, 20):
+            for side, row in entries.items():
+                sides.setdefault((model, batch, prec, side), {})[k] = row
+    for (model, batch, prec, side), by_k in sorted(sides.items()):
+        if 5 not in by_k or 20 not in by_k:
+            continue
+        (m5, m20), measure = peaks(by_k[5], by_k[20])
+        if m5 is None or m20 is None:
+            continue
+        state = by_k[20].get("state_batch_mib")
+        kept = 4 if "+graphs" in side else 3
+        states = f"{15 * kept * state:.0f} ({kept} x 15 x {state:.2f})" if state else "-"
+        who = "reference" if side == "reference" else "ours" + variant_label(side)
+        growth_rows.append(
+            f"| {model} | {who} | {prec} | {batch} | {measure} | {m5:.0f} | {m20:.0f} | {m20 - m5:.0f} | {states} |"
+        )
+    if growth_rows:
+        out.append("**Goal: the per-call step's peak memory grows from K = 5 to K = 20 only by the stored states**")
+        out.append("")
+        out.append("| network | side | precision | batch | memory measure | K = 5 MiB | K = 20 MiB | growth MiB | 15 more steps' states MiB |")
+        out.append("|---" * 9 + "|")
+        out += growth_rows
+        out.append("")
+    return out
 
 
 def main():
@@ -223,8 +336,13 @@ def main():
     p.add_argument("inputs", nargs="+")
     p.add_argument("--title", default=None)
     p.add_argument("--out", default=None)
+    p.add_argument("--step-goal", type=float, default=2.0,
+                   help="throughput ratio a K = 10 step of ours should reach against the reference's f32 "
+                   "per-call checkpoint (default 2, the CUDA goal; 1 on the CPU)")
+    p.add_argument("--sample-goal", type=float, default=1.5,
+                   help="images/s ratio sampling should reach against the reference's f32 loop (default 1.5)")
     args = p.parse_args()
-    text = build(read_lines(args.inputs), args.title)
+    text = build(read_lines(args.inputs), args.title, args.step_goal, args.sample_goal)
     print(text)
     if args.out:
         with open(args.out, "w") as f:

@@ -754,9 +754,12 @@ fn bench(rest: &[String]) -> Result<()> {
     }
     let jsonl = plan.out.with_extension("jsonl");
     std::fs::write(&jsonl, lines.join("\n") + "\n").with_context(|| format!("writing {}", jsonl.display()))?;
+    // The goals of the headline comparisons: on the CPU, no slower than the reference.
+    let goals: &[&str] = if plan.device == "cpu" { &["--step-goal", "1", "--sample-goal", "1"] } else { &[] };
     let table = Command::new(&env.python)
         .arg(root.join("bench").join("reference").join("table.py"))
         .arg(&jsonl)
+        .args(goals)
         .output()
         .context("running bench/reference/table.py")?;
     if !table.status.success() {

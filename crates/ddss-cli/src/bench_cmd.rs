@@ -278,6 +278,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "step" => {
             let remat = parse_remat(&args.remat)?;
             let extractor = open_features(&args.features, device)?;
+            // One f32 batch of states: what each further step adds to per-call rematerialisation
+            // (its input, its prediction and its noise are kept; with CUDA graphs its output too).
+            let state_bytes = batch as f64 * (shape[0] * shape[1] * shape[2]) as f64 * 4.0;
+            extra.insert("state_batch_mib".into(), (state_bytes / f64::from(1 << 20)).into());
             // Reference features: a fixed random set is enough to time the loss and its gradient.
             tch::manual_seed(0);
             let real = Tensor::randn([256, extractor.dim() as i64], (Kind::Float, Device::Cpu)).abs().to_device(device);
