@@ -13,13 +13,14 @@
 #      network call), f32 and bf16 network calls: ours eager, with --cuda-graphs, and with
 #      --cuda-graphs --feature-chunk 16 (the Inception's backward 16 samples at a time, less
 #      memory), same weights and noise, so the table also compares their losses and gradients;
-#      then ours with the memory-budget remat given the room left under the reference's f32 peak
-#      (as many stored calls as fit there);
-#   2. DDIM sampling K = 10, batch 256, f32 and bf16, eager and with CUDA graphs;
-#   3. K = 5 and 20 per-call steps (memory growth with K), eager and with bf16 CUDA graphs;
+#      bf16 also with channels-last and --cudnn-benchmark; then ours with the memory-budget remat
+#      given the room left under the reference's f32 peak (as many stored calls as fit there); and
+#      the reference with cuDNN benchmark mode too;
+#   2. DDIM sampling K = 10, batch 256, f32 and bf16, eager and with CUDA graphs (bf16 also with
+#      channels-last and cuDNN benchmark mode), against the reference's f32 loop;
+#   3. K = 5 and 20 per-call steps (memory growth with K), eager f32 and with bf16 CUDA graphs;
 #   4. K = 10 naive autograd; Inception feature extraction, batch 256; K = 10 budget remat (ours);
-#      bf16 channels-last with CUDA graphs; the church-256 architecture (step at batch 8, sampling
-#      at batch 32).
+#      the church-256 architecture (step at batch 8, sampling at batch 32).
 # table.md ends with the headline comparisons (bench/reference/table.py): every K = 10 step against
 # the reference's f32 per-call checkpoint (goal: 2x the throughput at no more than its peak
 # memory), sampling against its f32 loop (goal: 1.5x), and the memory growth from K = 5 to 20.
@@ -116,32 +117,39 @@ BATCH="${BATCH:-64}"
 TBATCH="${TBATCH:-256}"
 COMMON=(--device "$DEVICE" --unet-config "$UNET" --features "$FEATURES" --warmup "${WARMUP:-2}" --repeat "${REPEAT:-3}")
 
-step() { # K REMAT LIMIT [PRECISION [CHUNK]]: ours eager, ours with CUDA graphs (not for naive), with
-    # CUDA graphs and the Inception's backward in chunks of CHUNK samples (when given), reference
-    local k=$1 remat=$2 limit=$3 prec=${4:-f32} chunk=${5:-} noise="$SCRATCH/noise-k$1.safetensors"
-    run "$limit" "step K=$k B=$BATCH $remat $prec: ours" \
-        "$BIN" --quiet bench-unroll --what step --steps "$k" --batch "$BATCH" --remat "$remat" "${COMMON[@]}" \
-        --precision "$prec" --save-noise "$noise"
-    [ "$remat" != naive ] && run "$limit" "step K=$k B=$BATCH $remat $prec: ours, CUDA graphs" \
-        "$BIN" --quiet bench-unroll --what step --steps "$k" --batch "$BATCH" --remat "$remat" "${COMMON[@]}" \
-        --precision "$prec" --cuda-graphs
-    [ -n "$chunk" ] && run "$limit" "step K=$k B=$BATCH $remat $prec: ours, CUDA graphs, feature chunks of $chunk" \
-        "$BIN" --quiet bench-unroll --what step --steps "$k" --batch "$BATCH" --remat "$remat" "${COMMON[@]}" \
-        --precision "$prec" --cuda-graphs --feature-chunk "$chunk"
-    case $remat in budget:* | memory:*) return ;; esac
-    run "$limit" "step K=$k B=$BATCH $remat $prec: reference" \
-        "$PY" "$REF" --what step --steps "$k" --batch "$BATCH" --remat "$remat" "${COMMON[@]}" --precision "$prec" \
-        --noise "$noise"
+# The flags of a run for its name, without the noise files.
+flags_label() {
+    local out=""
+    while [ $# -gt 0 ]; do
+        case $1 in
+            --save-noise | --noise) shift ;;
+            *) out+=" $1" ;;
+        esac
+        shift
+    done
+    echo "$out"
 }
 
-sample() { # PRECISION: ours eager, ours with CUDA graphs, reference
-    local prec=$1
-    run 40 "sample B=$TBATCH $prec: ours" "$BIN" --quiet bench-unroll --what sample --steps 10 --batch "$TBATCH" \
-        "${COMMON[@]}" --precision "$prec"
-    run 40 "sample B=$TBATCH $prec: ours, CUDA graphs" "$BIN" --quiet bench-unroll --what sample --steps 10 \
-        --batch "$TBATCH" "${COMMON[@]}" --precision "$prec" --cuda-graphs
-    run 40 "sample B=$TBATCH $prec: reference" "$PY" "$REF" --what sample --steps 10 --batch "$TBATCH" \
-        "${COMMON[@]}" --precision "$prec"
+# ours LIMIT WHAT K REMAT PRECISION [FLAGS...]: one run of ours, named after its settings.
+ours() {
+    local limit=$1 what=$2 k=$3 remat=$4 prec=$5 batch=$BATCH
+    shift 5
+    [ "$what" = step ] || batch=$TBATCH
+    local name="$what K=$k B=$batch $([ "$what" = step ] && echo "$remat ")$prec: ours$(flags_label "$@")"
+    local args=(--what "$what" --steps "$k" --batch "$batch" --precision "$prec" "${COMMON[@]}")
+    [ "$what" = step ] && args+=(--remat "$remat")
+    run "$limit" "$name" "$BIN" --quiet bench-unroll "${args[@]}" "$@"
+}
+
+# reference LIMIT WHAT K REMAT PRECISION [FLAGS...]: the same for the PyTorch reference.
+reference() {
+    local limit=$1 what=$2 k=$3 remat=$4 prec=$5 batch=$BATCH
+    shift 5
+    [ "$what" = step ] || batch=$TBATCH
+    local name="$what K=$k B=$batch $([ "$what" = step ] && echo "$remat ")$prec: reference$(flags_label "$@")"
+    local args=(--what "$what" --steps "$k" --batch "$batch" --precision "$prec" "${COMMON[@]}")
+    [ "$what" = step ] && args+=(--remat "$remat")
+    run "$limit" "$name" "$PY" "$REF" "${args[@]}" "$@"
 }
 
 # The CUDA-graph test binary (from `prepare`): replayed forward calls and VJPs equal eager ones.
@@ -163,60 +171,68 @@ def pick(**want):
     found = [r for r in rows if all(r.get(k) == v for k, v in want.items()) and r.get("seconds")]
     return found[-1] if found else None
 base = dict(what="step", steps=10, batch=batch, remat="per_call")
-ref = pick(side="reference", precision="f32", **base)
-ours = pick(side="ours", precision=prec, cuda_graphs=True, feature_chunk=16, **base)
+ref = pick(side="reference", precision="f32", cudnn_benchmark=False, **base)
+ours = pick(side="ours", precision=prec, cuda_graphs=True, feature_chunk=16, channels_last=False, cudnn_benchmark=False, **base)
 if ref and ours:
-    key = "cuda_max_allocated_mib" if ref.get("cuda_max_allocated_mib") is not None and ours.get("cuda_max_allocated_mib") is not None else "memory_mib"
+    both = all(r.get("cuda_max_allocated_mib") is not None for r in (ref, ours))
+    key = "cuda_max_allocated_mib" if both else "memory_mib"
     room = int(ref[key] - ours[key] - 128)
     if room > 0:
         print(room)
 PYEOF
 }
 
-# One step that stores as many network calls as fit under the reference's f32 peak (the
-# memory-budget rematerialisation with the headroom measured above), with CUDA graphs and feature
-# chunks of 16: the fastest step at no more than the reference's memory.
-within_reference_peak() { # PRECISION
+# A step that stores as many network calls as fit under the reference's f32 peak (the memory-budget
+# rematerialisation given the headroom measured above), with CUDA graphs, feature chunks of 16 and
+# FLAGS: the fastest step at no more than the reference's memory.
+within_reference_peak() { # PRECISION [FLAGS...]
     local prec=$1 room
+    shift
     room=$(headroom "$prec")
     if [ -z "$room" ]; then
         log "step K=10 $prec within the reference's peak: skipped (no headroom measured)"
         return
     fi
-    run 40 "step K=10 B=$BATCH memory:$room $prec: ours, CUDA graphs, feature chunks of 16 (within the reference's peak)" \
-        "$BIN" --quiet bench-unroll --what step --steps 10 --batch "$BATCH" --remat "memory:$room" "${COMMON[@]}" \
-        --precision "$prec" --cuda-graphs --feature-chunk 16
+    ours 40 step 10 "memory:$room" "$prec" --cuda-graphs --feature-chunk 16 "$@"
 }
 
-# Most important first (the time budget may cut the tail). The first part also pays for cold
-# caches (libraries, CUDA context, cuDNN): a longer limit.
-# 1. The step goal: K = 10, batch 64, against the reference's per-call checkpoint.
-step 10 per_call 75 f32 16
-step 10 per_call 40 bf16 16
+# Most important first (the time budget may cut the tail). The first run also pays for cold caches
+# (libraries, CUDA context, cuDNN): a longer limit.
+NOISE="$SCRATCH/noise-k10.safetensors"
+# 1. The step goal: K = 10, batch 64, against the reference's per-call checkpoint (same weights and
+#    noise for ours eager, with CUDA graphs and with feature chunks, so their losses are compared).
+ours 75 step 10 per_call f32 --save-noise "$NOISE"
+ours 40 step 10 per_call f32 --cuda-graphs
+ours 40 step 10 per_call f32 --cuda-graphs --feature-chunk 16
+reference 60 step 10 per_call f32 --noise "$NOISE"
+ours 40 step 10 per_call bf16
+ours 40 step 10 per_call bf16 --cuda-graphs
+ours 40 step 10 per_call bf16 --cuda-graphs --feature-chunk 16
+ours 40 step 10 per_call bf16 --cuda-graphs --feature-chunk 16 --channels-last --cudnn-benchmark
+reference 40 step 10 per_call bf16 --noise "$NOISE"
 within_reference_peak bf16
+within_reference_peak bf16 --channels-last --cudnn-benchmark
 within_reference_peak f32
+reference 40 step 10 per_call f32 --cudnn-benchmark --noise "$NOISE"
 # 2. The sampling goal: against the reference's f32 loop.
-sample f32
-sample bf16
+ours 40 sample 10 - f32
+ours 40 sample 10 - f32 --cuda-graphs
+reference 40 sample 10 - f32
+ours 40 sample 10 - bf16
+ours 40 sample 10 - bf16 --cuda-graphs
+ours 40 sample 10 - bf16 --cuda-graphs --channels-last --cudnn-benchmark
 # 3. Memory growth of the per-call step from K = 5 to K = 20, eager and with bf16 CUDA graphs.
-step 5 per_call 35
-step 20 per_call 60
 for k in 5 20; do
-    run 40 "step K=$k B=$BATCH per_call bf16: ours, CUDA graphs" "$BIN" --quiet bench-unroll --what step --steps "$k" \
-        --batch "$BATCH" --remat per_call "${COMMON[@]}" --precision bf16 --cuda-graphs
+    ours 60 step "$k" per_call f32 --save-noise "$SCRATCH/noise-k$k.safetensors"
+    reference 60 step "$k" per_call f32 --noise "$SCRATCH/noise-k$k.safetensors"
+    ours 40 step "$k" per_call bf16 --cuda-graphs
 done
-# 4. The rest: naive autograd, features, a fixed budget, channels-last (bf16, where cuDNN's NHWC
-# kernels matter most), then the church-256 architecture.
-step 10 naive 45
+# 4. The rest: naive autograd, features, a fixed budget, then the church-256 architecture.
+ours 45 step 10 naive f32
+reference 45 step 10 naive f32
 run 40 "features B=$TBATCH: ours" "$BIN" --quiet bench-unroll --what features --steps 10 --batch "$TBATCH" "${COMMON[@]}"
 run 40 "features B=$TBATCH: reference" "$PY" "$REF" --what features --steps 10 --batch "$TBATCH" "${COMMON[@]}"
-run 30 "step K=10 B=$BATCH budget:5 f32: ours" "$BIN" --quiet bench-unroll --what step --steps 10 --batch "$BATCH" \
-    --remat budget:5 "${COMMON[@]}"
-run 40 "step K=10 B=$BATCH per_call bf16: ours, CUDA graphs, channels-last" "$BIN" --quiet bench-unroll \
-    --what step --steps 10 --batch "$BATCH" --remat per_call "${COMMON[@]}" --precision bf16 --cuda-graphs \
-    --channels-last
-run 40 "sample B=$TBATCH bf16: ours, CUDA graphs, channels-last" "$BIN" --quiet bench-unroll --what sample \
-    --steps 10 --batch "$TBATCH" "${COMMON[@]}" --precision bf16 --cuda-graphs --channels-last
+ours 30 step 10 budget:5 f32
 
 # The google/ddpm-ema-church-256 architecture (113.7M parameters, 256x256), random weights:
 # K = 10 per-call step at batch 8 and sampling at batch 32, eager and with CUDA graphs, bf16 graphs.

@@ -314,6 +314,8 @@ def main():
     p.add_argument("--precision", default="f32", choices=["f32", "bf16"])
     p.add_argument("--noise", default=None, help="safetensors from ddss-cli bench-unroll --save-noise")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: PyTorch's default)")
+    p.add_argument("--cudnn-benchmark", action="store_true",
+                   help="torch.backends.cudnn.benchmark = True (default: PyTorch's default, False)")
     args = p.parse_args()
 
     if args.threads > 0:
@@ -323,7 +325,7 @@ def main():
         # PyTorch's defaults, stated: TF32 for cuDNN convolutions, full f32 for matmuls.
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.benchmark = args.cudnn_benchmark
     B, K = args.batch, args.steps
     extra = {}
 
@@ -412,6 +414,7 @@ def main():
         "grad_norms": value.get("grad_norms"), "rss_before_mib": rss_before,
         "peak_rss_mib": peak, "step_extra_mib": peak - rss_before,
         "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "cudnn_benchmark": args.cudnn_benchmark,
     }
     if device.type == "cuda":
         line["cuda_max_allocated_mib"] = (torch.cuda.max_memory_allocated() - alloc_before) / 2**20

@@ -77,18 +77,21 @@ def remat_order(remat):
 
 def side_of(row):
     """"reference", or "ours" followed by "+graphs" for a `--cuda-graphs` run, "+cl" for a
-    `--channels-last` run and "+chunkN" for a `--feature-chunk N` run."""
+    `--channels-last` run and "+chunkN" for a `--feature-chunk N` run; "+cudnn" after either for a
+    `--cudnn-benchmark` run."""
     if row["side"] != "ours":
-        return row["side"]
+        return row["side"] + ("+cudnn" if row.get("cudnn_benchmark") else "")
     side = "ours" + ("+graphs" if row.get("cuda_graphs") else "") + ("+cl" if row.get("channels_last") else "")
     if row.get("feature_chunk"):
         side += f"+chunk{row['feature_chunk']}"
+    if row.get("cudnn_benchmark"):
+        side += "+cudnn"
     return side
 
 
 def variant_label(side):
     """The row label's suffix for a side of ours."""
-    parts = {"graphs": "CUDA graphs", "cl": "channels-last"}
+    parts = {"graphs": "CUDA graphs", "cl": "channels-last", "cudnn": "cuDNN benchmark"}
     words = []
     for part in side.split("+")[1:]:
         words.append(f"feature chunks of {part[5:]}" if part.startswith("chunk") else parts.get(part, part))
@@ -96,9 +99,11 @@ def variant_label(side):
 
 
 def ours_variants(entries):
-    """The sides of ours present for one setting, eager first (at least "ours")."""
+    """The sides of ours present for one setting, eager first (at least "ours"), then the
+    reference's own variants (cuDNN benchmark), labelled as such."""
     sides = sorted((s for s in entries if s.startswith("ours")), key=lambda s: (s.count("+"), s))
-    return [(s, variant_label(s)) for s in sides] or [("ours", "")]
+    variants = [(s, variant_label(s)) for s in sides] or [("ours", "")]
+    return variants + [(s, " (the reference" + variant_label(s) + ")") for s in sorted(entries) if s.startswith("reference+")]
 
 
 def largest_differences(pairs):

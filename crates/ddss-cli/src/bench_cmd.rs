@@ -88,6 +88,10 @@ pub struct BenchArgs {
     /// NHWC in memory), for NHWC cuDNN kernels; only with --unet-config.
     #[arg(long)]
     pub channels_last: bool,
+    /// Let cuDNN time its convolution algorithms on the first call of each shape and keep the
+    /// fastest (`torch.backends.cudnn.benchmark`); no effect on the CPU.
+    #[arg(long)]
+    pub cudnn_benchmark: bool,
     /// Back-propagate through the feature network this many samples at a time (the step
     /// workload; default: the whole batch at once).
     #[arg(long)]
@@ -260,6 +264,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if args.feature_chunk == Some(0) {
         bail!("--feature-chunk must be at least 1");
     }
+    crate::common::cudnn_benchmark_if(device, args.cudnn_benchmark);
     let (model, scheduler) = open_model(&args, device)?;
     let shape = model.sample_shape().context("the model does not fix its sample size")?;
     let batch = args.batch;
@@ -370,6 +375,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "precision": args.precision,
         "cuda_graphs": args.cuda_graphs,
         "channels_last": args.channels_last,
+        "cudnn_benchmark": args.cudnn_benchmark,
         "feature_chunk": args.feature_chunk,
         "random_weights": args.unet_config.is_some() || args.features == "inception-random",
         "device": format!("{device:?}"),

@@ -20,12 +20,31 @@ pub struct NetworkArgs {
     /// fewer kernel launches). Needs a build with `--features cuda-graphs`; no effect on the CPU.
     #[arg(long)]
     pub cuda_graphs: bool,
+    /// Let cuDNN time its convolution algorithms on the first call of each shape and keep the
+    /// fastest (faster calls after the first; results may differ in the last bits between runs).
+    /// No effect on the CPU.
+    #[arg(long)]
+    pub cudnn_benchmark: bool,
 }
 
 impl NetworkArgs {
     /// Opens the model directory `dir` on `device` as these options say.
     pub fn load(&self, dir: &Path, device: Device) -> Result<LoadedModel> {
+        cudnn_benchmark_if(device, self.cudnn_benchmark);
         load_model(dir, device, NetworkPrecision::parse(&self.precision)?, self.cuda_graphs)
+    }
+}
+
+/// Turns on cuDNN's algorithm timing (`torch.backends.cudnn.benchmark`) for this process when
+/// asked for and `device` is a GPU; on the CPU it only notes that it does not apply.
+pub fn cudnn_benchmark_if(device: Device, on: bool) {
+    if !on {
+        return;
+    }
+    if device.is_cuda() {
+        tch::Cuda::cudnn_set_benchmark(true);
+    } else {
+        tracing::info!("cuDNN benchmark mode applies to CUDA devices only; nothing changes on {device:?}");
     }
 }
 

@@ -66,6 +66,11 @@ pub struct ModelSection {
     /// Needs a build with the `cuda-graphs` feature; no effect on the CPU. Default false.
     #[serde(default)]
     pub cuda_graphs: bool,
+    /// Let cuDNN time its convolution algorithms on the first call of each shape and keep the
+    /// fastest (`torch.backends.cudnn.benchmark`): faster calls, results that may differ in the
+    /// last bits between runs. No effect on the CPU. Default false.
+    #[serde(default)]
+    pub cudnn_benchmark: bool,
 }
 
 /// `[data]`.
@@ -375,6 +380,7 @@ pub fn run(args: SearchArgs) -> Result<()> {
         ggdm_core::io::write_atomic(&run_dir.join("config.toml"), toml::to_string_pretty(&config)?.as_bytes())?;
     }
 
+    crate::common::cudnn_benchmark_if(device, config.model.cudnn_benchmark);
     let model =
         crate::common::load_model(&config.model.path, device, config.model.precision, config.model.cuda_graphs)?;
     let shape = model.sample_shape().context("the model does not fix its sample size (sample_size in config.json)")?;
@@ -769,6 +775,17 @@ mod fuzz {
             let config = parse_config(text, Path::new(name)).unwrap_or_else(|e| panic!("configs/{name}.toml: {e:#}"));
             assert_eq!(config.optim.remat, Remat::PerCall, "{name}");
         }
+    }
+
+    #[test]
+    fn the_commented_model_switches_of_the_cifar10_config_parse_when_enabled() {
+        let text = include_str!("../../../configs/cifar10.toml")
+            .replace("# cuda_graphs = true", "cuda_graphs = true")
+            .replace("# cudnn_benchmark = true", "cudnn_benchmark = true");
+        let config = parse_config(&text, Path::new("cifar10.toml")).expect("valid");
+        assert!(config.model.cuda_graphs && config.model.cudnn_benchmark);
+        let config = parse_config(VALID, Path::new("c.toml")).expect("valid");
+        assert!(!config.model.cuda_graphs && !config.model.cudnn_benchmark, "both are off by default");
     }
 
     #[test]
