@@ -50,7 +50,8 @@ fn usage() -> &'static str {
      \x20 bench [--device D] [--batch B] [--config NAME --random-weights] [--cuda-graphs] [--out FILE] [--json]\n\
      \x20                                ours vs the PyTorch reference: DDSS step (K = 5, 10, 20; naive,\n\
      \x20                                per-call, budget remat), sampling and feature throughput;\n\
-     \x20                                --cuda-graphs: also ours with CUDA graphs (builds the feature)\n\
+     \x20                                --cuda-graphs: also ours with CUDA graphs (builds the feature);\n\
+     \x20                                --cudnn-benchmark: cuDNN benchmark mode on both sides\n\
      \x20 table [--num N] [--steps 5,10,20] [--inception] [--device D] [--out DIR]\n\
      \x20                                learn samplers at each K, score them with the baselines, write\n\
      \x20                                table.md, results.json and fid_vs_steps.png (default runs/table)\n\
@@ -495,6 +496,8 @@ struct BenchPlan {
     memory_budget: Option<String>,
     /// Also run ours with `--cuda-graphs` (per-call/budget steps and sampling).
     cuda_graphs: bool,
+    /// cuDNN benchmark mode on both sides.
+    cudnn_benchmark: bool,
     out: PathBuf,
 }
 
@@ -514,6 +517,7 @@ fn parse_bench(root: &Path, rest: &[String]) -> Result<BenchPlan> {
     let mut budget = true;
     let mut memory_budget = None;
     let mut cuda_graphs = false;
+    let mut cudnn_benchmark = false;
     let mut out = None;
     let mut it = rest.iter();
     while let Some(arg) = it.next() {
@@ -538,11 +542,12 @@ fn parse_bench(root: &Path, rest: &[String]) -> Result<BenchPlan> {
                 memory_budget = Some(mib);
             }
             "--cuda-graphs" => cuda_graphs = true,
+            "--cudnn-benchmark" => cudnn_benchmark = true,
             "--out" => out = Some(PathBuf::from(value()?)),
             other => bail!(
                 "bench: unknown argument `{other}` (expected --device D, --batch B, --steps 5,10,20, \
                  --sample-batch B, --features-batch B, --warmup N, --repeat N, --config NAME, --model DIR, \
-                 --random-weights, --json, --no-reference, --no-budget, --memory-budget MIB, --cuda-graphs, --out FILE)"
+                 --random-weights, --json, --no-reference, --no-budget, --memory-budget MIB, --cuda-graphs, --cudnn-benchmark, --out FILE)"
             ),
         }
     }
@@ -607,6 +612,7 @@ fn parse_bench(root: &Path, rest: &[String]) -> Result<BenchPlan> {
         budget,
         memory_budget,
         cuda_graphs,
+        cudnn_benchmark,
     })
 }
 
@@ -687,6 +693,9 @@ fn bench(rest: &[String]) -> Result<()> {
         v.extend(["--warmup".into(), plan.warmup.clone(), "--repeat".into(), plan.repeat.clone()]);
         v.extend(["--features".into(), plan.features.clone()]);
         v.extend(plan.model_args.iter().cloned());
+        if plan.cudnn_benchmark {
+            v.push("--cudnn-benchmark".into());
+        }
         v
     };
     let mut record = |line: Option<String>| {
