@@ -376,6 +376,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "cuda_graphs": args.cuda_graphs,
         "channels_last": args.channels_last,
         "cudnn_benchmark": args.cudnn_benchmark,
+        "host_malloc": crate::common::setup_host_memory(),
         "feature_chunk": args.feature_chunk,
         "random_weights": args.unet_config.is_some() || args.features == "inception-random",
         "device": format!("{device:?}"),

@@ -69,6 +69,26 @@ pub fn graphed_if(denoiser: Box<dyn Denoiser>, device: Device, cuda_graphs: bool
     Ok(Box::new(GraphedDenoiser::new(denoiser)?))
 }
 
+/// How this process's C heap is set up, decided once: `"reuse"` (freed memory is kept for reuse,
+/// [`ggdm_core::memory::keep_freed_host_memory`]) or `"system"` (glibc's defaults: asked for
+/// with `DDSS_MALLOC=system`, or malloc's parameters set through the environment, or no
+/// `mallopt`). Called first thing in `main`, before any tensor exists.
+pub fn setup_host_memory() -> &'static str {
+    static MODE: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+    MODE.get_or_init(|| {
+        match std::env::var("DDSS_MALLOC").as_deref() {
+            Ok("system") => return "system",
+            Ok("reuse") | Err(_) => {}
+            Ok(other) => tracing::warn!("DDSS_MALLOC={other}: expected `reuse` (the default) or `system`; using reuse"),
+        }
+        if ggdm_core::memory::keep_freed_host_memory() {
+            "reuse"
+        } else {
+            "system"
+        }
+    })
+}
+
 /// `--device auto|cpu|cuda|cuda:N`.
 pub fn parse_device(name: &str) -> Result<Device> {
     match name {

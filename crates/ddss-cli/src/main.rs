@@ -270,6 +270,7 @@ fn main() -> ExitCode {
         .without_time()
         .with_target(false)
         .init();
+    common::setup_host_memory();
     // MPI (with the `mpi` feature, under a launcher) stays initialised until `_mpi` drops.
     let _mpi = match dist::init() {
         Ok(guard) => guard,

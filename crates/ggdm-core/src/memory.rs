@@ -9,6 +9,10 @@
 //! `mallinfo2`, which libtorch's CPU tensors come from; looked up at run time), or where that is
 //! missing the resident set size after the heap's free pages were returned to the system (an
 //! estimate, and a slow one: the returned pages fault in again when reused).
+//!
+//! [`keep_freed_host_memory`] sets the C heap up for the unroll's pattern of allocations: every
+//! network call frees and re-allocates buffers of the same sizes, which glibc's defaults serve
+//! with fresh `mmap`s and page faults (see its documentation).
 
 use tch::Device;
 
@@ -114,6 +118,54 @@ pub fn release_free_host_memory() -> bool {
     }
 }
 
+/// A C library function looked up at run time (`None` where the C library lacks it), so that the
+/// binary also starts where it is missing.
+fn c_function(name: &std::ffi::CStr) -> Option<*mut std::ffi::c_void> {
+    use std::ffi::{c_char, c_void};
+    extern "C" {
+        fn dlsym(handle: *mut c_void, symbol: *const c_char) -> *mut c_void;
+    }
+    // SAFETY: RTLD_DEFAULT (a null handle) searches the process's global symbols.
+    let symbol = unsafe { dlsym(std::ptr::null_mut(), name.as_ptr()) };
+    (!symbol.is_null()).then_some(symbol)
+}
+
+/// glibc's `mallopt` parameters (`malloc.h`).
+const M_TRIM_THRESHOLD: i32 = -1;
+const M_MMAP_THRESHOLD: i32 = -3;
+
+/// The largest `M_MMAP_THRESHOLD` glibc accepts on 64-bit systems (32 MiB).
+pub const HOST_MMAP_THRESHOLD: usize = 32 << 20;
+
+/// Makes the C heap keep freed memory for reuse instead of handing it back to the system: blocks
+/// up to [`HOST_MMAP_THRESHOLD`] come from the heap (glibc's default starts at 128 KiB and only
+/// grows as mmapped blocks are freed), and the heap's free top is kept (no trimming). libtorch's
+/// CPU tensors come from this heap, and an unroll frees and re-allocates buffers of the same sizes
+/// at every network call; with the defaults many of them are fresh mappings whose pages fault in
+/// (and are zeroed) on first touch, every step. The resident memory then stays at its peak rather
+/// than shrinking between steps; the peak itself is unchanged.
+///
+/// Does nothing, and returns `false`, where the C library has no `mallopt` or where the user set
+/// malloc's parameters through the environment (`GLIBC_TUNABLES` with a `glibc.malloc.` tunable,
+/// or a `MALLOC_*_` variable): their choice stands. Call it early, before large allocations.
+pub fn keep_freed_host_memory() -> bool {
+    let user_set = std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("glibc.malloc."))
+        || std::env::vars_os().any(|(k, _)| k.to_str().is_some_and(|k| k.starts_with("MALLOC_") && k.ends_with('_')));
+    if user_set {
+        return false;
+    }
+    type MalloptFn = unsafe extern "C" fn(i32, i32) -> i32;
+    let Some(symbol) = c_function(c"mallopt") else {
+        return false;
+    };
+    // SAFETY: glibc's `int mallopt(int param, int value)`.
+    let mallopt = unsafe { std::mem::transmute::<*mut std::ffi::c_void, MalloptFn>(symbol) };
+    // Both set, in this order: setting either turns off glibc's dynamic threshold, and a trim
+    // threshold alone would leave every block above 128 KiB to mmap.
+    // SAFETY: plain integer parameters.
+    unsafe { mallopt(M_MMAP_THRESHOLD, HOST_MMAP_THRESHOLD as i32) == 1 && mallopt(M_TRIM_THRESHOLD, i32::MAX) == 1 }
+}
+
 /// glibc's `struct mallinfo2` (glibc 2.33 and later).
 #[repr(C)]
 #[derive(Default)]
@@ -130,26 +182,36 @@ struct MallInfo2 {
     keepcost: usize,
 }
 
-/// Bytes the C heap has handed out and not taken back (in-use arena chunks plus mmapped
-/// chunks, over all arenas), from glibc's `mallinfo2`; `None` where the C library has none. The
+/// The C heap's bookkeeping from glibc's `mallinfo2`, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeapInfo {
+    /// Bytes the heap holds from the system (its arenas, in use or free), mmapped blocks aside.
+    pub arena: u64,
+    /// Bytes handed out from the arenas.
+    pub in_use: u64,
+    /// Bytes in blocks mmapped on their own (each returned to the system when freed).
+    pub mmapped: u64,
+}
+
+/// [`HeapInfo`] now; `None` where the C library has no `mallinfo2` (glibc before 2.33). The
 /// function is looked up at run time, so the binary also starts on an older glibc.
-pub fn heap_allocated_bytes() -> Option<u64> {
-    use std::ffi::{c_char, c_void};
-    extern "C" {
-        fn dlsym(handle: *mut c_void, symbol: *const c_char) -> *mut c_void;
-    }
+pub fn heap_info() -> Option<HeapInfo> {
     type MallInfo2Fn = unsafe extern "C" fn() -> MallInfo2;
     static FUNCTION: std::sync::OnceLock<Option<MallInfo2Fn>> = std::sync::OnceLock::new();
     let function = FUNCTION.get_or_init(|| {
-        // SAFETY: RTLD_DEFAULT (a null handle) searches the process's global symbols; a non-null
-        // result for "mallinfo2" is glibc's function of the signature declared above.
-        let symbol = unsafe { dlsym(std::ptr::null_mut(), c"mallinfo2".as_ptr()) };
-        // SAFETY: see above; a function pointer of the declared type.
-        (!symbol.is_null()).then(|| unsafe { std::mem::transmute::<*mut c_void, MallInfo2Fn>(symbol) })
+        // SAFETY: a non-null "mallinfo2" is glibc's function of the signature declared above.
+        c_function(c"mallinfo2")
+            .map(|symbol| unsafe { std::mem::transmute::<*mut std::ffi::c_void, MallInfo2Fn>(symbol) })
     });
     // SAFETY: mallinfo2 takes no arguments and returns the structure by value.
     let info = unsafe { (*function)?() };
-    Some((info.uordblks as u64).saturating_add(info.hblkhd as u64))
+    Some(HeapInfo { arena: info.arena as u64, in_use: info.uordblks as u64, mmapped: info.hblkhd as u64 })
+}
+
+/// Bytes the C heap has handed out and not taken back (in-use arena chunks plus mmapped
+/// chunks, over all arenas), from [`heap_info`].
+pub fn heap_allocated_bytes() -> Option<u64> {
+    heap_info().map(|h| h.in_use.saturating_add(h.mmapped))
 }
 
 /// The memory live on `device` now, in bytes (see the module documentation for what is counted);
