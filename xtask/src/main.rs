@@ -780,8 +780,9 @@ fn bench(rest: &[String]) -> Result<()> {
          Model: `{}`; features: `{}`; {} warm-up run(s), median of {} timed runs, one process per cell.\n\n",
         rest.join(" "),
         machine_line(),
-        plan.model_args.join(" "),
-        plan.features,
+        // Paths inside the checkout as the README writes them, not as this machine has them.
+        plan.model_args.iter().map(|a| relative_to(&root, a)).collect::<Vec<_>>().join(" "),
+        relative_to(&root, &plan.features),
         plan.warmup,
         plan.repeat,
     );
@@ -876,4 +877,9 @@ fn table(rest: &[String]) -> Result<()> {
         "--out",
         &out,
     ]))
+}
+
+/// `path` relative to `root` when it lies inside it, else as it is.
+fn relative_to(root: &Path, path: &str) -> String {
+    Path::new(path).strip_prefix(root).map_or_else(|_| path.to_string(), |p| p.display().to_string())
 }
