@@ -130,27 +130,23 @@ flags_label() {
     echo "$out"
 }
 
-# ours LIMIT WHAT K REMAT PRECISION [FLAGS...]: one run of ours, named after its settings.
-ours() {
-    local limit=$1 what=$2 k=$3 remat=$4 prec=$5 batch=$BATCH
-    shift 5
+# cell SIDE LIMIT WHAT K REMAT PRECISION [FLAGS...]: one run of SIDE (ours: ddss-cli bench-unroll,
+# reference: ddss_ref.py), named after its settings; `ours` and `reference` are its two spellings.
+cell() {
+    local side=$1 limit=$2 what=$3 k=$4 remat=$5 prec=$6 batch=$BATCH
+    shift 6
     [ "$what" = step ] || batch=$TBATCH
-    local name="$what K=$k B=$batch $([ "$what" = step ] && echo "$remat ")$prec: ours$(flags_label "$@")"
+    local name="$what K=$k B=$batch $([ "$what" = step ] && echo "$remat ")$prec: $side$(flags_label "$@")"
     local args=(--what "$what" --steps "$k" --batch "$batch" --precision "$prec" "${COMMON[@]}")
     [ "$what" = step ] && args+=(--remat "$remat")
-    run "$limit" "$name" "$BIN" --quiet bench-unroll "${args[@]}" "$@"
+    if [ "$side" = ours ]; then
+        run "$limit" "$name" "$BIN" --quiet bench-unroll "${args[@]}" "$@"
+    else
+        run "$limit" "$name" "$PY" "$REF" "${args[@]}" "$@"
+    fi
 }
-
-# reference LIMIT WHAT K REMAT PRECISION [FLAGS...]: the same for the PyTorch reference.
-reference() {
-    local limit=$1 what=$2 k=$3 remat=$4 prec=$5 batch=$BATCH
-    shift 5
-    [ "$what" = step ] || batch=$TBATCH
-    local name="$what K=$k B=$batch $([ "$what" = step ] && echo "$remat ")$prec: reference$(flags_label "$@")"
-    local args=(--what "$what" --steps "$k" --batch "$batch" --precision "$prec" "${COMMON[@]}")
-    [ "$what" = step ] && args+=(--remat "$remat")
-    run "$limit" "$name" "$PY" "$REF" "${args[@]}" "$@"
-}
+ours() { cell ours "$@"; }
+reference() { cell reference "$@"; }
 
 # The CUDA-graph test binary (from `prepare`): replayed forward calls and VJPs equal eager ones.
 if [ -x .whl/cuda_graphs-test ]; then

@@ -238,37 +238,46 @@ def peaks(*rows):
     return [r.get("memory_mib") for r in rows], rows[0].get("memory_kind", "memory")
 
 
+def against_f32_reference(index, what, field):
+    """(setting, row label, ours, reference) for every run of ours of `what` ("step": the
+    rematerialised K = 10 steps; "sample": every sampling run) that has `field`, with the
+    reference's f32 run it is compared with (the per-call step at K = 10 and the same batch, or the
+    sampling loop at the same K and batch) when that has `field` too."""
+    for key, entries in sorted(index.items(), key=lambda kv: str(kv[0])):
+        kind, remat, k, batch, _, model = key
+        if kind != what or (what == "step" and (k != 10 or remat == "naive")):
+            continue
+        ref_key = ("step", "per_call", 10, batch, "f32", model) if what == "step" else ("sample", "-", k, batch, "f32", model)
+        ref = index.get(ref_key, {}).get("reference")
+        if not ref or not ref.get(field):
+            continue
+        for side, label in ours_variants(entries):
+            ours = entries.get(side)
+            if ours and ours.get(field):
+                yield key, label, ours, ref
+
+
 def goals(index, step_goal=2.0, sample_goal=1.5):
     """The headline comparisons, for every batch and network present: each rematerialised K = 10
     step of ours (any precision and variant) against the reference's f32 per-call checkpoint
-    (throughput ratio, peak memory ratio); each K = 10 sampling run of ours against the reference's
+    (throughput ratio, peak memory ratio); each sampling run of ours against the reference's
     f32 loop; and how the peak memory of ours' per-call step grows from K = 5 to K = 20, next to
     the stored states' share (`state_batch_mib` per kept tensor: input, prediction and noise, and
     the network output with CUDA graphs)."""
     out = []
     step_rows = []
-    for key, entries in sorted(index.items(), key=lambda kv: str(kv[0])):
-        what, remat, k, batch, prec, model = key
-        if what != "step" or k != 10 or remat == "naive":
-            continue
-        ref = index.get(("step", "per_call", 10, batch, "f32", model), {}).get("reference")
-        if not ref or not ref.get("seconds"):
-            continue
-        for side, label in ours_variants(entries):
-            ours = entries.get(side)
-            if not ours or not ours.get("seconds"):
-                continue
-            speed = ref["seconds"] / ours["seconds"]
-            (mem, ref_mem), measure = peaks(ours, ref)
-            mem_ratio = mem / ref_mem if mem is not None and ref_mem else None
-            met = speed >= step_goal and mem_ratio is not None and mem_ratio <= 1.0
-            stored = ours.get("stored_steps")
-            extra = f" ({stored} stored)" if stored is not None and remat.startswith("memory:") else ""
-            step_rows.append(
-                f"| {model} | {remat_label(remat)}{extra}{label} | {prec} | {batch} | {ours['seconds']:.3f} | "
-                f"{ref['seconds']:.3f} | {speed:.2f}x | {measure} | {fmt(mem, 0)} | {fmt(ref_mem, 0)} | "
-                f"{fmt(mem_ratio, 2)} | {'yes' if met else 'no'} |"
-            )
+    for (_, remat, _, batch, prec, model), label, ours, ref in against_f32_reference(index, "step", "seconds"):
+        speed = ref["seconds"] / ours["seconds"]
+        (mem, ref_mem), measure = peaks(ours, ref)
+        mem_ratio = mem / ref_mem if mem is not None and ref_mem else None
+        met = speed >= step_goal and mem_ratio is not None and mem_ratio <= 1.0
+        stored = ours.get("stored_steps")
+        extra = f" ({stored} stored)" if stored is not None and remat.startswith("memory:") else ""
+        step_rows.append(
+            f"| {model} | {remat_label(remat)}{extra}{label} | {prec} | {batch} | {ours['seconds']:.3f} | "
+            f"{ref['seconds']:.3f} | {speed:.2f}x | {measure} | {fmt(mem, 0)} | {fmt(ref_mem, 0)} | "
+            f"{fmt(mem_ratio, 2)} | {'yes' if met else 'no'} |"
+        )
     if step_rows:
         out.append(
             f"**Goal: a K = 10 step at {step_goal:g}x the reference's f32 per-call checkpoint throughput, "
@@ -283,22 +292,12 @@ def goals(index, step_goal=2.0, sample_goal=1.5):
         out += step_rows
         out.append("")
     sample_rows = []
-    for key, entries in sorted(index.items(), key=lambda kv: str(kv[0])):
-        what, _, k, batch, prec, model = key
-        if what != "sample":
-            continue
-        ref = index.get(("sample", "-", k, batch, "f32", model), {}).get("reference")
-        if not ref or not ref.get("images_per_second"):
-            continue
-        for side, label in ours_variants(entries):
-            ours = entries.get(side)
-            if not ours or not ours.get("images_per_second"):
-                continue
-            speed = ours["images_per_second"] / ref["images_per_second"]
-            sample_rows.append(
-                f"| {model} | DDIM{label} | {prec} | {k} | {batch} | {ours['images_per_second']:.1f} | "
-                f"{ref['images_per_second']:.1f} | {speed:.2f}x | {'yes' if speed >= sample_goal else 'no'} |"
-            )
+    for (_, _, k, batch, prec, model), label, ours, ref in against_f32_reference(index, "sample", "images_per_second"):
+        speed = ours["images_per_second"] / ref["images_per_second"]
+        sample_rows.append(
+            f"| {model} | DDIM{label} | {prec} | {k} | {batch} | {ours['images_per_second']:.1f} | "
+            f"{ref['images_per_second']:.1f} | {speed:.2f}x | {'yes' if speed >= sample_goal else 'no'} |"
+        )
     if sample_rows:
         out.append(f"**Goal: sampling at {sample_goal:g}x the reference's f32 loop (images/s)**")
         out.append("")
