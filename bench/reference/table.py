@@ -262,8 +262,9 @@ def goals(index, step_goal=2.0, sample_goal=1.5):
     step of ours (any precision and variant) against the reference's f32 per-call checkpoint
     (throughput ratio, peak memory ratio); each sampling run of ours against the reference's
     f32 loop; and how the peak memory of ours' per-call step grows from K = 5 to K = 20, next to
-    the stored states' share (`state_batch_mib` per kept tensor: input, prediction and noise, and
-    the network output with CUDA graphs)."""
+    the stored states' share (`state_batch_mib` per kept tensor: each step's input, prediction and
+    noise, the reverse sweep's cotangents of its input and prediction, and the network output with
+    CUDA graphs)."""
     out = []
     step_rows = []
     for (_, remat, _, batch, prec, model), label, ours, ref in against_f32_reference(index, "step", "seconds"):
@@ -319,7 +320,7 @@ def goals(index, step_goal=2.0, sample_goal=1.5):
         if m5 is None or m20 is None:
             continue
         state = by_k[20].get("state_batch_mib")
-        kept = 4 if "+graphs" in side else 3
+        kept = 6 if "+graphs" in side else 5
         states = f"{15 * kept * state:.0f} ({kept} x 15 x {state:.2f})" if state else "-"
         who = "reference" if side == "reference" else "ours" + variant_label(side)
         growth_rows.append(

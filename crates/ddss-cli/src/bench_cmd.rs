@@ -284,7 +284,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
             let remat = parse_remat(&args.remat)?;
             let extractor = open_features(&args.features, device)?;
             // One f32 batch of states: what each further step adds to per-call rematerialisation
-            // (its input, its prediction and its noise are kept; with CUDA graphs its output too).
+            // (its input, its prediction and its noise are kept, and the reverse sweep holds the
+            // cotangents of its input and prediction; with CUDA graphs its output is kept too).
             let state_bytes = batch as f64 * (shape[0] * shape[1] * shape[2]) as f64 * 4.0;
             extra.insert("state_batch_mib".into(), (state_bytes / f64::from(1 << 20)).into());
             // Reference features: a fixed random set is enough to time the loss and its gradient.
