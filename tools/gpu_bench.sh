@@ -19,8 +19,9 @@
 #   2. DDIM sampling K = 10, batch 256, f32 and bf16, eager and with CUDA graphs (bf16 also with
 #      channels-last and cuDNN benchmark mode), against the reference's f32 loop;
 #   3. K = 5 and 20 per-call steps (memory growth with K), eager f32 and with bf16 CUDA graphs;
-#   4. K = 10 naive autograd; Inception feature extraction, batch 256; K = 10 budget remat (ours);
-#      the church-256 architecture (step at batch 8, sampling at batch 32).
+#   4. K = 10 naive autograd; Inception feature extraction, batch 256; K = 10 budget remat (ours),
+#      fixed (5 stored calls) and half of the free memory (free:50); the church-256 architecture
+#      (step at batch 8, sampling at batch 32).
 # table.md ends with the headline comparisons (bench/reference/table.py): every K = 10 step against
 # the reference's f32 per-call checkpoint (goal: 2x the throughput at no more than its peak
 # memory), sampling against its f32 loop (goal: 1.5x), and the memory growth from K = 5 to 20.
@@ -223,12 +224,14 @@ for k in 5 20; do
     reference 60 step "$k" per_call f32 --noise "$SCRATCH/noise-k$k.safetensors"
     ours 40 step "$k" per_call bf16 --cuda-graphs
 done
-# 4. The rest: naive autograd, features, a fixed budget, then the church-256 architecture.
+# 4. The rest: naive autograd, features, a fixed budget and half the free memory as the budget,
+#    then the church-256 architecture.
 ours 45 step 10 naive f32
 reference 45 step 10 naive f32
 run 40 "features B=$TBATCH: ours" "$BIN" --quiet bench-unroll --what features --steps 10 --batch "$TBATCH" "${COMMON[@]}"
 run 40 "features B=$TBATCH: reference" "$PY" "$REF" --what features --steps 10 --batch "$TBATCH" "${COMMON[@]}"
 ours 30 step 10 budget:5 f32
+ours 40 step 10 free:50 f32
 
 # The google/ddpm-ema-church-256 architecture (113.7M parameters, 256x256), random weights:
 # K = 10 per-call step at batch 8 and sampling at batch 32, eager and with CUDA graphs, bf16 graphs.

@@ -68,6 +68,8 @@ def remat_label(remat):
         return f"budget remat, {remat.split(':')[1]} calls stored"
     if remat.startswith("memory:"):
         return f"memory-budget remat, {remat.split(':')[1]} MiB"
+    if remat.startswith("free:"):
+        return f"memory-budget remat, {remat.split(':')[1]}% of the free memory"
     return remat
 
 
@@ -173,7 +175,7 @@ def build(rows, title=None, step_goal=2.0, sample_goal=1.5):
                 ts = [r and r.get("seconds") for r in (ours, ref)]
                 ms = [r and r.get("memory_mib") for r in (ours, ref)]
                 stored = ours and ours.get("stored_steps")
-                if stored is not None and key[1].startswith("memory:"):
+                if stored is not None and key[1].startswith(("memory:", "free:")):
                     label += f" ({stored} stored, {ours.get('call_activation_mib', 0):.0f} MiB each)"
                 row = (
                     f"| {net(key)}{remat_label(key[1])}{label} | {key[4]} | {key[2]} | {key[3]} | {fmt_time(ours)} | {fmt_time(ref)} | "
@@ -273,7 +275,7 @@ def goals(index, step_goal=2.0, sample_goal=1.5):
         mem_ratio = mem / ref_mem if mem is not None and ref_mem else None
         met = speed >= step_goal and mem_ratio is not None and mem_ratio <= 1.0
         stored = ours.get("stored_steps")
-        extra = f" ({stored} stored)" if stored is not None and remat.startswith("memory:") else ""
+        extra = f" ({stored} stored)" if stored is not None and remat.startswith(("memory:", "free:")) else ""
         step_rows.append(
             f"| {model} | {remat_label(remat)}{extra}{label} | {prec} | {batch} | {ours['seconds']:.3f} | "
             f"{ref['seconds']:.3f} | {speed:.2f}x | {measure} | {fmt(mem, 0)} | {fmt(ref_mem, 0)} | "

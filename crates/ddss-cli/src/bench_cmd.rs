@@ -61,7 +61,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 32)]
     pub batch: usize,
     /// naive | per_call | budget:N (N calls stored) | memory:MIB (as many calls stored as fit in MIB
-    /// MiB) (the step workload).
+    /// MiB) | free:PERCENT (as many as fit in that share of the memory free) (the step workload).
     #[arg(long, default_value = "per_call")]
     pub remat: String,
     /// Feature network: inception, inception-random (random weights) or a classifier .safetensors.
@@ -122,46 +122,10 @@ fn memory_mib() -> (f64, f64) {
     (mib(memory::peak_resident_bytes()), mib(memory::resident_bytes()))
 }
 
-mod cuda_memory {
-    //! `cudaMemGetInfo` from the CUDA runtime libtorch already loaded (looked up at run time, so
-    //! nothing extra is linked).
-
-    use std::ffi::{c_char, c_int, c_void, CStr};
-
-    extern "C" {
-        fn dlopen(filename: *const c_char, flag: c_int) -> *mut c_void;
-        fn dlsym(handle: *mut c_void, symbol: *const c_char) -> *mut c_void;
-    }
-
-    const RTLD_LAZY: c_int = 1;
-    const RTLD_NOLOAD: c_int = 4;
-
-    type MemGetInfo = unsafe extern "C" fn(*mut usize, *mut usize) -> c_int;
-
-    /// Device memory in use (total - free) on the current device, in MiB, if the runtime is loaded.
-    pub fn used_mib() -> Option<f64> {
-        let names: [&CStr; 3] = [c"libcudart.so.13", c"libcudart.so.12", c"libcudart.so"];
-        for name in names {
-            // SAFETY: dlopen with RTLD_NOLOAD only returns a library already in the process;
-            // `cudaMemGetInfo` has the signature declared above in every CUDA runtime release.
-            unsafe {
-                let handle = dlopen(name.as_ptr(), RTLD_LAZY | RTLD_NOLOAD);
-                if handle.is_null() {
-                    continue;
-                }
-                let symbol = dlsym(handle, c"cudaMemGetInfo".as_ptr());
-                if symbol.is_null() {
-                    continue;
-                }
-                let get: MemGetInfo = std::mem::transmute::<*mut c_void, MemGetInfo>(symbol);
-                let (mut free, mut total) = (0usize, 0usize);
-                if get(&mut free, &mut total) == 0 {
-                    return Some((total - free) as f64 / (1024.0 * 1024.0));
-                }
-            }
-        }
-        None
-    }
+/// Device memory in use on the current CUDA device (total - free), in MiB, if a CUDA runtime is
+/// loaded.
+fn cuda_used_mib() -> Option<f64> {
+    memory::cuda_mem_get_info().map(|(free, total)| (total - free) as f64 / f64::from(1 << 20))
 }
 
 fn parse_remat(name: &str) -> Result<Remat> {
@@ -172,7 +136,14 @@ fn parse_remat(name: &str) -> Result<Remat> {
             Some(n) => Ok(Remat::Budget { stored_steps: n.parse().with_context(|| format!("--remat {other}"))? }),
             None => match other.strip_prefix("memory:") {
                 Some(mib) => Ok(Remat::MemoryBudget { mib: mib.parse().with_context(|| format!("--remat {other}"))? }),
-                None => bail!("--remat {other}: expected naive, per_call, budget:N (stored calls) or memory:MIB"),
+                None => match other.strip_prefix("free:") {
+                    Some(percent) => {
+                        Ok(Remat::FreeMemory { percent: percent.parse().with_context(|| format!("--remat {other}"))? })
+                    }
+                    None => bail!(
+                        "--remat {other}: expected naive, per_call, budget:N (stored calls), memory:MIB or free:PERCENT"
+                    ),
+                },
             },
         },
     }
@@ -348,7 +319,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         other => bail!("--what {other}: expected step, sample or features"),
     };
     let (_, rss_before) = memory_mib();
-    let cuda_before = if device.is_cuda() { cuda_memory::used_mib() } else { None };
+    let cuda_before = if device.is_cuda() { cuda_used_mib() } else { None };
     // The caching allocator's own counters (what the reference reports as max_memory_allocated).
     let allocator_before = memory::reset_peak(device).then(|| memory::device_stats(device)).flatten();
     let mut value = serde_json::Value::Null;
@@ -399,7 +370,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         line["stored_steps"] = plan.stored_steps.into();
         line["call_activation_mib"] = mib(plan.call_bytes).into();
     }
-    if let (Some(before), Some(after)) = (cuda_before, cuda_memory::used_mib()) {
+    if let (Some(before), Some(after)) = (cuda_before, cuda_used_mib()) {
         line["cuda_reserved_mib"] = (after - before).into();
         line["memory_mib"] = (after - before).into();
         line["memory_kind"] = "cuda reserved growth".into();

@@ -795,6 +795,7 @@ mod fuzz {
             ("\"per_call\"", Remat::PerCall),
             ("{ budget = { stored_steps = 4 } }", Remat::Budget { stored_steps: 4 }),
             ("{ memory_budget = { mib = 2048 } }", Remat::MemoryBudget { mib: 2048 }),
+            ("{ free_memory = { percent = 50 } }", Remat::FreeMemory { percent: 50 }),
         ] {
             let config =
                 parse_config(&VALID.replace("remat = \"naive\"", &format!("remat = {text}")), Path::new("c.toml"))

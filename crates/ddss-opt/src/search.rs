@@ -529,7 +529,9 @@ pub fn run_search_with(
             elapsed_s: started.elapsed().as_secs_f64(),
             comm_bytes,
             stored_calls: match settings.remat {
-                Remat::MemoryBudget { .. } => crate::unroll::last_memory_plan().map(|p| p.stored_steps),
+                Remat::MemoryBudget { .. } | Remat::FreeMemory { .. } => {
+                    crate::unroll::last_memory_plan().map(|p| p.stored_steps)
+                }
                 _ => None,
             },
         };

@@ -12,7 +12,9 @@
 //! * [`Remat::MemoryBudget`]: the same, with the number of stored calls chosen from a byte budget.
 //!   Each forward pass measures the memory the first call's activations take
 //!   ([`ggdm_core::memory::live_bytes`] before and after it) and stores as many calls as fit
-//!   (`floor(budget / per_call)`, at most K); [`last_memory_plan`] reports the choice.
+//!   (`floor(budget / per_call)`, at most K); [`last_memory_plan`] reports the choice;
+//! * [`Remat::FreeMemory`]: the same, with the budget a share of the memory free at the start of
+//!   each forward pass.
 //!
 //! A network with its own [`Denoiser::vjp`] (a CUDA-graphed one) changes how a recomputed step is
 //! swept: the forward pass also keeps each call's output, and the sweep differentiates the
@@ -56,6 +58,14 @@ pub enum Remat {
         /// The memory for stored activations, in MiB.
         mib: u64,
     },
+    /// [`Self::MemoryBudget`] with the budget a share of the memory the device has free when each
+    /// forward pass starts ([`ggdm_core::memory::available_bytes`]: free device memory plus the
+    /// caching allocator's unused cache on CUDA, `MemAvailable` on the CPU). The rest of the free
+    /// memory is left for the loss and the reverse sweep; 50 is a safe start.
+    FreeMemory {
+        /// The share of the free memory for stored activations, in percent (0 to 100).
+        percent: u32,
+    },
 }
 
 /// What a [`Remat::MemoryBudget`] forward pass chose.
@@ -79,19 +89,25 @@ pub fn last_memory_plan() -> Option<MemoryPlan> {
     *LAST_PLAN.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Records `plan`, logging it when the choice differs from the previous one.
+/// Records `plan`, logging it when the choice (or the budget, by more than a tenth: a share of
+/// the free memory moves a little from pass to pass) differs from the previous one.
 fn record_plan(plan: MemoryPlan) {
     let mut last = LAST_PLAN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    if last.map(|p| (p.stored_steps, p.steps, p.budget_bytes))
-        != Some((plan.stored_steps, plan.steps, plan.budget_bytes))
-    {
+    let changed = last.is_none_or(|p| {
+        (p.stored_steps, p.steps) != (plan.stored_steps, plan.steps)
+            || p.budget_bytes.abs_diff(plan.budget_bytes) > p.budget_bytes.max(plan.budget_bytes) / 10
+    });
+    if changed {
         let mib = |b: u64| b as f64 / f64::from(1 << 20);
+        let choice = match (plan.stored_steps, plan.steps) {
+            (0, k) => format!("storing none of {k} calls, recomputing each"),
+            (s, k) if s == k => format!("storing all {k} calls, recomputing none"),
+            (s, k) => format!("storing {s} of {k} calls, recomputing the rest"),
+        };
         tracing::info!(
-            "memory budget {:.0} MiB: one network call keeps {:.1} MiB of activations; storing {} of {} calls, recomputing the rest",
+            "memory budget {:.0} MiB: one network call keeps {:.1} MiB of activations; {choice}",
             mib(plan.budget_bytes),
             mib(plan.call_bytes),
-            plan.stored_steps,
-            plan.steps
         );
     }
     *last = Some(plan);
@@ -108,6 +124,23 @@ fn measure_live(device: tch::Device) -> Result<u64> {
             ),
         )
     })
+}
+
+/// `percent` of the memory `device` has free now, in bytes, or an error naming the setting.
+fn free_memory_budget(device: tch::Device, percent: u32) -> Result<u64> {
+    if percent > 100 {
+        return Err(crate::Error::config("remat", format!("free_memory percent = {percent}: expected 0 to 100")));
+    }
+    let available = ggdm_core::memory::available_bytes(device).ok_or_else(|| {
+        crate::Error::config(
+            "remat",
+            format!(
+                "free_memory needs the free memory of {device:?}, which cannot be read here; give a \
+                 budget instead: {{ memory_budget = {{ mib = M }} }}"
+            ),
+        )
+    })?;
+    Ok(u64::try_from(u128::from(available) * u128::from(percent) / 100).unwrap_or(u64::MAX))
 }
 
 /// What a sampler run returns before the loss: the output and the state needed for the sweep.
@@ -215,6 +248,7 @@ pub fn forward<D: Denoiser + ?Sized>(
     let (mut stored_steps, budget_bytes) = match remat {
         Remat::Budget { stored_steps } => (stored_steps.min(k), None),
         Remat::MemoryBudget { mib } => (k, Some(mib.saturating_mul(1 << 20))),
+        Remat::FreeMemory { percent } => (k, Some(free_memory_budget(x_init.device(), percent)?)),
         _ => (0, None),
     };
     let coeffs = sampler.coefficients();

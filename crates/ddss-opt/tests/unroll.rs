@@ -99,11 +99,18 @@ fn remat_gradients_equal_naive_autograd() {
                 Remat::Budget { stored_steps: 4 },
                 Remat::MemoryBudget { mib: 0 },
                 Remat::MemoryBudget { mib: 1 << 30 },
+                Remat::FreeMemory { percent: 0 },
+                Remat::FreeMemory { percent: 50 },
             ] {
                 let ((ours, ours_x), plan) = gradients_and_plan(&s, &model, &p, remat);
-                if let Remat::MemoryBudget { mib } = remat {
+                let expected = match remat {
+                    Remat::MemoryBudget { mib } => Some(if mib == 0 { 0 } else { 4 }),
+                    Remat::FreeMemory { percent } => Some(if percent == 0 { 0 } else { 4 }),
+                    _ => None,
+                };
+                if let Some(expected) = expected {
                     let plan = plan.expect("a memory-budget forward pass reports its plan");
-                    assert_eq!(plan.stored_steps, if mib == 0 { 0 } else { 4 }, "{plan:?}");
+                    assert_eq!(plan.stored_steps, expected, "{plan:?}");
                 }
                 for ((name, _), (a, b)) in s.params.named().iter().zip(ours.iter().zip(&naive)) {
                     let d = rel_diff(a, b);
@@ -228,4 +235,31 @@ fn sweep_through_the_network_vjp_equals_naive_autograd() {
             }
         }
     }
+}
+
+/// A share of the free memory as the budget: all of it stores every call (the tiny network's
+/// activations are far below the machine's free memory), none of it stores none, and the budget
+/// recorded is that share of what was free; more than 100 percent is an error naming the setting.
+#[test]
+fn free_memory_budget_is_a_share_of_the_free_memory() {
+    let model = tiny_model(PredictionType::Epsilon);
+    let s = sampler(History::Full);
+    let mut noise = SeededNoise::new(4);
+    let (x_init, z) = s.draw_noise(&mut noise, &[4, 1, 32, 32], Device::Cpu).expect("noise");
+
+    let free = ggdm_core::memory::available_bytes(Device::Cpu).expect("MemAvailable on Linux") as f64;
+    let fwd = forward(&s, &model, &x_init, &z, Remat::FreeMemory { percent: 100 }).expect("forward");
+    let plan = fwd.memory_plan().expect("plan");
+    drop(fwd);
+    assert_eq!((plan.stored_steps, plan.steps), (4, 4), "{plan:?}");
+    let share = plan.budget_bytes as f64 / free;
+    assert!((share - 1.0).abs() < 0.2, "budget {} bytes with {free} bytes free", plan.budget_bytes);
+
+    let fwd = forward(&s, &model, &x_init, &z, Remat::FreeMemory { percent: 0 }).expect("forward");
+    assert_eq!(fwd.memory_plan().expect("plan").stored_steps, 0);
+    drop(fwd);
+
+    let err = forward(&s, &model, &x_init, &z, Remat::FreeMemory { percent: 101 }).err().expect("over 100 percent");
+    let text = err.to_string();
+    assert!(text.contains("free_memory") && text.contains("101"), "{text}");
 }

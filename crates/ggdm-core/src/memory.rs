@@ -214,6 +214,60 @@ pub fn heap_allocated_bytes() -> Option<u64> {
     heap_info().map(|h| h.in_use.saturating_add(h.mmapped))
 }
 
+/// `cudaMemGetInfo` for the current CUDA device: `(free, total)` bytes, from the CUDA runtime
+/// libtorch already loaded (looked up at run time, so nothing extra is linked); `None` where no
+/// CUDA runtime is loaded or the call fails.
+pub fn cuda_mem_get_info() -> Option<(u64, u64)> {
+    use std::ffi::{c_char, c_int, c_void, CStr};
+    extern "C" {
+        fn dlopen(filename: *const c_char, flag: c_int) -> *mut c_void;
+        fn dlsym(handle: *mut c_void, symbol: *const c_char) -> *mut c_void;
+    }
+    const RTLD_LAZY: c_int = 1;
+    const RTLD_NOLOAD: c_int = 4;
+    type MemGetInfo = unsafe extern "C" fn(*mut usize, *mut usize) -> c_int;
+    let names: [&CStr; 3] = [c"libcudart.so.13", c"libcudart.so.12", c"libcudart.so"];
+    for name in names {
+        // SAFETY: dlopen with RTLD_NOLOAD only returns a library already in the process;
+        // `cudaMemGetInfo` has the signature declared above in every CUDA runtime release.
+        unsafe {
+            let handle = dlopen(name.as_ptr(), RTLD_LAZY | RTLD_NOLOAD);
+            if handle.is_null() {
+                continue;
+            }
+            let symbol = dlsym(handle, c"cudaMemGetInfo".as_ptr());
+            if symbol.is_null() {
+                continue;
+            }
+            let get = std::mem::transmute::<*mut c_void, MemGetInfo>(symbol);
+            let (mut free, mut total) = (0usize, 0usize);
+            if get(&mut free, &mut total) == 0 {
+                return Some((free as u64, total as u64));
+            }
+        }
+    }
+    None
+}
+
+/// The memory `device` could still give to tensors, in bytes: on a CUDA device the memory free
+/// on the device plus what the caching allocator holds unused (reserved, not allocated); on the CPU
+/// the system's available memory (`MemAvailable` in /proc/meminfo). `None` where it cannot be read.
+pub fn available_bytes(device: Device) -> Option<u64> {
+    match device {
+        Device::Cpu => {
+            let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+            let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib * 1024)
+        }
+        other => {
+            let stats = device_stats(other)?;
+            let (free, _) = cuda_mem_get_info()?;
+            Some(free + stats.reserved.saturating_sub(stats.allocated))
+        }
+    }
+}
+
 /// The memory live on `device` now, in bytes (see the module documentation for what is counted);
 /// `None` where it cannot be measured.
 pub fn live_bytes(device: Device) -> Option<u64> {
