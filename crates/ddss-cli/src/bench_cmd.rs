@@ -122,10 +122,12 @@ fn memory_mib() -> (f64, f64) {
     (mib(memory::peak_resident_bytes()), mib(memory::resident_bytes()))
 }
 
-/// Device memory in use on the current CUDA device (total - free), in MiB, if a CUDA runtime is
-/// loaded.
-fn cuda_used_mib() -> Option<f64> {
-    memory::cuda_mem_get_info().map(|(free, total)| (total - free) as f64 / f64::from(1 << 20))
+/// Device memory in use on `device` (total - free), in MiB, if it is a GPU.
+fn cuda_used_mib(device: Device) -> Option<f64> {
+    let Device::Cuda(index) = device else {
+        return None;
+    };
+    memory::cuda_mem_get_info(index).map(|(free, total)| (total - free) as f64 / f64::from(1 << 20))
 }
 
 fn parse_remat(name: &str) -> Result<Remat> {
@@ -319,7 +321,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         other => bail!("--what {other}: expected step, sample or features"),
     };
     let (_, rss_before) = memory_mib();
-    let cuda_before = if device.is_cuda() { cuda_used_mib() } else { None };
+    let cuda_before = cuda_used_mib(device);
     // The caching allocator's own counters (what the reference reports as max_memory_allocated).
     let allocator_before = memory::reset_peak(device).then(|| memory::device_stats(device)).flatten();
     let mut value = serde_json::Value::Null;
@@ -370,7 +372,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         line["stored_steps"] = plan.stored_steps.into();
         line["call_activation_mib"] = mib(plan.call_bytes).into();
     }
-    if let (Some(before), Some(after)) = (cuda_before, cuda_used_mib()) {
+    if let (Some(before), Some(after)) = (cuda_before, cuda_used_mib(device)) {
         line["cuda_reserved_mib"] = (after - before).into();
         line["memory_mib"] = (after - before).into();
         line["memory_kind"] = "cuda reserved growth".into();

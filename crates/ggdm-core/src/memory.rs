@@ -214,10 +214,10 @@ pub fn heap_allocated_bytes() -> Option<u64> {
     heap_info().map(|h| h.in_use.saturating_add(h.mmapped))
 }
 
-/// `cudaMemGetInfo` for the current CUDA device: `(free, total)` bytes, from the CUDA runtime
-/// libtorch already loaded (looked up at run time, so nothing extra is linked); `None` where no
-/// CUDA runtime is loaded or the call fails.
-pub fn cuda_mem_get_info() -> Option<(u64, u64)> {
+/// `cudaMemGetInfo` for CUDA device `index`: `(free, total)` bytes, from the CUDA runtime libtorch
+/// already loaded (looked up at run time, so nothing extra is linked); the calling thread's current
+/// device is restored afterwards. `None` where no CUDA runtime is loaded or a call fails.
+pub fn cuda_mem_get_info(index: usize) -> Option<(u64, u64)> {
     use std::ffi::{c_char, c_int, c_void, CStr};
     extern "C" {
         fn dlopen(filename: *const c_char, flag: c_int) -> *mut c_void;
@@ -226,24 +226,38 @@ pub fn cuda_mem_get_info() -> Option<(u64, u64)> {
     const RTLD_LAZY: c_int = 1;
     const RTLD_NOLOAD: c_int = 4;
     type MemGetInfo = unsafe extern "C" fn(*mut usize, *mut usize) -> c_int;
+    type GetDevice = unsafe extern "C" fn(*mut c_int) -> c_int;
+    type SetDevice = unsafe extern "C" fn(c_int) -> c_int;
+    let index = c_int::try_from(index).ok()?;
     let names: [&CStr; 3] = [c"libcudart.so.13", c"libcudart.so.12", c"libcudart.so"];
     for name in names {
-        // SAFETY: dlopen with RTLD_NOLOAD only returns a library already in the process;
-        // `cudaMemGetInfo` has the signature declared above in every CUDA runtime release.
+        // SAFETY: dlopen with RTLD_NOLOAD only returns a library already in the process; the three
+        // runtime functions have the signatures declared above in every CUDA runtime release.
         unsafe {
             let handle = dlopen(name.as_ptr(), RTLD_LAZY | RTLD_NOLOAD);
             if handle.is_null() {
                 continue;
             }
-            let symbol = dlsym(handle, c"cudaMemGetInfo".as_ptr());
-            if symbol.is_null() {
+            let symbols = [c"cudaMemGetInfo", c"cudaGetDevice", c"cudaSetDevice"].map(|s| dlsym(handle, s.as_ptr()));
+            if symbols.iter().any(|s| s.is_null()) {
                 continue;
             }
-            let get = std::mem::transmute::<*mut c_void, MemGetInfo>(symbol);
-            let (mut free, mut total) = (0usize, 0usize);
-            if get(&mut free, &mut total) == 0 {
-                return Some((free as u64, total as u64));
+            let get_info = std::mem::transmute::<*mut c_void, MemGetInfo>(symbols[0]);
+            let get_device = std::mem::transmute::<*mut c_void, GetDevice>(symbols[1]);
+            let set_device = std::mem::transmute::<*mut c_void, SetDevice>(symbols[2]);
+            let mut current: c_int = 0;
+            if get_device(&mut current) != 0 {
+                return None;
             }
+            if current != index && set_device(index) != 0 {
+                return None;
+            }
+            let (mut free, mut total) = (0usize, 0usize);
+            let status = get_info(&mut free, &mut total);
+            if current != index {
+                set_device(current);
+            }
+            return (status == 0).then_some((free as u64, total as u64));
         }
     }
     None
@@ -260,11 +274,12 @@ pub fn available_bytes(device: Device) -> Option<u64> {
             let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
             Some(kib * 1024)
         }
-        other => {
-            let stats = device_stats(other)?;
-            let (free, _) = cuda_mem_get_info()?;
+        Device::Cuda(index) => {
+            let stats = device_stats(device)?;
+            let (free, _) = cuda_mem_get_info(index)?;
             Some(free + stats.reserved.saturating_sub(stats.allocated))
         }
+        _ => None,
     }
 }
 

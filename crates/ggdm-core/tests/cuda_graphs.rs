@@ -2,8 +2,9 @@
 //! replayed forward calls and VJPs equal the eager calls on the same inputs, a replay with new
 //! inputs gives new results (no stale buffers), one graph is captured per call kind and shape,
 //! and calls that need autograd still carry their graph. Also the CUDA caching allocator's counters
-//! (`ggdm_core::memory`, which the memory-budget rematerialisation and the benchmarks read), as this
-//! binary is the one `tools/gpu_bench.sh` runs on the GPU before its timings.
+//! and the available device memory (`ggdm_core::memory`, which the memory-budget rematerialisation
+//! and the benchmarks read), as this binary is the one `tools/gpu_bench.sh` runs on the GPU before
+//! its timings.
 #![cfg(feature = "cuda-graphs")]
 
 use ggdm_core::cuda_graph::GraphedDenoiser;
@@ -94,4 +95,15 @@ fn allocator_counters_follow_a_tensor() {
     assert_eq!(memory::live_bytes(device), Some(after.allocated));
     assert!(memory::reset_peak(device));
     assert_eq!(memory::device_stats(device).expect("counters").peak_allocated, after.allocated);
+
+    // The memory still available to tensors (free device memory plus the allocator's unused
+    // cache, what `remat = { free_memory = ... }` takes its share of) drops by a new tensor's size.
+    let (free, total) = memory::cuda_mem_get_info(0).expect("cudaMemGetInfo");
+    assert!(free <= total && total > 0, "{free} of {total}");
+    let available = memory::available_bytes(device).expect("available device memory");
+    let t = Tensor::zeros([(bytes / 4) as i64], (Kind::Float, device));
+    let with = memory::available_bytes(device).expect("available device memory");
+    let dropped = available as f64 - with as f64;
+    assert!((dropped - bytes as f64).abs() < 4.0 * f64::from(1 << 20), "{available} -> {with} for {bytes} bytes");
+    drop(t);
 }
