@@ -60,8 +60,9 @@ pub enum Remat {
     },
     /// [`Self::MemoryBudget`] with the budget a share of the memory the device has free when each
     /// forward pass starts ([`ggdm_core::memory::available_bytes`]: free device memory plus the
-    /// caching allocator's unused cache on CUDA, `MemAvailable` on the CPU). The rest of the free
-    /// memory is left for the loss and the reverse sweep; 50 is a safe start.
+    /// caching allocator's unused cache on CUDA, `MemAvailable` or the cgroup limit's room on the
+    /// CPU). The rest of the free memory is left for the loss and the reverse sweep; 50 is a safe
+    /// start.
     FreeMemory {
         /// The share of the free memory for stored activations, in percent (0 to 100).
         percent: u32,

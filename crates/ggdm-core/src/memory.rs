@@ -263,16 +263,55 @@ pub fn cuda_mem_get_info(index: usize) -> Option<(u64, u64)> {
     None
 }
 
+/// Room left under this process's cgroup memory limit (limit - usage), in bytes; `None` without a
+/// limit. `cgroups` is the text of /proc/self/cgroup and `root` the cgroup mount (/sys/fs/cgroup):
+/// cgroup v2 (`0::PATH`, `memory.max` and `memory.current`) or v1 (`N:memory:PATH`,
+/// `memory.limit_in_bytes` and `memory.usage_in_bytes`, at PATH or, where a container mounts its own
+/// cgroup as the root, at the root).
+fn cgroup_room(cgroups: &str, root: &std::path::Path) -> Option<u64> {
+    let read = |dir: &std::path::Path, file: &str| -> Option<u64> {
+        std::fs::read_to_string(dir.join(file)).ok()?.trim().parse().ok()
+    };
+    for line in cgroups.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        let path = path.trim_start_matches('/');
+        let (dirs, limit_file, usage_file) = if controllers.is_empty() {
+            (vec![root.join(path), root.to_path_buf()], "memory.max", "memory.current")
+        } else if controllers.split(',').any(|c| c == "memory") {
+            (
+                vec![root.join("memory").join(path), root.join("memory")],
+                "memory.limit_in_bytes",
+                "memory.usage_in_bytes",
+            )
+        } else {
+            continue;
+        };
+        for dir in dirs {
+            // "max" (v2) does not parse: no limit. v1 writes "no limit" as a huge number.
+            if let (Some(limit), Some(usage)) = (read(&dir, limit_file), read(&dir, usage_file)) {
+                if limit < 1 << 60 {
+                    return Some(limit.saturating_sub(usage));
+                }
+            }
+        }
+    }
+    None
+}
+
 /// The memory `device` could still give to tensors, in bytes: on a CUDA device the memory free
 /// on the device plus what the caching allocator holds unused (reserved, not allocated); on the CPU
-/// the system's available memory (`MemAvailable` in /proc/meminfo). `None` where it cannot be read.
+/// the system's available memory (`MemAvailable` in /proc/meminfo), or the room under this
+/// process's cgroup memory limit where that is less. `None` where it cannot be read.
 pub fn available_bytes(device: Device) -> Option<u64> {
     match device {
         Device::Cpu => {
             let info = std::fs::read_to_string("/proc/meminfo").ok()?;
             let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
             let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-            Some(kib * 1024)
+            let system = kib * 1024;
+            let cgroups = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+            Some(cgroup_room(&cgroups, std::path::Path::new("/sys/fs/cgroup")).map_or(system, |room| room.min(system)))
         }
         Device::Cuda(index) => {
             let stats = device_stats(device)?;
@@ -294,5 +333,41 @@ pub fn live_bytes(device: Device) -> Option<u64> {
             resident_bytes()
         }),
         other => device_stats(other).map(|m| m.allocated),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cgroup_room;
+
+    fn write(dir: &std::path::Path, file: &str, text: &str) {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join(file), text).unwrap();
+    }
+
+    #[test]
+    fn cgroup_limits_v2_v1_and_none() {
+        let root = std::env::temp_dir().join(format!("ddss-cgroup-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        // v2: the process's own cgroup directory.
+        write(&root.join("user/job"), "memory.max", "8589934592\n");
+        write(&root.join("user/job"), "memory.current", "1073741824\n");
+        assert_eq!(cgroup_room("0::/user/job\n", &root), Some(7 << 30));
+        // v2 without a limit.
+        write(&root.join("free"), "memory.max", "max\n");
+        write(&root.join("free"), "memory.current", "1\n");
+        assert_eq!(cgroup_room("0::/free\n", &root), None);
+        // v1, the container's cgroup mounted as the root of the memory hierarchy.
+        write(&root.join("memory"), "memory.limit_in_bytes", "4294967296\n");
+        write(&root.join("memory"), "memory.usage_in_bytes", "1073741824\n");
+        assert_eq!(cgroup_room("4:memory:/docker/abc\n3:cpu:/\n", &root), Some(3 << 30));
+        // v1 "no limit" (a page-rounded i64::MAX).
+        write(&root.join("memory/open"), "memory.limit_in_bytes", "9223372036854771712\n");
+        write(&root.join("memory/open"), "memory.usage_in_bytes", "5\n");
+        write(&root.join("memory"), "memory.limit_in_bytes", "9223372036854771712\n");
+        assert_eq!(cgroup_room("4:memory:/open\n", &root), None);
+        // Nothing readable.
+        assert_eq!(cgroup_room("", &root), None);
+        let _ = std::fs::remove_dir_all(&root);
     }
 }
