@@ -77,6 +77,11 @@ t0=$(date +%s)
 cargo xtask bench
 echo "bench: $(seconds "$t0") s"
 
+step "ddss-cli bench-unroll with half the free memory as the budget (every call of the shipped model fits)"
+ddss-cli --quiet bench-unroll --what step --steps 4 --batch 4 --device cpu --remat free:50 --warmup 0 --repeat 1 \
+    | tee "$SCRATCH/free.json"
+grep -q '"stored_steps":4' "$SCRATCH/free.json"
+
 step "cargo xtask fixtures (regenerates the reference fixtures)"
 t0=$(date +%s)
 cargo xtask fixtures
