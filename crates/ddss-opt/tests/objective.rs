@@ -178,12 +178,18 @@ fn frozen_search_changes_nothing() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-#[test]
-fn resumed_search_equals_uninterrupted() {
-    let base = std::env::temp_dir().join(format!("ddss-resume-{}", std::process::id()));
-    let (a, b) = (base.join("a"), base.join("b"));
+/// A fresh temporary folder for `tag` (removed by the caller) holding two run folders.
+fn two_run_dirs(tag: &str, first: &str, second: &str) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let base = std::env::temp_dir().join(format!("ddss-{tag}-{}", std::process::id()));
+    let (a, b) = (base.join(first), base.join(second));
     std::fs::create_dir_all(&a).expect("dir");
     std::fs::create_dir_all(&b).expect("dir");
+    (base, a, b)
+}
+
+#[test]
+fn resumed_search_equals_uninterrupted() {
+    let (base, a, b) = two_run_dirs("resume", "a", "b");
     let straight = search(&a, Learnable::all(), 4, false).to_file();
     // Stopped after step 2 (checkpoint_every = 2), then resumed to the end.
     let _ = search(&b, Learnable::all(), 2, false);
@@ -206,10 +212,7 @@ fn resumed_search_equals_uninterrupted() {
 
 #[test]
 fn memory_budget_search_learns_the_per_call_sampler_and_logs_its_stored_calls() {
-    let base = std::env::temp_dir().join(format!("ddss-memory-budget-{}", std::process::id()));
-    let (a, b) = (base.join("per-call"), base.join("budget"));
-    std::fs::create_dir_all(&a).expect("dir");
-    std::fs::create_dir_all(&b).expect("dir");
+    let (base, a, b) = two_run_dirs("memory-budget", "per-call", "budget");
     let per_call = search_with(&a, Learnable::all(), &settings(3, 1), 3, false);
     let everything = SearchSettings { remat: Remat::MemoryBudget { mib: 1 << 20 }, ..settings(3, 1) };
     let budget = search_with(&b, Learnable::all(), &everything, 3, false);

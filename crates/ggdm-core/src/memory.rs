@@ -118,16 +118,22 @@ pub fn release_free_host_memory() -> bool {
     }
 }
 
-/// A C library function looked up at run time (`None` where the C library lacks it), so that the
-/// binary also starts where it is missing.
-fn c_function(name: &std::ffi::CStr) -> Option<*mut std::ffi::c_void> {
-    use std::ffi::{c_char, c_void};
-    extern "C" {
-        fn dlsym(handle: *mut c_void, symbol: *const c_char) -> *mut c_void;
-    }
-    // SAFETY: RTLD_DEFAULT (a null handle) searches the process's global symbols.
-    let symbol = unsafe { dlsym(std::ptr::null_mut(), name.as_ptr()) };
+extern "C" {
+    fn dlopen(filename: *const std::ffi::c_char, flag: std::ffi::c_int) -> *mut std::ffi::c_void;
+    fn dlsym(handle: *mut std::ffi::c_void, symbol: *const std::ffi::c_char) -> *mut std::ffi::c_void;
+}
+
+/// The symbol `name` of the library `handle` (null: the process's global symbols), looked up at run
+/// time; `None` where it is missing, so that the binary also starts without it.
+fn symbol_in(handle: *mut std::ffi::c_void, name: &std::ffi::CStr) -> Option<*mut std::ffi::c_void> {
+    // SAFETY: `handle` is null (RTLD_DEFAULT) or a handle from `dlopen`; `name` is NUL-terminated.
+    let symbol = unsafe { dlsym(handle, name.as_ptr()) };
     (!symbol.is_null()).then_some(symbol)
+}
+
+/// A C library function looked up at run time (`None` where the C library lacks it).
+fn c_function(name: &std::ffi::CStr) -> Option<*mut std::ffi::c_void> {
+    symbol_in(std::ptr::null_mut(), name)
 }
 
 /// glibc's `mallopt` parameters (`malloc.h`).
@@ -218,11 +224,7 @@ pub fn heap_allocated_bytes() -> Option<u64> {
 /// already loaded (looked up at run time, so nothing extra is linked); the calling thread's current
 /// device is restored afterwards. `None` where no CUDA runtime is loaded or a call fails.
 pub fn cuda_mem_get_info(index: usize) -> Option<(u64, u64)> {
-    use std::ffi::{c_char, c_int, c_void, CStr};
-    extern "C" {
-        fn dlopen(filename: *const c_char, flag: c_int) -> *mut c_void;
-        fn dlsym(handle: *mut c_void, symbol: *const c_char) -> *mut c_void;
-    }
+    use std::ffi::{c_int, c_void, CStr};
     const RTLD_LAZY: c_int = 1;
     const RTLD_NOLOAD: c_int = 4;
     type MemGetInfo = unsafe extern "C" fn(*mut usize, *mut usize) -> c_int;
@@ -238,13 +240,14 @@ pub fn cuda_mem_get_info(index: usize) -> Option<(u64, u64)> {
             if handle.is_null() {
                 continue;
             }
-            let symbols = [c"cudaMemGetInfo", c"cudaGetDevice", c"cudaSetDevice"].map(|s| dlsym(handle, s.as_ptr()));
-            if symbols.iter().any(|s| s.is_null()) {
+            let [Some(info), Some(get), Some(set)] =
+                [c"cudaMemGetInfo", c"cudaGetDevice", c"cudaSetDevice"].map(|s| symbol_in(handle, s))
+            else {
                 continue;
-            }
-            let get_info = std::mem::transmute::<*mut c_void, MemGetInfo>(symbols[0]);
-            let get_device = std::mem::transmute::<*mut c_void, GetDevice>(symbols[1]);
-            let set_device = std::mem::transmute::<*mut c_void, SetDevice>(symbols[2]);
+            };
+            let get_info = std::mem::transmute::<*mut c_void, MemGetInfo>(info);
+            let get_device = std::mem::transmute::<*mut c_void, GetDevice>(get);
+            let set_device = std::mem::transmute::<*mut c_void, SetDevice>(set);
             let mut current: c_int = 0;
             if get_device(&mut current) != 0 {
                 return None;
@@ -310,8 +313,10 @@ pub fn available_bytes(device: Device) -> Option<u64> {
             let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
             let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
             let system = kib * 1024;
-            let cgroups = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
-            Some(cgroup_room(&cgroups, std::path::Path::new("/sys/fs/cgroup")).map_or(system, |room| room.min(system)))
+            // The process's cgroups do not change; their limit and usage are read fresh each time.
+            static CGROUPS: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+            let cgroups = CGROUPS.get_or_init(|| std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default());
+            Some(cgroup_room(cgroups, std::path::Path::new("/sys/fs/cgroup")).map_or(system, |room| room.min(system)))
         }
         Device::Cuda(index) => {
             let stats = device_stats(device)?;
