@@ -152,7 +152,7 @@ reference() { cell reference "$@"; }
 # The CUDA-graph test binary (from `prepare`): replayed forward calls and VJPs equal eager ones.
 if [ -x .whl/cuda_graphs-test ]; then
     log "CUDA-graph test"
-    timeout 120 .whl/cuda_graphs-test --nocapture >>"$LOG" 2>&1 && log "CUDA-graph test: passed" \
+    timeout 120 .whl/cuda_graphs-test --nocapture --test-threads=1 >>"$LOG" 2>&1 && log "CUDA-graph test: passed" \
         || log "CUDA-graph test: FAILED (see bench.log)"
 fi
 

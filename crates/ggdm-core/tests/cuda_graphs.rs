@@ -20,6 +20,14 @@ const SMALL: &str = r#"{
   "up_block_types": ["AttnUpBlock2D", "UpBlock2D"], "attention_head_dim": 8
 }"#;
 
+/// The tests share one device: a capture in global mode fails when another thread allocates device
+/// memory meanwhile, and the allocator's counters are device-wide. Each test holds this lock.
+static DEVICE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn device_lock() -> std::sync::MutexGuard<'static, ()> {
+    DEVICE.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 fn unet(device: Device) -> UNetDenoiser {
     tch::manual_seed(0);
     let config = UNet2DConfig::from_json_str(SMALL).expect("config");
@@ -40,6 +48,7 @@ fn replayed_calls_equal_eager_calls() -> Result<()> {
         eprintln!("no CUDA device: skipped");
         return Ok(());
     }
+    let _device = device_lock();
     let device = Device::Cuda(0);
     let eager = unet(device);
     let graphed = GraphedDenoiser::new(Box::new(unet(device)))?;
@@ -79,6 +88,7 @@ fn allocator_counters_follow_a_tensor() {
         eprintln!("no CUDA device: skipped");
         return;
     }
+    let _device = device_lock();
     let device = Device::Cuda(0);
     let _warm = Tensor::zeros([1], (Kind::Float, device));
     let before = memory::device_stats(device).expect("the CUDA caching allocator's counters");
