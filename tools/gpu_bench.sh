@@ -157,11 +157,14 @@ if [ -x .whl/cuda_graphs-test ]; then
 fi
 
 # MiB between the reference's f32 per-call K = 10 peak and ours with CUDA graphs and feature chunks
-# of 16 at PRECISION (the caching allocator's peak bytes in tensors when both report them), less a
-# 128 MiB margin; nothing when a side is missing or there is no room.
+# of 16 at PRECISION (the caching allocator's peak bytes in tensors when both report them, ours with
+# the graphs' pool: table.py's peak_alloc), less a 128 MiB margin; nothing when a side is missing
+# or there is no room.
 headroom() {
-    "$PY" - "$RESULTS" "$1" "$BATCH" <<'PYEOF'
+    "$PY" - "$RESULTS" "$1" "$BATCH" "$ROOT/bench/reference" <<'PYEOF'
 import json, sys
+sys.path.insert(0, sys.argv[4])
+from table import peak_alloc
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
 prec, batch = sys.argv[2], int(sys.argv[3])
 def pick(**want):
@@ -171,9 +174,9 @@ base = dict(what="step", steps=10, batch=batch, remat="per_call")
 ref = pick(side="reference", precision="f32", cudnn_benchmark=False, **base)
 ours = pick(side="ours", precision=prec, cuda_graphs=True, feature_chunk=16, channels_last=False, cudnn_benchmark=False, **base)
 if ref and ours:
-    both = all(r.get("cuda_max_allocated_mib") is not None for r in (ref, ours))
-    key = "cuda_max_allocated_mib" if both else "memory_mib"
-    room = int(ref[key] - ours[key] - 128)
+    alloc = [peak_alloc(r) for r in (ref, ours)]
+    both = all(a is not None for a in alloc)
+    room = int(alloc[0] - alloc[1] - 128) if both else int(ref["memory_mib"] - ours["memory_mib"] - 128)
     if room > 0:
         print(room)
 PYEOF

@@ -282,7 +282,7 @@ fn cargo() -> Command {
 }
 
 fn test(extra: &[String]) -> Result<()> {
-    setup()?;
+    let env = setup()?;
     let with_mpi = extra.iter().any(|a| a == "--mpi");
     let extra: Vec<&String> = extra.iter().filter(|a| *a != "--mpi").collect();
     if with_mpi {
@@ -295,9 +295,17 @@ fn test(extra: &[String]) -> Result<()> {
     run_cmd(cargo().current_dir(&root).args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
     println!("[test] cargo test --workspace");
     run_cmd(cargo().current_dir(&root).args(["test", "--workspace"]).args(&extra))?;
-    let env = venv_dir()?;
-    let cuda_headers =
-        site_packages(&env).map(|site| site.join("nvidia/cu13/include/crt/host_config.h").exists()).unwrap_or(false);
+    println!("[test] bench/reference/test_table.py (the benchmark table's verdicts)");
+    run_cmd(Command::new(&env.python).current_dir(root.join("bench").join("reference")).args([
+        "-m",
+        "unittest",
+        "discover",
+        "-p",
+        "test_*.py",
+    ]))?;
+    let cuda_headers = site_packages(&env.venv)
+        .map(|site| site.join("nvidia/cu13/include/crt/host_config.h").exists())
+        .unwrap_or(false);
     if cuda_headers {
         println!("[test] the cuda-graphs feature: clippy -D warnings, and its test (skips without a GPU)");
         run_cmd(

@@ -4,6 +4,7 @@
 // frees with ddss_graph_free_error.
 
 #include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -103,6 +104,26 @@ char* ddss_graph_capture_end(void* graph) {
 
 char* ddss_graph_replay(void* graph) {
   return guarded([&] { static_cast<at::cuda::CUDAGraph*>(graph)->replay(); });
+}
+
+// Bytes of device `device` in the caching allocator's private pools (those of CUDA graphs): whole
+// segments (`reserved`) and the blocks in use in them (`allocated`). A replay uses its pool's
+// memory without the allocator counting it as allocated.
+char* ddss_private_pool_bytes(int device, unsigned long long* reserved, unsigned long long* allocated) {
+  return guarded([&] {
+    unsigned long long held = 0;
+    unsigned long long used = 0;
+    for (const auto& segment : c10::cuda::CUDACachingAllocator::snapshot({0, 0}, false).segments) {
+      const auto& owner = segment.owner_private_pool_id;
+      if (segment.device != device || (owner.first == 0 && owner.second == 0)) {
+        continue;
+      }
+      held += segment.total_size;
+      used += segment.allocated_size;
+    }
+    *reserved = held;
+    *allocated = used;
+  });
 }
 
 void ddss_graph_delete(void* graph) {

@@ -42,6 +42,7 @@ mod ffi {
         fn ddss_graph_capture_end(graph: *mut c_void) -> *mut c_char;
         fn ddss_graph_replay(graph: *mut c_void) -> *mut c_char;
         fn ddss_graph_delete(graph: *mut c_void);
+        fn ddss_private_pool_bytes(device: c_int, reserved: *mut u64, allocated: *mut u64) -> *mut c_char;
     }
 
     fn check(what: &str, message: *mut c_char) -> crate::Result<()> {
@@ -92,6 +93,16 @@ mod ffi {
         Ok((first, second))
     }
 
+    /// `(reserved, allocated)` bytes of the private memory pools on `device`.
+    pub fn private_pool_bytes(device: usize) -> crate::Result<(u64, u64)> {
+        let (mut reserved, mut allocated) = (0u64, 0u64);
+        // SAFETY: both outputs are plain integers written by the shim.
+        check("reading the graph memory pools", unsafe {
+            ddss_private_pool_bytes(device as c_int, &mut reserved, &mut allocated)
+        })?;
+        Ok((reserved, allocated))
+    }
+
     /// An `at::cuda::CUDAGraph`.
     pub struct Graph(*mut c_void);
 
@@ -122,6 +133,41 @@ mod ffi {
             // SAFETY: `self.0` came from `ddss_graph_new` and is deleted exactly once.
             unsafe { ddss_graph_delete(self.0) }
         }
+    }
+}
+
+/// Device memory in the CUDA caching allocator's private pools, where captured graphs keep their
+/// working memory, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PoolMemory {
+    /// Bytes the pools hold from the device. Replays use them without the allocator counting them
+    /// as allocated, so a process that replays graphs needs its allocated peak plus this.
+    pub reserved: u64,
+    /// Bytes of the pools in live tensors (the graphs' static outputs).
+    pub allocated: u64,
+}
+
+/// The memory of every CUDA graph's private pool on `device` in this process; `None` on the CPU or
+/// where it cannot be read, and zero in a build without the `cuda-graphs` feature (which captures
+/// nothing).
+pub fn pool_memory(device: Device) -> Option<PoolMemory> {
+    let Device::Cuda(index) = device else {
+        return None;
+    };
+    #[cfg(feature = "cuda-graphs")]
+    {
+        match ffi::private_pool_bytes(index) {
+            Ok((reserved, allocated)) => Some(PoolMemory { reserved, allocated }),
+            Err(e) => {
+                tracing::debug!("{e}");
+                None
+            }
+        }
+    }
+    #[cfg(not(feature = "cuda-graphs"))]
+    {
+        let _ = index;
+        Some(PoolMemory::default())
     }
 }
 

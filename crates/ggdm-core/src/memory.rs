@@ -303,7 +303,8 @@ fn cgroup_room(cgroups: &str, root: &std::path::Path) -> Option<u64> {
 }
 
 /// The memory `device` could still give to tensors, in bytes: on a CUDA device the memory free
-/// on the device plus what the caching allocator holds unused (reserved, not allocated); on the CPU
+/// on the device plus what the caching allocator holds unused (reserved, not allocated), less the
+/// unused part of the CUDA graphs' private pools (only their replays can use it); on the CPU
 /// the system's available memory (`MemAvailable` in /proc/meminfo), or the room under this
 /// process's cgroup memory limit where that is less. `None` where it cannot be read.
 pub fn available_bytes(device: Device) -> Option<u64> {
@@ -321,7 +322,10 @@ pub fn available_bytes(device: Device) -> Option<u64> {
         Device::Cuda(index) => {
             let stats = device_stats(device)?;
             let (free, _) = cuda_mem_get_info(index)?;
-            Some(free + stats.reserved.saturating_sub(stats.allocated))
+            // The unused part of the CUDA graphs' pools serves their replays only.
+            let pools = crate::cuda_graph::pool_memory(device).unwrap_or_default();
+            let cached = stats.reserved.saturating_sub(stats.allocated);
+            Some(free + cached.saturating_sub(pools.reserved.saturating_sub(pools.allocated)))
         }
         _ => None,
     }

@@ -67,6 +67,12 @@ fn replayed_calls_equal_eager_calls() -> Result<()> {
     }
     // One forward graph and one VJP graph for this shape; a new batch size captures another.
     assert_eq!(graphed.captured_shapes(), 2);
+    // Their shared pool holds device memory (at least the static outputs, which are allocated).
+    let pool = ggdm_core::cuda_graph::pool_memory(device).expect("the graphs' pool memory");
+    let stats = ggdm_core::memory::device_stats(device).expect("counters");
+    let outputs = 2 * 4 * 3 * 16 * 16 * 4;
+    assert!(pool.allocated >= outputs && pool.reserved >= pool.allocated, "{pool:?}");
+    assert!(pool.reserved <= stats.reserved && pool.allocated <= stats.allocated, "{pool:?} within {stats:?}");
     let x = Tensor::randn([2, 3, 16, 16], (Kind::Float, device));
     let tau = Tensor::from_slice(&[300.0f32, 20.0]).to_device(device);
     let e = relative_error(&tch::no_grad(|| graphed.forward(&x, &tau))?, &tch::no_grad(|| eager.forward(&x, &tau))?);
