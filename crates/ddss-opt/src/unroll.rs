@@ -82,18 +82,21 @@ pub struct MemoryPlan {
     pub steps: usize,
 }
 
-static LAST_PLAN: std::sync::Mutex<Option<MemoryPlan>> = std::sync::Mutex::new(None);
+thread_local! {
+    static LAST_PLAN: std::cell::Cell<Option<MemoryPlan>> = const { std::cell::Cell::new(None) };
+}
 
-/// The choice of the most recent [`Remat::MemoryBudget`] forward pass in this process (on any
-/// thread; [`Forward::memory_plan`] is that of one pass).
+/// The choice of the most recent [`Remat::MemoryBudget`] or [`Remat::FreeMemory`] forward pass on
+/// this thread ([`Forward::memory_plan`] is that of one pass), for callers that see only the loss
+/// (the search's step records, the benchmark).
 pub fn last_memory_plan() -> Option<MemoryPlan> {
-    *LAST_PLAN.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    LAST_PLAN.get()
 }
 
 /// Records `plan`, logging it when the choice (or the budget, by more than a tenth: a share of
-/// the free memory moves a little from pass to pass) differs from the previous one.
+/// the free memory moves a little from pass to pass) differs from the previous one on this thread.
 fn record_plan(plan: MemoryPlan) {
-    let mut last = LAST_PLAN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let last = LAST_PLAN.get();
     let changed = last.is_none_or(|p| {
         (p.stored_steps, p.steps) != (plan.stored_steps, plan.steps)
             || p.budget_bytes.abs_diff(plan.budget_bytes) > p.budget_bytes.max(plan.budget_bytes) / 10
@@ -111,7 +114,7 @@ fn record_plan(plan: MemoryPlan) {
             mib(plan.call_bytes),
         );
     }
-    *last = Some(plan);
+    LAST_PLAN.set(Some(plan));
 }
 
 /// Memory live on `device`, or an error naming the budget that needs it.
