@@ -6,7 +6,7 @@ mod common;
 use common::*;
 
 use std::path::Path;
-use std::process::Output;
+use std::process::{Command, Output};
 
 use fid_metrics::stats::{npz_keys, read_features_npz};
 use fid_metrics::FeatureStats;
@@ -431,48 +431,9 @@ fn eval_prints_seven_keys_and_scores_the_samples_sample_writes() {
     assert!((fid - fid_files).abs() <= 1e-6 * fid.max(1.0), "eval {fid} vs sample + fid {fid_files}");
 
     // A reference made with other features is refused before sampling.
-    let err = run_err(
-        bin()
-            .args([
-                "eval",
-                "--device",
-                "cpu",
-                "--sampler",
-                "ddim",
-                "--steps",
-                "3",
-                "--num",
-                "6",
-                "--features",
-                "inception",
-            ])
-            .env("DDSS_INCEPTION", "/nonexistent/default_1.pt")
-            .arg("--model")
-            .arg(&model)
-            .arg("--ref")
-            .arg(&reference),
-    );
+    let err = run_err(eval_ddim3(&model, "inception", &reference).env("DDSS_INCEPTION", "/nonexistent/default_1.pt"));
     assert!(err.contains("/nonexistent/default_1.pt"), "{err}");
-    let err = run_err(
-        bin()
-            .args([
-                "eval",
-                "--device",
-                "cpu",
-                "--sampler",
-                "ddim",
-                "--steps",
-                "3",
-                "--num",
-                "6",
-                "--features",
-                &classifier_a(),
-            ])
-            .arg("--model")
-            .arg(&model)
-            .arg("--ref")
-            .arg(dir.join("missing.npz")),
-    );
+    let err = run_err(&mut eval_ddim3(&model, &classifier_a(), &dir.join("missing.npz")));
     assert!(err.contains("missing.npz"), "{err}");
     let five_d = dir.join("five_d.npz");
     {
@@ -482,26 +443,19 @@ fn eval_prints_seven_keys_and_scores_the_samples_sample_writes() {
         writer.add_array("features", &features).expect("features");
         writer.finish().expect("finish");
     }
-    let err = run_err(
-        bin()
-            .args([
-                "eval",
-                "--device",
-                "cpu",
-                "--sampler",
-                "ddim",
-                "--steps",
-                "3",
-                "--num",
-                "6",
-                "--features",
-                &classifier_a(),
-            ])
-            .arg("--model")
-            .arg(&model)
-            .arg("--ref")
-            .arg(&five_d),
-    );
+    let err = run_err(&mut eval_ddim3(&model, &classifier_a(), &five_d));
     assert!(err.contains("five_d.npz") && err.contains("5-d"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `eval` of 6 DDIM samples with 3 steps of `model` on the CPU, scored with `features` against
+/// `reference`.
+fn eval_ddim3(model: &Path, features: &str, reference: &Path) -> Command {
+    let mut cmd = bin();
+    cmd.args(["eval", "--device", "cpu", "--sampler", "ddim", "--steps", "3", "--num", "6", "--features", features])
+        .arg("--model")
+        .arg(model)
+        .arg("--ref")
+        .arg(reference);
+    cmd
 }
