@@ -158,13 +158,13 @@ fi
 
 # MiB between the reference's f32 per-call K = 10 peak and ours with CUDA graphs and feature chunks
 # of 16 at PRECISION (the caching allocator's peak bytes in tensors when both report them, ours with
-# the graphs' pool: table.py's peak_alloc), less a 128 MiB margin; nothing when a side is missing
-# or there is no room.
+# the graphs' pool; else the reserved growth: table.py's peaks), less a 128 MiB margin; nothing
+# when a side is missing or there is no room.
 headroom() {
     "$PY" - "$RESULTS" "$1" "$BATCH" "$ROOT/bench/reference" <<'PYEOF'
 import json, sys
 sys.path.insert(0, sys.argv[4])
-from table import peak_alloc
+from table import peaks
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
 prec, batch = sys.argv[2], int(sys.argv[3])
 def pick(**want):
@@ -174,9 +174,8 @@ base = dict(what="step", steps=10, batch=batch, remat="per_call")
 ref = pick(side="reference", precision="f32", cudnn_benchmark=False, **base)
 ours = pick(side="ours", precision=prec, cuda_graphs=True, feature_chunk=16, channels_last=False, cudnn_benchmark=False, **base)
 if ref and ours:
-    alloc = [peak_alloc(r) for r in (ref, ours)]
-    both = all(a is not None for a in alloc)
-    room = int(alloc[0] - alloc[1] - 128) if both else int(ref["memory_mib"] - ours["memory_mib"] - 128)
+    (ref_peak, ours_peak), _ = peaks(ref, ours)
+    room = int(ref_peak - ours_peak - 128)
     if room > 0:
         print(room)
 PYEOF

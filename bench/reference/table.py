@@ -166,8 +166,7 @@ def build(rows, title=None, step_goal=2.0, sample_goal=1.5):
         alloc = any(r.get("cuda_max_allocated_mib") is not None and side_of(r) != "reference" for r in rows)
         header = "| remat | precision | K | batch | ours s | ref s | time ours/ref | ours MiB | ref MiB | memory ours/ref |"
         if alloc:
-            pool = " (+ graph pool)" if any(r.get("cuda_graph_pool_mib") is not None for r in rows) else ""
-            header += f" ours peak alloc{pool} MiB | ref peak alloc MiB | ours/ref |"
+            header += f" ours peak alloc{pool_note(rows)} MiB | ref peak alloc MiB | ours/ref |"
         out.append(header)
         out.append("|---" * (header.count("|") - 1) + "|")
         for key in step_keys:
@@ -246,12 +245,17 @@ def peak_alloc(row):
     return peak
 
 
+def pool_note(rows):
+    """" (+ graph pool)" when a row's peak includes its CUDA graphs' pool (see `peak_alloc`)."""
+    return " (+ graph pool)" if any(r.get("cuda_graph_pool_mib") is not None for r in rows) else ""
+
+
 def peaks(*rows):
     """The peak memory of each row in one measure: `peak_alloc` when every row reports it, else
     `memory_mib`; with the name of the measure."""
-    if all(peak_alloc(r) is not None for r in rows):
-        graphs = any(r.get("cuda_graph_pool_mib") is not None for r in rows)
-        return [peak_alloc(r) for r in rows], "peak alloc (+ graph pool)" if graphs else "peak alloc"
+    alloc = [peak_alloc(r) for r in rows]
+    if all(a is not None for a in alloc):
+        return alloc, "peak alloc" + pool_note(rows)
     return [r.get("memory_mib") for r in rows], rows[0].get("memory_kind", "memory")
 
 

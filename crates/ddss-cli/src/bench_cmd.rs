@@ -135,24 +135,20 @@ fn cuda_used_mib(device: Device) -> Option<f64> {
 }
 
 fn parse_remat(name: &str) -> Result<Remat> {
-    match name {
-        "naive" => Ok(Remat::Naive),
-        "per_call" | "per-call" => Ok(Remat::PerCall),
-        other => match other.strip_prefix("budget:") {
-            Some(n) => Ok(Remat::Budget { stored_steps: n.parse().with_context(|| format!("--remat {other}"))? }),
-            None => match other.strip_prefix("memory:") {
-                Some(mib) => Ok(Remat::MemoryBudget { mib: mib.parse().with_context(|| format!("--remat {other}"))? }),
-                None => match other.strip_prefix("free:") {
-                    Some(percent) => {
-                        Ok(Remat::FreeMemory { percent: percent.parse().with_context(|| format!("--remat {other}"))? })
-                    }
-                    None => bail!(
-                        "--remat {other}: expected naive, per_call, budget:N (stored calls), memory:MIB or free:PERCENT"
-                    ),
-                },
-            },
-        },
+    fn number<T: std::str::FromStr>(text: &str, name: &str) -> Result<T>
+    where
+        T::Err: std::error::Error + Send + Sync + 'static,
+    {
+        text.parse().with_context(|| format!("--remat {name}"))
     }
+    Ok(match name.split_once(':') {
+        None if name == "naive" => Remat::Naive,
+        None if name == "per_call" || name == "per-call" => Remat::PerCall,
+        Some(("budget", n)) => Remat::Budget { stored_steps: number(n, name)? },
+        Some(("memory", mib)) => Remat::MemoryBudget { mib: number(mib, name)? },
+        Some(("free", percent)) => Remat::FreeMemory { percent: number(percent, name)? },
+        _ => bail!("--remat {name}: expected naive, per_call, budget:N (stored calls), memory:MIB or free:PERCENT"),
+    })
 }
 
 /// The network and its scheduler settings.
@@ -374,10 +370,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
     });
     let mib = |bytes: u64| bytes as f64 / f64::from(1 << 20);
     if let (Some(before), Some(after)) = (allocator_before, memory::device_stats(device)) {
+        // The whole run's peaks: the larger of the warm-up's and the timed runs'.
         let warm = warmup_peak.unwrap_or(after);
-        let overall = |peak: fn(&memory::DeviceMemory) -> u64| mib(peak(&warm).max(peak(&after)));
-        line["cuda_max_allocated_mib"] = (overall(|m| m.peak_allocated) - mib(before.allocated)).into();
-        line["cuda_max_reserved_mib"] = (overall(|m| m.peak_reserved) - mib(before.reserved)).into();
+        let peak_allocated = warm.peak_allocated.max(after.peak_allocated);
+        let peak_reserved = warm.peak_reserved.max(after.peak_reserved);
+        line["cuda_max_allocated_mib"] = (mib(peak_allocated) - mib(before.allocated)).into();
+        line["cuda_max_reserved_mib"] = (mib(peak_reserved) - mib(before.reserved)).into();
         line["cuda_timed_max_allocated_mib"] = (mib(after.peak_allocated) - mib(before.allocated)).into();
         if args.cuda_graphs {
             // Replays use the graphs' pool without the allocator counting it as allocated.
