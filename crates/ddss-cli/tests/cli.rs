@@ -5,41 +5,25 @@ use common::*;
 
 use std::path::{Path, PathBuf};
 
-/// 32 deterministic 8x8 grey images as an uncompressed IDX file.
-fn write_idx(path: &Path) {
-    let (n, h, w) = (32u32, 8u32, 8u32);
-    let mut bytes = vec![0u8, 0, 8, 3];
-    for d in [n, h, w] {
-        bytes.extend(d.to_be_bytes());
-    }
-    for i in 0..n {
-        for y in 0..h {
-            for x in 0..w {
-                bytes.push(((i * 37 + y * 11 + x * 5) % 256) as u8);
-            }
-        }
-    }
-    std::fs::write(path, bytes).expect("write idx");
-}
-
 fn setup(name: &str) -> (PathBuf, PathBuf, PathBuf) {
     let dir = temp_dir(name);
     let data = dir.join("images.idx");
-    write_idx(&data);
+    write_idx_with(&data, 32, 8, |i, x, y| ((i * 37 + y * 11 + x * 5) % 256) as u8);
     let config = dir.join("tiny.toml");
     std::fs::write(&config, TINY_TRAIN_CONFIG).expect("config");
     (dir, data, config)
 }
 
-fn train(data: &Path, config: &Path, out: &Path, steps: u64, resume: bool) {
+/// `ddss-cli train` on the CPU with the given data, config and output folder.
+fn train_cmd(data: &Path, config: &Path, out: &Path) -> std::process::Command {
     let mut cmd = bin();
-    cmd.args(["--quiet", "train", "--device", "cpu", "--steps", &steps.to_string()])
-        .arg("--data")
-        .arg(data)
-        .arg("--config")
-        .arg(config)
-        .arg("--out")
-        .arg(out);
+    cmd.args(["train", "--device", "cpu"]).arg("--data").arg(data).arg("--config").arg(config).arg("--out").arg(out);
+    cmd
+}
+
+fn train(data: &Path, config: &Path, out: &Path, steps: u64, resume: bool) {
+    let mut cmd = train_cmd(data, config, out);
+    cmd.args(["--quiet", "--steps", &steps.to_string()]);
     if resume {
         cmd.arg("--resume");
     }
@@ -138,37 +122,12 @@ fn bad_inputs_give_clear_errors() {
     assert!(err.contains("config.json") || err.contains("dpm-unknown"), "{err}");
     let bad = dir.join("bad.toml");
     std::fs::write(&bad, TINY_TRAIN_CONFIG.replace("layers_per_block", "layers_per_blok")).expect("write");
-    let err = run_err(
-        bin()
-            .args(["train", "--device", "cpu"])
-            .arg("--data")
-            .arg(&data)
-            .arg("--config")
-            .arg(&bad)
-            .arg("--out")
-            .arg(dir.join("o")),
-    );
+    let err = run_err(&mut train_cmd(&data, &bad, &dir.join("o")));
     assert!(err.contains("layers_per_blok"), "{err}");
     std::fs::write(&bad, TINY_TRAIN_CONFIG.replace("batch_size = 4", "batch_size = 0")).expect("write");
-    let err = run_err(
-        bin()
-            .args(["train", "--device", "cpu"])
-            .arg("--data")
-            .arg(&data)
-            .arg("--config")
-            .arg(&bad)
-            .arg("--out")
-            .arg(dir.join("o")),
-    );
+    let err = run_err(&mut train_cmd(&data, &bad, &dir.join("o")));
     assert!(err.contains("batch_size"), "{err}");
-    let err = run_err(
-        bin()
-            .args(["train", "--device", "cpu", "--data", "/nonexistent/data.idx"])
-            .arg("--config")
-            .arg(&config)
-            .arg("--out")
-            .arg(dir.join("o")),
-    );
+    let err = run_err(&mut train_cmd(Path::new("/nonexistent/data.idx"), &config, &dir.join("o")));
     assert!(err.contains("/nonexistent/data.idx"), "{err}");
     let err = run_err(bin().args(["export", "--sampler", "/nonexistent/sampler.json"]));
     assert!(err.contains("/nonexistent/sampler.json"), "{err}");

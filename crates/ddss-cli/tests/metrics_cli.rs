@@ -48,22 +48,6 @@ fn write_png_folder(dir: &Path, count: u32, size: u32) {
     }
 }
 
-/// An uncompressed IDX image file of `count` grey `size` x `size` images.
-fn write_idx_images(path: &Path, count: u32, size: u32) {
-    let mut bytes = vec![0u8, 0, 8, 3];
-    for d in [count, size, size] {
-        bytes.extend(d.to_be_bytes());
-    }
-    for i in 0..count {
-        for y in 0..size {
-            for x in 0..size {
-                bytes.push(pixel(i, x, y));
-            }
-        }
-    }
-    std::fs::write(path, bytes).expect("write idx images");
-}
-
 /// An uncompressed IDX label file.
 fn write_idx_labels(path: &Path, labels: &[u8]) {
     let mut bytes = vec![0u8, 0, 8, 1];
@@ -271,9 +255,9 @@ fn train_classifier_writes_weights_and_sidecar() {
     let data = dir.join("data");
     std::fs::create_dir_all(&data).expect("data dir");
     let labels = |n: u32| -> Vec<u8> { (0..n).map(|i| (i % 10) as u8).collect() };
-    write_idx_images(&data.join("train-images-idx3-ubyte"), 40, 28);
+    write_idx_with(&data.join("train-images-idx3-ubyte"), 40, 28, pixel);
     write_idx_labels(&data.join("train-labels-idx1-ubyte"), &labels(40));
-    write_idx_images(&data.join("t10k-images-idx3-ubyte"), 20, 28);
+    write_idx_with(&data.join("t10k-images-idx3-ubyte"), 20, 28, pixel);
     write_idx_labels(&data.join("t10k-labels-idx1-ubyte"), &labels(20));
     let out = dir.join("net.safetensors");
     let run = run_ok(
@@ -334,7 +318,7 @@ fn train_classifier_writes_weights_and_sidecar() {
 fn eval_prints_seven_keys_and_scores_the_samples_sample_writes() {
     let dir = temp_dir("eval");
     let data = dir.join("images.idx");
-    write_idx_images(&data, 16, 8);
+    write_idx_with(&data, 16, 8, pixel);
     let config = dir.join("tiny.toml");
     std::fs::write(&config, TINY_TRAIN_CONFIG.replace("steps = 4", "steps = 2")).expect("config");
     let model = dir.join("model");

@@ -8,7 +8,7 @@ use common::*;
 use ddss_opt::collective::{Collective, SingleProcess};
 use ddss_opt::loss::{FeatureLoss, LossKind};
 use ddss_opt::objective::{BatchNoise, Objective};
-use ddss_opt::search::{run_search_with, NoObserver, ObjectiveParts};
+use ddss_opt::search::{run_search_with, NoObserver};
 use ddss_opt::unroll::Remat;
 use ggdm_core::ggdm::Learnable;
 use ggdm_core::unet::UNetDenoiser;
@@ -137,15 +137,8 @@ fn search(comm: &dyn Collective, dir: &std::path::Path) -> Vec<f64> {
     let (model, features, real) = parts(false);
     let loss = FeatureLoss::new(LossKind::Kid, &real).expect("loss");
     let mut s = tiny_sampler(Learnable::all());
-    let objective_parts = ObjectiveParts {
-        model: &model,
-        extractor: &features,
-        loss: &loss,
-        sample_shape: [1, 8, 8],
-        device: Device::Cpu,
-    };
-    run_search_with(&mut s, objective_parts, &settings(3, 1), &real, dir, false, &mut NoObserver, comm)
-        .expect("search");
+    let parts = cpu_parts(&model, &features, &loss);
+    run_search_with(&mut s, parts, &settings(3, 1), &real, dir, false, &mut NoObserver, comm).expect("search");
     s.params.named().iter().flat_map(|(_, t)| Vec::<f64>::try_from(&t.reshape([-1])).expect("params")).collect()
 }
 

@@ -7,7 +7,7 @@ use common::*;
 
 use ddss_opt::loss::{FeatureLoss, LossKind};
 use ddss_opt::objective::{BatchNoise, Objective};
-use ddss_opt::search::{run_search, NoObserver, ObjectiveParts, SearchSettings};
+use ddss_opt::search::{run_search, NoObserver, SearchSettings};
 use ddss_opt::unroll::Remat;
 use fid_metrics::features::FeatureExtractor;
 use ggdm_core::ggdm::{GgdmSampler, Learnable};
@@ -146,13 +146,7 @@ fn search_with(
     let real = real_features();
     let loss = FeatureLoss::new(LossKind::Kid, &real).expect("loss");
     let mut s = tiny_sampler(learn);
-    let parts = ObjectiveParts {
-        model: &model,
-        extractor: &features,
-        loss: &loss,
-        sample_shape: [1, 8, 8],
-        device: Device::Cpu,
-    };
+    let parts = cpu_parts(&model, &features, &loss);
     run_search(&mut s, parts, settings, &real, dir, resume, &mut StopAt(stop_at)).expect("search");
     s
 }
@@ -260,13 +254,7 @@ fn faulty_search(dir: &std::path::Path, nan_calls: Vec<usize>, steps: u64) -> (G
     let real = real_features();
     let loss = FeatureLoss::new(LossKind::Kid, &real).expect("loss");
     let mut s = tiny_sampler(Learnable::all());
-    let parts = ObjectiveParts {
-        model: &model,
-        extractor: &features,
-        loss: &loss,
-        sample_shape: [1, 8, 8],
-        device: Device::Cpu,
-    };
+    let parts = cpu_parts(&model, &features, &loss);
     let cfg = SearchSettings { steps, validate_every: 0, micro_batch: None, ..settings(steps, 2) };
     let result = run_search(&mut s, parts, &cfg, &real, dir, false, &mut NoObserver).map(|_| ());
     (s, result)
@@ -380,13 +368,7 @@ fn injected_search(
     let real = real_features();
     let loss = FeatureLoss::new(LossKind::Kid, &real).expect("loss");
     let mut s = tiny_sampler(Learnable::all());
-    let parts = ObjectiveParts {
-        model: &model,
-        extractor: &features,
-        loss: &loss,
-        sample_shape: [1, 8, 8],
-        device: Device::Cpu,
-    };
+    let parts = cpu_parts(&model, &features, &loss);
     let cfg = SearchSettings { validate_every: 0, max_faults, ..settings(4, 2) };
     // The initial validation counts as step 1 here (it runs before it): faults at step 1 hit it too.
     let mut observer = ArmFaults { next_step };

@@ -451,7 +451,7 @@ impl DomainClassifier {
                 Ok((name, t.f_detach()?.f_to_device(Device::Cpu)?.f_to_kind(Kind::Float)?.f_contiguous()?))
             })
             .collect::<Result<Vec<_>>>()?;
-        crate::atomic::write_atomic_with(path, |temporary| {
+        ggdm_core::io::write_atomic_with(path, |temporary| {
             Tensor::write_safetensors(&tensors, temporary)
                 .map_err(|e| Error::weights(path, format!("cannot write safetensors: {e}")))
         })?;
@@ -459,7 +459,7 @@ impl DomainClassifier {
         let mut json = serde_json::to_string_pretty(&self.info)
             .map_err(|e| Error::format(&sidecar, format!("cannot encode the sidecar: {e}")))?;
         json.push('\n');
-        crate::atomic::write_atomic(&sidecar, json.as_bytes())
+        Ok(ggdm_core::io::write_atomic(&sidecar, json.as_bytes())?)
     }
 
     /// The sidecar information (architecture, training record).

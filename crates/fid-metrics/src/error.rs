@@ -128,5 +128,19 @@ impl Error {
     }
 }
 
+/// The file writing shared with `ggdm-core` ([`ggdm_core::io`]) reports its errors in that crate's
+/// type; they keep their meaning here.
+impl From<ggdm_core::Error> for Error {
+    fn from(e: ggdm_core::Error) -> Self {
+        match e {
+            ggdm_core::Error::Io { path, source } => Error::Io { path, source },
+            ggdm_core::Error::Format { path, msg } => Error::Format { path, msg },
+            ggdm_core::Error::Invalid { what, msg } => Error::Invalid { what, msg },
+            ggdm_core::Error::Shape { what, expected, got } => Error::Shape { what, expected, got },
+            ggdm_core::Error::Torch(e) => Error::Torch(e),
+        }
+    }
+}
+
 /// `Result` with [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -210,17 +210,19 @@ fn max_pool_3x3_stride2(x: &Tensor) -> Result<Tensor> {
     Ok(x.f_max_pool2d([3, 3], [2, 2], [0, 0], [1, 1], false)?)
 }
 
-/// Inception-A (`mixed`, `mixed_1`, `mixed_2`).
+/// Inception-A and Inception-C: a 1x1 convolution, two convolution towers and a 3x3 average pool
+/// followed by a 1x1 convolution, concatenated along the channels.
 #[derive(Debug)]
-struct BlockA {
+struct PooledTowers {
     conv: ConvBn,
     tower: Vec<ConvBn>,
     tower_1: Vec<ConvBn>,
     tower_2_conv: ConvBn,
 }
 
-impl BlockA {
-    fn new(p: &nn::Path, c_in: i64, pool_features: i64) -> Result<Self> {
+impl PooledTowers {
+    /// Inception-A (`mixed`, `mixed_1`, `mixed_2`).
+    fn a(p: &nn::Path, c_in: i64, pool_features: i64) -> Result<Self> {
         let tower = p / "tower";
         let tower_1 = p / "tower_1";
         let tower_2 = p / "tower_2";
@@ -236,6 +238,30 @@ impl BlockA {
                 ConvBn::square(&tower_1, "conv_2", 96, 96, 3, 1, 1)?,
             ],
             tower_2_conv: ConvBn::square(&tower_2, "conv", c_in, pool_features, 1, 1, 0)?,
+        })
+    }
+
+    /// Inception-C (`mixed_4` to `mixed_7`).
+    fn c(p: &nn::Path, channels_7x7: i64) -> Result<Self> {
+        let c7 = channels_7x7;
+        let tower = p / "tower";
+        let tower_1 = p / "tower_1";
+        let tower_2 = p / "tower_2";
+        Ok(Self {
+            conv: ConvBn::square(p, "conv", 768, 192, 1, 1, 0)?,
+            tower: vec![
+                ConvBn::square(&tower, "conv", 768, c7, 1, 1, 0)?,
+                ConvBn::line(&tower, "conv_1", c7, c7, 7, true)?,
+                ConvBn::line(&tower, "conv_2", c7, 192, 7, false)?,
+            ],
+            tower_1: vec![
+                ConvBn::square(&tower_1, "conv", 768, c7, 1, 1, 0)?,
+                ConvBn::line(&tower_1, "conv_1", c7, c7, 7, false)?,
+                ConvBn::line(&tower_1, "conv_2", c7, c7, 7, true)?,
+                ConvBn::line(&tower_1, "conv_3", c7, c7, 7, false)?,
+                ConvBn::line(&tower_1, "conv_4", c7, 192, 7, true)?,
+            ],
+            tower_2_conv: ConvBn::square(&tower_2, "conv", 768, 192, 1, 1, 0)?,
         })
     }
 
@@ -272,50 +298,6 @@ impl BlockB {
 
     fn forward(&self, x: &Tensor, tf32: bool) -> Result<Tensor> {
         let branches = [self.conv.forward(x, tf32)?, forward_chain(&self.tower, x, tf32)?, max_pool_3x3_stride2(x)?];
-        Ok(Tensor::f_cat(&branches, 1)?)
-    }
-}
-
-/// Inception-C with 7x7 factorised convolutions (`mixed_4` .. `mixed_7`).
-#[derive(Debug)]
-struct BlockC {
-    conv: ConvBn,
-    tower: Vec<ConvBn>,
-    tower_1: Vec<ConvBn>,
-    tower_2_conv: ConvBn,
-}
-
-impl BlockC {
-    fn new(p: &nn::Path, channels_7x7: i64) -> Result<Self> {
-        let c7 = channels_7x7;
-        let tower = p / "tower";
-        let tower_1 = p / "tower_1";
-        let tower_2 = p / "tower_2";
-        Ok(Self {
-            conv: ConvBn::square(p, "conv", 768, 192, 1, 1, 0)?,
-            tower: vec![
-                ConvBn::square(&tower, "conv", 768, c7, 1, 1, 0)?,
-                ConvBn::line(&tower, "conv_1", c7, c7, 7, true)?,
-                ConvBn::line(&tower, "conv_2", c7, 192, 7, false)?,
-            ],
-            tower_1: vec![
-                ConvBn::square(&tower_1, "conv", 768, c7, 1, 1, 0)?,
-                ConvBn::line(&tower_1, "conv_1", c7, c7, 7, false)?,
-                ConvBn::line(&tower_1, "conv_2", c7, c7, 7, true)?,
-                ConvBn::line(&tower_1, "conv_3", c7, c7, 7, false)?,
-                ConvBn::line(&tower_1, "conv_4", c7, 192, 7, true)?,
-            ],
-            tower_2_conv: ConvBn::square(&tower_2, "conv", 768, 192, 1, 1, 0)?,
-        })
-    }
-
-    fn forward(&self, x: &Tensor, tf32: bool) -> Result<Tensor> {
-        let branches = [
-            self.conv.forward(x, tf32)?,
-            forward_chain(&self.tower, x, tf32)?,
-            forward_chain(&self.tower_1, x, tf32)?,
-            self.tower_2_conv.forward(&Pool::Avg3Same.forward(x)?, tf32)?,
-        ];
         Ok(Tensor::f_cat(&branches, 1)?)
     }
 }
@@ -403,9 +385,9 @@ impl BlockE {
 struct InceptionNet {
     stem_a: Vec<ConvBn>,
     stem_b: Vec<ConvBn>,
-    blocks_a: Vec<BlockA>,
+    blocks_a: Vec<PooledTowers>,
     block_b: BlockB,
-    blocks_c: Vec<BlockC>,
+    blocks_c: Vec<PooledTowers>,
     block_d: BlockD,
     blocks_e: Vec<BlockE>,
 }
@@ -422,16 +404,16 @@ impl InceptionNet {
             ],
             stem_b: vec![ConvBn::square(p, "conv_3", 64, 80, 1, 1, 0)?, ConvBn::square(p, "conv_4", 80, 192, 3, 1, 0)?],
             blocks_a: vec![
-                BlockA::new(&(p / "mixed"), 192, 32)?,
-                BlockA::new(&(p / "mixed_1"), 256, 64)?,
-                BlockA::new(&(p / "mixed_2"), 288, 64)?,
+                PooledTowers::a(&(p / "mixed"), 192, 32)?,
+                PooledTowers::a(&(p / "mixed_1"), 256, 64)?,
+                PooledTowers::a(&(p / "mixed_2"), 288, 64)?,
             ],
             block_b: BlockB::new(&(p / "mixed_3"))?,
             blocks_c: vec![
-                BlockC::new(&(p / "mixed_4"), 128)?,
-                BlockC::new(&(p / "mixed_5"), 160)?,
-                BlockC::new(&(p / "mixed_6"), 160)?,
-                BlockC::new(&(p / "mixed_7"), 192)?,
+                PooledTowers::c(&(p / "mixed_4"), 128)?,
+                PooledTowers::c(&(p / "mixed_5"), 160)?,
+                PooledTowers::c(&(p / "mixed_6"), 160)?,
+                PooledTowers::c(&(p / "mixed_7"), 192)?,
             ],
             block_d: BlockD::new(&(p / "mixed_8"))?,
             blocks_e: vec![
@@ -596,7 +578,7 @@ impl Inception {
             .into_iter()
             .map(|(name, t)| Ok((name, t.f_to_device(Device::Cpu)?.f_to_kind(kind)?)))
             .collect::<Result<Vec<_>>>()?;
-        crate::atomic::write_atomic_with(path, |temporary| {
+        ggdm_core::io::write_atomic_with(path, |temporary| {
             Tensor::write_safetensors(&tensors, temporary)
                 .map_err(|e| Error::weights(path, format!("cannot write safetensors: {e}")))
         })

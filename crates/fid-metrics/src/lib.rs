@@ -33,7 +33,6 @@
 //! # }
 //! ```
 
-mod atomic;
 pub mod classifier;
 pub mod data;
 pub mod error;

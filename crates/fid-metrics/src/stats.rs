@@ -108,7 +108,7 @@ impl FeatureStats {
             .and_then(|_| writer.add_array(SIGMA_KEY, &self.sigma))
             .map_err(|e| Error::format(path, format!("cannot write .npz: {e}")))?;
         writer.finish().map_err(|e| Error::format(path, format!("cannot write .npz: {e}")))?;
-        crate::atomic::write_atomic(path, buffer.get_ref())
+        Ok(ggdm_core::io::write_atomic(path, buffer.get_ref())?)
     }
 }
 
@@ -165,7 +165,7 @@ pub fn write_features_npz(path: impl AsRef<Path>, features: &Tensor) -> Result<(
     };
     written.map_err(|e| Error::format(path, format!("cannot write .npz: {e}")))?;
     writer.finish().map_err(|e| Error::format(path, format!("cannot write .npz: {e}")))?;
-    crate::atomic::write_atomic(path, buffer.get_ref())
+    Ok(ggdm_core::io::write_atomic(path, buffer.get_ref())?)
 }
 
 /// The names of the arrays in an `.npz` file (without the `.npy` suffix).

@@ -67,7 +67,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// Writes `path` atomically with a writer that fills a file at the path it is given (for
 /// libraries that only write to paths, e.g. safetensors). The file is fsynced, renamed over
 /// `path`, and the folder fsynced. Special files (see the module doc) are written in place.
-pub fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+///
+/// The writer may return any error type that a [`crate::Error`] converts into (other crates of
+/// the workspace pass their own), and that is the type returned.
+pub fn write_atomic_with<E: From<Error>>(path: &Path, write: impl FnOnce(&Path) -> Result<(), E>) -> Result<(), E> {
     if is_special_file(path) {
         return write(path);
     }
@@ -77,13 +80,14 @@ pub fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -
         return Err(Error::invalid(
             "output path",
             format!("cannot write {}: {} {what}", path.display(), dir.display()),
-        ));
+        )
+        .into());
     }
     let result = write(&tmp).and_then(|()| {
         let file = std::fs::File::open(&tmp).map_err(|e| Error::io(path, e))?;
         file.sync_all().map_err(|e| Error::io(path, e))?;
         drop(file);
-        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e).into())
     });
     if result.is_err() {
         // Best effort: the error being returned matters more than a leftover temporary file.

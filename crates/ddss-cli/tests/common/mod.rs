@@ -70,6 +70,12 @@ pub fn classifier_a_path() -> PathBuf {
 
 /// An uncompressed IDX file of `count` deterministic grey `size` x `size` images.
 pub fn write_idx(path: &std::path::Path, count: u32, size: u32) {
+    write_idx_with(path, count, size, |i, x, y| ((i * 37 + y * 11 + x * 5 + (x * y) % 7 * 20) % 256) as u8);
+}
+
+/// An uncompressed IDX file of `count` grey `size` x `size` images, image `i` having
+/// `pixel(i, x, y)` at (x, y).
+pub fn write_idx_with(path: &std::path::Path, count: u32, size: u32, pixel: impl Fn(u32, u32, u32) -> u8) {
     let mut bytes = vec![0u8, 0, 8, 3];
     for d in [count, size, size] {
         bytes.extend(d.to_be_bytes());
@@ -77,7 +83,7 @@ pub fn write_idx(path: &std::path::Path, count: u32, size: u32) {
     for i in 0..count {
         for y in 0..size {
             for x in 0..size {
-                bytes.push(((i * 37 + y * 11 + x * 5 + (x * y) % 7 * 20) % 256) as u8);
+                bytes.push(pixel(i, x, y));
             }
         }
     }

@@ -2,8 +2,9 @@
 //! features, the test sampler and search settings.
 #![allow(dead_code)] // not every test binary uses every helper
 
+use ddss_opt::loss::FeatureLoss;
 use ddss_opt::optim::LrSchedule;
-use ddss_opt::search::SearchSettings;
+use ddss_opt::search::{ObjectiveParts, SearchSettings};
 use ddss_opt::unroll::Remat;
 use fid_metrics::features::FeatureExtractor;
 use ggdm_core::ggdm::{GgdmSampler, History, Learnable};
@@ -92,6 +93,15 @@ pub fn scheduler() -> SchedulerConfig {
 pub fn tiny_sampler(learn: Learnable) -> GgdmSampler {
     GgdmSampler::init_from_spacing(&scheduler(), 4, Spacing::Trailing, 0.3, History::Full, learn, Device::Cpu)
         .expect("sampler")
+}
+
+/// The search's parts for the [`TINY`] UNet's samples (one channel, 8x8) on the CPU.
+pub fn cpu_parts<'a>(
+    model: &'a dyn ggdm_core::Denoiser,
+    extractor: &'a dyn FeatureExtractor,
+    loss: &'a FeatureLoss,
+) -> ObjectiveParts<'a> {
+    ObjectiveParts { model, extractor, loss, sample_shape: [1, 8, 8], device: Device::Cpu }
 }
 
 /// Search settings: batch 6 in micro-batches of 3, per-call remat, validation and a checkpoint

@@ -251,6 +251,13 @@ pub(crate) struct Attention {
 }
 
 impl Attention {
+    /// The attention layer after a residual block of an attention level (down or up), with the
+    /// architecture's group norm and head width.
+    fn of_level(path: &Path, arch: &Architecture, channels: i64, init: ParamInit) -> Result<Self> {
+        let norm = (arch.norm_num_groups, arch.norm_eps, "norm_num_groups");
+        Self::new(path, channels, arch.attention_head_dim, Some(norm), 1.0, init)
+    }
+
     /// `head_dim`: channels per head (`None`: one head of all channels). `heads = channels /
     /// head_dim` (integer division, as diffusers), inner width `heads * head_dim`.
     pub fn new(
@@ -394,12 +401,10 @@ impl DownBlock {
             let resnet_in = if layer == 0 { in_channels } else { out_channels };
             resnets.push(ResnetBlock2D::new(&(path / "resnets" / layer), resnet_in, out_channels, 1.0, settings)?);
             if kind == LevelKind::Attention {
-                attentions.push(Attention::new(
+                attentions.push(Attention::of_level(
                     &(path / "attentions" / layer),
+                    arch,
                     out_channels,
-                    arch.attention_head_dim,
-                    Some((arch.norm_num_groups, arch.norm_eps, "norm_num_groups")),
-                    1.0,
                     settings.init,
                 )?);
             }
@@ -535,12 +540,10 @@ impl UpBlock {
                 settings,
             )?);
             if kind == LevelKind::Attention {
-                attentions.push(Attention::new(
+                attentions.push(Attention::of_level(
                     &(path / "attentions" / layer),
+                    arch,
                     out_channels,
-                    arch.attention_head_dim,
-                    Some((arch.norm_num_groups, arch.norm_eps, "norm_num_groups")),
-                    1.0,
                     settings.init,
                 )?);
             }
