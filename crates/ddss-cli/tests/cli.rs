@@ -14,13 +14,6 @@ fn setup(name: &str) -> (PathBuf, PathBuf, PathBuf) {
     (dir, data, config)
 }
 
-/// `ddss-cli train` on the CPU with the given data, config and output folder.
-fn train_cmd(data: &Path, config: &Path, out: &Path) -> std::process::Command {
-    let mut cmd = bin();
-    cmd.args(["train", "--device", "cpu"]).arg("--data").arg(data).arg("--config").arg(config).arg("--out").arg(out);
-    cmd
-}
-
 fn train(data: &Path, config: &Path, out: &Path, steps: u64, resume: bool) {
     let mut cmd = train_cmd(data, config, out);
     cmd.args(["--quiet", "--steps", &steps.to_string()]);

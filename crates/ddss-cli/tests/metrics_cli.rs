@@ -322,16 +322,7 @@ fn eval_prints_seven_keys_and_scores_the_samples_sample_writes() {
     let config = dir.join("tiny.toml");
     std::fs::write(&config, TINY_TRAIN_CONFIG.replace("steps = 4", "steps = 2")).expect("config");
     let model = dir.join("model");
-    run_ok(
-        bin()
-            .args(["--quiet", "train", "--device", "cpu"])
-            .arg("--data")
-            .arg(&data)
-            .arg("--config")
-            .arg(&config)
-            .arg("--out")
-            .arg(&model),
-    );
+    run_ok(train_cmd(&data, &config, &model).arg("--quiet"));
     let reference = dir.join("ref.npz");
     run_ok(
         bin()

@@ -7,14 +7,14 @@ use common::*;
 
 use ddss_opt::collective::{Collective, SingleProcess};
 use ddss_opt::loss::{FeatureLoss, LossKind};
-use ddss_opt::objective::{BatchNoise, Objective};
+use ddss_opt::objective::BatchNoise;
 use ddss_opt::search::{run_search_with, NoObserver};
 use ddss_opt::unroll::Remat;
 use ggdm_core::ggdm::Learnable;
 use ggdm_core::unet::UNetDenoiser;
 use ggdm_core::PredictionType;
 use std::sync::{Arc, Barrier, Mutex};
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 /// Ranks as threads of one process: each collective is an exchange through shared slots.
 struct Shared {
@@ -83,18 +83,8 @@ fn loss_and_grad(comm: &dyn Collective, micro_batch: usize) -> (f64, Vec<f64>) {
     let (model, features, real) = parts(true);
     let loss = FeatureLoss::new(LossKind::Kid, &real).expect("loss");
     let s = tiny_sampler(Learnable::all());
-    let objective = Objective {
-        sampler: &s,
-        model: &model,
-        extractor: &features,
-        loss: &loss,
-        remat: Remat::PerCall,
-        micro_batch,
-        feature_chunk: None,
-        sample_shape: [1, 8, 8],
-        device: Device::Cpu,
-        state_kind: Kind::Double,
-    };
+    let parts = cpu_parts(&model, &features, &loss);
+    let objective = f64_objective(&parts, &s, Remat::PerCall, micro_batch, None);
     let (value, volume) = objective.loss_and_grad_sharded(BatchNoise { seed: 5, batch: 10 }, comm).expect("objective");
     if comm.size() > 1 {
         assert_eq!(volume.gathered, 10 * 12 * 8, "f64 features");

@@ -6,7 +6,7 @@ mod common;
 use common::*;
 
 use ddss_opt::loss::{FeatureLoss, LossKind};
-use ddss_opt::objective::{BatchNoise, Objective};
+use ddss_opt::objective::BatchNoise;
 use ddss_opt::search::{run_search, NoObserver, SearchSettings};
 use ddss_opt::unroll::Remat;
 use fid_metrics::features::FeatureExtractor;
@@ -51,18 +51,8 @@ fn two_pass_and_chunked_gradients_equal_single_pass() {
             (4, Remat::PerCall, Some(3)),
         ] {
             zero(&s);
-            let objective = Objective {
-                sampler: &s,
-                model: &model,
-                extractor: &features,
-                loss: &loss,
-                remat,
-                micro_batch,
-                feature_chunk,
-                sample_shape: [1, 8, 8],
-                device: Device::Cpu,
-                state_kind: Kind::Double,
-            };
+            let parts = cpu_parts(&model, &features, &loss);
+            let objective = f64_objective(&parts, &s, remat, micro_batch, feature_chunk);
             let value = objective.loss_and_grad(noise).expect("objective");
             results.push((value, grads(&s)));
         }
@@ -86,18 +76,8 @@ fn ggdm_at_init_gives_the_ddim_loss() {
     let loss = FeatureLoss::new(LossKind::Kid, &real_features()).expect("loss");
     let s = tiny_sampler(Learnable::all());
     let noise = BatchNoise { seed: 11, batch: 8 };
-    let objective = Objective {
-        sampler: &s,
-        model: &model,
-        extractor: &features,
-        loss: &loss,
-        remat: Remat::PerCall,
-        micro_batch: 8,
-        feature_chunk: None,
-        sample_shape: [1, 8, 8],
-        device: Device::Cpu,
-        state_kind: Kind::Double,
-    };
+    let parts = cpu_parts(&model, &features, &loss);
+    let objective = f64_objective(&parts, &s, Remat::PerCall, 8, None);
     let ggdm_loss = objective.loss_and_grad(noise).expect("objective");
     let (x_init, z) = noise.draw_as(0, 8, [1, 8, 8], 4, Device::Cpu, Kind::Double).expect("noise");
     let grid = [999.0, 749.0, 499.0, 249.0];

@@ -90,6 +90,13 @@ pub fn write_idx_with(path: &std::path::Path, count: u32, size: u32, pixel: impl
     std::fs::write(path, bytes).expect("write idx");
 }
 
+/// `ddss-cli train` on the CPU with the given data, config and output folder.
+pub fn train_cmd(data: &Path, config: &Path, out: &Path) -> Command {
+    let mut cmd = bin();
+    cmd.args(["train", "--device", "cpu"]).arg("--data").arg(data).arg("--config").arg(config).arg("--out").arg(out);
+    cmd
+}
+
 /// Trains the tiny model of [`TINY_TRAIN_CONFIG`] for one step on 32 8x8 images in `dir`; returns
 /// (model dir, data file).
 pub fn tiny_model(dir: &std::path::Path) -> (PathBuf, PathBuf) {
@@ -98,16 +105,7 @@ pub fn tiny_model(dir: &std::path::Path) -> (PathBuf, PathBuf) {
     let config = dir.join("tiny_train.toml");
     std::fs::write(&config, TINY_TRAIN_CONFIG).expect("config");
     let model = dir.join("model");
-    run_ok(
-        bin()
-            .args(["--quiet", "train", "--device", "cpu", "--steps", "1"])
-            .arg("--data")
-            .arg(&data)
-            .arg("--config")
-            .arg(&config)
-            .arg("--out")
-            .arg(&model),
-    );
+    run_ok(train_cmd(&data, &config, &model).args(["--quiet", "--steps", "1"]));
     (model, data)
 }
 

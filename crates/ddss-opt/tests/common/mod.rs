@@ -3,6 +3,7 @@
 #![allow(dead_code)] // not every test binary uses every helper
 
 use ddss_opt::loss::FeatureLoss;
+use ddss_opt::objective::Objective;
 use ddss_opt::optim::LrSchedule;
 use ddss_opt::search::{ObjectiveParts, SearchSettings};
 use ddss_opt::unroll::Remat;
@@ -102,6 +103,23 @@ pub fn cpu_parts<'a>(
     loss: &'a FeatureLoss,
 ) -> ObjectiveParts<'a> {
     ObjectiveParts { model, extractor, loss, sample_shape: [1, 8, 8], device: Device::Cpu }
+}
+
+/// The objective of `parts` for `sampler` with f64 states (the exact-comparison setting).
+pub fn f64_objective<'s>(
+    parts: &'s ObjectiveParts<'s>,
+    sampler: &'s GgdmSampler,
+    remat: Remat,
+    micro_batch: usize,
+    feature_chunk: Option<usize>,
+) -> Objective<'s> {
+    Objective {
+        remat,
+        micro_batch,
+        feature_chunk,
+        state_kind: Kind::Double,
+        ..parts.objective(sampler, &settings(1, 1))
+    }
 }
 
 /// Search settings: batch 6 in micro-batches of 3, per-call remat, validation and a checkpoint
