@@ -743,22 +743,15 @@ fn tf_legacy_resize_axis(x: &Tensor, axis: i64, len_in: i64, len_out: i64) -> Re
         return Ok(x.shallow_clone());
     }
     let scale = len_in as f64 / len_out as f64;
-    let mut lower = Vec::with_capacity(len_out as usize);
-    let mut upper = Vec::with_capacity(len_out as usize);
-    let mut frac = Vec::with_capacity(len_out as usize);
-    for o in 0..len_out {
-        let src = o as f64 * scale;
-        let i0 = (src.floor() as i64).min(len_in - 1);
-        lower.push(i0);
-        upper.push((i0 + 1).min(len_in - 1));
-        frac.push((src - i0 as f64) as f32);
-    }
-    let device = x.device();
-    let lower = Tensor::from_slice(&lower).f_to_device(device)?;
-    let upper = Tensor::from_slice(&upper).f_to_device(device)?;
+    // Built on the input's device (in f64, the same arithmetic as on the host): a host-made index
+    // tensor would be a blocking copy that waits for all queued device work at every call.
+    let source = Tensor::f_arange(len_out, (Kind::Double, x.device()))?.f_mul_scalar(scale)?;
+    let lower = source.f_floor()?.f_clamp_max(len_in - 1)?;
     let mut weight_shape = vec![1i64; 4];
     weight_shape[axis as usize] = len_out;
-    let frac = Tensor::from_slice(&frac).f_to_device(device)?.f_to_kind(x.kind())?.f_reshape(&weight_shape)?;
+    let frac = source.f_sub(&lower)?.f_to_kind(Kind::Float)?.f_to_kind(x.kind())?.f_reshape(&weight_shape)?;
+    let upper = lower.f_add_scalar(1)?.f_clamp_max(len_in - 1)?.f_to_kind(Kind::Int64)?;
+    let lower = lower.f_to_kind(Kind::Int64)?;
     let low = x.f_index_select(axis, &lower)?;
     let high = x.f_index_select(axis, &upper)?;
     Ok(low.f_add(&high.f_sub(&low)?.f_mul(&frac)?)?)
@@ -848,6 +841,34 @@ mod tests {
         let y = resize_bilinear(&x, 1, 8, InputResize::TfLegacyBilinear)?;
         let got = Vec::<f32>::try_from(y.reshape([-1]))?;
         assert_eq!(got, vec![0., 5., 10., 15., 20., 25., 30., 30.]);
+        Ok(())
+    }
+
+    #[test]
+    fn tf_legacy_resize_matches_the_host_formula_bit_for_bit() -> Result<()> {
+        // The interpolation positions are computed on the device; they must be exactly the f64
+        // host arithmetic `o * in / out`, floor, clamp, and the f32 fraction.
+        for (len_in, len_out) in [(28i64, 299i64), (32, 299), (64, 299), (256, 299), (299, 28), (7, 13)] {
+            tch::manual_seed(len_in * 1000 + len_out);
+            let x = Tensor::f_rand([2, 1, 3, len_in], (Kind::Float, Device::Cpu))?;
+            let got =
+                Vec::<f32>::try_from(resize_bilinear(&x, 3, len_out, InputResize::TfLegacyBilinear)?.reshape([-1]))?;
+            let values = Vec::<f32>::try_from(x.reshape([-1]))?;
+            let scale = len_in as f64 / len_out as f64;
+            let mut want = Vec::new();
+            for row in 0..6 {
+                let line = &values[(row * len_in) as usize..((row + 1) * len_in) as usize];
+                for o in 0..len_out {
+                    let source = o as f64 * scale;
+                    let i0 = (source.floor() as i64).min(len_in - 1);
+                    let i1 = (i0 + 1).min(len_in - 1);
+                    let frac = (source - i0 as f64) as f32;
+                    let (low, high) = (line[i0 as usize], line[i1 as usize]);
+                    want.push(low + (high - low) * frac);
+                }
+            }
+            assert_eq!(got, want, "{len_in} -> {len_out}");
+        }
         Ok(())
     }
 }
