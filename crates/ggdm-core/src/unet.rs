@@ -35,9 +35,9 @@ pub use checkpoint::{WeightStorage, CONFIG_FILE, WEIGHTS_FILE, WEIGHTS_FILE_FP16
 pub use config::{SampleSize, UNet2DConfig, DIFFUSERS_REFERENCE_VERSION, UNET_2D_CLASS_NAME, UNET_2D_CONFIG_KEYS};
 
 use crate::{Denoiser, Error, PredictionType, Result};
-use blocks::{DownBlock, MidBlock, ResnetSettings, TimeProjection, TimestepEmbedding, UpBlock};
+use blocks::{DownBlock, MidBlock, ResnetSettings, TimeProjection, TimeProjections, TimestepEmbedding, UpBlock};
 use config::{Architecture, TimeEmbeddingKind};
-use layers::{Conv2d, GroupNorm, ParamInit};
+use layers::{Conv2d, GroupNorm, Linear, ParamInit};
 use std::path::Path;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
@@ -107,6 +107,21 @@ impl UNet2DNetwork {
 
     /// `sample` and `tau` are already checked and converted (`[N, C, H, W]` in the network kind,
     /// `[N]` in the network kind or, for a half/bf16 network, f32).
+    /// Every residual block's time projection, in the order the blocks run.
+    fn time_projections(&self) -> Vec<&Linear> {
+        let mut layers = Vec::new();
+        for block in &self.down_blocks {
+            block.time_projections(&mut layers);
+        }
+        if let Some(mid) = &self.mid_block {
+            mid.time_projections(&mut layers);
+        }
+        for block in &self.up_blocks {
+            block.time_projections(&mut layers);
+        }
+        layers
+    }
+
     fn forward(&self, sample: &Tensor, tau: &Tensor, train: bool) -> Result<Tensor> {
         let sample = if self.arch.center_input_sample {
             sample.f_mul_scalar(2.0)?.f_sub_scalar(1.0)?
@@ -120,18 +135,20 @@ impl UNet2DNetwork {
         // Every residual block applies the block activation to the embedding before its own
         // projection; computing it once is the same arithmetic.
         let temb_activated = self.arch.activation.apply(&embedding)?;
+        let mut temb = TimeProjections::new(&self.time_projections(), &temb_activated)?;
 
         let mut hidden = self.conv_in.forward(&sample)?;
         let mut skips = vec![hidden.shallow_clone()];
         for block in &self.down_blocks {
-            hidden = block.forward(&hidden, &temb_activated, train, &mut skips)?;
+            hidden = block.forward(&hidden, &mut temb, train, &mut skips)?;
         }
         if let Some(mid) = &self.mid_block {
-            hidden = mid.forward(&hidden, &temb_activated, train)?;
+            hidden = mid.forward(&hidden, &mut temb, train)?;
         }
         for block in &self.up_blocks {
-            hidden = block.forward(&hidden, &mut skips, &temb_activated, train)?;
+            hidden = block.forward(&hidden, &mut skips, &mut temb, train)?;
         }
+        temb.finish()?;
         let hidden = self.conv_norm_out.forward(&hidden)?.f_silu()?;
         let output = self.conv_out.forward(&hidden)?;
         match self.arch.time_embedding {

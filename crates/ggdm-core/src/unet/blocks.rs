@@ -128,6 +128,38 @@ pub(crate) struct ResnetSettings {
     pub init: ParamInit,
 }
 
+/// Every residual block's projection of the time embedding (its `time_emb_proj`), computed for
+/// all blocks at once ([`Linear::forward_stacked`]) and handed out in the order the blocks run.
+pub(crate) struct TimeProjections {
+    parts: std::vec::IntoIter<Tensor>,
+}
+
+impl TimeProjections {
+    /// `layers`: the blocks' projections in the order the blocks run; `temb_activated`:
+    /// `act(time_embedding)` (`[N, temb_channels]`).
+    pub fn new(layers: &[&Linear], temb_activated: &Tensor) -> Result<Self> {
+        Ok(Self { parts: Linear::forward_stacked(layers, temb_activated)?.into_iter() })
+    }
+
+    /// The next block's projection, `[N, width]`.
+    fn next(&mut self) -> Result<Tensor> {
+        self.parts.next().ok_or_else(|| {
+            Error::invalid("UNet time embedding", "more residual blocks ran than were projected (inconsistent network)")
+        })
+    }
+
+    /// Checks that every projection was used.
+    pub fn finish(self) -> Result<()> {
+        match self.parts.len() {
+            0 => Ok(()),
+            left => Err(Error::invalid(
+                "UNet time embedding",
+                format!("{left} projections were not used by any residual block (inconsistent network)"),
+            )),
+        }
+    }
+}
+
 /// diffusers' `ResnetBlock2D`:
 /// `out = (shortcut(x) + conv2(drop(act(cond(norm2(conv1(act(norm1(x)))), temb))))) / scale`.
 #[derive(Debug)]
@@ -196,8 +228,13 @@ impl ResnetBlock2D {
         })
     }
 
-    /// `temb_activated` is `act(time_embedding)` (`[N, temb_channels]`), shared by all blocks.
-    pub fn forward(&self, input: &Tensor, temb_activated: &Tensor, train: bool) -> Result<Tensor> {
+    /// The projection of the time embedding this block adds ([`TimeProjections`] applies it).
+    pub fn time_projection(&self) -> &Linear {
+        &self.time_emb_proj
+    }
+
+    /// `temb` hands out this block's projection of the time embedding.
+    pub fn forward(&self, input: &Tensor, temb: &mut TimeProjections, train: bool) -> Result<Tensor> {
         let hidden = self.activation.apply(&self.norm1.forward(input)?)?;
         let (input, hidden) = match self.resample {
             ResnetResample::None => (input.shallow_clone(), hidden),
@@ -205,7 +242,7 @@ impl ResnetBlock2D {
             ResnetResample::Up => (nearest_2x(input)?, nearest_2x(&hidden)?),
         };
         let hidden = self.conv1.forward(&hidden)?;
-        let temb = self.time_emb_proj.forward(temb_activated)?.f_unsqueeze(-1)?.f_unsqueeze(-1)?;
+        let temb = temb.next()?.f_unsqueeze(-1)?.f_unsqueeze(-1)?;
         let hidden = match self.time_conditioning {
             TimeConditioning::Add => self.norm2.forward(&hidden.f_add(&temb)?)?,
             TimeConditioning::ScaleShift => {
@@ -221,7 +258,17 @@ impl ResnetBlock2D {
             Some(conv) => conv.forward(&input)?,
             None => input,
         };
-        Ok(shortcut.f_add(&hidden)?.f_div_scalar(self.output_scale_factor)?)
+        divide_unless_one(shortcut.f_add(&hidden)?, self.output_scale_factor)
+    }
+}
+
+/// `xs / factor`, skipping the division (a kernel and a pass over the activations in each
+/// direction) when the factor is 1, where it is the identity.
+fn divide_unless_one(xs: Tensor, factor: f64) -> Result<Tensor> {
+    if factor == 1.0 {
+        Ok(xs)
+    } else {
+        Ok(xs.f_div_scalar(factor)?)
     }
 }
 
@@ -306,20 +353,24 @@ impl Attention {
             Some(norm) => norm.forward(input)?,
             None => input.shallow_clone(),
         };
-        // [N, C, H, W] -> [N, H*W, C]
-        let sequence = normed.f_view([batch, channels, tokens])?.f_transpose(1, 2)?;
+        // [N, C, H, W] -> [N, H*W, C], made contiguous: a transposed input would make the
+        // projection copy it and add its bias in a separate kernel.
+        let sequence = normed.f_view([batch, channels, tokens])?.f_transpose(1, 2)?.f_contiguous()?;
         let split_heads = |projected: Tensor| -> Result<Tensor> {
             Ok(projected.f_view([batch, tokens, self.heads, self.head_dim])?.f_transpose(1, 2)?)
         };
-        let query = split_heads(self.to_q.forward(&sequence)?)?;
-        let key = split_heads(self.to_k.forward(&sequence)?)?;
-        let value = split_heads(self.to_v.forward(&sequence)?)?;
+        // The three projections as one matrix product; each result is a view of its output.
+        let [query, key, value]: [Tensor; 3] =
+            Linear::forward_stacked(&[&self.to_q, &self.to_k, &self.to_v], &sequence)?
+                .try_into()
+                .map_err(|_| Error::invalid("attention", "the stacked projection did not give three parts"))?;
+        let (query, key, value) = (split_heads(query)?, split_heads(key)?, split_heads(value)?);
         let attended =
             Tensor::f_scaled_dot_product_attention(&query, &key, &value, None::<Tensor>, 0.0, false, None, false)?;
         let merged = attended.f_transpose(1, 2)?.f_reshape([batch, tokens, self.heads * self.head_dim])?;
         let projected = self.to_out.forward(&merged)?;
         let spatial = projected.f_transpose(-1, -2)?.f_reshape([batch, channels, height, width])?;
-        Ok(spatial.f_add(input)?.f_div_scalar(self.rescale_output_factor)?)
+        divide_unless_one(spatial.f_add(input)?, self.rescale_output_factor)
     }
 }
 
@@ -433,17 +484,25 @@ impl DownBlock {
         Ok(DownBlock { resnets, attentions, downsampler })
     }
 
+    /// Appends the residual blocks' time projections in the order they run.
+    pub fn time_projections<'a>(&'a self, out: &mut Vec<&'a Linear>) {
+        out.extend(self.resnets.iter().map(ResnetBlock2D::time_projection));
+        if let Some(Downsampler::Resnet(resnet)) = &self.downsampler {
+            out.push(resnet.time_projection());
+        }
+    }
+
     /// Returns the block output and appends the skip states to `skips`.
     pub fn forward(
         &self,
         input: &Tensor,
-        temb_activated: &Tensor,
+        temb: &mut TimeProjections,
         train: bool,
         skips: &mut Vec<Tensor>,
     ) -> Result<Tensor> {
         let mut hidden = input.shallow_clone();
         for (layer, resnet) in self.resnets.iter().enumerate() {
-            hidden = resnet.forward(&hidden, temb_activated, train)?;
+            hidden = resnet.forward(&hidden, temb, train)?;
             if let Some(attention) = self.attentions.get(layer) {
                 hidden = attention.forward(&hidden)?;
             }
@@ -452,7 +511,7 @@ impl DownBlock {
         if let Some(downsampler) = &self.downsampler {
             hidden = match downsampler {
                 Downsampler::Conv(conv) => conv.forward(&hidden)?,
-                Downsampler::Resnet(resnet) => resnet.forward(&hidden, temb_activated, train)?,
+                Downsampler::Resnet(resnet) => resnet.forward(&hidden, temb, train)?,
             };
             skips.push(hidden.shallow_clone());
         }
@@ -495,13 +554,18 @@ impl MidBlock {
         Ok(MidBlock { resnets, attentions: vec![attention] })
     }
 
-    pub fn forward(&self, input: &Tensor, temb_activated: &Tensor, train: bool) -> Result<Tensor> {
-        let mut hidden = self.resnets[0].forward(input, temb_activated, train)?;
+    /// Appends the residual blocks' time projections in the order they run.
+    pub fn time_projections<'a>(&'a self, out: &mut Vec<&'a Linear>) {
+        out.extend(self.resnets.iter().map(ResnetBlock2D::time_projection));
+    }
+
+    pub fn forward(&self, input: &Tensor, temb: &mut TimeProjections, train: bool) -> Result<Tensor> {
+        let mut hidden = self.resnets[0].forward(input, temb, train)?;
         for (attention, resnet) in self.attentions.iter().zip(&self.resnets[1..]) {
             if let Some(attention) = attention {
                 hidden = attention.forward(&hidden)?;
             }
-            hidden = resnet.forward(&hidden, temb_activated, train)?;
+            hidden = resnet.forward(&hidden, temb, train)?;
         }
         Ok(hidden)
     }
@@ -567,12 +631,20 @@ impl UpBlock {
         Ok(UpBlock { resnets, attentions, upsampler })
     }
 
+    /// Appends the residual blocks' time projections in the order they run.
+    pub fn time_projections<'a>(&'a self, out: &mut Vec<&'a Linear>) {
+        out.extend(self.resnets.iter().map(ResnetBlock2D::time_projection));
+        if let Some(Upsampler::Resnet(resnet)) = &self.upsampler {
+            out.push(resnet.time_projection());
+        }
+    }
+
     /// Consumes one skip state per residual block from the end of `skips`.
     pub fn forward(
         &self,
         input: &Tensor,
         skips: &mut Vec<Tensor>,
-        temb_activated: &Tensor,
+        temb: &mut TimeProjections,
         train: bool,
     ) -> Result<Tensor> {
         let mut hidden = input.shallow_clone();
@@ -581,7 +653,7 @@ impl UpBlock {
                 .pop()
                 .ok_or_else(|| Error::invalid("up block", "ran out of skip connections (inconsistent network)"))?;
             let joined = Tensor::f_cat(&[&hidden, &skip], 1)?;
-            hidden = resnet.forward(&joined, temb_activated, train)?;
+            hidden = resnet.forward(&joined, temb, train)?;
             if let Some(attention) = self.attentions.get(layer) {
                 hidden = attention.forward(&hidden)?;
             }
@@ -589,7 +661,7 @@ impl UpBlock {
         if let Some(upsampler) = &self.upsampler {
             hidden = match upsampler {
                 Upsampler::Conv(conv) => conv.forward(&hidden)?,
-                Upsampler::Resnet(resnet) => resnet.forward(&hidden, temb_activated, train)?,
+                Upsampler::Resnet(resnet) => resnet.forward(&hidden, temb, train)?,
             };
         }
         Ok(hidden)

@@ -98,6 +98,23 @@ impl Linear {
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         Ok(xs.f_linear(&self.weight, Some(&self.bias))?)
     }
+
+    /// `[layer.forward(xs) for layer in layers]` as one matrix product with the layers' weights
+    /// stacked (one kernel instead of one per layer, and in the backward pass one product and one
+    /// concatenation instead of a product and an accumulation per layer). The outputs are views of
+    /// one tensor.
+    pub fn forward_stacked(layers: &[&Linear], xs: &Tensor) -> Result<Vec<Tensor>> {
+        match layers {
+            [] => Ok(Vec::new()),
+            [layer] => Ok(vec![layer.forward(xs)?]),
+            _ => {
+                let weight = Tensor::f_cat(&layers.iter().map(|l| &l.weight).collect::<Vec<_>>(), 0)?;
+                let bias = Tensor::f_cat(&layers.iter().map(|l| &l.bias).collect::<Vec<_>>(), 0)?;
+                let widths: Vec<i64> = layers.iter().map(|l| l.bias.size()[0]).collect();
+                Ok(xs.f_linear(&weight, Some(&bias))?.f_split_with_sizes(widths, -1)?)
+            }
+        }
+    }
 }
 
 /// `nn.GroupNorm` with affine parameters.
