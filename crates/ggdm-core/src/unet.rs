@@ -105,8 +105,6 @@ impl UNet2DNetwork {
         })
     }
 
-    /// `sample` and `tau` are already checked and converted (`[N, C, H, W]` in the network kind,
-    /// `[N]` in the network kind or, for a half/bf16 network, f32).
     /// Every residual block's time projection, in the order the blocks run.
     fn time_projections(&self) -> Vec<&Linear> {
         let mut layers = Vec::new();
@@ -122,6 +120,8 @@ impl UNet2DNetwork {
         layers
     }
 
+    /// `sample` and `tau` are already checked and converted (`[N, C, H, W]` in the network kind,
+    /// `[N]` in the network kind or, for a half/bf16 network, f32).
     fn forward(&self, sample: &Tensor, tau: &Tensor, train: bool) -> Result<Tensor> {
         let sample = if self.arch.center_input_sample {
             sample.f_mul_scalar(2.0)?.f_sub_scalar(1.0)?
