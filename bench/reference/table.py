@@ -66,6 +66,8 @@ def remat_label(remat):
         return "per-call remat (ref: checkpoint per call)"
     if remat.startswith("budget:"):
         return f"budget remat, {remat.split(':')[1]} calls stored"
+    if remat == "memory:0":
+        return "per-call remat on tapes (memory:0)"
     if remat.startswith("memory:"):
         return f"memory-budget remat, {remat.split(':')[1]} MiB"
     if remat.startswith("free:"):
@@ -136,6 +138,19 @@ def graphs_check(index, keys):
     )
 
 
+def tapes_check(index, keys):
+    """`largest_differences` between the steps of ours that keep or recompute calls on tapes (the
+    budget strategies) and ours' eager per-call step of the same setting (same weights, same noise;
+    the per-call step differentiates each call with autograd)."""
+    return largest_differences(
+        (index[key][side], index.get(("step", "per_call") + key[2:], {}).get("ours"))
+        for key in keys
+        if key[1].startswith(("budget:", "memory:", "free:"))
+        for side in index[key]
+        if side.startswith("ours") and "+cl" not in side
+    )
+
+
 def build(rows, title=None, step_goal=2.0, sample_goal=1.5):
     index = {}
     for row in rows:
@@ -194,6 +209,14 @@ def build(rows, title=None, step_goal=2.0, sample_goal=1.5):
             if grad_diff is not None:
                 line += f", of the gradient norms {grad_diff:.1e}"
             out.append(line + f" over {n} settings.")
+            out.append("")
+        check = tapes_check(index, step_keys)
+        if check:
+            loss_diff, grad_diff, n = check
+            line = f"Calls on tapes (budget remat) vs autograd per call (ours): largest relative difference of the loss {loss_diff:.1e}"
+            if grad_diff is not None:
+                line += f", of the gradient norms {grad_diff:.1e}"
+            out.append(line + f" over {n} runs.")
             out.append("")
         against_reference = largest_differences((index[k].get("ours"), index[k].get("reference")) for k in step_keys)
         if any(r.get("random_weights") for r in rows):

@@ -27,11 +27,14 @@ fn torch_cpp(libtorch: &std::path::Path, file: &str) -> cc::Build {
     build
 }
 
-// The memory-statistics shim (csrc/memory.cpp): needs only the libtorch headers. Without LIBTORCH
-// (a libtorch found some other way) it is left out and `memory` reports no device statistics.
+// The memory-statistics shim (csrc/memory.cpp) and the autograd shim (csrc/autograd.cpp): need only
+// the libtorch headers. Without LIBTORCH (a libtorch found some other way) they are left out:
+// `memory` reports no device statistics, and vector-Jacobian products go through a scalar.
 fn build_memory_shim() {
     println!("cargo::rustc-check-cfg=cfg(ddss_memory_shim)");
+    println!("cargo::rustc-check-cfg=cfg(ddss_autograd_shim)");
     println!("cargo:rerun-if-changed=csrc/memory.cpp");
+    println!("cargo:rerun-if-changed=csrc/autograd.cpp");
     let Some(libtorch) = libtorch_dir() else {
         println!("cargo:warning=LIBTORCH is not set: device memory statistics are unavailable");
         return;
@@ -40,6 +43,12 @@ fn build_memory_shim() {
     println!("cargo:rustc-link-search=native={}", libtorch.join("lib").display());
     println!("cargo:rustc-link-lib=dylib=c10");
     println!("cargo:rustc-cfg=ddss_memory_shim");
+    // The autograd shim (csrc/autograd.cpp): vector-Jacobian products with explicit cotangents.
+    torch_cpp(&libtorch, "csrc/autograd.cpp")
+        .include(libtorch.join("include/torch/csrc/api/include"))
+        .compile("ddss_autograd");
+    println!("cargo:rustc-link-lib=dylib=torch_cpu");
+    println!("cargo:rustc-cfg=ddss_autograd_shim");
 }
 
 // The `cuda-graphs` feature: compile the CUDA-graph shim (csrc/cuda_graph.cpp) against the libtorch

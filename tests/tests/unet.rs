@@ -635,3 +635,64 @@ fn cuda_forward_gradients_and_timings() {
         );
     }
 }
+
+/// The memory-lean backward pass of a taped call (`forward_taped` + `backward_taped`) gives the
+/// gradients autograd gives through `forward`, on every tiny configuration (f64, so that only
+/// rounding separates them), and the taped forward returns the same output without autograd.
+#[test]
+fn taped_backward_equals_autograd_on_every_tiny_config() {
+    for &name in TINY_MODELS {
+        let mut model = load(name);
+        model.var_store_mut().double();
+        let denoiser = UNetDenoiser::new(model, PredictionType::Epsilon);
+        let io = read_tensors(&unet_fixture(name).join("io.safetensors"));
+        let x = tensor(&io, "x").to_kind(Kind::Double);
+        let batch = x.size()[0];
+        tch::manual_seed(11);
+        // Per-sample timesteps, and one shared timestep in both of the shapes a caller may use.
+        let per_sample = Tensor::rand([batch], (Kind::Double, Device::Cpu)) * 900.0 + 20.0;
+        for tau in [per_sample, Tensor::from_slice(&[333.25f64]), Tensor::from(87.5f64)] {
+            let want_out = denoiser.forward(&x, &tau).expect("forward");
+            let grad_out = Tensor::randn(want_out.size(), (Kind::Double, Device::Cpu));
+            let (want_x, want_tau) = ggdm_core::denoiser::eager_vjp(&denoiser, &x, &tau, &grad_out).expect("autograd");
+            let (out, tape) = denoiser.forward_taped(&x, &tau).expect("taped forward").expect("the UNet records tapes");
+            assert!(!out.requires_grad(), "{name}: the taped forward builds no autograd graph");
+            assert!(max_abs_diff(&out, &want_out) < 1e-12, "{name}: taped output differs");
+            let (got_x, got_tau) = denoiser.backward_taped(tape, &grad_out).expect("taped backward");
+            assert_eq!(got_tau.size(), tau.size(), "{name}: tau gradient shape");
+            let rel = |a: &Tensor, b: &Tensor| max_abs_diff(a, b) / b.abs().max().double_value(&[]).max(1e-300);
+            assert!(
+                rel(&got_x, &want_x) < 1e-10,
+                "{name} tau {:?}: dx differs by {}",
+                tau.size(),
+                rel(&got_x, &want_x)
+            );
+            assert!(
+                rel(&got_tau, &want_tau) < 1e-9,
+                "{name} tau {:?}: dtau {got_tau:?} vs autograd {want_tau:?}",
+                tau.size()
+            );
+        }
+    }
+}
+
+/// In f32, the taped backward agrees with autograd to float rounding; a tape from one call cannot
+/// take an output gradient of another shape.
+#[test]
+fn taped_backward_in_f32_and_bad_gradient_shapes() {
+    let name = "tiny_attn_pos";
+    let denoiser = UNetDenoiser::new(load(name), PredictionType::Epsilon);
+    let io = read_tensors(&unet_fixture(name).join("io.safetensors"));
+    let (x, tau) = (tensor(&io, "x"), tensor(&io, "timesteps"));
+    let grad_out = Tensor::randn(x.size(), (Kind::Float, Device::Cpu));
+    let (want_x, want_tau) = ggdm_core::denoiser::eager_vjp(&denoiser, x, tau, &grad_out).expect("autograd");
+    let (_, tape) = denoiser.forward_taped(x, tau).expect("taped").expect("tape");
+    let (got_x, got_tau) = denoiser.backward_taped(tape, &grad_out).expect("taped backward");
+    let rel = |a: &Tensor, b: &Tensor| max_abs_diff(a, b) / b.abs().max().double_value(&[]);
+    assert!(rel(&got_x, &want_x) < 1e-4, "dx differs by {}", rel(&got_x, &want_x));
+    assert!(rel(&got_tau, &want_tau) < 1e-3, "dtau {got_tau:?} vs {want_tau:?}");
+    let (_, tape) = denoiser.forward_taped(x, tau).expect("taped").expect("tape");
+    let wrong = Tensor::zeros([1, 3, 4, 4], (Kind::Float, Device::Cpu));
+    let message = denoiser.backward_taped(tape, &wrong).expect_err("wrong shape").to_string();
+    assert!(message.contains("output gradient"), "{message}");
+}

@@ -66,6 +66,8 @@ pub struct BenchArgs {
     pub batch: usize,
     /// naive | per_call | budget:N (N calls stored) | memory:MIB (as many calls stored as fit in MIB
     /// MiB) | free:PERCENT (as many as fit in that share of the memory free) (the step workload).
+    /// The budget forms keep and recompute UNet calls on tapes (about a quarter of autograd's
+    /// memory per call); per_call recomputes under autograd.
     #[arg(long, default_value = "per_call")]
     pub remat: String,
     /// Feature network: inception, inception-random (random weights) or a classifier .safetensors.

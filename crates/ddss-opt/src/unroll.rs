@@ -7,14 +7,23 @@
 //! * [`Remat::PerCall`]: the forward pass runs without autograd and keeps only each step's input
 //!   `x_i` and prediction `x0_hat_i`; the reverse sweep recomputes one network call at a time
 //!   (memory: K state batches + one call's activations, flat in K);
-//! * [`Remat::Budget`]: the first `stored_steps` network calls keep their activations from the
-//!   forward pass (no recompute), the rest are recomputed — the memory-budget middle ground;
+//! * [`Remat::Budget`]: the first `stored_steps` network calls are kept from the forward pass (no
+//!   recompute), the rest are recomputed — the memory-budget middle ground;
 //! * [`Remat::MemoryBudget`]: the same, with the number of stored calls chosen from a byte budget.
-//!   Each forward pass measures the memory the first call's activations take
-//!   ([`ggdm_core::memory::live_bytes`] before and after it) and stores as many calls as fit
-//!   (`floor(budget / per_call)`, at most K); [`last_memory_plan`] reports the choice;
+//!   Each forward pass measures the memory the first call keeps ([`ggdm_core::memory::live_bytes`]
+//!   before and after it) and stores as many calls as fit (`floor(budget / per_call)`, at most
+//!   K); [`last_memory_plan`] reports the choice;
 //! * [`Remat::FreeMemory`]: the same, with the budget a share of the memory free at the start of
 //!   each forward pass.
+//!
+//! How the budget strategies keep a call: a network that records tapes
+//! ([`Denoiser::forward_taped`]; the UNet does) runs it without autograd and keeps its tape, about
+//! a quarter of the memory of autograd's graph of the call (the cifar10 UNet at batch 4: 53 MiB
+//! against 178 MiB), and the sweep hands the output's cotangent to [`Denoiser::backward_taped`],
+//! which recomputes the norms and activations but no convolution. Their recomputed calls go
+//! through a tape too, so the memory a recomputed call needs at the peak shrinks the same way.
+//! Other networks keep autograd's graph. [`Remat::PerCall`] recomputes under autograd: on the CPU
+//! that is the faster way to recompute a call (the tape's backward pass redoes the norms).
 //!
 //! A network with its own [`Denoiser::vjp`] (a CUDA-graphed one) changes how a recomputed step is
 //! swept: the forward pass also keeps each call's output, and the sweep differentiates the
@@ -32,7 +41,7 @@
 
 use crate::Result;
 use ggdm_core::ggdm::{Coefficients, GgdmSampler};
-use ggdm_core::Denoiser;
+use ggdm_core::{CallTape, Denoiser};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
@@ -45,13 +54,14 @@ pub enum Remat {
     /// Keep only each call's input; recompute in the reverse sweep (default).
     #[default]
     PerCall,
-    /// Keep the activations of the first `stored_steps` calls, recompute the rest.
+    /// Keep the first `stored_steps` calls (on the network's tapes when it records them),
+    /// recompute the rest (on tapes too).
     Budget {
         /// Network calls whose activations are stored.
         stored_steps: usize,
     },
-    /// Keep the activations of as many calls as fit in `mib` MiB (on top of what per-call
-    /// rematerialisation needs), recompute the rest. The size of one call's activations is
+    /// Keep as many calls as fit in `mib` MiB (on top of what `Budget { stored_steps: 0 }` needs:
+    /// per-call rematerialisation on tapes), recompute the rest. The memory one call keeps is
     /// measured on the first call of every forward pass: exactly on a CUDA device (the caching
     /// allocator's counters), from the C heap's in-use bytes on the CPU ([`ggdm_core::memory::live_bytes`]).
     MemoryBudget {
@@ -172,12 +182,45 @@ struct SweepState {
     leaves: Coefficients,
     states: Vec<Tensor>,
     x0_hats: Vec<Tensor>,
-    /// Stored graphs `(x_i leaf, x0_hat_i with graph)` for the steps kept by the budget.
-    stored: Vec<Option<(Tensor, Tensor)>>,
+    /// The calls kept by the budget.
+    stored: Vec<Option<Kept>>,
     /// The network outputs of the recomputed steps, kept when the model has its own
     /// [`Denoiser::vjp`] (empty otherwise).
     outputs: Vec<Option<Tensor>>,
+    /// Recompute on the network's tape rather than under autograd (the budget strategies).
+    taped_recompute: bool,
     z: Vec<Tensor>,
+}
+
+/// A network call kept from the forward pass for the reverse sweep (no recompute).
+enum Kept {
+    /// Autograd's graph from the step input `x_i` (a leaf) to `x0_hat_i`.
+    Graph { x_leaf: Tensor, x0_hat: Tensor },
+    /// The network's own record of the call ([`Denoiser::forward_taped`], far smaller than the
+    /// graph) and its output; the sweep differentiates the post-processing again and hands the
+    /// output's cotangent to [`Denoiser::backward_taped`].
+    Tape { output: Tensor, tape: CallTape },
+}
+
+/// Step `i`'s network call recorded on a tape, without autograd: `(x0_hat_i, output, tape)`, or
+/// `None` when the network records no tapes.
+fn taped_call<D: Denoiser + ?Sized>(
+    sampler: &GgdmSampler,
+    model: &D,
+    leaves: &Coefficients,
+    i: usize,
+    x_i: &Tensor,
+    kind: Kind,
+) -> Result<Option<(Tensor, Tensor, CallTape)>> {
+    tch::no_grad(|| {
+        let (x_net, tau_net) = sampler.network_input(leaves, i, x_i, kind);
+        let Some((output, tape)) = model.forward_taped(&x_net, &tau_net)? else {
+            return Ok(None);
+        };
+        ggdm_core::denoiser::check_output(&x_net, &output)?;
+        let x0_hat = sampler.x0_from_output(leaves, i, x_i, &x_net, &output, model.prediction_type(), kind);
+        Ok(Some((x0_hat, output, tape)))
+    })
 }
 
 fn leaf(t: &Tensor) -> Tensor {
@@ -268,9 +311,15 @@ pub fn forward<D: Denoiser + ?Sized>(
         if i < stored_steps {
             let measuring = budget_bytes.filter(|_| i == 0);
             let before = measuring.map(|_| measure_live(x_init.device())).transpose()?;
-            let x_leaf = states[i].detach().set_requires_grad(true);
-            let (x0_hat, output) = sampler.predict_x0_and_output(model, &leaves, i, &x_leaf, kind)?;
-            x0_hats.push(x0_hat.detach());
+            let (x0_hat, output, kept) = match taped_call(sampler, model, &leaves, i, &states[i], kind)? {
+                Some((x0_hat, output, tape)) => (x0_hat, output.shallow_clone(), Kept::Tape { output, tape }),
+                None => {
+                    let x_leaf = states[i].detach().set_requires_grad(true);
+                    let (x0_hat, output) = sampler.predict_x0_and_output(model, &leaves, i, &x_leaf, kind)?;
+                    (x0_hat.detach(), output, Kept::Graph { x_leaf, x0_hat })
+                }
+            };
+            x0_hats.push(x0_hat);
             if let (Some(budget), Some(before)) = (measuring, before) {
                 // At least a page, so that a measurement lost in the noise cannot divide by zero.
                 let call_bytes = measure_live(x_init.device())?.saturating_sub(before).max(4096);
@@ -280,13 +329,14 @@ pub fn forward<D: Denoiser + ?Sized>(
                 plan = Some(chosen);
             }
             if i < stored_steps {
-                stored.push(Some((x_leaf, x0_hat)));
+                stored.push(Some(kept));
                 if keep_outputs {
                     outputs.push(None);
                 }
             } else {
-                // The measured call does not fit the budget: its graph is dropped, and the sweep
-                // treats it like any other recomputed call.
+                // The measured call does not fit the budget: its graph or tape is dropped, and the
+                // sweep treats it like any other recomputed call.
+                drop(kept);
                 stored.push(None);
                 if keep_outputs {
                     outputs.push(Some(output.detach()));
@@ -308,7 +358,16 @@ pub fn forward<D: Denoiser + ?Sized>(
     Ok(Forward {
         output,
         plan,
-        inner: ForwardInner::Swept(Box::new(SweepState { coeffs, leaves, states, x0_hats, stored, outputs, z })),
+        inner: ForwardInner::Swept(Box::new(SweepState {
+            coeffs,
+            leaves,
+            states,
+            x0_hats,
+            stored,
+            outputs,
+            z,
+            taped_recompute: !matches!(remat, Remat::PerCall),
+        })),
     })
 }
 
@@ -317,6 +376,9 @@ pub fn forward<D: Denoiser + ?Sized>(
 /// leaf, the output's cotangent goes through `vjp` (a replayed CUDA graph for
 /// [`ggdm_core::cuda_graph::GraphedDenoiser`]), and the input cotangents are pushed into `x_i` and
 /// the coefficient leaves. The same gradient as recomputing the call under autograd.
+///
+/// `network_vjp(x_net, tau_net, grad_output)` is the network's backward step: [`Denoiser::vjp`],
+/// or [`Denoiser::backward_taped`] for a call kept on a tape.
 #[allow(clippy::too_many_arguments)]
 fn backward_with_vjp<D: Denoiser + ?Sized>(
     sampler: &GgdmSampler,
@@ -327,6 +389,7 @@ fn backward_with_vjp<D: Denoiser + ?Sized>(
     output: &Tensor,
     grad_x0: &Tensor,
     kind: Kind,
+    network_vjp: impl FnOnce(&Tensor, &Tensor, &Tensor) -> Result<(Tensor, Tensor)>,
 ) -> Result<()> {
     let (x_net, tau_net) = sampler.network_input(leaves, i, x_in, kind);
     // The post-processing sees the network input as a leaf too, so that the graph from `x_i` to
@@ -340,7 +403,7 @@ fn backward_with_vjp<D: Denoiser + ?Sized>(
     let mut grad_x_net = x_net_leaf.grad();
     let mut terms = Vec::with_capacity(2);
     if grad_out.defined() {
-        let (through_net, grad_tau) = model.vjp(&x_net.detach(), &tau_net.detach(), &grad_out)?;
+        let (through_net, grad_tau) = network_vjp(&x_net.detach(), &tau_net.detach(), &grad_out)?;
         grad_x_net = if grad_x_net.defined() { grad_x_net + through_net } else { through_net };
         if tau_net.requires_grad() {
             terms.push(vjp_scalar(&tau_net, &grad_tau));
@@ -370,7 +433,7 @@ pub fn backward<D: Denoiser + ?Sized>(
             Ok(x_init.grad().detach())
         }
         ForwardInner::Swept(state) => {
-            let SweepState { coeffs, leaves, states, x0_hats, stored, mut outputs, z } = *state;
+            let SweepState { coeffs, leaves, states, x0_hats, stored, mut outputs, z, taped_recompute } = *state;
             let k = sampler.steps;
             let kind = states[0].kind();
             let state_leaves: Vec<Tensor> = states[..k].iter().map(|s| s.detach().set_requires_grad(true)).collect();
@@ -384,24 +447,71 @@ pub fn backward<D: Denoiser + ?Sized>(
                 // Every use of x0_hat_i is now accounted for: push its cotangent through the network.
                 let grad_x0 = x0_leaves[i].grad();
                 let x_in = match (stored[i].take(), outputs.get_mut(i).and_then(Option::take)) {
-                    (Some((x_in, x0_hat)), _) => {
+                    (Some(Kept::Graph { x_leaf, x0_hat }), _) => {
                         if grad_x0.defined() {
                             vjp_scalar(&x0_hat, &grad_x0).backward();
+                        }
+                        x_leaf
+                    }
+                    (Some(Kept::Tape { output, tape }), _) => {
+                        let x_in = states[i].detach().set_requires_grad(true);
+                        if grad_x0.defined() {
+                            backward_with_vjp(
+                                sampler,
+                                model,
+                                &leaves,
+                                i,
+                                &x_in,
+                                &output,
+                                &grad_x0,
+                                kind,
+                                |_, _, g| Ok(model.backward_taped(tape, g)?),
+                            )?;
                         }
                         x_in
                     }
                     (None, Some(output)) => {
                         let x_in = states[i].detach().set_requires_grad(true);
                         if grad_x0.defined() {
-                            backward_with_vjp(sampler, model, &leaves, i, &x_in, &output, &grad_x0, kind)?;
+                            backward_with_vjp(
+                                sampler,
+                                model,
+                                &leaves,
+                                i,
+                                &x_in,
+                                &output,
+                                &grad_x0,
+                                kind,
+                                |x, t, g| Ok(model.vjp(x, t, g)?),
+                            )?;
                         }
                         x_in
                     }
                     (None, None) => {
                         let x_in = states[i].detach().set_requires_grad(true);
-                        let x0_hat = sampler.predict_x0(model, &leaves, i, &x_in, kind)?;
                         if grad_x0.defined() {
-                            vjp_scalar(&x0_hat, &grad_x0).backward();
+                            let taped = if taped_recompute {
+                                taped_call(sampler, model, &leaves, i, &states[i], kind)?
+                            } else {
+                                None
+                            };
+                            match taped {
+                                Some((_, output, tape)) => backward_with_vjp(
+                                    sampler,
+                                    model,
+                                    &leaves,
+                                    i,
+                                    &x_in,
+                                    &output,
+                                    &grad_x0,
+                                    kind,
+                                    |_, _, g| Ok(model.backward_taped(tape, g)?),
+                                )?,
+                                None => {
+                                    let x0_hat = sampler.predict_x0(model, &leaves, i, &x_in, kind)?;
+                                    vjp_scalar(&x0_hat, &grad_x0).backward();
+                                }
+                            }
                         }
                         x_in
                     }

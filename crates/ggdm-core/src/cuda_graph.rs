@@ -19,7 +19,7 @@
 //! Building with the feature compiles `csrc/cuda_graph.cpp` against the libtorch headers and the
 //! CUDA runtime headers (`cargo xtask setup` installs them into the project's venv).
 
-use crate::denoiser::{eager_vjp, Denoiser};
+use crate::denoiser::{eager_vjp, CallTape, Denoiser};
 use crate::{Error, PredictionType, Result};
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -351,6 +351,16 @@ impl Denoiser for GraphedDenoiser {
 
     fn has_vjp(&self) -> bool {
         true
+    }
+
+    // Taped calls run eagerly: a tape's tensors must outlive the call, a graph's are overwritten
+    // by its next replay.
+    fn forward_taped(&self, x: &Tensor, tau: &Tensor) -> Result<Option<(Tensor, CallTape)>> {
+        self.inner.forward_taped(x, tau)
+    }
+
+    fn backward_taped(&self, tape: CallTape, grad_out: &Tensor) -> Result<(Tensor, Tensor)> {
+        self.inner.backward_taped(tape, grad_out)
     }
 
     fn vjp(&self, x: &Tensor, tau: &Tensor, grad_out: &Tensor) -> Result<(Tensor, Tensor)> {

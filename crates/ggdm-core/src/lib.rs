@@ -39,6 +39,7 @@
 //! ```
 
 pub mod analytic;
+pub mod autograd;
 pub mod cuda_graph;
 pub mod denoiser;
 pub mod error;
@@ -56,7 +57,7 @@ pub mod solvers;
 pub mod torchscript;
 pub mod unet;
 
-pub use denoiser::Denoiser;
+pub use denoiser::{CallTape, Denoiser};
 pub use error::{Error, Result};
 pub use prediction::PredictionType;
 pub use schedule::{BetaSchedule, NoiseSchedule};

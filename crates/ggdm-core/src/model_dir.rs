@@ -5,7 +5,7 @@
 //! schedule and prediction type (DESIGN.md section 4: the checkpoint's scheduler config is
 //! honoured the way diffusers honours it).
 
-use crate::denoiser::Denoiser;
+use crate::denoiser::{CallTape, Denoiser};
 use crate::scheduler_config::SchedulerConfig;
 use crate::unet::UNetDenoiser;
 use crate::{Error, Result};
@@ -46,6 +46,19 @@ impl Denoiser for Bf16Denoiser {
         Ok(self.0.forward(&x.f_to_kind(Kind::BFloat16)?, tau)?.f_to_kind(x.kind())?)
     }
 
+    fn forward_taped(&self, x: &Tensor, tau: &Tensor) -> Result<Option<(Tensor, CallTape)>> {
+        let Some((output, tape)) = self.0.forward_taped(&x.f_to_kind(Kind::BFloat16)?, tau)? else {
+            return Ok(None);
+        };
+        Ok(Some((output.f_to_kind(x.kind())?, CallTape::new(Converted { inner: tape, input_kind: x.kind() }))))
+    }
+
+    fn backward_taped(&self, tape: CallTape, grad_out: &Tensor) -> Result<(Tensor, Tensor)> {
+        let Converted { inner, input_kind } = tape.downcast::<Converted>()?;
+        let (grad_x, grad_tau) = self.0.backward_taped(inner, &grad_out.f_to_kind(Kind::BFloat16)?)?;
+        Ok((grad_x.f_to_kind(input_kind)?, grad_tau))
+    }
+
     fn prediction_type(&self) -> crate::PredictionType {
         self.0.prediction_type()
     }
@@ -53,6 +66,12 @@ impl Denoiser for Bf16Denoiser {
     fn sample_shape(&self) -> Option<[i64; 3]> {
         self.0.sample_shape()
     }
+}
+
+/// A wrapped network's tape with the kind the wrapper converted the input from.
+struct Converted {
+    inner: CallTape,
+    input_kind: Kind,
 }
 
 /// `t` (`N x C x H x W`) with channels-last strides: NHWC in memory, the same shape and values.
@@ -68,6 +87,18 @@ pub struct ChannelsLastDenoiser(pub Box<dyn Denoiser>);
 impl Denoiser for ChannelsLastDenoiser {
     fn forward(&self, x: &Tensor, tau: &Tensor) -> Result<Tensor> {
         Ok(self.0.forward(&to_channels_last(x)?, tau)?.f_contiguous()?)
+    }
+
+    fn forward_taped(&self, x: &Tensor, tau: &Tensor) -> Result<Option<(Tensor, CallTape)>> {
+        let Some((output, tape)) = self.0.forward_taped(&to_channels_last(x)?, tau)? else {
+            return Ok(None);
+        };
+        Ok(Some((output.f_contiguous()?, tape)))
+    }
+
+    fn backward_taped(&self, tape: CallTape, grad_out: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (grad_x, grad_tau) = self.0.backward_taped(tape, &to_channels_last(grad_out)?)?;
+        Ok((grad_x.f_contiguous()?, grad_tau))
     }
 
     fn prediction_type(&self) -> crate::PredictionType {

@@ -30,15 +30,20 @@ mod blocks;
 mod checkpoint;
 mod config;
 mod layers;
+mod tape;
 
 pub use checkpoint::{WeightStorage, CONFIG_FILE, WEIGHTS_FILE, WEIGHTS_FILE_FP16, WEIGHTS_FILE_PICKLE};
 pub use config::{SampleSize, UNet2DConfig, DIFFUSERS_REFERENCE_VERSION, UNET_2D_CLASS_NAME, UNET_2D_CONFIG_KEYS};
 
+use crate::denoiser::CallTape;
 use crate::{Denoiser, Error, PredictionType, Result};
-use blocks::{DownBlock, MidBlock, ResnetSettings, TimeProjection, TimeProjections, TimestepEmbedding, UpBlock};
+use blocks::{
+    pop_skip_grad, DownBlock, MidBlock, ResnetSettings, TimeProjection, TimeProjections, TimestepEmbedding, UpBlock,
+};
 use config::{Architecture, TimeEmbeddingKind};
 use layers::{Conv2d, GroupNorm, Linear, ParamInit};
 use std::path::Path;
+use tape::{local_vjp1, record, spatial, Tape};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
@@ -120,35 +125,43 @@ impl UNet2DNetwork {
         layers
     }
 
+    /// `act(time_embedding(time_proj(tau)))` in the network's `kind`: the input of the residual
+    /// blocks' time projections.
+    fn activated_time_embedding(&self, tau: &Tensor, kind: Kind) -> Result<Tensor> {
+        // The projection is computed in the kind of `tau` (f32 for reduced-precision networks, as
+        // diffusers does), then joins the network's kind.
+        let projected = self.time_proj.forward(tau)?.f_to_kind(kind)?;
+        let embedding = self.time_embedding.forward(&projected)?;
+        // Every residual block applies the block activation to the embedding before its own
+        // projection; computing it once is the same arithmetic.
+        self.arch.activation.apply(&embedding)
+    }
+
     /// `sample` and `tau` are already checked and converted (`[N, C, H, W]` in the network kind,
-    /// `[N]` in the network kind or, for a half/bf16 network, f32).
-    fn forward(&self, sample: &Tensor, tau: &Tensor, train: bool) -> Result<Tensor> {
+    /// `[N]` in the network kind or, for a half/bf16 network, f32). With a `tape` (a forward pass
+    /// without autograd and dropout), records what [`Self::backward`] needs.
+    fn forward(&self, sample: &Tensor, tau: &Tensor, train: bool, mut tape: Option<&mut Tape>) -> Result<Tensor> {
         let sample = if self.arch.center_input_sample {
             sample.f_mul_scalar(2.0)?.f_sub_scalar(1.0)?
         } else {
             sample.shallow_clone()
         };
-        // The projection is computed in the kind of `tau` (f32 for reduced-precision networks, as
-        // diffusers does), then joins the network's kind.
-        let projected = self.time_proj.forward(tau)?.f_to_kind(sample.kind())?;
-        let embedding = self.time_embedding.forward(&projected)?;
-        // Every residual block applies the block activation to the embedding before its own
-        // projection; computing it once is the same arithmetic.
-        let temb_activated = self.arch.activation.apply(&embedding)?;
+        let temb_activated = self.activated_time_embedding(tau, sample.kind())?;
         let mut temb = TimeProjections::new(&self.time_projections(), &temb_activated)?;
 
         let mut hidden = self.conv_in.forward(&sample)?;
         let mut skips = vec![hidden.shallow_clone()];
         for block in &self.down_blocks {
-            hidden = block.forward(&hidden, &mut temb, train, &mut skips)?;
+            hidden = block.forward(&hidden, &mut temb, train, &mut skips, tape.as_deref_mut())?;
         }
         if let Some(mid) = &self.mid_block {
-            hidden = mid.forward(&hidden, &mut temb, train)?;
+            hidden = mid.forward(&hidden, &mut temb, train, tape.as_deref_mut())?;
         }
         for block in &self.up_blocks {
-            hidden = block.forward(&hidden, &mut skips, &mut temb, train)?;
+            hidden = block.forward(&hidden, &mut skips, &mut temb, train, tape.as_deref_mut())?;
         }
         temb.finish()?;
+        record(&mut tape, &hidden);
         let hidden = self.conv_norm_out.forward(&hidden)?.f_silu()?;
         let output = self.conv_out.forward(&hidden)?;
         match self.arch.time_embedding {
@@ -157,6 +170,83 @@ impl UNet2DNetwork {
             TimeEmbeddingKind::Positional => Ok(output),
         }
     }
+
+    /// `(dL/dsample, dL/dtau)` from `grad = dL/doutput` after a taped forward pass that returned
+    /// `output` on a sample of height and width `sample_hw`.
+    fn backward(
+        &self,
+        tape: &mut Tape,
+        tau: &Tensor,
+        output: &Tensor,
+        grad: &Tensor,
+        sample_hw: (i64, i64),
+    ) -> Result<(Tensor, Tensor)> {
+        let kind = output.kind();
+        // The Fourier variant's output is `raw / tau`.
+        let (grad, grad_tau_direct) = match self.arch.time_embedding {
+            TimeEmbeddingKind::Fourier => {
+                let tau_column = tau.f_to_kind(kind)?.f_view([-1, 1, 1, 1])?;
+                let grad_tau = grad
+                    .f_mul(output)?
+                    .f_sum_dim_intlist([1i64, 2, 3].as_slice(), false, tau.kind())?
+                    .f_div(tau)?
+                    .f_neg()?;
+                (grad.f_div(&tau_column)?, Some(grad_tau))
+            }
+            TimeEmbeddingKind::Positional => (grad.shallow_clone(), None),
+        };
+        let normed = tape.pop()?;
+        let grad = self.conv_out.input_grad(&grad, spatial(&normed))?;
+        let mut grad = local_vjp1(&normed, &grad, |h| Ok(self.conv_norm_out.forward(h)?.f_silu()?))?;
+        drop(normed);
+        let mut skip_grads = Vec::new();
+        let mut temb_grads = Vec::new();
+        for block in self.up_blocks.iter().rev() {
+            grad = block.backward(&grad, tape, &mut skip_grads, &mut temb_grads)?;
+        }
+        if let Some(mid) = &self.mid_block {
+            grad = mid.backward(&grad, tape, &mut temb_grads)?;
+        }
+        for block in self.down_blocks.iter().rev() {
+            grad = block.backward(&grad, tape, &mut skip_grads, &mut temb_grads)?;
+        }
+        let grad = grad.f_add(&pop_skip_grad(&mut skip_grads)?)?;
+        if !skip_grads.is_empty() {
+            return Err(Error::invalid(
+                "UNet backward pass",
+                "skip-state gradients were left over (inconsistent network)",
+            ));
+        }
+        let grad_sample = self.conv_in.input_grad(&grad, sample_hw)?;
+        let grad_sample = if self.arch.center_input_sample { grad_sample.f_mul_scalar(2.0)? } else { grad_sample };
+        temb_grads.reverse();
+        let grad_temb = Tensor::f_cat(&temb_grads, 1)?;
+        drop(temb_grads);
+        let layers = self.time_projections();
+        let grad_tau =
+            local_vjp1(tau, &grad_temb, |t| Linear::forward_joined(&layers, &self.activated_time_embedding(t, kind)?))?;
+        let grad_tau = match grad_tau_direct {
+            Some(direct) => grad_tau.f_add(&direct)?,
+            None => grad_tau,
+        };
+        Ok((grad_sample, grad_tau))
+    }
+}
+
+/// What [`UNet2DModel::forward_taped`] recorded for [`UNet2DModel::backward_taped`]: the inputs of
+/// the residual and attention blocks and of the residual blocks' second norms (about a quarter of
+/// the activations autograd keeps), plus the call's inputs.
+#[derive(Debug)]
+pub struct UNetTape {
+    tape: Tape,
+    /// `tau` as the network saw it (`[N]`, on the network's device).
+    tau: Tensor,
+    output: Tensor,
+    sample_hw: (i64, i64),
+    x_kind: Kind,
+    tau_size: Vec<i64>,
+    tau_kind: Kind,
+    tau_device: Device,
 }
 
 /// diffusers' `UNet2DModel`: configuration, parameters (a `VarStore` named like diffusers' state
@@ -250,7 +340,60 @@ impl UNet2DModel {
     /// [`UNet2DModel::forward`] with dropout active when `train` is true.
     pub fn forward_t(&self, x: &Tensor, tau: &Tensor, train: bool) -> Result<Tensor> {
         let (x, tau) = self.prepare_inputs(x, tau)?;
-        self.network.forward(&x, &tau, train)
+        self.network.forward(&x, &tau, train, None)
+    }
+
+    /// [`UNet2DModel::forward`] without autograd, recording a tape from which
+    /// [`UNet2DModel::backward_taped`] computes the input gradients: the memory-lean way to keep a
+    /// call for its backward pass (see the `tape` module). The output does not require grad.
+    pub fn forward_taped(&self, x: &Tensor, tau: &Tensor) -> Result<(Tensor, UNetTape)> {
+        let (prepared_x, prepared_tau) = self.prepare_inputs(x, tau)?;
+        tch::no_grad(|| {
+            let mut tape = Tape::default();
+            let output = self.network.forward(&prepared_x, &prepared_tau, false, Some(&mut tape))?;
+            let recorded = UNetTape {
+                tape,
+                tau: prepared_tau,
+                output: output.shallow_clone(),
+                sample_hw: spatial(&prepared_x),
+                x_kind: x.kind(),
+                tau_size: tau.size(),
+                tau_kind: tau.kind(),
+                tau_device: tau.device(),
+            };
+            Ok((output, recorded))
+        })
+    }
+
+    /// `(dL/dx, dL/dtau)` of `L = sum(output * grad_out)` for the call `tape` recorded, in the
+    /// shapes and kinds `x` and `tau` had: the gradients autograd would give through
+    /// [`UNet2DModel::forward`] (no gradient of the weights is computed).
+    pub fn backward_taped(&self, tape: UNetTape, grad_out: &Tensor) -> Result<(Tensor, Tensor)> {
+        let UNetTape { mut tape, tau, output, sample_hw, x_kind, tau_size, tau_kind, tau_device } = tape;
+        if grad_out.size() != output.size() {
+            return Err(Error::Shape {
+                what: "UNet2DModel output gradient".into(),
+                expected: format!("{:?} like the output", output.size()),
+                got: grad_out.size(),
+            });
+        }
+        tch::no_grad(|| {
+            let grad = grad_out.f_to_device(output.device())?.f_to_kind(output.kind())?;
+            let (grad_x, grad_tau) = self.network.backward(&mut tape, &tau, &output, &grad, sample_hw)?;
+            tape.finish()?;
+            let grad_x = grad_x.f_to_kind(x_kind)?;
+            // `tau` was broadcast to one value per sample: sum back to the shape it came in.
+            let grad_tau = if tau_size.iter().product::<i64>() == grad_tau.numel() as i64 {
+                grad_tau.f_reshape(&tau_size)?
+            } else {
+                grad_tau.f_sum(grad_tau.kind())?.f_reshape(&tau_size)?
+            };
+            let grad_tau = match tau_kind {
+                Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16 => grad_tau.f_to_kind(tau_kind)?,
+                _ => grad_tau,
+            };
+            Ok((grad_x, grad_tau.f_to_device(tau_device)?))
+        })
     }
 
     /// Checks shapes, device and kind of the inputs; converts them to the parameters' kind and
@@ -425,6 +568,15 @@ impl UNetDenoiser {
 impl Denoiser for UNetDenoiser {
     fn forward(&self, x: &Tensor, tau: &Tensor) -> Result<Tensor> {
         self.model.forward(x, tau)
+    }
+
+    fn forward_taped(&self, x: &Tensor, tau: &Tensor) -> Result<Option<(Tensor, CallTape)>> {
+        let (output, tape) = self.model.forward_taped(x, tau)?;
+        Ok(Some((output, CallTape::new(tape))))
+    }
+
+    fn backward_taped(&self, tape: CallTape, grad_out: &Tensor) -> Result<(Tensor, Tensor)> {
+        self.model.backward_taped(tape.downcast::<UNetTape>()?, grad_out)
     }
 
     fn prediction_type(&self) -> PredictionType {

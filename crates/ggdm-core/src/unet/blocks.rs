@@ -8,6 +8,7 @@
 
 use super::config::{Activation, Architecture, LevelKind, ResampleKind, TimeConditioning, TimeEmbeddingKind};
 use super::layers::{Conv2d, GroupNorm, Linear, ParamInit};
+use super::tape::{local_vjp, local_vjp1, record, spatial, Tape};
 use crate::{Error, Result};
 use tch::nn::Path;
 use tch::Tensor;
@@ -233,8 +234,15 @@ impl ResnetBlock2D {
         &self.time_emb_proj
     }
 
-    /// `temb` hands out this block's projection of the time embedding.
-    pub fn forward(&self, input: &Tensor, temb: &mut TimeProjections, train: bool) -> Result<Tensor> {
+    /// `temb` hands out this block's projection of the time embedding. With a `tape` (a forward
+    /// pass without autograd), records what [`Self::backward`] needs besides the input.
+    pub fn forward(
+        &self,
+        input: &Tensor,
+        temb: &mut TimeProjections,
+        train: bool,
+        mut tape: Option<&mut Tape>,
+    ) -> Result<Tensor> {
         let hidden = self.activation.apply(&self.norm1.forward(input)?)?;
         let (input, hidden) = match self.resample {
             ResnetResample::None => (input.shallow_clone(), hidden),
@@ -244,11 +252,15 @@ impl ResnetBlock2D {
         let hidden = self.conv1.forward(&hidden)?;
         let temb = temb.next()?.f_unsqueeze(-1)?.f_unsqueeze(-1)?;
         let hidden = match self.time_conditioning {
-            TimeConditioning::Add => self.norm2.forward(&hidden.f_add(&temb)?)?,
+            TimeConditioning::Add => {
+                let hidden = hidden.f_add(&temb)?;
+                record(&mut tape, &hidden);
+                self.norm2.forward(&hidden)?
+            }
             TimeConditioning::ScaleShift => {
-                let halves = temb.f_chunk(2, 1)?;
-                let (scale, shift) = (&halves[0], &halves[1]);
-                self.norm2.forward(&hidden)?.f_mul(&scale.f_add_scalar(1.0)?)?.f_add(shift)?
+                record(&mut tape, &hidden);
+                record(&mut tape, &temb);
+                self.scale_shift(&hidden, &temb)?
             }
         };
         let hidden = self.activation.apply(&hidden)?;
@@ -259,6 +271,72 @@ impl ResnetBlock2D {
             None => input,
         };
         divide_unless_one(shortcut.f_add(&hidden)?, self.output_scale_factor)
+    }
+
+    /// `norm2(hidden) * (1 + scale) + shift` with `temb = [scale, shift]` along the channels.
+    fn scale_shift(&self, hidden: &Tensor, temb: &Tensor) -> Result<Tensor> {
+        let halves = temb.f_chunk(2, 1)?;
+        let (scale, shift) = (&halves[0], &halves[1]);
+        Ok(self.norm2.forward(hidden)?.f_mul(&scale.f_add_scalar(1.0)?)?.f_add(shift)?)
+    }
+
+    /// The input gradient from the output gradient `grad`, for the `input` of a taped forward pass
+    /// whose own entries are next on `tape`; pushes the gradient of this block's time projection
+    /// (`[N, width]`) onto `temb_grads`.
+    pub fn backward(
+        &self,
+        input: &Tensor,
+        grad: &Tensor,
+        tape: &mut Tape,
+        temb_grads: &mut Vec<Tensor>,
+    ) -> Result<Tensor> {
+        let grad = divide_unless_one(grad.shallow_clone(), self.output_scale_factor)?;
+        let (grad_conv1_out, grad_temb) = match self.time_conditioning {
+            TimeConditioning::Add => {
+                let hidden = tape.pop()?;
+                let grad_act = self.conv2.input_grad(&grad, spatial(&hidden))?;
+                let grad_hidden = local_vjp1(&hidden, &grad_act, |h| self.activation.apply(&self.norm2.forward(h)?))?;
+                let grad_temb = grad_hidden.f_sum_dim_intlist([2i64, 3].as_slice(), false, grad_hidden.kind())?;
+                (grad_hidden, grad_temb)
+            }
+            TimeConditioning::ScaleShift => {
+                let temb = tape.pop()?;
+                let hidden = tape.pop()?;
+                let grad_act = self.conv2.input_grad(&grad, spatial(&hidden))?;
+                let mut grads = local_vjp(&[&hidden, &temb], &grad_act, |leaves| {
+                    self.activation.apply(&self.scale_shift(&leaves[0], &leaves[1])?)
+                })?;
+                let grad_temb = grads.pop().ok_or_else(|| Error::invalid("UNet backward pass", "no gradient"))?;
+                let grad_hidden = grads.pop().ok_or_else(|| Error::invalid("UNet backward pass", "no gradient"))?;
+                (grad_hidden, grad_temb.f_flatten(1, -1)?)
+            }
+        };
+        temb_grads.push(grad_temb);
+        let (height, width) = spatial(input);
+        let resampled = match self.resample {
+            ResnetResample::None => (height, width),
+            ResnetResample::Down => (height / 2, width / 2),
+            ResnetResample::Up => (height * 2, width * 2),
+        };
+        let grad_activated = self.resample_grad(input, &self.conv1.input_grad(&grad_conv1_out, resampled)?)?;
+        let grad_input = local_vjp1(input, &grad_activated, |x| self.activation.apply(&self.norm1.forward(x)?))?;
+        let grad_shortcut = match &self.conv_shortcut {
+            Some(conv) => conv.input_grad(&grad, resampled)?,
+            None => grad,
+        };
+        Ok(grad_input.f_add(&self.resample_grad(input, &grad_shortcut)?)?)
+    }
+
+    /// The gradient at the resolution of `input` from one at the resampled resolution.
+    fn resample_grad(&self, input: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        match self.resample {
+            ResnetResample::None => Ok(grad.shallow_clone()),
+            ResnetResample::Down => Ok(input.f_avg_pool2d_backward(grad, [2, 2], [2, 2], [0, 0], false, true, None)?),
+            ResnetResample::Up => {
+                let (height, width) = spatial(input);
+                Ok(Tensor::f_upsample_nearest2d_backward(grad, [2 * height, 2 * width], input.size(), 2.0, 2.0)?)
+            }
+        }
     }
 }
 
@@ -372,6 +450,12 @@ impl Attention {
         let spatial = projected.f_transpose(-1, -2)?.f_reshape([batch, channels, height, width])?;
         divide_unless_one(spatial.f_add(input)?, self.rescale_output_factor)
     }
+
+    /// The input gradient from the output gradient: the block is small (it runs at low
+    /// resolution), so it is recomputed under autograd from its input.
+    pub fn backward(&self, input: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        local_vjp1(input, grad, |x| self.forward(x))
+    }
 }
 
 /// diffusers' `Downsample2D(use_conv=True)`: a stride-2 3x3 convolution; with `padding == 0` the
@@ -394,6 +478,17 @@ impl Downsample2D {
             self.conv.forward(xs)
         }
     }
+
+    /// The input gradient from the output gradient (`input`: what the forward pass was given).
+    pub fn backward(&self, input: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        let (height, width) = spatial(input);
+        if self.padding == 0 {
+            let padded = self.conv.input_grad(grad, (height + 1, width + 1))?;
+            Ok(padded.f_narrow(2, 0, height)?.f_narrow(3, 0, width)?)
+        } else {
+            self.conv.input_grad(grad, (height, width))
+        }
+    }
 }
 
 /// diffusers' `Upsample2D(use_conv=True)`: nearest-neighbour x2, then a 3x3 convolution.
@@ -409,6 +504,13 @@ impl Upsample2D {
 
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         self.conv.forward(&nearest_2x(xs)?)
+    }
+
+    /// The input gradient from the output gradient (`input`: what the forward pass was given).
+    pub fn backward(&self, input: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        let (height, width) = spatial(input);
+        let upsampled = self.conv.input_grad(grad, (2 * height, 2 * width))?;
+        Ok(Tensor::f_upsample_nearest2d_backward(&upsampled, [2 * height, 2 * width], input.size(), 2.0, 2.0)?)
     }
 }
 
@@ -499,24 +601,67 @@ impl DownBlock {
         temb: &mut TimeProjections,
         train: bool,
         skips: &mut Vec<Tensor>,
+        mut tape: Option<&mut Tape>,
     ) -> Result<Tensor> {
         let mut hidden = input.shallow_clone();
         for (layer, resnet) in self.resnets.iter().enumerate() {
-            hidden = resnet.forward(&hidden, temb, train)?;
+            let output = resnet.forward(&hidden, temb, train, tape.as_deref_mut())?;
+            record(&mut tape, &hidden);
+            hidden = output;
             if let Some(attention) = self.attentions.get(layer) {
-                hidden = attention.forward(&hidden)?;
+                let output = attention.forward(&hidden)?;
+                record(&mut tape, &hidden);
+                hidden = output;
             }
             skips.push(hidden.shallow_clone());
         }
         if let Some(downsampler) = &self.downsampler {
-            hidden = match downsampler {
+            let output = match downsampler {
                 Downsampler::Conv(conv) => conv.forward(&hidden)?,
-                Downsampler::Resnet(resnet) => resnet.forward(&hidden, temb, train)?,
+                Downsampler::Resnet(resnet) => resnet.forward(&hidden, temb, train, tape.as_deref_mut())?,
             };
+            record(&mut tape, &hidden);
+            hidden = output;
             skips.push(hidden.shallow_clone());
         }
         Ok(hidden)
     }
+
+    /// The input gradient from the output gradient `grad` after a taped forward pass; takes the
+    /// gradients of this block's skip states from the end of `skip_grads`.
+    pub fn backward(
+        &self,
+        grad: &Tensor,
+        tape: &mut Tape,
+        skip_grads: &mut Vec<Tensor>,
+        temb_grads: &mut Vec<Tensor>,
+    ) -> Result<Tensor> {
+        let mut grad = grad.shallow_clone();
+        if let Some(downsampler) = &self.downsampler {
+            grad = grad.f_add(&pop_skip_grad(skip_grads)?)?;
+            let input = tape.pop()?;
+            grad = match downsampler {
+                Downsampler::Conv(conv) => conv.backward(&input, &grad)?,
+                Downsampler::Resnet(resnet) => resnet.backward(&input, &grad, tape, temb_grads)?,
+            };
+        }
+        for (layer, resnet) in self.resnets.iter().enumerate().rev() {
+            grad = grad.f_add(&pop_skip_grad(skip_grads)?)?;
+            if let Some(attention) = self.attentions.get(layer) {
+                grad = attention.backward(&tape.pop()?, &grad)?;
+            }
+            let input = tape.pop()?;
+            grad = resnet.backward(&input, &grad, tape, temb_grads)?;
+        }
+        Ok(grad)
+    }
+}
+
+/// The gradient of the most recent skip state not yet accounted for.
+pub(crate) fn pop_skip_grad(skip_grads: &mut Vec<Tensor>) -> Result<Tensor> {
+    skip_grads
+        .pop()
+        .ok_or_else(|| Error::invalid("UNet backward pass", "ran out of skip-state gradients (inconsistent network)"))
 }
 
 /// diffusers' `UNetMidBlock2D`: residual block, then (attention, residual block) per layer.
@@ -559,15 +704,40 @@ impl MidBlock {
         out.extend(self.resnets.iter().map(ResnetBlock2D::time_projection));
     }
 
-    pub fn forward(&self, input: &Tensor, temb: &mut TimeProjections, train: bool) -> Result<Tensor> {
-        let mut hidden = self.resnets[0].forward(input, temb, train)?;
+    pub fn forward(
+        &self,
+        input: &Tensor,
+        temb: &mut TimeProjections,
+        train: bool,
+        mut tape: Option<&mut Tape>,
+    ) -> Result<Tensor> {
+        let mut hidden = self.resnets[0].forward(input, temb, train, tape.as_deref_mut())?;
+        record(&mut tape, input);
         for (attention, resnet) in self.attentions.iter().zip(&self.resnets[1..]) {
             if let Some(attention) = attention {
-                hidden = attention.forward(&hidden)?;
+                let output = attention.forward(&hidden)?;
+                record(&mut tape, &hidden);
+                hidden = output;
             }
-            hidden = resnet.forward(&hidden, temb, train)?;
+            let output = resnet.forward(&hidden, temb, train, tape.as_deref_mut())?;
+            record(&mut tape, &hidden);
+            hidden = output;
         }
         Ok(hidden)
+    }
+
+    /// The input gradient from the output gradient after a taped forward pass.
+    pub fn backward(&self, grad: &Tensor, tape: &mut Tape, temb_grads: &mut Vec<Tensor>) -> Result<Tensor> {
+        let mut grad = grad.shallow_clone();
+        for (attention, resnet) in self.attentions.iter().zip(&self.resnets[1..]).rev() {
+            let input = tape.pop()?;
+            grad = resnet.backward(&input, &grad, tape, temb_grads)?;
+            if let Some(attention) = attention {
+                grad = attention.backward(&tape.pop()?, &grad)?;
+            }
+        }
+        let input = tape.pop()?;
+        self.resnets[0].backward(&input, &grad, tape, temb_grads)
     }
 }
 
@@ -646,6 +816,7 @@ impl UpBlock {
         skips: &mut Vec<Tensor>,
         temb: &mut TimeProjections,
         train: bool,
+        mut tape: Option<&mut Tape>,
     ) -> Result<Tensor> {
         let mut hidden = input.shallow_clone();
         for (layer, resnet) in self.resnets.iter().enumerate() {
@@ -653,17 +824,58 @@ impl UpBlock {
                 .pop()
                 .ok_or_else(|| Error::invalid("up block", "ran out of skip connections (inconsistent network)"))?;
             let joined = Tensor::f_cat(&[&hidden, &skip], 1)?;
-            hidden = resnet.forward(&joined, temb, train)?;
+            let output = resnet.forward(&joined, temb, train, tape.as_deref_mut())?;
+            // The two halves, not the concatenation: they are kept alive anyway.
+            record(&mut tape, &hidden);
+            record(&mut tape, &skip);
+            hidden = output;
             if let Some(attention) = self.attentions.get(layer) {
-                hidden = attention.forward(&hidden)?;
+                let output = attention.forward(&hidden)?;
+                record(&mut tape, &hidden);
+                hidden = output;
             }
         }
         if let Some(upsampler) = &self.upsampler {
-            hidden = match upsampler {
+            let output = match upsampler {
                 Upsampler::Conv(conv) => conv.forward(&hidden)?,
-                Upsampler::Resnet(resnet) => resnet.forward(&hidden, temb, train)?,
+                Upsampler::Resnet(resnet) => resnet.forward(&hidden, temb, train, tape.as_deref_mut())?,
             };
+            record(&mut tape, &hidden);
+            hidden = output;
         }
         Ok(hidden)
+    }
+
+    /// The input gradient from the output gradient after a taped forward pass; appends the
+    /// gradients of the skip states it consumed to `skip_grads` (last consumed first).
+    pub fn backward(
+        &self,
+        grad: &Tensor,
+        tape: &mut Tape,
+        skip_grads: &mut Vec<Tensor>,
+        temb_grads: &mut Vec<Tensor>,
+    ) -> Result<Tensor> {
+        let mut grad = grad.shallow_clone();
+        if let Some(upsampler) = &self.upsampler {
+            let input = tape.pop()?;
+            grad = match upsampler {
+                Upsampler::Conv(conv) => conv.backward(&input, &grad)?,
+                Upsampler::Resnet(resnet) => resnet.backward(&input, &grad, tape, temb_grads)?,
+            };
+        }
+        for (layer, resnet) in self.resnets.iter().enumerate().rev() {
+            if let Some(attention) = self.attentions.get(layer) {
+                grad = attention.backward(&tape.pop()?, &grad)?;
+            }
+            let skip = tape.pop()?;
+            let hidden = tape.pop()?;
+            let joined = Tensor::f_cat(&[&hidden, &skip], 1)?;
+            let grad_joined = resnet.backward(&joined, &grad, tape, temb_grads)?;
+            drop(joined);
+            let channels = hidden.size()[1];
+            skip_grads.push(grad_joined.f_narrow(1, channels, skip.size()[1])?);
+            grad = grad_joined.f_narrow(1, 0, channels)?;
+        }
+        Ok(grad)
     }
 }

@@ -74,6 +74,26 @@ impl Conv2d {
         )?)
     }
 
+    /// The gradient of a loss with respect to this convolution's input (of height and width
+    /// `input_hw`) from its gradient with respect to the output: the transposed convolution with the
+    /// same weight (no weight or bias gradient, and nothing of the input but its size is needed).
+    pub fn input_grad(&self, grad: &Tensor, input_hw: (i64, i64)) -> Result<Tensor> {
+        let kernel = self.weight.size()[2];
+        let out = grad.size();
+        let (out_h, out_w) = (out[out.len() - 2], out[out.len() - 1]);
+        // The rows and columns a strided convolution skipped at the end come back as output padding.
+        let covered = |out: i64| (out - 1) * self.stride - 2 * self.padding + kernel;
+        Ok(grad.f_conv_transpose2d(
+            &self.weight,
+            None::<Tensor>,
+            [self.stride, self.stride],
+            [self.padding, self.padding],
+            [input_hw.0 - covered(out_h), input_hw.1 - covered(out_w)],
+            1,
+            [1, 1],
+        )?)
+    }
+
     /// The floating-point kind of the parameters.
     pub fn kind(&self) -> tch::Kind {
         self.weight.kind()
@@ -108,12 +128,17 @@ impl Linear {
             [] => Ok(Vec::new()),
             [layer] => Ok(vec![layer.forward(xs)?]),
             _ => {
-                let weight = Tensor::f_cat(&layers.iter().map(|l| &l.weight).collect::<Vec<_>>(), 0)?;
-                let bias = Tensor::f_cat(&layers.iter().map(|l| &l.bias).collect::<Vec<_>>(), 0)?;
                 let widths: Vec<i64> = layers.iter().map(|l| l.bias.size()[0]).collect();
-                Ok(xs.f_linear(&weight, Some(&bias))?.f_split_with_sizes(widths, -1)?)
+                Ok(Self::forward_joined(layers, xs)?.f_split_with_sizes(widths, -1)?)
             }
         }
+    }
+
+    /// The outputs of [`Linear::forward_stacked`] concatenated along the last dimension.
+    pub fn forward_joined(layers: &[&Linear], xs: &Tensor) -> Result<Tensor> {
+        let weight = Tensor::f_cat(&layers.iter().map(|l| &l.weight).collect::<Vec<_>>(), 0)?;
+        let bias = Tensor::f_cat(&layers.iter().map(|l| &l.bias).collect::<Vec<_>>(), 0)?;
+        Ok(xs.f_linear(&weight, Some(&bias))?)
     }
 }
 
