@@ -379,18 +379,24 @@ pub fn forward<D: Denoiser + ?Sized>(
 ///
 /// `network_vjp(x_net, tau_net, grad_output)` is the network's backward step: [`Denoiser::vjp`],
 /// or [`Denoiser::backward_taped`] for a call kept on a tape.
+/// Returns the leaf made of the step input `x_i`, which holds its cotangent.
 #[allow(clippy::too_many_arguments)]
 fn backward_with_vjp<D: Denoiser + ?Sized>(
     sampler: &GgdmSampler,
     model: &D,
     leaves: &Coefficients,
     i: usize,
-    x_in: &Tensor,
+    x_i: &Tensor,
     output: &Tensor,
     grad_x0: &Tensor,
     kind: Kind,
     network_vjp: impl FnOnce(&Tensor, &Tensor, &Tensor) -> Result<(Tensor, Tensor)>,
-) -> Result<()> {
+) -> Result<Tensor> {
+    let leaf = x_i.detach().set_requires_grad(true);
+    if !grad_x0.defined() {
+        return Ok(leaf);
+    }
+    let x_in = &leaf;
     let (x_net, tau_net) = sampler.network_input(leaves, i, x_in, kind);
     // The post-processing sees the network input as a leaf too, so that the graph from `x_i` to
     // `x_net` is walked once, with both of its cotangents.
@@ -415,7 +421,7 @@ fn backward_with_vjp<D: Denoiser + ?Sized>(
     if !terms.is_empty() {
         Tensor::stack(&terms, 0).sum(Kind::Double).backward();
     }
-    Ok(())
+    Ok(leaf)
 }
 
 /// Back-propagates `grad_output = dL/dx_out` through the sampler into its parameters
@@ -453,67 +459,57 @@ pub fn backward<D: Denoiser + ?Sized>(
                         }
                         x_leaf
                     }
-                    (Some(Kept::Tape { output, tape }), _) => {
-                        let x_in = states[i].detach().set_requires_grad(true);
-                        if grad_x0.defined() {
-                            backward_with_vjp(
+                    (Some(Kept::Tape { output, tape }), _) => backward_with_vjp(
+                        sampler,
+                        model,
+                        &leaves,
+                        i,
+                        &states[i],
+                        &output,
+                        &grad_x0,
+                        kind,
+                        |_, _, g| Ok(model.backward_taped(tape, g)?),
+                    )?,
+                    (None, Some(output)) => backward_with_vjp(
+                        sampler,
+                        model,
+                        &leaves,
+                        i,
+                        &states[i],
+                        &output,
+                        &grad_x0,
+                        kind,
+                        |x, t, g| Ok(model.vjp(x, t, g)?),
+                    )?,
+                    (None, None) => {
+                        // The budget strategies recompute on the network's tape when it records one
+                        // (a fraction of autograd's memory), the others under autograd.
+                        let taped = if taped_recompute && grad_x0.defined() {
+                            taped_call(sampler, model, &leaves, i, &states[i], kind)?
+                        } else {
+                            None
+                        };
+                        match taped {
+                            Some((_, output, tape)) => backward_with_vjp(
                                 sampler,
                                 model,
                                 &leaves,
                                 i,
-                                &x_in,
+                                &states[i],
                                 &output,
                                 &grad_x0,
                                 kind,
                                 |_, _, g| Ok(model.backward_taped(tape, g)?),
-                            )?;
-                        }
-                        x_in
-                    }
-                    (None, Some(output)) => {
-                        let x_in = states[i].detach().set_requires_grad(true);
-                        if grad_x0.defined() {
-                            backward_with_vjp(
-                                sampler,
-                                model,
-                                &leaves,
-                                i,
-                                &x_in,
-                                &output,
-                                &grad_x0,
-                                kind,
-                                |x, t, g| Ok(model.vjp(x, t, g)?),
-                            )?;
-                        }
-                        x_in
-                    }
-                    (None, None) => {
-                        let x_in = states[i].detach().set_requires_grad(true);
-                        if grad_x0.defined() {
-                            let taped = if taped_recompute {
-                                taped_call(sampler, model, &leaves, i, &states[i], kind)?
-                            } else {
-                                None
-                            };
-                            match taped {
-                                Some((_, output, tape)) => backward_with_vjp(
-                                    sampler,
-                                    model,
-                                    &leaves,
-                                    i,
-                                    &x_in,
-                                    &output,
-                                    &grad_x0,
-                                    kind,
-                                    |_, _, g| Ok(model.backward_taped(tape, g)?),
-                                )?,
-                                None => {
-                                    let x0_hat = sampler.predict_x0(model, &leaves, i, &x_in, kind)?;
+                            )?,
+                            None => {
+                                let x_in = states[i].detach().set_requires_grad(true);
+                                let x0_hat = sampler.predict_x0(model, &leaves, i, &x_in, kind)?;
+                                if grad_x0.defined() {
                                     vjp_scalar(&x0_hat, &grad_x0).backward();
                                 }
+                                x_in
                             }
                         }
-                        x_in
                     }
                 };
                 let mut total = state_leaves[i].grad().detach().copy();

@@ -470,25 +470,6 @@ impl Downsample2D {
     pub fn new(path: &Path, channels: i64, padding: i64, init: ParamInit) -> Result<Self> {
         Ok(Downsample2D { conv: Conv2d::new(&(path / "conv"), channels, channels, 3, 2, padding, init)?, padding })
     }
-
-    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        if self.padding == 0 {
-            self.conv.forward(&xs.f_constant_pad_nd([0, 1, 0, 1])?)
-        } else {
-            self.conv.forward(xs)
-        }
-    }
-
-    /// The input gradient from the output gradient (`input`: what the forward pass was given).
-    pub fn backward(&self, input: &Tensor, grad: &Tensor) -> Result<Tensor> {
-        let (height, width) = spatial(input);
-        if self.padding == 0 {
-            let padded = self.conv.input_grad(grad, (height + 1, width + 1))?;
-            Ok(padded.f_narrow(2, 0, height)?.f_narrow(3, 0, width)?)
-        } else {
-            self.conv.input_grad(grad, (height, width))
-        }
-    }
 }
 
 /// diffusers' `Upsample2D(use_conv=True)`: nearest-neighbour x2, then a 3x3 convolution.
@@ -501,32 +482,94 @@ impl Upsample2D {
     pub fn new(path: &Path, channels: i64, init: ParamInit) -> Result<Self> {
         Ok(Upsample2D { conv: Conv2d::new(&(path / "conv"), channels, channels, 3, 1, 1, init)? })
     }
+}
 
-    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+/// A convolutional resampling layer ([`Downsample2D`], [`Upsample2D`]).
+trait ConvResample {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor>;
+    /// The input gradient from the output gradient (`input`: what the forward pass was given).
+    fn backward(&self, input: &Tensor, grad: &Tensor) -> Result<Tensor>;
+}
+
+impl ConvResample for Downsample2D {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if self.padding == 0 {
+            self.conv.forward(&xs.f_constant_pad_nd([0, 1, 0, 1])?)
+        } else {
+            self.conv.forward(xs)
+        }
+    }
+
+    fn backward(&self, input: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        let (height, width) = spatial(input);
+        if self.padding == 0 {
+            let padded = self.conv.input_grad(grad, (height + 1, width + 1))?;
+            Ok(padded.f_narrow(2, 0, height)?.f_narrow(3, 0, width)?)
+        } else {
+            self.conv.input_grad(grad, (height, width))
+        }
+    }
+}
+
+impl ConvResample for Upsample2D {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         self.conv.forward(&nearest_2x(xs)?)
     }
 
-    /// The input gradient from the output gradient (`input`: what the forward pass was given).
-    pub fn backward(&self, input: &Tensor, grad: &Tensor) -> Result<Tensor> {
+    fn backward(&self, input: &Tensor, grad: &Tensor) -> Result<Tensor> {
         let (height, width) = spatial(input);
         let upsampled = self.conv.input_grad(grad, (2 * height, 2 * width))?;
         Ok(Tensor::f_upsample_nearest2d_backward(&upsampled, [2 * height, 2 * width], input.size(), 2.0, 2.0)?)
     }
 }
 
-/// The resolution change at the end of a down block.
+/// The resolution change at the end of a down or up block: a resampling convolution, or a residual
+/// block that resamples.
 #[derive(Debug)]
-enum Downsampler {
-    Conv(Downsample2D),
-    Resnet(ResnetBlock2D),
+enum Resampler<C> {
+    Conv(C),
+    Resnet(Box<ResnetBlock2D>),
 }
 
-/// The resolution change at the end of an up block.
-#[derive(Debug)]
-enum Upsampler {
-    Conv(Upsample2D),
-    Resnet(ResnetBlock2D),
+impl<C: ConvResample> Resampler<C> {
+    /// With a `tape`, records what [`Self::backward`] needs, the input included.
+    fn forward(
+        &self,
+        input: &Tensor,
+        temb: &mut TimeProjections,
+        train: bool,
+        mut tape: Option<&mut Tape>,
+    ) -> Result<Tensor> {
+        let output = match self {
+            Resampler::Conv(conv) => conv.forward(input)?,
+            Resampler::Resnet(resnet) => resnet.forward(input, temb, train, tape.as_deref_mut())?,
+        };
+        record(&mut tape, input);
+        Ok(output)
+    }
+
+    fn backward(&self, grad: &Tensor, tape: &mut Tape, temb_grads: &mut Vec<Tensor>) -> Result<Tensor> {
+        let input = tape.pop()?;
+        match self {
+            Resampler::Conv(conv) => conv.backward(&input, grad),
+            Resampler::Resnet(resnet) => resnet.backward(&input, grad, tape, temb_grads),
+        }
+    }
+
+    /// The residual block's time projection, if this is one.
+    fn time_projection(&self) -> Option<&Linear> {
+        match self {
+            Resampler::Conv(_) => None,
+            Resampler::Resnet(resnet) => Some(resnet.time_projection()),
+        }
+    }
 }
+
+/// The resolution change at the end of a down block.
+type Downsampler = Resampler<Downsample2D>;
+
+/// The resolution change at the end of an up block.
+type Upsampler = Resampler<Upsample2D>;
 
 /// diffusers' `DownBlock2D` / `AttnDownBlock2D`: residual blocks (each followed by attention in the
 /// attention variant), then an optional downsampler. Returns every intermediate state as a skip.
@@ -567,14 +610,14 @@ impl DownBlock {
         let downsampler = match (is_last, kind, arch.downsample) {
             (true, _, _) => None,
             (false, LevelKind::Attention, ResampleKind::Resnet) => {
-                Some(Downsampler::Resnet(ResnetBlock2D::with_resample(
+                Some(Downsampler::Resnet(Box::new(ResnetBlock2D::with_resample(
                     &sampler_path,
                     out_channels,
                     out_channels,
                     1.0,
                     settings,
                     ResnetResample::Down,
-                )?))
+                )?)))
             }
             (false, _, _) => Some(Downsampler::Conv(Downsample2D::new(
                 &sampler_path,
@@ -589,9 +632,7 @@ impl DownBlock {
     /// Appends the residual blocks' time projections in the order they run.
     pub fn time_projections<'a>(&'a self, out: &mut Vec<&'a Linear>) {
         out.extend(self.resnets.iter().map(ResnetBlock2D::time_projection));
-        if let Some(Downsampler::Resnet(resnet)) = &self.downsampler {
-            out.push(resnet.time_projection());
-        }
+        out.extend(self.downsampler.as_ref().and_then(Downsampler::time_projection));
     }
 
     /// Returns the block output and appends the skip states to `skips`.
@@ -616,12 +657,7 @@ impl DownBlock {
             skips.push(hidden.shallow_clone());
         }
         if let Some(downsampler) = &self.downsampler {
-            let output = match downsampler {
-                Downsampler::Conv(conv) => conv.forward(&hidden)?,
-                Downsampler::Resnet(resnet) => resnet.forward(&hidden, temb, train, tape.as_deref_mut())?,
-            };
-            record(&mut tape, &hidden);
-            hidden = output;
+            hidden = downsampler.forward(&hidden, temb, train, tape)?;
             skips.push(hidden.shallow_clone());
         }
         Ok(hidden)
@@ -638,12 +674,7 @@ impl DownBlock {
     ) -> Result<Tensor> {
         let mut grad = grad.shallow_clone();
         if let Some(downsampler) = &self.downsampler {
-            grad = grad.f_add(&pop_skip_grad(skip_grads)?)?;
-            let input = tape.pop()?;
-            grad = match downsampler {
-                Downsampler::Conv(conv) => conv.backward(&input, &grad)?,
-                Downsampler::Resnet(resnet) => resnet.backward(&input, &grad, tape, temb_grads)?,
-            };
+            grad = downsampler.backward(&grad.f_add(&pop_skip_grad(skip_grads)?)?, tape, temb_grads)?;
         }
         for (layer, resnet) in self.resnets.iter().enumerate().rev() {
             grad = grad.f_add(&pop_skip_grad(skip_grads)?)?;
@@ -787,14 +818,14 @@ impl UpBlock {
         let upsampler = match (level == last, kind, arch.upsample) {
             (true, _, _) => None,
             (false, LevelKind::Attention, ResampleKind::Resnet) => {
-                Some(Upsampler::Resnet(ResnetBlock2D::with_resample(
+                Some(Upsampler::Resnet(Box::new(ResnetBlock2D::with_resample(
                     &sampler_path,
                     out_channels,
                     out_channels,
                     1.0,
                     settings,
                     ResnetResample::Up,
-                )?))
+                )?)))
             }
             (false, _, _) => Some(Upsampler::Conv(Upsample2D::new(&sampler_path, out_channels, settings.init)?)),
         };
@@ -804,9 +835,7 @@ impl UpBlock {
     /// Appends the residual blocks' time projections in the order they run.
     pub fn time_projections<'a>(&'a self, out: &mut Vec<&'a Linear>) {
         out.extend(self.resnets.iter().map(ResnetBlock2D::time_projection));
-        if let Some(Upsampler::Resnet(resnet)) = &self.upsampler {
-            out.push(resnet.time_projection());
-        }
+        out.extend(self.upsampler.as_ref().and_then(Upsampler::time_projection));
     }
 
     /// Consumes one skip state per residual block from the end of `skips`.
@@ -836,12 +865,7 @@ impl UpBlock {
             }
         }
         if let Some(upsampler) = &self.upsampler {
-            let output = match upsampler {
-                Upsampler::Conv(conv) => conv.forward(&hidden)?,
-                Upsampler::Resnet(resnet) => resnet.forward(&hidden, temb, train, tape.as_deref_mut())?,
-            };
-            record(&mut tape, &hidden);
-            hidden = output;
+            hidden = upsampler.forward(&hidden, temb, train, tape)?;
         }
         Ok(hidden)
     }
@@ -857,11 +881,7 @@ impl UpBlock {
     ) -> Result<Tensor> {
         let mut grad = grad.shallow_clone();
         if let Some(upsampler) = &self.upsampler {
-            let input = tape.pop()?;
-            grad = match upsampler {
-                Upsampler::Conv(conv) => conv.backward(&input, &grad)?,
-                Upsampler::Resnet(resnet) => resnet.backward(&input, &grad, tape, temb_grads)?,
-            };
+            grad = upsampler.backward(&grad, tape, temb_grads)?;
         }
         for (layer, resnet) in self.resnets.iter().enumerate().rev() {
             if let Some(attention) = self.attentions.get(layer) {
