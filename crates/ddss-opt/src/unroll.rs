@@ -452,45 +452,30 @@ pub fn backward<D: Denoiser + ?Sized>(
                 vjp_scalar(&next, &grad_next).backward();
                 // Every use of x0_hat_i is now accounted for: push its cotangent through the network.
                 let grad_x0 = x0_leaves[i].grad();
-                let x_in = match (stored[i].take(), outputs.get_mut(i).and_then(Option::take)) {
-                    (Some(Kept::Graph { x_leaf, x0_hat }), _) => {
+                let kept_output = outputs.get_mut(i).and_then(Option::take);
+                let x_in = match stored[i].take() {
+                    Some(Kept::Graph { x_leaf, x0_hat }) => {
                         if grad_x0.defined() {
                             vjp_scalar(&x0_hat, &grad_x0).backward();
                         }
                         x_leaf
                     }
-                    (Some(Kept::Tape { output, tape }), _) => backward_with_vjp(
-                        sampler,
-                        model,
-                        &leaves,
-                        i,
-                        &states[i],
-                        &output,
-                        &grad_x0,
-                        kind,
-                        |_, _, g| Ok(model.backward_taped(tape, g)?),
-                    )?,
-                    (None, Some(output)) => backward_with_vjp(
-                        sampler,
-                        model,
-                        &leaves,
-                        i,
-                        &states[i],
-                        &output,
-                        &grad_x0,
-                        kind,
-                        |x, t, g| Ok(model.vjp(x, t, g)?),
-                    )?,
-                    (None, None) => {
-                        // The budget strategies recompute on the network's tape when it records one
-                        // (a fraction of autograd's memory), the others under autograd.
-                        let taped = if taped_recompute && grad_x0.defined() {
-                            taped_call(sampler, model, &leaves, i, &states[i], kind)?
-                        } else {
-                            None
+                    kept => {
+                        // The call's output and the network's own backward step for it: its tape
+                        // (kept, or recomputed by the budget strategies: a fraction of autograd's
+                        // memory), else its `vjp` (a network with its own); `None`: recompute the
+                        // call under autograd.
+                        let swept = match (kept, kept_output) {
+                            (Some(Kept::Tape { output, tape }), _) => Some((output, Some(tape))),
+                            (_, Some(output)) => Some((output, None)),
+                            _ if taped_recompute && grad_x0.defined() => {
+                                taped_call(sampler, model, &leaves, i, &states[i], kind)?
+                                    .map(|(_, output, tape)| (output, Some(tape)))
+                            }
+                            _ => None,
                         };
-                        match taped {
-                            Some((_, output, tape)) => backward_with_vjp(
+                        match swept {
+                            Some((output, tape)) => backward_with_vjp(
                                 sampler,
                                 model,
                                 &leaves,
@@ -499,7 +484,10 @@ pub fn backward<D: Denoiser + ?Sized>(
                                 &output,
                                 &grad_x0,
                                 kind,
-                                |_, _, g| Ok(model.backward_taped(tape, g)?),
+                                |x, t, g| match tape {
+                                    Some(tape) => Ok(model.backward_taped(tape, g)?),
+                                    None => Ok(model.vjp(x, t, g)?),
+                                },
                             )?,
                             None => {
                                 let x_in = states[i].detach().set_requires_grad(true);
