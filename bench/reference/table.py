@@ -202,22 +202,17 @@ def build(rows, title=None, step_goal=2.0, sample_goal=1.5):
                     row += f" {fmt(al[0], 0)} | {fmt(al[1], 0)} | {ratio(al[0], al[1])} |"
                 out.append(row)
         out.append("")
-        check = graphs_check(index, step_keys)
-        if check:
-            loss_diff, grad_diff, n = check
-            line = f"CUDA graphs / feature chunks vs eager (ours): largest relative difference of the loss {loss_diff:.1e}"
-            if grad_diff is not None:
-                line += f", of the gradient norms {grad_diff:.1e}"
-            out.append(line + f" over {n} settings.")
-            out.append("")
-        check = tapes_check(index, step_keys)
-        if check:
-            loss_diff, grad_diff, n = check
-            line = f"Calls on tapes (budget remat) vs autograd per call (ours): largest relative difference of the loss {loss_diff:.1e}"
-            if grad_diff is not None:
-                line += f", of the gradient norms {grad_diff:.1e}"
-            out.append(line + f" over {n} runs.")
-            out.append("")
+        for what, check, unit in (
+            ("CUDA graphs / feature chunks vs eager (ours)", graphs_check(index, step_keys), "settings"),
+            ("Calls on tapes (budget remat) vs autograd per call (ours)", tapes_check(index, step_keys), "runs"),
+        ):
+            if check:
+                loss_diff, grad_diff, n = check
+                line = f"{what}: largest relative difference of the loss {loss_diff:.1e}"
+                if grad_diff is not None:
+                    line += f", of the gradient norms {grad_diff:.1e}"
+                out.append(line + f" over {n} {unit}.")
+                out.append("")
         against_reference = largest_differences((index[k].get("ours"), index[k].get("reference")) for k in step_keys)
         if any(r.get("random_weights") for r in rows):
             out.append("Loss values are not compared: each side draws its own random weights.")
