@@ -15,6 +15,15 @@ mod ffi {
 
     extern "C" {
         fn ddss_autograd_free_error(message: *mut c_char);
+        fn ddss_group_norm_input_grad(
+            grad_out: *mut C_tensor,
+            input: *mut C_tensor,
+            mean: *mut C_tensor,
+            rstd: *mut C_tensor,
+            weight: *mut C_tensor,
+            groups: i64,
+            result: *mut *mut C_tensor,
+        ) -> *mut c_char;
         fn ddss_autograd_grad(
             outputs: *const *mut C_tensor,
             grads: *const *mut C_tensor,
@@ -47,17 +56,72 @@ mod ffi {
                 results.as_mut_ptr(),
             )
         };
-        if !message.is_null() {
-            // SAFETY: a non-null return is a NUL-terminated string allocated by the shim, freed once.
-            let text = unsafe {
-                let text = CStr::from_ptr(message).to_string_lossy().into_owned();
-                ddss_autograd_free_error(message);
-                text
-            };
-            return Err(crate::Error::invalid("autograd", text));
-        }
+        check(message)?;
         // SAFETY: see above; each result is a fresh heap-allocated at::Tensor.
         Ok(results.into_iter().map(|r| unsafe { tch::Tensor::from_ptr(r) }).collect())
+    }
+
+    fn check(message: *mut c_char) -> crate::Result<()> {
+        if message.is_null() {
+            return Ok(());
+        }
+        // SAFETY: a non-null return is a NUL-terminated string allocated by the shim, freed once.
+        let text = unsafe {
+            let text = CStr::from_ptr(message).to_string_lossy().into_owned();
+            ddss_autograd_free_error(message);
+            text
+        };
+        Err(crate::Error::invalid("autograd", text))
+    }
+
+    pub fn group_norm_input_grad(
+        grad_out: &tch::Tensor,
+        input: &tch::Tensor,
+        mean: &tch::Tensor,
+        rstd: &tch::Tensor,
+        weight: &tch::Tensor,
+        groups: i64,
+    ) -> crate::Result<tch::Tensor> {
+        let handle = |t: &tch::Tensor| t.as_ptr() as *mut C_tensor;
+        let mut result = std::ptr::null_mut();
+        // SAFETY: the handles point to live at::Tensors borrowed for the call; on success the shim
+        // writes one newly allocated at::Tensor, owned from here on by a tch::Tensor.
+        check(unsafe {
+            ddss_group_norm_input_grad(
+                handle(grad_out),
+                handle(input),
+                handle(mean),
+                handle(rstd),
+                handle(weight),
+                groups,
+                &mut result,
+            )
+        })?;
+        // SAFETY: see above.
+        Ok(unsafe { tch::Tensor::from_ptr(result) })
+    }
+}
+
+/// The input gradient of a GroupNorm with `groups` groups and affine `weight` from the gradient
+/// `grad_out` of its output, its `input`, and the per-group `mean` and `rstd` of its forward pass
+/// (`native_group_norm`'s second and third outputs): PyTorch's own GroupNorm backward kernel.
+/// `None` in a build without the shim.
+pub fn group_norm_input_grad(
+    grad_out: &Tensor,
+    input: &Tensor,
+    mean: &Tensor,
+    rstd: &Tensor,
+    weight: &Tensor,
+    groups: i64,
+) -> Result<Option<Tensor>> {
+    #[cfg(ddss_autograd_shim)]
+    {
+        ffi::group_norm_input_grad(grad_out, input, mean, rstd, weight, groups).map(Some)
+    }
+    #[cfg(not(ddss_autograd_shim))]
+    {
+        let _ = (grad_out, input, mean, rstd, weight, groups);
+        Ok(None)
     }
 }
 

@@ -40,7 +40,7 @@ use crate::{Denoiser, Error, PredictionType, Result};
 use blocks::{
     pop_skip_grad, DownBlock, MidBlock, ResnetSettings, TimeProjection, TimeProjections, TimestepEmbedding, UpBlock,
 };
-use config::{Architecture, TimeEmbeddingKind};
+use config::{Activation, Architecture, TimeEmbeddingKind};
 use layers::{Conv2d, GroupNorm, Linear, ParamInit};
 use std::path::Path;
 use tape::{local_vjp1, record, spatial, Tape};
@@ -161,8 +161,9 @@ impl UNet2DNetwork {
             hidden = block.forward(&hidden, &mut skips, &mut temb, train, tape.as_deref_mut())?;
         }
         temb.finish()?;
+        let normed = self.conv_norm_out.forward_taped(&hidden, &mut tape)?;
         record(&mut tape, &hidden);
-        let hidden = self.conv_norm_out.forward(&hidden)?.f_silu()?;
+        let hidden = normed.f_silu()?;
         let output = self.conv_out.forward(&hidden)?;
         match self.arch.time_embedding {
             // Score-SDE convention kept by diffusers: the output is divided by the noise level.
@@ -197,7 +198,7 @@ impl UNet2DNetwork {
         };
         let normed = tape.pop()?;
         let grad = self.conv_out.input_grad(&grad, spatial(&normed))?;
-        let mut grad = local_vjp1(&normed, &grad, |h| Ok(self.conv_norm_out.forward(h)?.f_silu()?))?;
+        let mut grad = self.conv_norm_out.act_input_grad(Activation::Silu, &normed, &grad, tape)?;
         drop(normed);
         let mut skip_grads = Vec::new();
         let mut temb_grads = Vec::new();

@@ -243,7 +243,7 @@ impl ResnetBlock2D {
         train: bool,
         mut tape: Option<&mut Tape>,
     ) -> Result<Tensor> {
-        let hidden = self.activation.apply(&self.norm1.forward(input)?)?;
+        let hidden = self.activation.apply(&self.norm1.forward_taped(input, &mut tape)?)?;
         let (input, hidden) = match self.resample {
             ResnetResample::None => (input.shallow_clone(), hidden),
             ResnetResample::Down => (avg_pool_2x2(input)?, avg_pool_2x2(&hidden)?),
@@ -254,8 +254,9 @@ impl ResnetBlock2D {
         let hidden = match self.time_conditioning {
             TimeConditioning::Add => {
                 let hidden = hidden.f_add(&temb)?;
+                let normed = self.norm2.forward_taped(&hidden, &mut tape)?;
                 record(&mut tape, &hidden);
-                self.norm2.forward(&hidden)?
+                normed
             }
             TimeConditioning::ScaleShift => {
                 record(&mut tape, &hidden);
@@ -295,7 +296,7 @@ impl ResnetBlock2D {
             TimeConditioning::Add => {
                 let hidden = tape.pop()?;
                 let grad_act = self.conv2.input_grad(&grad, spatial(&hidden))?;
-                let grad_hidden = local_vjp1(&hidden, &grad_act, |h| self.activation.apply(&self.norm2.forward(h)?))?;
+                let grad_hidden = self.norm2.act_input_grad(self.activation, &hidden, &grad_act, tape)?;
                 let grad_temb = grad_hidden.f_sum_dim_intlist([2i64, 3].as_slice(), false, grad_hidden.kind())?;
                 (grad_hidden, grad_temb)
             }
@@ -319,7 +320,7 @@ impl ResnetBlock2D {
             ResnetResample::Up => (height * 2, width * 2),
         };
         let grad_activated = self.resample_grad(input, &self.conv1.input_grad(&grad_conv1_out, resampled)?)?;
-        let grad_input = local_vjp1(input, &grad_activated, |x| self.activation.apply(&self.norm1.forward(x)?))?;
+        let grad_input = self.norm1.act_input_grad(self.activation, input, &grad_activated, tape)?;
         let grad_shortcut = match &self.conv_shortcut {
             Some(conv) => conv.input_grad(&grad, resampled)?,
             None => grad,

@@ -3,6 +3,7 @@
 //! ops, so a bad input is an error and never a panic.
 
 use super::config::Activation;
+use super::tape::{local_vjp1, Tape};
 use crate::{Error, Result};
 use tch::nn::{Init, Path};
 use tch::Tensor;
@@ -179,9 +180,63 @@ impl GroupNorm {
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         Ok(xs.f_group_norm(self.num_groups, Some(&self.weight), Some(&self.bias), self.eps, true)?)
     }
+
+    /// [`Self::forward`] with a tape: records the per-group mean and reciprocal standard deviation
+    /// (`[N, groups]` each) that [`Self::act_input_grad`] needs besides the input.
+    pub fn forward_taped(&self, xs: &Tensor, tape: &mut Option<&mut Tape>) -> Result<Tensor> {
+        let Some(tape) = tape else {
+            return self.forward(xs);
+        };
+        let size = xs.size();
+        let (n, c) = (size[0], size[1]);
+        let hxw = size[2..].iter().product();
+        let (output, mean, rstd) =
+            xs.f_native_group_norm(Some(&self.weight), Some(&self.bias), n, c, hxw, self.num_groups, self.eps)?;
+        tape.push(&mean);
+        tape.push(&rstd);
+        Ok(output)
+    }
+
+    /// The gradient with respect to the input `xs` of `act(norm(xs))` from the gradient `grad` of
+    /// its output, with the statistics [`Self::forward_taped`] recorded next on `tape`: the
+    /// normalised input is recomputed in one pass from them, then the activation's and the norm's
+    /// own backward kernels run.
+    pub fn act_input_grad(&self, act: Activation, xs: &Tensor, grad: &Tensor, tape: &mut Tape) -> Result<Tensor> {
+        let rstd = tape.pop()?;
+        let mean = tape.pop()?;
+        let size = xs.size();
+        let (n, c) = (size[0], size[1]);
+        let groups = self.num_groups;
+        // y = xs * scale + shift with per-(sample, channel) scale = rstd * weight and
+        // shift = bias - mean * rstd * weight.
+        let per_channel = |t: &Tensor| -> Result<Tensor> {
+            Ok(t.f_view([n, groups, 1])?
+                .f_mul(&self.weight.f_view([1, groups, c / groups])?)?
+                .f_reshape([n, c, 1, 1])?)
+        };
+        let scale = per_channel(&rstd)?;
+        let shift = self.bias.f_view([1, c, 1, 1])?.f_sub(&per_channel(&mean.f_mul(&rstd)?)?)?;
+        let normed = shift.f_addcmul(xs, &scale)?;
+        let grad_normed = act.input_grad(grad, &normed)?;
+        drop(normed);
+        match crate::autograd::group_norm_input_grad(&grad_normed, xs, &mean, &rstd, &self.weight, groups)? {
+            Some(grad) => Ok(grad),
+            None => local_vjp1(xs, &grad_normed, |x| self.forward(x)),
+        }
+    }
 }
 
 impl Activation {
+    /// The gradient with respect to the activation's input `xs` from the gradient of its output.
+    pub fn input_grad(self, grad: &Tensor, xs: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Activation::Silu => xs.f_silu_backward(grad)?,
+            Activation::Mish => xs.f_mish_backward(grad)?,
+            Activation::Gelu => xs.f_gelu_backward(grad, "none")?,
+            Activation::Relu => xs.f_threshold_backward(grad, 0.0)?,
+        })
+    }
+
     /// Applies the activation.
     pub fn apply(self, xs: &Tensor) -> Result<Tensor> {
         Ok(match self {
