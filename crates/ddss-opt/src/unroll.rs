@@ -20,7 +20,7 @@
 //! ([`Denoiser::forward_taped`]; the UNet does) runs it without autograd and keeps its tape, about
 //! a quarter of the memory of autograd's graph of the call (the cifar10 UNet at batch 4: 53 MiB
 //! against 178 MiB), and the sweep hands the output's cotangent to [`Denoiser::backward_taped`],
-//! which recomputes the norms and activations but no convolution. Their recomputed calls go
+//! which redoes the norms and activations but no convolution. Their recomputed calls go
 //! through a tape too, so the memory a recomputed call needs at the peak shrinks the same way.
 //! Other networks keep autograd's graph. [`Remat::PerCall`] recomputes under autograd: on the CPU
 //! that is the faster way to recompute a call (the tape's backward pass redoes the norms).

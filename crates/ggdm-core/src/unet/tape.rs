@@ -5,12 +5,13 @@
 //! activation's input and the convolution's input. With frozen weights most of that is never
 //! read: a convolution's input gradient needs only its weight. A forward pass run without autograd
 //! can instead record on a [`Tape`] just each residual block's input and the input of its second
-//! norm; the backward pass walks the blocks in reverse, takes convolution input gradients as
-//! transposed convolutions, and recomputes the cheap, memory-bound norm -> activation pairs (and
-//! the small attention blocks and time embedding) under autograd from what was recorded. A call
-//! then keeps about a quarter of the activations autograd would, at the price of recomputing the
-//! elementwise work, so many more calls fit in the same memory without recomputing their
-//! convolutions.
+//! norm, plus every norm's per-group statistics (`[N, groups]`); the backward pass walks the blocks
+//! in reverse, takes convolution input gradients as transposed convolutions, renormalises each
+//! norm's input in one pass from its statistics and runs the activation's and the norm's own
+//! backward kernels, and recomputes the small attention blocks and the time embedding under
+//! autograd. A call then keeps about a quarter of the activations autograd would, at the price of
+//! redoing the elementwise work, so many more calls fit in the same memory without recomputing
+//! their convolutions.
 //!
 //! Convention: a block records its own intermediate tensors while it runs, and its caller records
 //! the block's input right after it ran (a shallow copy: no memory beyond keeping it alive). The
