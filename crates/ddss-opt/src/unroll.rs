@@ -491,8 +491,8 @@ pub fn backward<D: Denoiser + ?Sized>(
                             )?,
                             None => {
                                 let x_in = states[i].detach().set_requires_grad(true);
-                                let x0_hat = sampler.predict_x0(model, &leaves, i, &x_in, kind)?;
                                 if grad_x0.defined() {
+                                    let x0_hat = sampler.predict_x0(model, &leaves, i, &x_in, kind)?;
                                     vjp_scalar(&x0_hat, &grad_x0).backward();
                                 }
                                 x_in

@@ -154,3 +154,20 @@ pub fn grad(outputs: &[&Tensor], grads: &[&Tensor], inputs: &[&Tensor]) -> Resul
         Ok(Tensor::f_run_backward(&[scalar], inputs, false, false)?)
     }
 }
+
+/// The gradients of `sum(f(inputs) * cotangent)` with respect to each of `inputs`, running `f` under
+/// autograd on detached copies of them (zeros for an input `f` does not use): a vector-Jacobian
+/// product of `f` at `inputs`, whatever the caller's grad mode.
+pub fn vjp(inputs: &[&Tensor], cotangent: &Tensor, f: impl FnOnce(&[Tensor]) -> Result<Tensor>) -> Result<Vec<Tensor>> {
+    tch::with_grad(|| {
+        let leaves =
+            inputs.iter().map(|t| Ok(t.f_detach()?.set_requires_grad(true))).collect::<Result<Vec<Tensor>>>()?;
+        let output = f(&leaves)?;
+        let grads = grad(&[&output], &[cotangent], &leaves.iter().collect::<Vec<_>>())?;
+        grads
+            .into_iter()
+            .zip(&leaves)
+            .map(|(g, leaf)| if g.defined() { Ok(g) } else { Ok(leaf.f_zeros_like()?) })
+            .collect()
+    })
+}

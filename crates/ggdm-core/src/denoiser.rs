@@ -84,18 +84,11 @@ pub fn eager_vjp<D: Denoiser + ?Sized>(
     tau: &Tensor,
     grad_out: &Tensor,
 ) -> Result<(Tensor, Tensor)> {
-    let x = x.f_detach()?.set_requires_grad(true);
-    let tau = tau.f_detach()?.set_requires_grad(true);
-    let out = model.forward(&x, &tau)?;
-    let scalar = out.f_mul(&grad_out.f_detach()?)?.f_sum(out.kind())?;
-    let grads = Tensor::f_run_backward(&[scalar], &[&x, &tau], false, false)?;
-    let mut grads = grads.into_iter();
+    // An input the network ignores gets zeros.
+    let mut grads =
+        crate::autograd::vjp(&[x, tau], grad_out, |leaves| model.forward(&leaves[0], &leaves[1]))?.into_iter();
     match (grads.next(), grads.next()) {
-        // An input the network ignores gets an undefined gradient: make it zeros.
-        (Some(gx), Some(gtau)) => Ok((
-            if gx.defined() { gx } else { x.f_zeros_like()? },
-            if gtau.defined() { gtau } else { tau.f_zeros_like()? },
-        )),
+        (Some(gx), Some(gtau)) => Ok((gx, gtau)),
         _ => Err(crate::Error::invalid("vjp", "autograd returned fewer gradients than inputs")),
     }
 }

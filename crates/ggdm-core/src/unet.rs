@@ -173,15 +173,8 @@ impl UNet2DNetwork {
     }
 
     /// `(dL/dsample, dL/dtau)` from `grad = dL/doutput` after a taped forward pass that returned
-    /// `output` on a sample of height and width `sample_hw`.
-    fn backward(
-        &self,
-        tape: &mut Tape,
-        tau: &Tensor,
-        output: &Tensor,
-        grad: &Tensor,
-        sample_hw: (i64, i64),
-    ) -> Result<(Tensor, Tensor)> {
+    /// `output` (of the sample's height and width).
+    fn backward(&self, tape: &mut Tape, tau: &Tensor, output: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor)> {
         let kind = output.kind();
         // The Fourier variant's output is `raw / tau`.
         let (grad, grad_tau_direct) = match self.arch.time_embedding {
@@ -218,7 +211,7 @@ impl UNet2DNetwork {
                 "skip-state gradients were left over (inconsistent network)",
             ));
         }
-        let grad_sample = self.conv_in.input_grad(&grad, sample_hw)?;
+        let grad_sample = self.conv_in.input_grad(&grad, spatial(output))?;
         let grad_sample = if self.arch.center_input_sample { grad_sample.f_mul_scalar(2.0)? } else { grad_sample };
         temb_grads.reverse();
         let grad_temb = Tensor::f_cat(&temb_grads, 1)?;
@@ -242,8 +235,8 @@ pub struct UNetTape {
     tape: Tape,
     /// `tau` as the network saw it (`[N]`, on the network's device).
     tau: Tensor,
+    /// The call's output; it has the sample's height and width.
     output: Tensor,
-    sample_hw: (i64, i64),
     x_kind: Kind,
     tau_size: Vec<i64>,
     tau_kind: Kind,
@@ -356,7 +349,6 @@ impl UNet2DModel {
                 tape,
                 tau: prepared_tau,
                 output: output.shallow_clone(),
-                sample_hw: spatial(&prepared_x),
                 x_kind: x.kind(),
                 tau_size: tau.size(),
                 tau_kind: tau.kind(),
@@ -370,7 +362,7 @@ impl UNet2DModel {
     /// shapes and kinds `x` and `tau` had: the gradients autograd would give through
     /// [`UNet2DModel::forward`] (no gradient of the weights is computed).
     pub fn backward_taped(&self, tape: UNetTape, grad_out: &Tensor) -> Result<(Tensor, Tensor)> {
-        let UNetTape { mut tape, tau, output, sample_hw, x_kind, tau_size, tau_kind, tau_device } = tape;
+        let UNetTape { mut tape, tau, output, x_kind, tau_size, tau_kind, tau_device } = tape;
         if grad_out.size() != output.size() {
             return Err(Error::Shape {
                 what: "UNet2DModel output gradient".into(),
@@ -380,7 +372,7 @@ impl UNet2DModel {
         }
         tch::no_grad(|| {
             let grad = grad_out.f_to_device(output.device())?.f_to_kind(output.kind())?;
-            let (grad_x, grad_tau) = self.network.backward(&mut tape, &tau, &output, &grad, sample_hw)?;
+            let (grad_x, grad_tau) = self.network.backward(&mut tape, &tau, &output, &grad)?;
             tape.finish()?;
             let grad_x = grad_x.f_to_kind(x_kind)?;
             // `tau` was broadcast to one value per sample: sum back to the shape it came in.

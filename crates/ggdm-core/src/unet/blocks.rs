@@ -8,7 +8,7 @@
 
 use super::config::{Activation, Architecture, LevelKind, ResampleKind, TimeConditioning, TimeEmbeddingKind};
 use super::layers::{Conv2d, GroupNorm, Linear, ParamInit};
-use super::tape::{local_vjp, local_vjp1, record, spatial, Tape};
+use super::tape::{local_vjp1, record, spatial, Tape};
 use crate::{Error, Result};
 use tch::nn::Path;
 use tch::Tensor;
@@ -304,7 +304,7 @@ impl ResnetBlock2D {
                 let temb = tape.pop()?;
                 let hidden = tape.pop()?;
                 let grad_act = self.conv2.input_grad(&grad, spatial(&hidden))?;
-                let mut grads = local_vjp(&[&hidden, &temb], &grad_act, |leaves| {
+                let mut grads = crate::autograd::vjp(&[&hidden, &temb], &grad_act, |leaves| {
                     self.activation.apply(&self.scale_shift(&leaves[0], &leaves[1])?)
                 })?;
                 let grad_temb = grads.pop().ok_or_else(|| Error::invalid("UNet backward pass", "no gradient"))?;
@@ -356,8 +356,7 @@ fn avg_pool_2x2(xs: &Tensor) -> Result<Tensor> {
 }
 
 fn nearest_2x(xs: &Tensor) -> Result<Tensor> {
-    let size = xs.size();
-    let (height, width) = (size[size.len() - 2], size[size.len() - 1]);
+    let (height, width) = spatial(xs);
     Ok(xs.f_upsample_nearest2d([2 * height, 2 * width], 2.0, 2.0)?)
 }
 

@@ -58,29 +58,10 @@ pub(crate) fn record(tape: &mut Option<&mut Tape>, t: &Tensor) {
     }
 }
 
-/// The gradients of `sum(f(inputs) * grad)` with respect to each of `inputs`, by re-running `f` under
-/// autograd on detached copies (zeros for an input `f` does not use).
-pub(crate) fn local_vjp(
-    inputs: &[&Tensor],
-    grad: &Tensor,
-    f: impl FnOnce(&[Tensor]) -> Result<Tensor>,
-) -> Result<Vec<Tensor>> {
-    tch::with_grad(|| {
-        let leaves =
-            inputs.iter().map(|t| Ok(t.f_detach()?.set_requires_grad(true))).collect::<Result<Vec<Tensor>>>()?;
-        let output = f(&leaves)?;
-        let grads = crate::autograd::grad(&[&output], &[grad], &leaves.iter().collect::<Vec<_>>())?;
-        grads
-            .into_iter()
-            .zip(&leaves)
-            .map(|(g, leaf)| if g.defined() { Ok(g) } else { Ok(leaf.f_zeros_like()?) })
-            .collect()
-    })
-}
-
-/// [`local_vjp`] of a function of one input.
+/// [`crate::autograd::vjp`] of a function of one input: the backward pass of a block recomputed
+/// under autograd from its input.
 pub(crate) fn local_vjp1(input: &Tensor, grad: &Tensor, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
-    local_vjp(&[input], grad, |leaves| f(&leaves[0]))?
+    crate::autograd::vjp(&[input], grad, |leaves| f(&leaves[0]))?
         .pop()
         .ok_or_else(|| Error::invalid("UNet backward pass", "autograd returned no gradient"))
 }
