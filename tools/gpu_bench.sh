@@ -25,6 +25,9 @@
 # table.md ends with the headline comparisons (bench/reference/table.py): every K = 10 step against
 # the reference's f32 per-call checkpoint (goal: 2x the throughput at no more than its peak
 # memory), sampling against its f32 loop (goal: 1.5x), and the memory growth from K = 5 to 20.
+# Shorter runs (about 2 minutes each): PART=goal runs only the baselines and the cells that meet the
+# step goal, twice each, with the reference measured twice; PART=tapes only the baselines, the calls
+# kept on tapes within the reference's peak and budget:5 (after a change to the tapes).
 # Each part has its own timeout, and the whole stays under TOTAL_SECONDS (default 470, under
 # 8 minutes; give the device call a 600 s limit); what the time budget cuts is logged as skipped.
 #
@@ -201,60 +204,83 @@ within_reference_peak() { # PRECISION [FLAGS...]
 # Most important first (the time budget may cut the tail). The first run also pays for cold caches
 # (libraries, CUDA context, cuDNN): a longer limit.
 NOISE="$SCRATCH/noise-k10.safetensors"
+
+# The cells that met the step goal on an H200 (bf16, and f32 when the reference runs slowly):
+# per-call remat with CUDA graphs and feature chunks of 16.
+goal_cells() {
+    ours 40 step 10 per_call bf16 --cuda-graphs --feature-chunk 16
+    ours 40 step 10 per_call f32 --cuda-graphs --feature-chunk 16
+}
+
 # 1. The step goal: K = 10, batch 64, against the reference's per-call checkpoint (same weights and
 #    noise for ours eager, with CUDA graphs and with feature chunks, so their losses are compared).
-#    The calls kept on tapes within the reference's peak come right after the two baselines: they
-#    are the likeliest to meet the goal.
 ours 75 step 10 per_call f32 --save-noise "$NOISE"
 reference 60 step 10 per_call f32 --noise "$NOISE"
-within_reference_peak bf16
-within_reference_peak f32
-ours 40 step 10 per_call f32 --cuda-graphs
-ours 40 step 10 per_call f32 --cuda-graphs --feature-chunk 16
-ours 40 step 10 per_call bf16
-ours 40 step 10 per_call bf16 --cuda-graphs
-ours 40 step 10 per_call bf16 --cuda-graphs --feature-chunk 16
-ours 40 step 10 per_call bf16 --cuda-graphs --feature-chunk 16 --channels-last --cudnn-benchmark
-reference 40 step 10 per_call bf16 --noise "$NOISE"
-within_reference_peak bf16 --channels-last --cudnn-benchmark
-reference 40 step 10 per_call f32 --cudnn-benchmark --noise "$NOISE"
-# 2. The sampling goal: against the reference's f32 loop.
-ours 40 sample 10 - f32
-ours 40 sample 10 - f32 --cuda-graphs
-reference 40 sample 10 - f32
-ours 40 sample 10 - bf16
-ours 40 sample 10 - bf16 --cuda-graphs
-ours 40 sample 10 - bf16 --cuda-graphs --channels-last --cudnn-benchmark
-# 3. Memory growth of the per-call step from K = 5 to K = 20, eager and with bf16 CUDA graphs.
-for k in 5 20; do
-    ours 60 step "$k" per_call f32 --save-noise "$SCRATCH/noise-k$k.safetensors"
-    reference 60 step "$k" per_call f32 --noise "$SCRATCH/noise-k$k.safetensors"
-    ours 40 step "$k" per_call bf16 --cuda-graphs
-done
-# 4. The rest: naive autograd, features, a fixed budget and half the free memory as the budget,
-#    then the church-256 architecture.
-ours 45 step 10 naive f32
-reference 45 step 10 naive f32
-run 40 "features B=$TBATCH: ours" "$BIN" --quiet bench-unroll --what features --steps 10 --batch "$TBATCH" "${COMMON[@]}"
-run 40 "features B=$TBATCH: reference" "$PY" "$REF" --what features --steps 10 --batch "$TBATCH" "${COMMON[@]}"
-ours 30 step 10 budget:5 f32
-ours 40 step 10 free:50 f32
+case "${PART:-all}" in
+goal)
+    # The goal cells, the reference again (its times vary from run to run), the goal cells again.
+    goal_cells
+    reference 60 step 10 per_call f32 --noise "$NOISE"
+    goal_cells
+    ;;
+tapes)
+    # The calls kept on tapes within the reference's peak, the fixed budget (its recomputed calls
+    # run on tapes too) and a goal cell for comparison.
+    within_reference_peak bf16
+    within_reference_peak f32
+    ours 40 step 10 budget:5 f32
+    ours 40 step 10 per_call bf16 --cuda-graphs --feature-chunk 16
+    ;;
+*)
+    goal_cells
+    ours 40 step 10 per_call f32 --cuda-graphs
+    ours 40 step 10 per_call bf16
+    ours 40 step 10 per_call bf16 --cuda-graphs
+    within_reference_peak bf16
+    within_reference_peak f32
+    ours 40 step 10 per_call bf16 --cuda-graphs --feature-chunk 16 --channels-last --cudnn-benchmark
+    reference 40 step 10 per_call bf16 --noise "$NOISE"
+    within_reference_peak bf16 --channels-last --cudnn-benchmark
+    reference 60 step 10 per_call f32 --cudnn-benchmark --noise "$NOISE"
+    # 2. The sampling goal: against the reference's f32 loop.
+    ours 40 sample 10 - f32
+    ours 40 sample 10 - f32 --cuda-graphs
+    reference 40 sample 10 - f32
+    ours 40 sample 10 - bf16
+    ours 40 sample 10 - bf16 --cuda-graphs
+    ours 40 sample 10 - bf16 --cuda-graphs --channels-last --cudnn-benchmark
+    # 3. Memory growth of the per-call step from K = 5 to K = 20, eager and with bf16 CUDA graphs.
+    for k in 5 20; do
+        ours 60 step "$k" per_call f32 --save-noise "$SCRATCH/noise-k$k.safetensors"
+        reference 60 step "$k" per_call f32 --noise "$SCRATCH/noise-k$k.safetensors"
+        ours 40 step "$k" per_call bf16 --cuda-graphs
+    done
+    # 4. The rest: naive autograd, features, a fixed budget and half the free memory as the budget,
+    #    then the church-256 architecture.
+    ours 45 step 10 naive f32
+    reference 45 step 10 naive f32
+    run 40 "features B=$TBATCH: ours" "$BIN" --quiet bench-unroll --what features --steps 10 --batch "$TBATCH" "${COMMON[@]}"
+    run 40 "features B=$TBATCH: reference" "$PY" "$REF" --what features --steps 10 --batch "$TBATCH" "${COMMON[@]}"
+    ours 30 step 10 budget:5 f32
+    ours 40 step 10 free:50 f32
 
-# The google/ddpm-ema-church-256 architecture (113.7M parameters, 256x256), random weights:
-# K = 10 per-call step at batch 8 and sampling at batch 32, eager and with CUDA graphs, bf16 graphs.
-CHURCH="$ROOT/tests/fixtures/unet/ddpm-ema-church-256.config.json"
-CHURCH_COMMON=(--device "$DEVICE" --unet-config "$CHURCH" --features "$FEATURES" --warmup 1 --repeat 2)
-CB="${CHURCH_BATCH:-8}"
-CS="${CHURCH_SAMPLE_BATCH:-32}"
-run 60 "church step K=10 B=$CB per_call: ours" "$BIN" --quiet bench-unroll --what step --steps 10 --batch "$CB" \
-    --remat per_call "${CHURCH_COMMON[@]}"
-run 60 "church step K=10 B=$CB per_call: reference" "$PY" "$REF" --what step --steps 10 --batch "$CB" \
-    --remat per_call "${CHURCH_COMMON[@]}"
-run 60 "church step K=10 B=$CB per_call bf16: ours, CUDA graphs" "$BIN" --quiet bench-unroll --what step \
-    --steps 10 --batch "$CB" --remat per_call "${CHURCH_COMMON[@]}" --precision bf16 --cuda-graphs
-run 60 "church sample B=$CS: ours, CUDA graphs" "$BIN" --quiet bench-unroll --what sample --steps 10 --batch "$CS" \
-    "${CHURCH_COMMON[@]}" --cuda-graphs
-run 60 "church sample B=$CS: reference" "$PY" "$REF" --what sample --steps 10 --batch "$CS" "${CHURCH_COMMON[@]}"
+    # The google/ddpm-ema-church-256 architecture (113.7M parameters, 256x256), random weights:
+    # K = 10 per-call step at batch 8 and sampling at batch 32, eager and with CUDA graphs, bf16 graphs.
+    CHURCH="$ROOT/tests/fixtures/unet/ddpm-ema-church-256.config.json"
+    CHURCH_COMMON=(--device "$DEVICE" --unet-config "$CHURCH" --features "$FEATURES" --warmup 1 --repeat 2)
+    CB="${CHURCH_BATCH:-8}"
+    CS="${CHURCH_SAMPLE_BATCH:-32}"
+    run 60 "church step K=10 B=$CB per_call: ours" "$BIN" --quiet bench-unroll --what step --steps 10 --batch "$CB" \
+        --remat per_call "${CHURCH_COMMON[@]}"
+    run 60 "church step K=10 B=$CB per_call: reference" "$PY" "$REF" --what step --steps 10 --batch "$CB" \
+        --remat per_call "${CHURCH_COMMON[@]}"
+    run 60 "church step K=10 B=$CB per_call bf16: ours, CUDA graphs" "$BIN" --quiet bench-unroll --what step \
+        --steps 10 --batch "$CB" --remat per_call "${CHURCH_COMMON[@]}" --precision bf16 --cuda-graphs
+    run 60 "church sample B=$CS: ours, CUDA graphs" "$BIN" --quiet bench-unroll --what sample --steps 10 --batch "$CS" \
+        "${CHURCH_COMMON[@]}" --cuda-graphs
+    run 60 "church sample B=$CS: reference" "$PY" "$REF" --what sample --steps 10 --batch "$CS" "${CHURCH_COMMON[@]}"
+    ;;
+esac
 
 "$PY" "$ROOT/bench/reference/table.py" "$RESULTS" --title "$DEVICE: cifar10 architecture (random weights)" \
     --out "$OUT/table.md" 2>>"$LOG" | tee -a "$LOG"

@@ -63,7 +63,9 @@ fn replayed_calls_equal_eager_calls() -> Result<()> {
         let (want_gx, want_gtau) = eager_vjp(&eager, &x, &tau, &g)?;
         let (gx, gtau) = graphed.vjp(&x, &tau, &g)?;
         let (ex, etau) = (relative_error(&gx, &want_gx), relative_error(&gtau, &want_gtau));
-        assert!(ex < 1e-5 && etau < 1e-4, "round {round}: replayed VJP differs by {ex} (x), {etau} (tau)");
+        // cuDNN chooses the backward convolutions' algorithms per call and, with TF32 (PyTorch's
+        // default for cuDNN convolutions), two algorithms agree to about 1e-4 relative.
+        assert!(ex < 1e-4 && etau < 1e-4, "round {round}: replayed VJP differs by {ex} (x), {etau} (tau)");
     }
     // One forward graph and one VJP graph for this shape; a new batch size captures another.
     assert_eq!(graphed.captured_shapes(), 2);
@@ -122,4 +124,33 @@ fn allocator_counters_follow_a_tensor() {
     let dropped = available as f64 - with as f64;
     assert!((dropped - bytes as f64).abs() < 4.0 * f64::from(1 << 20), "{available} -> {with} for {bytes} bytes");
     drop(t);
+}
+
+/// A call kept on a tape (the budget rematerialisations' way of storing and recomputing calls) runs
+/// on the GPU, directly and through the graphed wrapper, and its gradients equal autograd's.
+#[test]
+fn taped_calls_equal_autograd_on_the_gpu() -> Result<()> {
+    if !tch::Cuda::is_available() {
+        eprintln!("no CUDA device: skipped");
+        return Ok(());
+    }
+    let _device = device_lock();
+    let device = Device::Cuda(0);
+    let eager = unet(device);
+    let graphed = GraphedDenoiser::new(Box::new(unet(device)))?;
+    let x = Tensor::randn([4, 3, 16, 16], (Kind::Float, device));
+    let tau = Tensor::from_slice(&[999.0f32, 500.0, 10.5, 0.0]).to_device(device);
+    let g = Tensor::randn([4, 3, 16, 16], (Kind::Float, device));
+    let want = tch::no_grad(|| eager.forward(&x, &tau))?;
+    let (want_gx, want_gtau) = eager_vjp(&eager, &x, &tau, &g)?;
+    for (name, model) in [("eager", &eager as &dyn Denoiser), ("graphed", &graphed as &dyn Denoiser)] {
+        let (out, tape) = model.forward_taped(&x, &tau)?.expect("the UNet records tapes");
+        let e = relative_error(&out, &want);
+        assert!(e < 1e-5, "{name}: taped forward differs by {e}");
+        let (gx, gtau) = model.backward_taped(tape, &g)?;
+        let (ex, etau) = (relative_error(&gx, &want_gx), relative_error(&gtau, &want_gtau));
+        // TF32 convolutions (PyTorch's default for cuDNN) with other algorithms: about 1e-4.
+        assert!(ex < 1e-4 && etau < 1e-4, "{name}: taped VJP differs by {ex} (x), {etau} (tau)");
+    }
+    Ok(())
 }

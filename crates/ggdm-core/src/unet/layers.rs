@@ -187,6 +187,9 @@ impl GroupNorm {
         let Some(tape) = tape else {
             return self.forward(xs);
         };
+        // The CUDA kernel takes only a contiguous input (the CPU one any memory format), as
+        // `group_norm` arranges before calling it.
+        let xs = if xs.device() == tch::Device::Cpu { xs.shallow_clone() } else { xs.f_contiguous()? };
         let size = xs.size();
         let (n, c) = (size[0], size[1]);
         let hxw = size[2..].iter().product();
