@@ -42,20 +42,33 @@ fn relative_error(a: &Tensor, b: &Tensor) -> f64 {
     (&a - &b).norm().double_value(&[]) / b.norm().double_value(&[]).max(1e-30)
 }
 
-#[test]
-fn replayed_calls_equal_eager_calls() -> Result<()> {
+/// The device lock, an eager network and a graphed copy with the same weights; `None` (the test is
+/// skipped) without a CUDA device.
+fn eager_and_graphed() -> Option<(std::sync::MutexGuard<'static, ()>, UNetDenoiser, GraphedDenoiser)> {
     if !tch::Cuda::is_available() {
         eprintln!("no CUDA device: skipped");
-        return Ok(());
+        return None;
     }
-    let _device = device_lock();
+    let lock = device_lock();
+    let graphed = GraphedDenoiser::new(Box::new(unet(Device::Cuda(0)))).expect("graphed network");
+    Some((lock, unet(Device::Cuda(0)), graphed))
+}
+
+/// A call's input, timesteps (shifted by `shift`) and output cotangent on the GPU.
+fn call_inputs(shift: f64) -> (Tensor, Tensor, Tensor) {
     let device = Device::Cuda(0);
-    let eager = unet(device);
-    let graphed = GraphedDenoiser::new(Box::new(unet(device)))?;
+    let x = Tensor::randn([4, 3, 16, 16], (Kind::Float, device));
+    let tau = Tensor::from_slice(&[999.0f32, 500.0, 10.5, 0.0]).to_device(device) + shift;
+    let g = Tensor::randn([4, 3, 16, 16], (Kind::Float, device));
+    (x, tau, g)
+}
+
+#[test]
+fn replayed_calls_equal_eager_calls() -> Result<()> {
+    let Some((_device, eager, graphed)) = eager_and_graphed() else { return Ok(()) };
+    let device = Device::Cuda(0);
     for round in 0..3 {
-        let x = Tensor::randn([4, 3, 16, 16], (Kind::Float, device));
-        let tau = Tensor::from_slice(&[999.0f32, 500.0, 10.5, 0.0]).to_device(device) + round as f64;
-        let g = Tensor::randn([4, 3, 16, 16], (Kind::Float, device));
+        let (x, tau, g) = call_inputs(f64::from(round));
         let want = tch::no_grad(|| eager.forward(&x, &tau))?;
         let got = tch::no_grad(|| graphed.forward(&x, &tau))?;
         let e = relative_error(&got, &want);
@@ -130,17 +143,8 @@ fn allocator_counters_follow_a_tensor() {
 /// on the GPU, directly and through the graphed wrapper, and its gradients equal autograd's.
 #[test]
 fn taped_calls_equal_autograd_on_the_gpu() -> Result<()> {
-    if !tch::Cuda::is_available() {
-        eprintln!("no CUDA device: skipped");
-        return Ok(());
-    }
-    let _device = device_lock();
-    let device = Device::Cuda(0);
-    let eager = unet(device);
-    let graphed = GraphedDenoiser::new(Box::new(unet(device)))?;
-    let x = Tensor::randn([4, 3, 16, 16], (Kind::Float, device));
-    let tau = Tensor::from_slice(&[999.0f32, 500.0, 10.5, 0.0]).to_device(device);
-    let g = Tensor::randn([4, 3, 16, 16], (Kind::Float, device));
+    let Some((_device, eager, graphed)) = eager_and_graphed() else { return Ok(()) };
+    let (x, tau, g) = call_inputs(0.0);
     let want = tch::no_grad(|| eager.forward(&x, &tau))?;
     let (want_gx, want_gtau) = eager_vjp(&eager, &x, &tau, &g)?;
     for (name, model) in [("eager", &eager as &dyn Denoiser), ("graphed", &graphed as &dyn Denoiser)] {
