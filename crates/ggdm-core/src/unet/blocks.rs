@@ -304,11 +304,12 @@ impl ResnetBlock2D {
                 let temb = tape.pop()?;
                 let hidden = tape.pop()?;
                 let grad_act = self.conv2.input_grad(&grad, spatial(&hidden))?;
-                let mut grads = crate::autograd::vjp(&[&hidden, &temb], &grad_act, |leaves| {
+                let grads = crate::autograd::vjp(&[&hidden, &temb], &grad_act, |leaves| {
                     self.activation.apply(&self.scale_shift(&leaves[0], &leaves[1])?)
                 })?;
-                let grad_temb = grads.pop().ok_or_else(|| Error::invalid("UNet backward pass", "no gradient"))?;
-                let grad_hidden = grads.pop().ok_or_else(|| Error::invalid("UNet backward pass", "no gradient"))?;
+                let [grad_hidden, grad_temb]: [Tensor; 2] = grads.try_into().map_err(|_| {
+                    Error::invalid("UNet backward pass", "autograd returned the wrong number of gradients")
+                })?;
                 (grad_hidden, grad_temb.f_flatten(1, -1)?)
             }
         };
@@ -688,11 +689,15 @@ impl DownBlock {
     }
 }
 
-/// The gradient of the most recent skip state not yet accounted for.
+/// The most recent skip state (forward pass) or skip-state gradient (backward pass) not yet used;
+/// `what` names the pass in the error of an inconsistent network.
+pub(crate) fn pop_skip(skips: &mut Vec<Tensor>, what: &str) -> Result<Tensor> {
+    skips.pop().ok_or_else(|| Error::invalid(what, "ran out of skip connections (inconsistent network)"))
+}
+
+/// [`pop_skip`] in the backward pass.
 pub(crate) fn pop_skip_grad(skip_grads: &mut Vec<Tensor>) -> Result<Tensor> {
-    skip_grads
-        .pop()
-        .ok_or_else(|| Error::invalid("UNet backward pass", "ran out of skip-state gradients (inconsistent network)"))
+    pop_skip(skip_grads, "UNet backward pass")
 }
 
 /// diffusers' `UNetMidBlock2D`: residual block, then (attention, residual block) per layer.
@@ -849,9 +854,7 @@ impl UpBlock {
     ) -> Result<Tensor> {
         let mut hidden = input.shallow_clone();
         for (layer, resnet) in self.resnets.iter().enumerate() {
-            let skip = skips
-                .pop()
-                .ok_or_else(|| Error::invalid("up block", "ran out of skip connections (inconsistent network)"))?;
+            let skip = pop_skip(skips, "up block")?;
             let joined = Tensor::f_cat(&[&hidden, &skip], 1)?;
             let output = resnet.forward(&joined, temb, train, tape.as_deref_mut())?;
             // The two halves, not the concatenation: they are kept alive anyway.
