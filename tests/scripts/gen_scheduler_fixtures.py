@@ -13,6 +13,11 @@ Needs diffusers==0.42.1 and torch==2.11.0. Writes, deterministically:
                                   (T, K, spacing, steps_offset).
 * tests/fixtures/loops.json       full DDIM (eta 0 and 1) and DDPM loops of deterministic models,
                                   with every noise tensor the loop consumed.
+* tests/fixtures/logsnr_timesteps.json
+                                  DPMSolverMultistepScheduler(use_lu_lambdas=True) `set_timesteps`
+                                  for each beta schedule and K: the integer timesteps the model is
+                                  called at (rounded, or truncated for squaredcos_cap_v2, possibly
+                                  repeated) and the unrounded float32 sigmas the steps use.
 """
 
 import json
@@ -22,7 +27,7 @@ import os
 import numpy as np
 import torch
 import diffusers
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 import diffusers.schedulers.scheduling_ddpm as ddpm_module
 
 assert diffusers.__version__ == "0.42.1", diffusers.__version__
@@ -98,6 +103,36 @@ for T in [1000, 100, 37]:
                     }
                 )
 dump("timesteps.json", cases)
+
+# ---------------------------------------------------------------- log-SNR-uniform timesteps
+# diffusers places log-SNR-uniform steps only in DPMSolverMultistepScheduler(use_lu_lambdas=True):
+# K log-sigmas uniform from the largest to the smallest training timestep (both ends included; K = 1
+# is the largest alone), each mapped to a fractional t by `_sigma_to_t` and rounded to an integer
+# (truncated for squaredcos_cap_v2), while `sigmas` keeps the unrounded values.
+logsnr_cases = []
+for kind, T, start, end in [
+    ("linear", 1000, 1e-4, 0.02),
+    ("scaled_linear", 1000, 0.00085, 0.012),
+    ("squaredcos_cap_v2", 1000, 1e-4, 0.02),
+    ("linear", 100, 1e-4, 0.02),
+]:
+    for K in [1, 2, 5, 10, 20, 50]:
+        lu = DPMSolverMultistepScheduler(
+            num_train_timesteps=T, beta_schedule=kind, beta_start=start, beta_end=end, use_lu_lambdas=True
+        )
+        lu.set_timesteps(K)
+        logsnr_cases.append(
+            {
+                "beta_schedule": kind,
+                "num_train_timesteps": T,
+                "beta_start": start,
+                "beta_end": end,
+                "steps": K,
+                "timesteps": lu.timesteps.tolist(),
+                "sigmas": lu.sigmas[:-1].tolist(),
+            }
+        )
+dump("logsnr_timesteps.json", logsnr_cases)
 
 # ---------------------------------------------------------------- full loops
 SHAPE = (2, 1, 4, 4)
@@ -183,4 +218,7 @@ for model_name in ["dummy", "gaussian"]:
                     }
                 )
 dump("loops.json", loops)
-print(f"wrote {len(schedules)} schedules, {len(cases)} timestep cases, {len(loops)} loops to {OUT}")
+print(
+    f"wrote {len(schedules)} schedules, {len(cases)} timestep cases, {len(logsnr_cases)} log-SNR cases, "
+    f"{len(loops)} loops to {OUT}"
+)

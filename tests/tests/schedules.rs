@@ -2,7 +2,8 @@
 //! `tests/scripts/gen_scheduler_fixtures.py`).
 
 use ddss_tests::read_json;
-use ggdm_core::grid::{timesteps, Spacing};
+use ggdm_core::grid::{log_snr, logsnr_grid, logsnr_timesteps, timesteps, Spacing};
+use ggdm_core::scheduler_config::SchedulerConfig;
 use ggdm_core::{BetaSchedule, NoiseSchedule};
 use serde_json::Value;
 
@@ -113,4 +114,97 @@ fn bad_requests_are_errors() {
     assert!(timesteps(1000, 0, Spacing::Leading, 0).unwrap_err().to_string().contains("steps"));
     assert!(timesteps(100, 101, Spacing::Trailing, 0).unwrap_err().to_string().contains("101"));
     assert!(NoiseSchedule::from_betas(vec![0.1, 1.5]).unwrap_err().to_string().contains("beta[1]"));
+}
+
+fn ints(v: &Value) -> Vec<i64> {
+    v.as_array().expect("array").iter().map(|x| x.as_i64().expect("int")).collect()
+}
+
+fn logsnr_case(case: &Value) -> (SchedulerConfig, usize, String) {
+    let t_count = case["num_train_timesteps"].as_u64().expect("T") as usize;
+    let k = case["steps"].as_u64().expect("K") as usize;
+    let scheduler =
+        SchedulerConfig { num_train_timesteps: t_count, beta_schedule: schedule_of(case), ..Default::default() };
+    let label = format!("{} T={t_count} K={k}", case["beta_schedule"]);
+    (scheduler, k, label)
+}
+
+/// diffusers: `DPMSolverMultistepScheduler(use_lu_lambdas=True).set_timesteps(K).timesteps`, repeats
+/// included; the sampler-facing lists equal it where it does not repeat and refuse it where it does.
+#[test]
+fn logsnr_timesteps_equal_diffusers_use_lu_lambdas() {
+    let cases = read_json("logsnr_timesteps.json");
+    let mut repeating = 0;
+    for case in cases.as_array().expect("list") {
+        let (scheduler, k, label) = logsnr_case(case);
+        let expected = ints(&case["timesteps"]);
+        assert_eq!(logsnr_timesteps(&scheduler, k).expect("list"), expected, "{label}");
+        if expected.windows(2).all(|w| w[1] < w[0]) {
+            assert_eq!(scheduler.timesteps(k, Spacing::LogSnr).expect("grid"), expected, "{label}");
+            assert_eq!(scheduler.multistep_timesteps(k, Spacing::LogSnr).expect("grid"), expected, "{label}");
+        } else {
+            repeating += 1;
+            let err = scheduler.multistep_timesteps(k, Spacing::LogSnr).expect_err("repeats").to_string();
+            assert!(err.contains("repeat a timestep"), "{label}: {err}");
+        }
+    }
+    assert_eq!(cases.as_array().expect("list").len(), 24);
+    // linear K = 50 (T = 1000 and 100), linear T = 100 K = 20, scaled_linear K = 50, cosine K >= 10.
+    assert_eq!(repeating, 7);
+}
+
+/// Our continuous grid: its levels are exactly uniform in log-SNR and are diffusers' unrounded
+/// sigmas (which diffusers computes from float32 tables).
+#[test]
+fn logsnr_grid_levels_are_uniform_and_equal_diffusers_sigmas() {
+    let cases = read_json("logsnr_timesteps.json");
+    for case in cases.as_array().expect("list") {
+        let (scheduler, k, label) = logsnr_case(case);
+        let schedule = scheduler.schedule().expect("schedule");
+        let grid = logsnr_grid(&schedule, k).expect("grid");
+        assert_eq!(grid.len(), k);
+        assert_eq!(grid[0], schedule.tau_max(), "{label}");
+        if k > 1 {
+            assert_eq!(grid[k - 1], 0.0, "{label}");
+        }
+        assert!(grid.windows(2).all(|w| w[1] < w[0]), "{label}: {grid:?}");
+        let lambdas: Vec<f64> = grid.iter().map(|&tau| log_snr(schedule.abar_continuous(tau))).collect();
+        let gap = if k > 1 { (lambdas[k - 1] - lambdas[0]) / (k - 1) as f64 } else { 0.0 };
+        for (i, lambda) in lambdas.iter().enumerate() {
+            let uniform = lambdas[0] + gap * i as f64;
+            assert!((lambda - uniform).abs() < 1e-9, "{label}: lambda[{i}] = {lambda}, uniform {uniform}");
+        }
+        check_against_diffusers_sigmas(&schedule, &grid, &floats(&case["sigmas"]), &label);
+    }
+}
+
+/// diffusers forms its sigmas from float32 tables: `1 - abar_0` in float32 moves its smallest sigma
+/// by up to 3e-4 relative (cosine schedule), and since its levels are uniform in `log sigma`
+/// between the two ends, that error spreads linearly over the interior levels. So: ours and
+/// diffusers' agree to 5e-4 relative, and their log-ratio is linear in the step index to 1e-6.
+fn check_against_diffusers_sigmas(schedule: &NoiseSchedule, grid: &[f64], theirs: &[f64], label: &str) {
+    let k = grid.len();
+    let log_ratios: Vec<f64> = grid
+        .iter()
+        .zip(theirs)
+        .map(|(&tau, &sigma)| {
+            let abar = schedule.abar_continuous(tau);
+            (((1.0 - abar) / abar).sqrt() / sigma).ln()
+        })
+        .collect();
+    for (i, d) in log_ratios.iter().enumerate() {
+        assert!(d.abs() < 5e-4, "{label}: sigma[{i}] differs from diffusers' by {d:e} in log");
+        let ramp = if k > 1 { i as f64 / (k - 1) as f64 } else { 0.0 };
+        let linear = log_ratios[0] + (log_ratios[k - 1] - log_ratios[0]) * ramp;
+        assert!((d - linear).abs() < 1e-6, "{label}: sigma[{i}] log-ratio {d:e}, linear part {linear:e}");
+    }
+}
+
+#[test]
+fn logsnr_is_a_spacing_name() {
+    assert_eq!(Spacing::parse("logsnr").expect("parse"), Spacing::LogSnr);
+    assert_eq!(Spacing::LogSnr.name(), "logsnr");
+    assert_eq!(serde_json::to_string(&Spacing::LogSnr).expect("serialise"), "\"logsnr\"");
+    assert!(Spacing::parse("log_snr").unwrap_err().to_string().contains("logsnr"));
+    assert!(logsnr_grid(&NoiseSchedule::ddpm_linear_1000(), 0).unwrap_err().to_string().contains("steps"));
 }

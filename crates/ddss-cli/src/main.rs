@@ -14,7 +14,8 @@ mod train;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use ggdm_core::ggdm::GgdmSampler;
-use ggdm_core::grid::{multistep_timesteps, timesteps, Spacing};
+use ggdm_core::grid::Spacing;
+use ggdm_core::scheduler_config::SchedulerConfig;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -226,7 +227,8 @@ enum Command {
         /// Number of sampling steps K.
         #[arg(long)]
         steps: usize,
-        /// leading | trailing | linspace | quadratic.
+        /// leading | trailing | linspace | quadratic | logsnr (log-SNR-uniform; depends on the
+        /// noise schedule).
         #[arg(long, default_value = "leading")]
         spacing: String,
         /// Number of training timesteps T.
@@ -235,6 +237,10 @@ enum Command {
         /// diffusers' `steps_offset` (applies to leading spacing).
         #[arg(long, default_value_t = 0)]
         steps_offset: usize,
+        /// A scheduler_config.json giving T, steps_offset and the noise schedule (which logsnr
+        /// needs); without it, DDPM's linear betas 1e-4..0.02 over --num-train-timesteps.
+        #[arg(long, conflicts_with_all = ["num_train_timesteps", "steps_offset"])]
+        scheduler_config: Option<PathBuf>,
         /// The list of diffusers' multistep solvers (DPMSolverMultistepScheduler,
         /// UniPCMultistepScheduler; used by dpmpp*/unipc*) instead of DDIM/DDPM's.
         #[arg(long)]
@@ -360,12 +366,16 @@ fn run(cli: Cli) -> Result<()> {
             args.quiet = cli.quiet;
             metrics_cmd::run_eval(args)?
         }
-        Command::Timesteps { steps, spacing, num_train_timesteps, steps_offset, multistep } => {
+        Command::Timesteps { steps, spacing, num_train_timesteps, steps_offset, scheduler_config, multistep } => {
             let spacing = Spacing::parse(&spacing)?;
+            let scheduler = match scheduler_config {
+                Some(path) => SchedulerConfig::from_file(&path)?,
+                None => SchedulerConfig { num_train_timesteps, steps_offset, ..SchedulerConfig::default() },
+            };
             let grid = if multistep {
-                multistep_timesteps(num_train_timesteps, steps, spacing, steps_offset)?
+                scheduler.multistep_timesteps(steps, spacing)?
             } else {
-                timesteps(num_train_timesteps, steps, spacing, steps_offset)?
+                scheduler.timesteps(steps, spacing)?
             };
             println!("{}", serde_json::to_string(&grid)?);
         }

@@ -13,10 +13,10 @@ use crate::common::{parse_device, progress, write_grid, write_images, write_npy,
 use anyhow::{bail, Context, Result};
 use ddss_opt::collective::shard;
 use ggdm_core::ggdm::GgdmSampler;
-use ggdm_core::grid::{multistep_timesteps, timesteps, Spacing};
+use ggdm_core::grid::Spacing;
 use ggdm_core::model_dir::LoadedModel;
 use ggdm_core::noise::{NoiseSource, PerSampleNoise};
-use ggdm_core::samplers::{ddim, ddpm, diffusers_steps, grid_steps, DdimOptions, DdpmOptions};
+use ggdm_core::samplers::{ddim, ddpm, diffusers_steps, grid_steps, DdimOptions, DdpmOptions, Step};
 use ggdm_core::solvers::{dpm_solver, unipc, DpmSolverOptions, UniPcOptions};
 use std::path::PathBuf;
 use tch::{Device, Tensor};
@@ -71,15 +71,17 @@ pub struct ModelSamplerArgs {
     /// dpmpp2m, dpmpp3m (DPM-Solver++ multistep, order 2 / 3) | unipc, unipc3 (UniPC bh2,
     /// order 2 / 3) | path of a sampler.json written by `ddss-cli search`. DPM-Solver++ and
     /// UniPC follow diffusers' DPMSolverMultistepScheduler / UniPCMultistepScheduler defaults
-    /// and place their steps as those do (--spacing, default linspace).
+    /// and place their steps as those do (--spacing, default linspace, or logsnr when the
+    /// scheduler config sets use_lu_lambdas).
     #[arg(long)]
     pub sampler: String,
     /// DDIM eta (0 = deterministic).
     #[arg(long, default_value_t = 0.0)]
     pub eta: f64,
-    /// leading | trailing | linspace (diffusers' timestep_spacing) | quadratic; default: the
-    /// model's scheduler_config.json for ddim/ddpm, linspace (diffusers' default) for
-    /// dpmpp*/unipc*.
+    /// leading | trailing | linspace (diffusers' timestep_spacing) | quadratic | logsnr
+    /// (log-SNR-uniform, diffusers' use_lu_lambdas timesteps); default: the model's
+    /// scheduler_config.json for ddim/ddpm, linspace (diffusers' default; logsnr with
+    /// use_lu_lambdas) for dpmpp*/unipc*.
     #[arg(long)]
     pub spacing: Option<String>,
 }
@@ -100,8 +102,9 @@ impl ModelSamplerArgs {
 
 /// A sampler chosen on the command line, ready to run batches.
 pub enum SamplerChoice {
-    /// DDIM(eta) with diffusers' step rule.
-    Ddim { grid: Vec<i64>, options: DdimOptions },
+    /// DDIM(eta) with diffusers' step rule (to the next grid entry on a `logsnr` grid, which
+    /// diffusers' DDIM does not have).
+    Ddim { steps: Vec<Step>, options: DdimOptions },
     /// DDPM ancestral.
     Ddpm { grid: Vec<i64>, options: DdpmOptions },
     /// DPM-Solver++ (multistep, diffusers' `DPMSolverMultistepScheduler` defaults).
@@ -123,7 +126,7 @@ impl SamplerChoice {
     /// Parses `--sampler` (one of [`SAMPLER_NAMES`] or a `sampler.json`) with `--steps`, `--eta`,
     /// `--spacing`. DDIM and DDPM default to the model's `timestep_spacing`; DPM-Solver++ and UniPC
     /// place their steps as diffusers' multistep schedulers do, by default with their own default
-    /// spacing, `linspace`.
+    /// spacing, `linspace` (`logsnr` when the scheduler config sets `use_lu_lambdas`).
     pub fn from_args(
         name: &str,
         steps: Option<usize>,
@@ -135,21 +138,17 @@ impl SamplerChoice {
         let scheduler = &model.scheduler;
         let requested_spacing = spacing.map(Spacing::parse).transpose()?;
         let spacing = requested_spacing.unwrap_or(scheduler.timestep_spacing);
-        let grid_for = |k: usize| timesteps(scheduler.num_train_timesteps, k, spacing, scheduler.steps_offset);
+        let grid_for = |k: usize| scheduler.timesteps(k, spacing);
         let solver_grid = || {
-            multistep_timesteps(
-                scheduler.num_train_timesteps,
-                steps.unwrap_or(SOLVER_DEFAULT_STEPS),
-                requested_spacing.unwrap_or(Spacing::Linspace),
-                scheduler.steps_offset,
-            )
+            let spacing = requested_spacing.unwrap_or(scheduler.multistep_spacing());
+            scheduler.multistep_timesteps(steps.unwrap_or(SOLVER_DEFAULT_STEPS), spacing)
         };
         if !(eta >= 0.0) {
             bail!("--eta {eta}: must be >= 0");
         }
         match name {
             "ddim" | "ddim-noclip" => Ok(SamplerChoice::Ddim {
-                grid: grid_for(steps.unwrap_or(50))?,
+                steps: ddim_steps(&grid_for(steps.unwrap_or(50))?, spacing, scheduler.num_train_timesteps),
                 options: DdimOptions {
                     eta,
                     clip: if name == "ddim" { scheduler.clip() } else { None },
@@ -188,8 +187,8 @@ impl SamplerChoice {
     /// Network evaluations per sample.
     pub fn steps(&self) -> usize {
         match self {
-            SamplerChoice::Ddim { grid, .. }
-            | SamplerChoice::Ddpm { grid, .. }
+            SamplerChoice::Ddim { steps, .. } => steps.len(),
+            SamplerChoice::Ddpm { grid, .. }
             | SamplerChoice::DpmSolver { grid, .. }
             | SamplerChoice::UniPc { grid, .. } => grid.len(),
             SamplerChoice::Ggdm(s) => s.steps,
@@ -199,12 +198,11 @@ impl SamplerChoice {
     /// Samples one batch starting from `x_init`, drawing step noise from `noise`.
     pub fn run(&self, model: &LoadedModel, x_init: &Tensor, noise: &mut dyn NoiseSource) -> Result<Tensor> {
         let schedule = model.scheduler.schedule()?;
-        let t_count = model.scheduler.num_train_timesteps;
         let denoiser = model.denoiser.as_ref();
         tch::no_grad(|| -> Result<Tensor> {
             Ok(match self {
-                SamplerChoice::Ddim { grid, options } => {
-                    ddim(denoiser, &schedule, &diffusers_steps(grid, t_count), x_init, options, noise, &mut |_| {})?
+                SamplerChoice::Ddim { steps, options } => {
+                    ddim(denoiser, &schedule, steps, x_init, options, noise, &mut |_| {})?
                 }
                 SamplerChoice::Ddpm { grid, options } => {
                     let grid: Vec<f64> = grid.iter().map(|&t| t as f64).collect();
@@ -227,6 +225,15 @@ impl SamplerChoice {
                 }
             })
         })
+    }
+}
+
+/// DDIM's steps over `grid`: diffusers' rule (`t - T // K`) for its own spacings, the next grid
+/// entry on a `logsnr` grid.
+fn ddim_steps(grid: &[i64], spacing: Spacing, num_train_timesteps: usize) -> Vec<Step> {
+    match spacing {
+        Spacing::LogSnr => grid_steps(&grid.iter().map(|&t| t as f64).collect::<Vec<_>>()),
+        _ => diffusers_steps(grid, num_train_timesteps),
     }
 }
 

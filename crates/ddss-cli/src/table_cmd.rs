@@ -28,7 +28,8 @@ pub struct TableArgs {
     #[arg(long, required_unless_present = "render")]
     pub model: Option<PathBuf>,
     /// Baselines, comma-separated: any `--sampler` name of `ddss-cli sample`; NAME@SPACING runs
-    /// it on another grid (e.g. ddim@quadratic, the DDIM paper's quadratic stride).
+    /// it on another grid (e.g. ddim@quadratic, the DDIM paper's quadratic stride, or
+    /// unipc@logsnr, DPM-Solver's log-SNR-uniform grid).
     #[arg(long, value_delimiter = ',', default_value = "ddpm,ddim,ddim@quadratic")]
     pub samplers: Vec<String>,
     /// Step counts K of the baselines, comma-separated.

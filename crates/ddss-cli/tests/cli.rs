@@ -200,4 +200,18 @@ fn timesteps_command_prints_diffusers_grids() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "[999,749,500,250]");
     let out = run_ok(bin().args(["timesteps", "--steps", "4", "--spacing", "leading", "--multistep"]));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "[800,600,400,200]");
+    // Log-SNR-uniform: DPMSolverMultistepScheduler(use_lu_lambdas=True), on the schedule of a
+    // scheduler_config.json (scaled_linear 0.00085..0.012) or DDPM's linear one.
+    let out = run_ok(bin().args(["timesteps", "--steps", "5", "--spacing", "logsnr"]));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "[999,722,302,30,0]");
+    let dir = temp_dir("timesteps_logsnr");
+    let config = dir.join("scheduler_config.json");
+    let json = r#"{"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}"#;
+    std::fs::write(&config, json).expect("write scheduler config");
+    let out =
+        run_ok(bin().args(["timesteps", "--steps", "5", "--spacing", "logsnr", "--scheduler-config"]).arg(&config));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "[999,681,233,20,0]");
+    let err = run_err(bin().args(["timesteps", "--steps", "50", "--spacing", "logsnr", "--multistep"]));
+    assert!(err.contains("repeat a timestep") && err.contains("fewer steps"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -1,12 +1,15 @@
 //! diffusers' `scheduler_config.json`, honoured the way diffusers honours it (DESIGN.md section 4):
 //! beta schedule and range, `num_train_timesteps`, `prediction_type`, `clip_sample` /
-//! `clip_sample_range`, `variance_type`, `timestep_spacing`, `steps_offset`, `set_alpha_to_one`.
+//! `clip_sample_range`, `variance_type`, `timestep_spacing`, `steps_offset`, `set_alpha_to_one`, and
+//! `DPMSolverMultistepScheduler`'s `use_lu_lambdas`, which makes the multistep solvers' default
+//! spacing DPM-Solver's log-SNR-uniform grid (`logsnr`, [`crate::grid::logsnr_timesteps`]).
 //!
 //! Keys are checked one by one: a key no diffusers scheduler of the DDPM family knows is an error
 //! naming it; a key that only matters to other schedulers is ignored with a log line; a value we do
-//! not implement (`thresholding: true`, `variance_type: "learned"`, ...) is an error naming it.
+//! not implement (`thresholding: true`, `variance_type: "learned"`, `use_karras_sigmas: true`, ...)
+//! is an error naming it.
 
-use crate::grid::Spacing;
+use crate::grid::{self, Spacing};
 use crate::prediction::PredictionType;
 use crate::schedule::{BetaSchedule, NoiseSchedule};
 use crate::{Error, Result};
@@ -52,6 +55,11 @@ pub struct SchedulerConfig {
     pub steps_offset: usize,
     /// `set_alpha_to_one` (DDIM default true; DDPM behaves as true).
     pub set_alpha_to_one: bool,
+    /// `use_lu_lambdas` (diffusers' `DPMSolverMultistepScheduler`, default false): the multistep
+    /// solvers default to the log-SNR-uniform grid ([`Self::multistep_spacing`]). Absent from
+    /// files written before it existed (and from ours when false).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub use_lu_lambdas: bool,
 }
 
 impl Default for SchedulerConfig {
@@ -67,6 +75,7 @@ impl Default for SchedulerConfig {
             timestep_spacing: Spacing::Leading,
             steps_offset: 0,
             set_alpha_to_one: true,
+            use_lu_lambdas: false,
         }
     }
 }
@@ -80,14 +89,12 @@ const IGNORED_KEYS: &[&str] = &[
     "dynamic_thresholding_ratio",
     "sample_max_value",
     "timestep_type",
-    "use_karras_sigmas",
     "interpolation_type",
     "solver_order",
     "solver_type",
     "algorithm_type",
     "lower_order_final",
     "euler_at_final",
-    "use_lu_lambdas",
     "final_sigmas_type",
     "lambda_min_clipped",
     "variance_type_dpm",
@@ -167,6 +174,16 @@ impl SchedulerConfig {
                         return Err(Error::invalid(key, "zero-terminal-SNR rescaling is not supported"));
                     }
                 }
+                "use_lu_lambdas" => cfg.use_lu_lambdas = as_bool(key, v)?,
+                "use_karras_sigmas" => {
+                    if as_bool(key, v)? {
+                        return Err(Error::invalid(
+                            key,
+                            "Karras sigmas are not supported (use_lu_lambdas: true, or --spacing logsnr, gives \
+                             DPM-Solver's log-SNR-uniform grid)",
+                        ));
+                    }
+                }
                 "clip_sample_range_max" => {}
                 k if IGNORED_KEYS.contains(&k) => {
                     tracing::debug!("scheduler_config.json: ignoring `{k}` (not used by DDPM/DDIM)")
@@ -222,6 +239,52 @@ impl SchedulerConfig {
         Ok(schedule.with_set_alpha_to_one(self.set_alpha_to_one))
     }
 
+    /// The default spacing of the multistep solvers (DPM-Solver++, UniPC): `logsnr` with
+    /// `use_lu_lambdas`, else their diffusers default `linspace`.
+    pub fn multistep_spacing(&self) -> Spacing {
+        if self.use_lu_lambdas {
+            Spacing::LogSnr
+        } else {
+            Spacing::Linspace
+        }
+    }
+
+    /// The DDIM/DDPM integer timesteps of `spacing` for `K` steps: [`grid::timesteps`] with this
+    /// config's `T` and `steps_offset`, or for `logsnr` [`grid::logsnr_timesteps`], which is an
+    /// error where it repeats a timestep.
+    pub fn timesteps(&self, num_steps: usize, spacing: Spacing) -> Result<Vec<i64>> {
+        match spacing {
+            Spacing::LogSnr => self.distinct_logsnr_timesteps(num_steps),
+            _ => grid::timesteps(self.num_train_timesteps, num_steps, spacing, self.steps_offset),
+        }
+    }
+
+    /// The multistep solvers' integer timesteps of `spacing` for `K` steps:
+    /// [`grid::multistep_timesteps`] with this config's `T` and `steps_offset`, or for `logsnr`
+    /// the same list as [`Self::timesteps`] (diffusers' `use_lu_lambdas` list, where it does not
+    /// repeat a timestep).
+    pub fn multistep_timesteps(&self, num_steps: usize, spacing: Spacing) -> Result<Vec<i64>> {
+        match spacing {
+            Spacing::LogSnr => self.distinct_logsnr_timesteps(num_steps),
+            _ => grid::multistep_timesteps(self.num_train_timesteps, num_steps, spacing, self.steps_offset),
+        }
+    }
+
+    fn distinct_logsnr_timesteps(&self, num_steps: usize) -> Result<Vec<i64>> {
+        let list = grid::logsnr_timesteps(self, num_steps)?;
+        grid::check_distinct(&list, Spacing::LogSnr, self.num_train_timesteps).map_err(|e| match e {
+            Error::Invalid { what, msg } => Error::invalid(
+                what,
+                format!(
+                    "{msg}; diffusers would call the model twice there. Use fewer steps, or a GGDM \
+                     start, whose log-SNR grid is continuous"
+                ),
+            ),
+            other => other,
+        })?;
+        Ok(list)
+    }
+
     /// `clip_sample_range` when clipping is on.
     pub fn clip(&self) -> Option<f64> {
         self.clip_sample.then_some(self.clip_sample_range)
@@ -234,7 +297,7 @@ impl SchedulerConfig {
             BetaSchedule::ScaledLinear { beta_start, beta_end } => ("scaled_linear", beta_start, beta_end),
             BetaSchedule::SquaredCosCapV2 => ("squaredcos_cap_v2", 1e-4, 0.02),
         };
-        serde_json::json!({
+        let mut json = serde_json::json!({
             "_class_name": "DDPMScheduler",
             "num_train_timesteps": self.num_train_timesteps,
             "beta_start": start,
@@ -252,6 +315,76 @@ impl SchedulerConfig {
             "timestep_spacing": self.timestep_spacing.name(),
             "steps_offset": self.steps_offset,
             "set_alpha_to_one": self.set_alpha_to_one,
-        })
+        });
+        if self.use_lu_lambdas {
+            json["use_lu_lambdas"] = Value::Bool(true);
+        }
+        json
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<SchedulerConfig> {
+        let value: Value = serde_json::from_str(text).expect("test JSON");
+        SchedulerConfig::from_json_map(value.as_object().expect("object"))
+    }
+
+    #[test]
+    fn use_lu_lambdas_makes_logsnr_the_multistep_default() {
+        let plain = parse(r#"{"beta_schedule": "linear"}"#).expect("plain");
+        assert!(!plain.use_lu_lambdas);
+        assert_eq!(plain.multistep_spacing(), Spacing::Linspace);
+        let lu = parse(r#"{"_class_name": "DPMSolverMultistepScheduler", "use_lu_lambdas": true}"#).expect("lu");
+        assert_eq!(lu.multistep_spacing(), Spacing::LogSnr);
+        // diffusers 0.42.1, DPMSolverMultistepScheduler(use_lu_lambdas=True).set_timesteps(10).
+        let expected = vec![999, 886, 757, 603, 410, 202, 73, 22, 5, 0];
+        assert_eq!(lu.multistep_timesteps(10, lu.multistep_spacing()).expect("grid"), expected);
+        assert_eq!(lu.timesteps(10, Spacing::LogSnr).expect("grid"), expected);
+        // DDIM/DDPM keep their own default spacing.
+        assert_eq!(lu.timestep_spacing, Spacing::Leading);
+        let err = parse(r#"{"use_lu_lambdas": "yes"}"#).expect_err("not a bool").to_string();
+        assert!(err.contains("use_lu_lambdas"), "{err}");
+    }
+
+    #[test]
+    fn use_lu_lambdas_round_trips_and_stays_out_of_files_when_false() {
+        let plain = SchedulerConfig::default();
+        let text = serde_json::to_string(&plain).expect("serialise");
+        assert!(!text.contains("use_lu_lambdas"), "{text}");
+        let lu = SchedulerConfig { use_lu_lambdas: true, ..SchedulerConfig::default() };
+        let back: SchedulerConfig =
+            serde_json::from_str(&serde_json::to_string(&lu).expect("serialise")).expect("load");
+        assert_eq!(back, lu);
+        let diffusers = lu.to_diffusers_json();
+        assert_eq!(diffusers["use_lu_lambdas"], Value::Bool(true));
+        assert_eq!(SchedulerConfig::from_json_map(diffusers.as_object().expect("object")).expect("parse"), lu);
+        assert!(plain.to_diffusers_json().get("use_lu_lambdas").is_none());
+    }
+
+    #[test]
+    fn karras_sigmas_are_rejected_by_name() {
+        assert!(parse(r#"{"use_karras_sigmas": false}"#).is_ok());
+        let err = parse(r#"{"use_karras_sigmas": true}"#).expect_err("karras").to_string();
+        assert!(err.contains("use_karras_sigmas") && err.contains("not supported"), "{err}");
+    }
+
+    #[test]
+    fn a_repeating_logsnr_list_is_an_error_for_samplers() {
+        let cfg = SchedulerConfig::default();
+        // diffusers' list for K = 50 ends [..., 2, 1, 1, 0]: grid::logsnr_timesteps returns it,
+        // the sampler-facing methods refuse it.
+        let raw = grid::logsnr_timesteps(&cfg, 50).expect("raw list");
+        assert_eq!(&raw[44..], &[4, 3, 2, 1, 1, 0]);
+        for err in [cfg.timesteps(50, Spacing::LogSnr), cfg.multistep_timesteps(50, Spacing::LogSnr)] {
+            let err = err.expect_err("repeat").to_string();
+            assert!(err.contains("logsnr") && err.contains("repeat") && err.contains("fewer steps"), "{err}");
+        }
+        // The schedule-free functions point to the ones that know the schedule.
+        let err = grid::timesteps(1000, 10, Spacing::LogSnr, 0).expect_err("no schedule").to_string();
+        assert!(err.contains("logsnr") && err.contains("SchedulerConfig::timesteps"), "{err}");
+        assert!(grid::multistep_timesteps(1000, 10, Spacing::LogSnr, 0).is_err());
     }
 }
