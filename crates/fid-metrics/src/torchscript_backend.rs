@@ -1,7 +1,7 @@
 //! The FID Inception run directly from its TorchScript file through `tch::CModule` (DESIGN.md
-//! section 3, "FID Inception weights"). Compiled with the cargo feature `inception-torchscript`; it
-//! exists to check the native port in [`crate::inception`] against the original graph, with the
-//! same preprocessing ([`crate::inception::samples_to_network_input`]).
+//! section 3, "FID Inception weights"). It exists to check the native port in [`crate::inception`]
+//! against the original graph on the machine the tests run on, with the same preprocessing
+//! ([`crate::inception::samples_to_network_input`]).
 
 use std::path::Path;
 
