@@ -462,12 +462,16 @@ fn fixtures() -> Result<()> {
     let root = repo_root();
     let site = site_packages(&env.venv).context("venv has no site-packages")?;
     if installed_version(&site, "diffusers-").as_deref() != Some(&DIFFUSERS["diffusers==".len()..]) {
-        println!("[fixtures] installing {DIFFUSERS} scipy pytorch-fid into the venv");
+        println!("[fixtures] installing {DIFFUSERS} scipy pytorch-fid into the venv (torch stays {TORCH_VERSION})");
+        // pytorch-fid pulls in torchvision; naming torch's version keeps pip from upgrading the
+        // libtorch that tch links against to whatever the newest torchvision wants.
+        let torch = format!("torch=={TORCH_VERSION}");
         run_cmd(Command::new(&env.python).args(["-m", "pip", "install", "--disable-pip-version-check", "-q"]).args([
             DIFFUSERS,
             "scipy",
             "pytorch-fid==0.3.0",
             "safetensors",
+            torch.as_str(),
         ]))?;
     }
     let scripts = root.join("tests").join("scripts");
