@@ -51,6 +51,7 @@ pub mod model_dir;
 pub mod noise;
 pub mod prediction;
 pub mod samplers;
+pub mod scalar;
 pub mod schedule;
 pub mod scheduler_config;
 pub mod solvers;

@@ -11,44 +11,67 @@
 //! scalars follow diffusers' route from `abar` (the ratio `sqrt((1 - abar) / abar)`, formed from
 //! float32 `abar` as diffusers stores it, then `alpha`, `sigma`, `lambda` in f64). Every step is a
 //! linear combination of the current state and the recent data predictions `x0_hat`;
-//! [`StepCoefficients`] exposes those weights, which is how the solvers are written here and how a
-//! GGDM sampler can start from one.
+//! [`StepCoefficients`] exposes those weights, which is how the solvers are written here, and
+//! [`GgdmRow`] writes whole solvers as rows of GGDM's coefficient matrices (DESIGN.md section 4,
+//! "Starting solver and teacher": a GGDM sampler's start solver).
+//!
+//! The coefficient formulas ([`NoiseLevel::from_abar`], [`dpm_solver_coefficients`],
+//! [`unipc_predictor_coefficients`], [`unipc_corrector_coefficients`], [`dpm_solver_ggdm_rows`],
+//! [`unipc_ggdm_rows`]) are generic over [`SolverScalar`]: in `f64` for the solvers here, in a 0-d
+//! tensor for a GGDM sampler's base, which is then differentiable in the learned grid. The `f64`
+//! path performs the same operations in the same order as before it was made generic, so its
+//! results are unchanged bit for bit.
 //!
 //! Nothing here switches gradients off; the solvers are deterministic, so they take no noise.
 
 use crate::denoiser::Denoiser;
 use crate::prediction::PredictionType;
 use crate::samplers::query;
+use crate::scalar::SolverScalar;
 use crate::schedule::NoiseSchedule;
 use crate::{Error, Result};
 use std::collections::VecDeque;
 use tch::Tensor;
 
-/// One noise level `x_t = alpha x0 + sigma eps` with its log-SNR `lambda = ln(alpha) - ln(sigma)`.
+/// One noise level `x_t = alpha x0 + sigma eps` with its log-SNR `lambda = ln(alpha) - ln(sigma)`,
+/// in `f64` (the solvers) or in any [`SolverScalar`] (a GGDM sampler's differentiable base).
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct NoiseLevel {
+pub struct NoiseLevel<S = f64> {
     /// Signal scale `sqrt(abar)`.
-    pub alpha: f64,
+    pub alpha: S,
     /// Noise scale `sqrt(1 - abar)`.
-    pub sigma: f64,
+    pub sigma: S,
     /// Log signal-to-noise ratio; `+inf` at clean data.
-    pub lambda: f64,
+    pub lambda: S,
+}
+
+impl<S: SolverScalar> NoiseLevel<S> {
+    /// From diffusers' sigma (the ratio `sqrt((1 - abar) / abar)`), as its `_sigma_to_alpha_sigma_t`
+    /// converts it: `alpha = 1 / sqrt(ratio^2 + 1)`, `sigma = ratio * alpha`.
+    pub fn from_sigma_ratio(ratio: S) -> Self {
+        let alpha = (ratio.clone() * ratio.clone() + 1.0).sqrt().recip();
+        let sigma = ratio * alpha.clone();
+        let lambda = alpha.ln() - sigma.ln();
+        Self { alpha, sigma, lambda }
+    }
+
+    /// At cumulative signal fraction `abar`, exactly: ratio `sqrt((1 - abar) / abar)`.
+    pub fn from_abar(abar: S) -> Self {
+        Self::from_sigma_ratio(((-abar.clone() + 1.0) / abar).sqrt())
+    }
+
+    /// Clean data (`alpha = 1`, `sigma = 0`, `lambda = +inf`) built from constants, with no
+    /// gradient path (a gradient through `ln(sigma)` at `sigma = 0` would be infinite).
+    pub fn clean_like(like: &S) -> Self {
+        Self {
+            alpha: like.constant_like(1.0),
+            sigma: like.constant_like(0.0),
+            lambda: like.constant_like(f64::INFINITY),
+        }
+    }
 }
 
 impl NoiseLevel {
-    /// From diffusers' sigma (the ratio `sqrt((1 - abar) / abar)`), as its `_sigma_to_alpha_sigma_t`
-    /// converts it: `alpha = 1 / sqrt(ratio^2 + 1)`, `sigma = ratio * alpha`.
-    pub fn from_sigma_ratio(ratio: f64) -> Self {
-        let alpha = 1.0 / (ratio * ratio + 1.0).sqrt();
-        let sigma = ratio * alpha;
-        Self { alpha, sigma, lambda: alpha.ln() - sigma.ln() }
-    }
-
-    /// At cumulative signal fraction `abar`, exactly: ratio `sqrt((1 - abar) / abar)` in f64.
-    pub fn from_abar(abar: f64) -> Self {
-        Self::from_sigma_ratio(((1.0 - abar) / abar).sqrt())
-    }
-
     /// At `abar` the way diffusers' multistep schedulers see it: they keep `alphas_cumprod` and
     /// the ratio `sqrt((1 - abar) / abar)` in float32, so the ratio is formed in float32 from `abar`
     /// rounded to float32; the rest is f64. Near clean data (`1 - abar_0 = 1e-4` for the DDPM
@@ -132,11 +155,11 @@ pub fn data_prediction(kind: PredictionType, output: &Tensor, x_t: &Tensor, leve
 /// One solver update as a linear combination: `x_next = sample * x + sum_j data[j] * x0_hat_j`,
 /// where `x0_hat_0` is the most recent data prediction, `x0_hat_1` the one before, and so on.
 #[derive(Debug, Clone, PartialEq)]
-pub struct StepCoefficients {
+pub struct StepCoefficients<S = f64> {
     /// Weight of the state the update starts from.
-    pub sample: f64,
+    pub sample: S,
     /// Weights of the data predictions, newest first.
-    pub data: Vec<f64>,
+    pub data: Vec<S>,
 }
 
 impl StepCoefficients {
@@ -195,33 +218,40 @@ pub fn dpm_solver_orders(num_steps: usize, options: &DpmSolverOptions) -> Vec<us
 
 /// The DPM-Solver++ update of step `i` (from `levels[i]` to `levels[i + 1]`) at the given order,
 /// as weights of `x_i` and of `x0_hat_i, x0_hat_{i-1}, ...`.
-pub fn dpm_solver_coefficients(levels: &[NoiseLevel], i: usize, order: usize) -> StepCoefficients {
-    let (s0, t) = (levels[i], levels[i + 1]);
-    let h = t.lambda - s0.lambda;
-    let expm1 = (-h).exp_m1(); // e^{-h} - 1
-    let sample = t.sigma / s0.sigma;
-    let first = -t.alpha * expm1;
+pub fn dpm_solver_coefficients<S: SolverScalar>(
+    levels: &[NoiseLevel<S>],
+    i: usize,
+    order: usize,
+) -> StepCoefficients<S> {
+    let (s0, t) = (&levels[i], &levels[i + 1]);
+    let h = t.lambda.clone() - s0.lambda.clone();
+    let expm1 = (-h.clone()).exp_m1(); // e^{-h} - 1
+    let sample = t.sigma.clone() / s0.sigma.clone();
+    let first = -t.alpha.clone() * expm1.clone();
     match order {
         1 => StepCoefficients { sample, data: vec![first] },
         2 => {
             // D1 = (m0 - m1) / r0 enters with weight -alpha_t (e^{-h} - 1) / 2 (midpoint rule).
-            let r0 = (s0.lambda - levels[i - 1].lambda) / h;
-            let d1 = -0.5 * t.alpha * expm1 / r0;
-            StepCoefficients { sample, data: vec![first + d1, -d1] }
+            let r0 = (s0.lambda.clone() - levels[i - 1].lambda.clone()) / h;
+            let d1 = t.alpha.clone() * -0.5 * expm1 / r0;
+            StepCoefficients { sample, data: vec![first + d1.clone(), -d1] }
         }
         _ => {
-            let s1 = levels[i - 1];
-            let s2 = levels[i - 2];
-            let r0 = (s0.lambda - s1.lambda) / h;
-            let r1 = (s1.lambda - s2.lambda) / h;
-            let c1 = t.alpha * (expm1 / h + 1.0);
-            let c2 = -t.alpha * ((expm1 + h) / (h * h) - 0.5);
+            let (s1, s2) = (&levels[i - 1], &levels[i - 2]);
+            let r0 = (s0.lambda.clone() - s1.lambda.clone()) / h.clone();
+            let r1 = (s1.lambda.clone() - s2.lambda.clone()) / h.clone();
+            let c1 = t.alpha.clone() * (expm1.clone() / h.clone() + 1.0);
+            let c2 = -t.alpha.clone() * ((expm1 + h.clone()) / (h.clone() * h) - 0.5);
             // D1 = D1_0 + r0 / (r0 + r1) (D1_0 - D1_1), D2 = (D1_0 - D1_1) / (r0 + r1), with
             // D1_0 = (m0 - m1) / r0 and D1_1 = (m1 - m2) / r1.
-            let k = r0 / (r0 + r1);
-            let w0 = c1 * (1.0 + k) + c2 / (r0 + r1);
-            let w1 = -(c1 * k + c2 / (r0 + r1));
-            StepCoefficients { sample, data: vec![first + w0 / r0, -w0 / r0 + w1 / r1, -w1 / r1] }
+            let r_sum = r0.clone() + r1.clone();
+            let k = r0.clone() / r_sum.clone();
+            let w0 = c1.clone() * (k.clone() + 1.0) + c2.clone() / r_sum.clone();
+            let w1 = -(c1 * k + c2 / r_sum);
+            StepCoefficients {
+                sample,
+                data: vec![first + w0.clone() / r0.clone(), -w0 / r0 + w1.clone() / r1.clone(), -w1 / r1],
+            }
         }
     }
 }
@@ -329,109 +359,116 @@ pub fn unipc_orders(num_steps: usize, options: &UniPcOptions) -> Vec<usize> {
 
 /// The shared pieces of a UniP/UniC update over a log-SNR step `h` (data prediction, so in
 /// `hh = -h`): `h phi_1 = e^{hh} - 1`, `B(h)`, and the right-hand sides `b_1..b_order`.
-fn unipc_rhs(h: f64, order: usize, variant: UniPcVariant) -> (f64, f64, Vec<f64>) {
+fn unipc_rhs<S: SolverScalar>(h: S, order: usize, variant: UniPcVariant) -> (S, S, Vec<S>) {
     let hh = -h;
     let h_phi_1 = hh.exp_m1();
     let b_h = match variant {
-        UniPcVariant::Bh1 => hh,
+        UniPcVariant::Bh1 => hh.clone(),
         UniPcVariant::Bh2 => hh.exp_m1(),
     };
-    let mut h_phi_k = h_phi_1 / hh - 1.0;
+    let mut h_phi_k = h_phi_1.clone() / hh.clone() - 1.0;
     let mut factorial = 1.0;
     let mut rhs = Vec::with_capacity(order);
     for i in 1..=order {
-        rhs.push(h_phi_k * factorial / b_h);
+        rhs.push(h_phi_k.clone() * factorial / b_h.clone());
         factorial *= (i + 1) as f64;
-        h_phi_k = h_phi_k / hh - 1.0 / factorial;
+        h_phi_k = h_phi_k / hh.clone() - 1.0 / factorial;
     }
     (h_phi_1, b_h, rhs)
 }
 
 /// Solves `V rho = b` for the Vandermonde-type matrix `V[row][col] = nodes[col]^row`
-/// (a handful of unknowns; Gaussian elimination with partial pivoting).
-fn solve_power_system(nodes: &[f64], rhs: &[f64]) -> Vec<f64> {
+/// (a handful of unknowns; Gaussian elimination with partial pivoting, the pivots chosen on the
+/// detached values).
+fn solve_power_system<S: SolverScalar>(nodes: &[S], rhs: &[S]) -> Vec<S> {
     let n = nodes.len();
-    let mut matrix: Vec<Vec<f64>> =
-        (0..n).map(|row| nodes.iter().map(|r| r.powi(row as i32)).chain([rhs[row]]).collect()).collect();
+    let mut matrix: Vec<Vec<S>> =
+        (0..n).map(|row| nodes.iter().map(|r| r.powi(row as i32)).chain([rhs[row].clone()]).collect()).collect();
     for col in 0..n {
-        let pivot =
-            (col..n).max_by(|&a, &b| matrix[a][col].abs().total_cmp(&matrix[b][col].abs())).expect("non-empty column");
+        let pivot = (col..n)
+            .max_by(|&a, &b| matrix[a][col].value().abs().total_cmp(&matrix[b][col].value().abs()))
+            .expect("non-empty column");
         matrix.swap(col, pivot);
         let (upper, lower) = matrix.split_at_mut(col + 1);
         let pivot_row = &upper[col];
         for row in lower.iter_mut() {
-            let factor = row[col] / pivot_row[col];
+            let factor = row[col].clone() / pivot_row[col].clone();
             for (value, pivot_value) in row.iter_mut().zip(pivot_row).skip(col) {
-                *value -= factor * pivot_value;
+                *value = value.clone() - factor.clone() * pivot_value.clone();
             }
         }
     }
-    let mut solution = vec![0.0; n];
+    let mut solution: Vec<S> = rhs.to_vec();
     for row in (0..n).rev() {
-        let tail: f64 = (row + 1..n).map(|c| matrix[row][c] * solution[c]).sum();
-        solution[row] = (matrix[row][n] - tail) / matrix[row][row];
+        let tail = (row + 1..n).map(|c| matrix[row][c].clone() * solution[c].clone()).reduce(|sum, term| sum + term);
+        let numerator = match tail {
+            Some(tail) => matrix[row][n].clone() - tail,
+            None => matrix[row][n].clone(),
+        };
+        solution[row] = numerator / matrix[row][row].clone();
     }
     solution
 }
 
 /// The UniP (predictor) update of step `i` (from `levels[i]` to `levels[i + 1]`) at the given
 /// order, as weights of `x_i` and of `x0_hat_i, x0_hat_{i-1}, ...`.
-pub fn unipc_predictor_coefficients(
-    levels: &[NoiseLevel],
+pub fn unipc_predictor_coefficients<S: SolverScalar>(
+    levels: &[NoiseLevel<S>],
     i: usize,
     order: usize,
     variant: UniPcVariant,
-) -> StepCoefficients {
-    let (s0, t) = (levels[i], levels[i + 1]);
-    let h = t.lambda - s0.lambda;
-    let ratios: Vec<f64> = (1..order).map(|k| (levels[i - k].lambda - s0.lambda) / h).collect();
-    let (h_phi_1, b_h, rhs) = unipc_rhs(h, order, variant);
-    let rhos: Vec<f64> = match order {
+) -> StepCoefficients<S> {
+    let (s0, t) = (&levels[i], &levels[i + 1]);
+    let h = t.lambda.clone() - s0.lambda.clone();
+    let ratios: Vec<S> = (1..order).map(|k| (levels[i - k].lambda.clone() - s0.lambda.clone()) / h.clone()).collect();
+    let (h_phi_1, b_h, rhs) = unipc_rhs(h.clone(), order, variant);
+    let rhos: Vec<S> = match order {
         1 => Vec::new(),
-        2 => vec![0.5],
+        2 => vec![h.constant_like(0.5)],
         _ => solve_power_system(&ratios, &rhs[..order - 1]),
     };
     // x = (sigma_t / sigma_s0) x_i - alpha_t h phi_1 m0 - alpha_t B(h) sum_k rho_k (m_k - m0) / r_k
-    let mut data = vec![-t.alpha * h_phi_1];
-    for (rho, r) in rhos.iter().zip(&ratios) {
-        let weight = -t.alpha * b_h * rho / r;
-        data[0] -= weight;
+    let mut data = vec![-t.alpha.clone() * h_phi_1];
+    for (rho, r) in rhos.into_iter().zip(ratios) {
+        let weight = -t.alpha.clone() * b_h.clone() * rho / r;
+        data[0] = data[0].clone() - weight.clone();
         data.push(weight);
     }
-    StepCoefficients { sample: t.sigma / s0.sigma, data }
+    StepCoefficients { sample: t.sigma.clone() / s0.sigma.clone(), data }
 }
 
 /// The UniC (corrector) update that refines the state at `levels[i]` (i >= 1) once the model has
 /// been evaluated there: weights of the state `x_{i-1}` the previous predictor started from, and of
 /// `x0_hat_i` (the new evaluation, at the uncorrected state), `x0_hat_{i-1}, x0_hat_{i-2}, ...`.
 /// `order` is the order of the predictor of step `i - 1`.
-pub fn unipc_corrector_coefficients(
-    levels: &[NoiseLevel],
+pub fn unipc_corrector_coefficients<S: SolverScalar>(
+    levels: &[NoiseLevel<S>],
     i: usize,
     order: usize,
     variant: UniPcVariant,
-) -> StepCoefficients {
-    let (s0, t) = (levels[i - 1], levels[i]);
-    let h = t.lambda - s0.lambda;
-    let ratios: Vec<f64> = (1..order).map(|k| (levels[i - 1 - k].lambda - s0.lambda) / h).collect();
-    let (h_phi_1, b_h, rhs) = unipc_rhs(h, order, variant);
-    let rhos: Vec<f64> = if order == 1 {
-        vec![0.5]
+) -> StepCoefficients<S> {
+    let (s0, t) = (&levels[i - 1], &levels[i]);
+    let h = t.lambda.clone() - s0.lambda.clone();
+    let ratios: Vec<S> =
+        (1..order).map(|k| (levels[i - 1 - k].lambda.clone() - s0.lambda.clone()) / h.clone()).collect();
+    let (h_phi_1, b_h, rhs) = unipc_rhs(h.clone(), order, variant);
+    let rhos: Vec<S> = if order == 1 {
+        vec![h.constant_like(0.5)]
     } else {
-        let nodes: Vec<f64> = ratios.iter().copied().chain([1.0]).collect();
+        let nodes: Vec<S> = ratios.iter().cloned().chain([h.constant_like(1.0)]).collect();
         solve_power_system(&nodes, &rhs)
     };
     // x = (sigma_t / sigma_s0) x_{i-1} - alpha_t h phi_1 m0
     //     - alpha_t B(h) (sum_k rho_k (m_k - m0) / r_k + rho_last (model_t - m0)), m0 = x0_hat_{i-1}
-    let scale = -t.alpha * b_h;
-    let rho_last = rhos[order - 1];
-    let mut data = vec![scale * rho_last, -t.alpha * h_phi_1 - scale * rho_last];
-    for (rho, r) in rhos.iter().zip(&ratios) {
-        let weight = scale * rho / r;
-        data[1] -= weight;
+    let scale = -t.alpha.clone() * b_h;
+    let rho_last = rhos[order - 1].clone();
+    let mut data = vec![scale.clone() * rho_last.clone(), -t.alpha.clone() * h_phi_1 - scale.clone() * rho_last];
+    for (rho, r) in rhos.into_iter().zip(ratios) {
+        let weight = scale.clone() * rho / r;
+        data[1] = data[1].clone() - weight.clone();
         data.push(weight);
     }
-    StepCoefficients { sample: t.sigma / s0.sigma, data }
+    StepCoefficients { sample: t.sigma.clone() / s0.sigma.clone(), data }
 }
 
 /// UniPC (UniP predictor + UniC corrector) from `x_init` over descending `timesteps`;
@@ -444,6 +481,12 @@ pub fn unipc<D: Denoiser + ?Sized>(
     options: &UniPcOptions,
     on_step: &mut dyn FnMut(usize),
 ) -> Result<Tensor> {
+    check_unipc_options(options)?;
+    let levels = noise_levels(schedule, timesteps, options.final_sigma)?;
+    unipc_on_levels(model, timesteps, &levels, x_init, options, on_step)
+}
+
+fn check_unipc_options(options: &UniPcOptions) -> Result<()> {
     if !(1..=3).contains(&options.order) {
         return Err(Error::invalid("solver_order", format!("{} (UniPC here has orders 1, 2, 3)", options.order)));
     }
@@ -453,7 +496,26 @@ pub fn unipc<D: Denoiser + ?Sized>(
             "false needs final_sigmas_type sigma_min: a higher-order UniPC step to sigma = 0 is undefined",
         ));
     }
-    let levels = noise_levels(schedule, timesteps, options.final_sigma)?;
+    Ok(())
+}
+
+/// [`unipc`] with given noise levels (`timesteps.len() + 1` of them, e.g. from
+/// [`exact_noise_levels`]); `options.final_sigma` only decides which settings are valid.
+pub fn unipc_on_levels<D: Denoiser + ?Sized>(
+    model: &D,
+    timesteps: &[f64],
+    levels: &[NoiseLevel],
+    x_init: &Tensor,
+    options: &UniPcOptions,
+    on_step: &mut dyn FnMut(usize),
+) -> Result<Tensor> {
+    check_unipc_options(options)?;
+    if levels.len() != timesteps.len() + 1 {
+        return Err(Error::invalid(
+            "noise levels",
+            format!("{} levels for {} steps (need one more than steps)", levels.len(), timesteps.len()),
+        ));
+    }
     let orders = unipc_orders(timesteps.len(), options);
     let mut history: VecDeque<Tensor> = VecDeque::with_capacity(options.order + 1);
     let mut x = x_init.shallow_clone();
@@ -463,7 +525,7 @@ pub fn unipc<D: Denoiser + ?Sized>(
         let x0_hat = data_prediction(model.prediction_type(), &output, &x, levels[i]);
         if let Some(start) = &last_start {
             if !options.disable_corrector.contains(&(i - 1)) {
-                let coefficients = unipc_corrector_coefficients(&levels, i, orders[i - 1], options.variant);
+                let coefficients = unipc_corrector_coefficients(levels, i, orders[i - 1], options.variant);
                 let recent: Vec<&Tensor> = std::iter::once(&x0_hat).chain(history.iter()).collect();
                 x = coefficients.apply(start, &recent);
             }
@@ -472,13 +534,148 @@ pub fn unipc<D: Denoiser + ?Sized>(
             history.pop_back();
         }
         history.push_front(x0_hat);
-        let coefficients = unipc_predictor_coefficients(&levels, i, orders[i], options.variant);
+        let coefficients = unipc_predictor_coefficients(levels, i, orders[i], options.variant);
         let recent: Vec<&Tensor> = history.iter().collect();
         let next = coefficients.apply(&x, &recent);
         last_start = Some(std::mem::replace(&mut x, next));
         on_step(i);
     }
     Ok(x)
+}
+
+// ------------------------------------------------------------------ GGDM form
+
+/// One step of a multistep solver as a row of GGDM's coefficient matrices (DESIGN.md section 4,
+/// "GGDM step" with `sigma_i = 0`): `x_{i+1} = state x_i + sum_{j<=i} data[j] x0_hat_j`, where
+/// `x_i` is the state the model is queried at and `x0_hat_j` its data prediction there.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GgdmRow<S = f64> {
+    /// `u_ii`, the weight of the state `x_i` (every other `u_ij` of these solvers is zero).
+    pub state: S,
+    /// `w_ij` for `j = 0..=i`; `None` where the solver puts no weight.
+    pub data: Vec<Option<S>>,
+}
+
+impl<S: SolverScalar> GgdmRow<S> {
+    fn new(i: usize, state: S) -> Self {
+        Self { state, data: vec![None; i + 1] }
+    }
+
+    /// Adds weights given newest first, the first one to `x0_hat_newest`.
+    fn add_data(&mut self, newest: usize, weights: impl IntoIterator<Item = S>) {
+        for (back, weight) in weights.into_iter().enumerate() {
+            let slot = &mut self.data[newest - back];
+            *slot = Some(match slot.take() {
+                Some(sum) => sum + weight,
+                None => weight,
+            });
+        }
+    }
+}
+
+/// A multistep solver with its settings: what a GGDM sampler can start as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MultistepSolver {
+    /// DPM-Solver++.
+    DpmSolver(DpmSolverOptions),
+    /// UniPC.
+    UniPc(UniPcOptions),
+}
+
+impl MultistepSolver {
+    /// Where the last step lands.
+    pub fn final_sigma(&self) -> FinalSigma {
+        match self {
+            MultistepSolver::DpmSolver(options) => options.final_sigma,
+            MultistepSolver::UniPc(options) => options.final_sigma,
+        }
+    }
+
+    /// The solver over `levels` (`K + 1` of them) as `K` GGDM rows ([`dpm_solver_ggdm_rows`],
+    /// [`unipc_ggdm_rows`]).
+    pub fn ggdm_rows<S: SolverScalar>(&self, levels: &[NoiseLevel<S>]) -> Vec<GgdmRow<S>> {
+        match self {
+            MultistepSolver::DpmSolver(options) => dpm_solver_ggdm_rows(levels, options),
+            MultistepSolver::UniPc(options) => unipc_ggdm_rows(levels, options),
+        }
+    }
+
+    /// Runs the solver from `x_init` over `timesteps` with diffusers' noise levels ([`dpm_solver`],
+    /// [`unipc`]; what `ddss-cli sample` runs).
+    pub fn run<D: Denoiser + ?Sized>(
+        &self,
+        model: &D,
+        schedule: &NoiseSchedule,
+        timesteps: &[f64],
+        x_init: &Tensor,
+        on_step: &mut dyn FnMut(usize),
+    ) -> Result<Tensor> {
+        match self {
+            MultistepSolver::DpmSolver(options) => dpm_solver(model, schedule, timesteps, x_init, options, on_step),
+            MultistepSolver::UniPc(options) => unipc(model, schedule, timesteps, x_init, options, on_step),
+        }
+    }
+
+    /// Runs the solver from `x_init` over `timesteps` on given noise levels
+    /// ([`dpm_solver_on_levels`], [`unipc_on_levels`]).
+    pub fn run_on_levels<D: Denoiser + ?Sized>(
+        &self,
+        model: &D,
+        timesteps: &[f64],
+        levels: &[NoiseLevel],
+        x_init: &Tensor,
+        on_step: &mut dyn FnMut(usize),
+    ) -> Result<Tensor> {
+        match self {
+            MultistepSolver::DpmSolver(options) => {
+                dpm_solver_on_levels(model, timesteps, levels, x_init, options, on_step)
+            }
+            MultistepSolver::UniPc(options) => unipc_on_levels(model, timesteps, levels, x_init, options, on_step),
+        }
+    }
+}
+
+/// DPM-Solver++ over `levels` (`K + 1` noise levels, one per step and the final one) as `K` GGDM
+/// rows: the multistep update `x_{i+1} = a_i x_i + b_i x0_hat_i + c_i x0_hat_{i-1} (+ ...)` is
+/// `u_ii = a_i`, `w_ii = b_i`, `w_{i,i-1} = c_i`.
+pub fn dpm_solver_ggdm_rows<S: SolverScalar>(levels: &[NoiseLevel<S>], options: &DpmSolverOptions) -> Vec<GgdmRow<S>> {
+    let steps = levels.len().saturating_sub(1);
+    dpm_solver_orders(steps, options)
+        .into_iter()
+        .enumerate()
+        .map(|(i, order)| {
+            let step = dpm_solver_coefficients(levels, i, order);
+            let mut row = GgdmRow::new(i, step.sample);
+            row.add_data(i, step.data);
+            row
+        })
+        .collect()
+}
+
+/// UniPC (UniP predictor, UniC corrector) over `levels` as `K` GGDM rows whose states are the
+/// *predicted* states `x^p_i`, where the model is queried. The corrected state is
+/// `x^c_i = x^p_i + C_i m - P_{i-1} m` (the corrector's and the previous predictor's data
+/// combinations; their state weights are equal and cancel), and `x^p_{i+1} = s_i x^c_i + P_i m`,
+/// so `u_ii = s_i` and `w_i = P_i + s_i (C_i - P_{i-1})`. The last output is not corrected, as in
+/// [`unipc`].
+pub fn unipc_ggdm_rows<S: SolverScalar>(levels: &[NoiseLevel<S>], options: &UniPcOptions) -> Vec<GgdmRow<S>> {
+    let steps = levels.len().saturating_sub(1);
+    let orders = unipc_orders(steps, options);
+    (0..steps)
+        .map(|i| {
+            let predictor = unipc_predictor_coefficients(levels, i, orders[i], options.variant);
+            let state = predictor.sample.clone();
+            let mut row = GgdmRow::new(i, predictor.sample);
+            row.add_data(i, predictor.data);
+            if i > 0 && !options.disable_corrector.contains(&(i - 1)) {
+                let corrector = unipc_corrector_coefficients(levels, i, orders[i - 1], options.variant);
+                let previous = unipc_predictor_coefficients(levels, i - 1, orders[i - 1], options.variant);
+                row.add_data(i, corrector.data.into_iter().map(|w| w * state.clone()));
+                row.add_data(i - 1, previous.data.into_iter().map(|w| -(w * state.clone())));
+            }
+            row
+        })
+        .collect()
 }
 
 #[cfg(test)]
