@@ -2,7 +2,7 @@
 //! learnable part, and `sampler.json` round-trips bit for bit and rejects bad files clearly.
 
 use ggdm_core::analytic::{DiffusersDummyDenoiser, GaussianDataDenoiser};
-use ggdm_core::ggdm::{GgdmSampler, History, Learnable, Query};
+use ggdm_core::ggdm::{GgdmBase, GgdmSampler, History, Learnable, Query, SAMPLER_VERSION};
 use ggdm_core::grid::{timesteps, Spacing};
 use ggdm_core::noise::{ListNoise, NoiseSource, SeededNoise};
 use ggdm_core::samplers::{ddim, grid_steps, DdimOptions};
@@ -111,9 +111,29 @@ fn gradients_reach_every_learnable_part() {
 
 fn trained_sampler() -> GgdmSampler {
     let cfg = config(PredictionType::Epsilon);
-    let mut sampler =
+    let sampler =
         GgdmSampler::init_from_spacing(&cfg, 5, Spacing::Quadratic, 0.3, History::Full, Learnable::all(), Device::Cpu)
             .expect("init");
+    trained(sampler)
+}
+
+/// A sampler started as the multistep solver `base` for `prediction_type`, then trained as
+/// [`trained_sampler`].
+fn trained_solver_sampler(base: GgdmBase, prediction_type: PredictionType) -> GgdmSampler {
+    let sampler = GgdmSampler::init_from_solver_spacing(
+        base,
+        &config(prediction_type),
+        6,
+        Spacing::Linspace,
+        History::Full,
+        Learnable::all(),
+        Device::Cpu,
+    )
+    .expect("init");
+    trained(sampler)
+}
+
+fn trained(mut sampler: GgdmSampler) -> GgdmSampler {
     // Move every parameter away from its initial value, with awkward floats.
     tch::no_grad(|| {
         for (i, (_, t)) in sampler.params.named().into_iter().enumerate() {
@@ -159,7 +179,12 @@ fn bad_sampler_files_give_clear_errors() {
     let text = serde_json::to_string(&trained_sampler().to_file()).expect("json");
     let cases: Vec<(String, &str)> = vec![
         (text[..text.len() / 2].to_string(), "not valid JSON"),
-        (text.replace("\"version\":1", "\"version\":7"), "version 7 is not supported"),
+        (
+            text.replace("\"version\":2", "\"version\":7"),
+            "version 7 is not supported; this build reads versions 1 and 2",
+        ),
+        (text.replace("\"base\":\"ddim\"", "\"base\":\"dpmpp9m\""), "unknown variant `dpmpp9m`"),
+        (text.replace("\"base\":\"ddim\"", "\"base\":\"unipc\""), "eta"),
         (text.replace("ddss-ggdm-sampler", "something-else"), "not a GGDM sampler file"),
         (text.replace("\"steps\":5", "\"steps\":6"), "grid_logits"),
         (text.replace("\"eta\":", "\"etta\":"), "unknown field `etta`"),
@@ -272,62 +297,130 @@ fn marginal_query_follows_the_recursion() {
     assert!(!text.contains("\"query\""), "the default mode is not written, so older files stay identical");
 }
 
-/// `[sampler] init = "dpmpp2m"`: at initialisation the GGDM sampler is DPM-Solver++(2M) written as
-/// GGDM coefficients. Against the solver on the same (exact f64) noise levels the two agree to f64
-/// rounding; against `dpm_solver` with diffusers' float32-rounded levels, to f32 precision.
+/// A version 2 file of `sampler` turned into the version 1 it would have been: no `base`, and
+/// only the derived values version 1 had.
+fn as_version_1(sampler: &GgdmSampler) -> serde_json::Value {
+    let mut value = serde_json::to_value(sampler.to_file()).expect("json");
+    let file = value.as_object_mut().expect("object");
+    assert_eq!(file.remove("base"), Some(serde_json::json!("ddim")));
+    file.insert("version".into(), serde_json::json!(1));
+    let derived = file["derived"].as_object_mut().expect("derived");
+    derived.retain(|key, _| ["timesteps", "sigma", "u", "w"].contains(&key.as_str()));
+    value
+}
+
+/// Version 1 files (always a DDIM(eta) base) still load with the meaning they had, and are
+/// written back as the current version; a version 1 file keeps version 1's schema.
 #[test]
-fn ggdm_at_dpm_solver_init_reproduces_dpm_solver_2m() {
-    use ggdm_core::grid::multistep_timesteps;
-    use ggdm_core::solvers::{dpm_solver, dpm_solver_on_levels, exact_noise_levels, DpmSolverOptions, FinalSigma};
+fn version_1_files_load_as_a_ddim_base() {
+    let sampler = trained_sampler();
+    let old = as_version_1(&sampler);
+    let loaded = GgdmSampler::from_json(&old.to_string(), Device::Cpu).expect("version 1 loads");
+    assert_eq!(loaded.base, GgdmBase::Ddim);
+    for ((name, a), (_, b)) in sampler.params.named().into_iter().zip(loaded.params.named()) {
+        assert!(a.equal(b), "{name} differs after loading version 1");
+    }
+    let model = DiffusersDummyDenoiser { prediction_type: PredictionType::Epsilon };
+    let (x, z) = sampler.draw_noise(&mut SeededNoise::new(4), &[2, 1, 4, 4], Device::Cpu).expect("noise");
+    let a = tch::no_grad(|| sampler.sample(&model, &x, &z)).expect("sample");
+    let b = tch::no_grad(|| loaded.sample(&model, &x, &z)).expect("sample");
+    assert!(a.equal(&b), "a version 1 file samples differently");
+    assert_eq!(loaded.to_file().version, SAMPLER_VERSION);
+    assert_eq!(loaded.to_file(), sampler.to_file());
+    // Version 1 has no `base` and no new derived values.
+    let mut with_base = old.clone();
+    with_base["base"] = serde_json::json!("ddim");
+    let err = GgdmSampler::from_json(&with_base.to_string(), Device::Cpu).expect_err("base in v1").to_string();
+    assert!(err.contains("unknown field `base`"), "{err}");
+    // A version 2 file without `base` is incomplete.
+    let mut no_base = serde_json::to_value(sampler.to_file()).expect("json");
+    no_base.as_object_mut().expect("object").remove("base");
+    let err = GgdmSampler::from_json(&no_base.to_string(), Device::Cpu).expect_err("no base").to_string();
+    assert!(err.contains("missing field `base`"), "{err}");
+}
+
+/// A sampler started as a solver round-trips with its base, and its file checks the base's
+/// settings.
+#[test]
+fn solver_bases_round_trip_and_are_checked_when_loading() {
+    for base in [GgdmBase::Dpmpp2m, GgdmBase::Dpmpp3m, GgdmBase::Unipc, GgdmBase::Unipc3] {
+        let sampler = trained_solver_sampler(base, PredictionType::VPrediction);
+        let text = serde_json::to_string(&sampler.to_file()).expect("json");
+        assert!(text.contains(&format!("\"base\":\"{}\"", base.name())), "{text}");
+        let loaded = GgdmSampler::from_json(&text, Device::Cpu).expect("load");
+        assert_eq!(loaded.base, base);
+        assert_eq!(loaded.to_file(), sampler.to_file());
+        let last = text.replace("\"history\":\"full\"", "\"history\":\"last\"");
+        let err = GgdmSampler::from_json(&last, Device::Cpu).expect_err("history last").to_string();
+        assert!(err.contains("history") && err.contains(base.name()), "{err}");
+    }
+}
+
+/// `docs/sampler_json.md`'s recipe, run from the file's `derived` values alone (plain JSON
+/// numbers, no schedule and no solver), reproduces the sampler for every prediction type, both
+/// query modes, and a DDIM and a UniPC base: `x0_hat_i = p_i x_i + q_i eps_i`, with `eps_i` the
+/// network's epsilon at `(input_scale_i x_i, query_timesteps_i)` (converted with `query_abar_i`),
+/// then `x_{i+1} = sum_j u_ij x_j + sum_j w_ij x0_hat_j + sigma_i z_i`. `derived.sigma` is
+/// `|sigma|`, so the comparison flips `z_i` where the learned sigma is negative.
+#[test]
+fn derived_coefficients_alone_run_the_sampler() {
     for prediction_type in [PredictionType::Epsilon, PredictionType::Sample, PredictionType::VPrediction] {
-        let cfg = config(prediction_type);
-        let schedule = cfg.schedule().expect("schedule");
-        let gaussian = GaussianDataDenoiser::new(&schedule, 0.3, 0.5, [1, 4, 4]);
-        let dummy = DiffusersDummyDenoiser { prediction_type };
-        let model: &dyn Denoiser = if prediction_type == PredictionType::Epsilon { &gaussian } else { &dummy };
-        for k in [1usize, 2, 5, 10, 20] {
-            for spacing in [Spacing::Linspace, Spacing::Trailing] {
-                let sampler = GgdmSampler::init_from_dpm_solver_spacing(
-                    &cfg,
-                    k,
-                    spacing,
+        let model = DiffusersDummyDenoiser { prediction_type };
+        for query in [Query::Grid, Query::Marginal] {
+            let ddim = trained(
+                GgdmSampler::init_from_spacing(
+                    &config(prediction_type),
+                    5,
+                    Spacing::Trailing,
+                    0.4,
                     History::Full,
                     Learnable::all(),
                     Device::Cpu,
                 )
-                .expect("init");
-                let grid: Vec<f64> =
-                    multistep_timesteps(1000, k, spacing, 0).expect("grid").into_iter().map(|t| t as f64).collect();
-                for (ours, theirs) in sampler.timesteps().iter().zip(&grid) {
-                    assert!((ours - theirs).abs() < 1e-9, "grid {ours} vs {theirs}");
-                }
-                let mut source = SeededNoise::new(k as u64);
-                let (x_init, z) = sampler.draw_noise(&mut source, &[3, 1, 4, 4], Device::Cpu).expect("noise");
-                let options = DpmSolverOptions::default();
-                let label = format!("{prediction_type:?} K={k} {spacing:?}");
-
-                let x64 = x_init.to_kind(Kind::Double);
-                let ours = sampler.sample(model, &x64, &z).expect("ggdm sample");
-                let levels = exact_noise_levels(&schedule, &grid, FinalSigma::Zero).expect("levels");
-                let reference = dpm_solver_on_levels(model, &grid, &levels, &x64, &options, &mut |_| {}).expect("dpm");
-                let diff = max_abs_diff(&ours, &reference);
-                assert!(diff <= 1e-9, "{label} f64: |GGDM - DPM-Solver++(2M)| = {diff}");
-
-                let ours = sampler.sample(model, &x_init, &z).expect("ggdm sample");
-                let reference = dpm_solver(model, &schedule, &grid, &x_init, &options, &mut |_| {}).expect("dpm");
-                let diff = max_abs_diff(&ours, &reference);
-                assert!(diff <= 1e-5, "{label} f32: |GGDM - DPM-Solver++(2M)| = {diff}");
+                .expect("init"),
+            );
+            for sampler in [ddim, trained_solver_sampler(GgdmBase::Unipc, prediction_type)] {
+                let sampler = sampler.with_query(query);
+                let label = format!("{:?} {prediction_type:?} {query:?}", sampler.base);
+                let derived = serde_json::to_value(sampler.to_file()).expect("json")["derived"].clone();
+                let (x_init, z) = sampler.draw_noise(&mut SeededNoise::new(9), &[2, 1, 3, 3], Device::Cpu).unwrap();
+                let x_init = x_init.to_kind(Kind::Double);
+                let from_derived = run_from_derived(&derived, &model, &x_init, &z);
+                let signs = tch::no_grad(|| sampler.coefficients()).sigma.sign();
+                let z_signed: Vec<Tensor> = z.iter().enumerate().map(|(i, z)| z * signs.get(i as i64)).collect();
+                let ours = tch::no_grad(|| sampler.sample(&model, &x_init, &z_signed)).expect("sample");
+                let diff = max_abs_diff(&ours, &from_derived);
+                assert!(diff <= 1e-9, "{label}: |sampler - derived recipe| = {diff}");
             }
         }
     }
-    let err = GgdmSampler::init_from_dpm_solver_spacing(
-        &config(PredictionType::Epsilon),
-        5,
-        Spacing::Trailing,
-        History::Last,
-        Learnable::all(),
-        Device::Cpu,
-    )
-    .expect_err("history last");
-    assert!(err.to_string().contains("history"), "{err}");
+}
+
+fn run_from_derived(derived: &serde_json::Value, model: &dyn Denoiser, x_init: &Tensor, z: &[Tensor]) -> Tensor {
+    let vector = |key: &str| -> Vec<f64> { serde_json::from_value(derived[key].clone()).expect(key) };
+    let matrix = |key: &str| -> Vec<Vec<f64>> { serde_json::from_value(derived[key].clone()).expect(key) };
+    let (u, w, sigma) = (matrix("u"), matrix("w"), vector("sigma"));
+    let (p, q) = (vector("p"), vector("q"));
+    let (query_tau, query_abar, input_scale) = (vector("query_timesteps"), vector("query_abar"), vector("input_scale"));
+    let n = x_init.size()[0];
+    let mut states = vec![x_init.shallow_clone()];
+    let mut x0_hats: Vec<Tensor> = Vec::new();
+    for i in 0..u.len() {
+        let x_net = &states[i] * input_scale[i];
+        let tau = Tensor::full([n], query_tau[i], (Kind::Double, Device::Cpu));
+        let output = tch::no_grad(|| model.forward(&x_net, &tau)).expect("network");
+        let (signal, noise) = (query_abar[i].sqrt(), (1.0 - query_abar[i]).sqrt());
+        let eps = match model.prediction_type() {
+            PredictionType::Epsilon => output,
+            PredictionType::Sample => (&x_net - output * signal) / noise,
+            PredictionType::VPrediction => output * signal + &x_net * noise,
+        };
+        x0_hats.push(&states[i] * p[i] + eps * q[i]);
+        let mut next = z[i].to_kind(Kind::Double) * sigma[i];
+        for j in 0..=i {
+            next = next + &states[j] * u[i][j] + &x0_hats[j] * w[i][j];
+        }
+        states.push(next);
+    }
+    states.pop().expect("a state")
 }

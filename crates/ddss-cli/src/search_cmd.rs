@@ -18,7 +18,7 @@ use anyhow::{bail, Context, Result};
 use ddss_opt::loss::{FeatureLoss, LossKind};
 use ddss_opt::search::{run_search_with, ObjectiveParts, SearchObserver, SearchSettings, StepRecord};
 use fid_metrics::features::{extract_features_batched, open_extractor, FeatureExtractor};
-use ggdm_core::ggdm::{GgdmInit, GgdmSampler, History, Learnable, ModelIdentity, Query};
+use ggdm_core::ggdm::{GgdmBase, GgdmSampler, History, Learnable, ModelIdentity, Query};
 use ggdm_core::grid::Spacing;
 use ggdm_core::model_dir::NetworkPrecision;
 use serde::{Deserialize, Serialize};
@@ -93,11 +93,14 @@ pub struct DataSection {
 pub struct SamplerSection {
     /// Number of steps K.
     pub steps: usize,
-    /// What the search starts from: `ddim` (DDIM(eta) on the DDIM grid of `spacing`, the default)
-    /// or `dpmpp2m` (DPM-Solver++(2M) on the multistep solvers' grid of `spacing`; needs
-    /// `eta = 0` and `history = "full"`).
+    /// The start solver the search starts from, and whose coefficients at the current grid the
+    /// learned residuals are added to: `ddim` (DDIM(eta) on the DDIM grid of `spacing`, the
+    /// default), or on the multistep solvers' grid of `spacing` `dpmpp2m` / `dpmpp3m`
+    /// (DPM-Solver++(2M) / (3M)) or `unipc` / `unipc3` (UniPC bh2 of order 2 / 3 with the UniC
+    /// corrector, as `ddss-cli sample --sampler unipc` runs it); the solvers need `eta = 0` and
+    /// `history = "full"`.
     #[serde(default)]
-    pub init: GgdmInit,
+    pub init: GgdmBase,
     /// DDIM eta of the initialisation (and of the `ddim` baseline).
     #[serde(default)]
     pub eta: f64,
@@ -242,12 +245,11 @@ fn parse_config_with_steps(text: &str, path: &Path, steps: Option<usize>) -> Res
     if !(config.sampler.eta >= 0.0) {
         bail!("{}: [sampler] eta = {}: must be >= 0", path.display(), config.sampler.eta);
     }
-    if config.sampler.init == GgdmInit::Dpmpp2m
-        && (config.sampler.eta != 0.0 || config.sampler.history != History::Full)
-    {
+    if config.sampler.init != GgdmBase::Ddim && (config.sampler.eta != 0.0 || config.sampler.history != History::Full) {
         bail!(
-            "{}: [sampler] init = \"dpmpp2m\" needs eta = 0 and history = \"full\" (got eta = {}, history = {:?})",
+            "{}: [sampler] init = \"{}\" needs eta = 0 and history = \"full\" (got eta = {}, history = {:?})",
             path.display(),
+            config.sampler.init.name(),
             config.sampler.eta,
             config.sampler.history
         );
@@ -399,7 +401,7 @@ pub fn run(args: SearchArgs) -> Result<()> {
     let loss = FeatureLoss::new(config.loss.kind, &real.to_device(device))?;
 
     let mut sampler = match config.sampler.init {
-        GgdmInit::Ddim => GgdmSampler::init_from_spacing(
+        GgdmBase::Ddim => GgdmSampler::init_from_spacing(
             &model.scheduler,
             config.sampler.steps,
             config.sampler.spacing,
@@ -408,7 +410,8 @@ pub fn run(args: SearchArgs) -> Result<()> {
             config.sampler.learn,
             device,
         )?,
-        GgdmInit::Dpmpp2m => GgdmSampler::init_from_dpm_solver_spacing(
+        solver => GgdmSampler::init_from_solver_spacing(
+            solver,
             &model.scheduler,
             config.sampler.steps,
             config.sampler.spacing,

@@ -1,4 +1,4 @@
-//! The GGDM sampler family (DESIGN.md section 4, "GGDM step"):
+//! The GGDM sampler family (DESIGN.md section 4, "GGDM step" and "Starting solver and teacher"):
 //!
 //! ```text
 //! eps_i    = model(x_i, tau_i)                      (converted from x0 / v predictions)
@@ -6,29 +6,40 @@
 //! x_{i+1}  = sum_{j<=i} u_ij x_j + sum_{j<=i} w_ij x0_hat_j + sigma_i z_i     (x_{K+1} is the sample)
 //! ```
 //!
-//! Every coefficient is "DDIM(eta) at the current grid + a learned residual", so
-//! [`GgdmSampler::init_from_ddim`] reproduces DDIM exactly and learning the grid keeps the rest
-//! consistent. [`GgdmSampler::init_from_dpm_solver`] starts the residuals at the difference between
-//! DPM-Solver++(2M) and DDIM instead, so the sampler starts as DPM-Solver++(2M). The grid is `tau_i = tau_end + (tau_max - tau_end) (1 - sum_{j<i} g_j)` with
+//! Every coefficient is "the start solver's value at the current grid + a learned residual"
+//! ([`GgdmBase`]): DDIM(eta) ([`GgdmSampler::init_from_ddim`]), DPM-Solver++(2M/3M) or UniPC
+//! (order 2 or 3, with the UniC corrector; [`GgdmSampler::init_from_solver`]). The residuals start
+//! at 0, so at initialisation the sampler is that solver, and because the base is evaluated
+//! differentiably at the learned grid (through `abar(tau)` and the log-SNR `lambda(tau)`, with the
+//! solver formulas of [`crate::solvers`] run in [`crate::scalar::TensorScalar`]), moving the grid
+//! keeps the solver consistent: with the residuals at 0 the sampler is the solver run on the moved
+//! grid. The solver bases use the exact f64 noise levels ([`solvers::exact_noise_levels`]) with a
+//! final sigma of zero; UniPC's states are its predicted (uncorrected) states, where the model is
+//! queried ([`solvers::unipc_ggdm_rows`]).
+//!
+//! The grid is `tau_i = tau_end + (tau_max - tau_end) (1 - sum_{j<i} g_j)` with
 //! `g = softmax(grid_logits)`, where `tau_end` is the clean point (`-1`, `abar = 1`, or `0` when the
 //! schedule does not set alpha to one).
 //!
 //! Parameters and coefficients are `f64` tensors (the states may be `f32`): the grid is recovered
-//! from its logits to ~1e-13, so the sampler at initialisation equals DDIM to float precision.
-//! `sigma_i` is learned as `sigma_ddim + residual` without a sign constraint: it only ever
-//! multiplies symmetric noise `z_i`, so `-sigma` and `sigma` give the same sampler, and an
+//! from its logits to ~1e-13, so the sampler at initialisation equals its start solver to float
+//! precision. `sigma_i` is learned as `sigma_base + residual` without a sign constraint: it only
+//! ever multiplies symmetric noise `z_i`, so `-sigma` and `sigma` give the same sampler, and an
 //! `eta = 0` start can still learn noise (a positive parametrisation would be stuck at zero).
 //!
 //! `sampler.json` ([`GgdmSampler::save`] / [`GgdmSampler::load`]) is versioned and records the
-//! schedule, `K`, the model identity and every parameter; it round-trips bit for bit.
+//! schedule, `K`, the base, the model identity, every parameter and every derived coefficient; it
+//! round-trips bit for bit. The format, and how to run a sampler from its derived coefficients
+//! alone, is documented in `docs/sampler_json.md`.
 
 use crate::denoiser::Denoiser;
 use crate::grid::{multistep_timesteps, timesteps, Spacing};
 use crate::noise::NoiseSource;
 use crate::prediction::PredictionType;
+use crate::scalar::TensorScalar;
 use crate::schedule::{NoiseSchedule, TAU_CLEAN};
 use crate::scheduler_config::SchedulerConfig;
-use crate::solvers;
+use crate::solvers::{self, MultistepSolver, NoiseLevel};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -36,8 +47,10 @@ use tch::{Device, Kind, Tensor};
 
 /// The `format` field of `sampler.json`.
 pub const SAMPLER_FORMAT: &str = "ddss-ggdm-sampler";
-/// The `version` this build writes and reads.
-pub const SAMPLER_VERSION: u32 = 1;
+/// The `version` this build writes.
+pub const SAMPLER_VERSION: u32 = 2;
+/// The versions this build reads ([`GgdmSampler::from_json`]): version 1 is a DDIM(eta) base.
+pub const SAMPLER_VERSIONS_READ: [u32; 2] = [1, 2];
 
 /// Which past states and predictions a step may combine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -104,15 +117,78 @@ impl Learnable {
     }
 }
 
-/// The training-free sampler a GGDM sampler starts as (`[sampler] init` of a search config).
+/// The start solver of a GGDM sampler (`[sampler] init` of a search config, `base` of
+/// `sampler.json`): every coefficient is this solver's, evaluated at the current grid, plus a
+/// learned residual that starts at 0.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
-pub enum GgdmInit {
-    /// DDIM(eta) on a DDIM/DDPM grid ([`GgdmSampler::init_from_spacing`]).
+pub enum GgdmBase {
+    /// DDIM(eta), started on a DDIM/DDPM grid ([`GgdmSampler::init_from_spacing`]).
     #[default]
     Ddim,
-    /// DPM-Solver++(2M) on the multistep solvers' grid ([`GgdmSampler::init_from_dpm_solver_spacing`]).
+    /// DPM-Solver++(2M) with diffusers' defaults (midpoint, lower-order final steps, final sigma
+    /// zero), started on the multistep solvers' grid ([`GgdmSampler::init_from_solver_spacing`]).
     Dpmpp2m,
+    /// DPM-Solver++(3M), otherwise as [`GgdmBase::Dpmpp2m`].
+    Dpmpp3m,
+    /// UniPC (bh2, order 2, with the UniC corrector; [`solvers::unipc`] with
+    /// [`solvers::UniPcOptions::default`], what `ddss-cli sample --sampler unipc` runs), started on
+    /// the multistep solvers' grid.
+    Unipc,
+    /// UniPC of order 3, otherwise as [`GgdmBase::Unipc`].
+    Unipc3,
+}
+
+impl GgdmBase {
+    /// Every base, in the order the docs list them.
+    pub const ALL: [GgdmBase; 5] =
+        [GgdmBase::Ddim, GgdmBase::Dpmpp2m, GgdmBase::Dpmpp3m, GgdmBase::Unipc, GgdmBase::Unipc3];
+
+    /// The name in configs and in `sampler.json` (also the `ddss-cli sample --sampler` name).
+    pub fn name(self) -> &'static str {
+        match self {
+            GgdmBase::Ddim => "ddim",
+            GgdmBase::Dpmpp2m => "dpmpp2m",
+            GgdmBase::Dpmpp3m => "dpmpp3m",
+            GgdmBase::Unipc => "unipc",
+            GgdmBase::Unipc3 => "unipc3",
+        }
+    }
+
+    /// The multistep solver, `None` for DDIM.
+    pub fn solver(self) -> Option<MultistepSolver> {
+        match self {
+            GgdmBase::Ddim => None,
+            GgdmBase::Dpmpp2m => Some(MultistepSolver::DpmSolver(solvers::DpmSolverOptions::default())),
+            GgdmBase::Dpmpp3m => {
+                Some(MultistepSolver::DpmSolver(solvers::DpmSolverOptions { order: 3, ..Default::default() }))
+            }
+            GgdmBase::Unipc => Some(MultistepSolver::UniPc(solvers::UniPcOptions::default())),
+            GgdmBase::Unipc3 => Some(MultistepSolver::UniPc(solvers::UniPcOptions { order: 3, ..Default::default() })),
+        }
+    }
+
+    /// Checks that a sampler of `steps` steps with this base can have `eta` and `history`: the
+    /// multistep solvers are deterministic (`eta = 0`) and read earlier predictions
+    /// (`history = full`, unless `K = 1`).
+    pub fn check(self, steps: usize, eta: f64, history: History) -> Result<()> {
+        if self == GgdmBase::Ddim {
+            return Ok(());
+        }
+        if eta != 0.0 {
+            return Err(Error::invalid(
+                "eta",
+                format!("{eta} with base `{}`: the multistep solvers are deterministic (need eta = 0)", self.name()),
+            ));
+        }
+        if history != History::Full && steps > 1 {
+            return Err(Error::invalid(
+                "history",
+                format!("`last` cannot hold base `{}`, whose steps read earlier predictions (use `full`)", self.name()),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// What model a sampler was made for (checked when it is used with a model).
@@ -225,7 +301,9 @@ fn safe_sqrt(x: &Tensor) -> Tensor {
 pub struct GgdmSampler {
     /// Number of steps `K`.
     pub steps: usize,
-    /// The eta of the DDIM base the residuals are added to.
+    /// The start solver the residuals are added to.
+    pub base: GgdmBase,
+    /// The eta of a DDIM base (0 for the other bases).
     pub eta: f64,
     /// History depth.
     pub history: History,
@@ -289,6 +367,7 @@ impl GgdmSampler {
         let grid_logits = Tensor::from_slice(&logits).to_device(device);
         let sampler = Self {
             steps: grid.len(),
+            base: GgdmBase::Ddim,
             eta,
             history,
             query: Query::Grid,
@@ -327,53 +406,37 @@ impl GgdmSampler {
         self
     }
 
-    /// A sampler equal to DPM-Solver++(2M) (diffusers' defaults: lower-order final steps, final
-    /// sigma zero) over `grid`, with the noise levels of the exact f64 schedule
-    /// ([`solvers::exact_noise_levels`]). Each multistep update `x_{i+1} = a_i x_i + b_i x0_hat_i +
-    /// c_i x0_hat_{i-1}` is written as GGDM coefficients `u_ii = a_i`, `w_ii = b_i`,
-    /// `w_{i,i-1} = c_i`: the residuals start at the difference to DDIM(eta = 0), so the learned
-    /// parts keep their meaning. Needs the full history (step `i` reads `x0_hat_{i-1}`).
-    pub fn init_from_dpm_solver(
+    /// A sampler equal to the multistep solver `base` over `grid`, with the noise levels of the exact
+    /// f64 schedule ([`solvers::exact_noise_levels`]) and a final sigma of zero: the solver's steps,
+    /// written as GGDM coefficients ([`solvers::GgdmRow`]), are the base, evaluated at the current
+    /// grid; the residuals start at 0. `base = ddim` is DDIM(eta = 0). Needs the full history
+    /// (the steps read earlier predictions) unless `K = 1`.
+    pub fn init_from_solver(
+        base: GgdmBase,
         scheduler: &SchedulerConfig,
         grid: &[f64],
         history: History,
         learn: Learnable,
         device: Device,
     ) -> Result<Self> {
-        if history != History::Full && grid.len() > 1 {
-            return Err(Error::invalid(
-                "history",
-                "`last` cannot hold DPM-Solver++(2M), whose steps read the previous prediction (use `full`)",
-            ));
-        }
-        let mut sampler = Self::init_from_ddim(scheduler, grid, 0.0, history, learn, device)?;
-        let k = grid.len();
-        let options = solvers::DpmSolverOptions::default();
-        let levels = solvers::exact_noise_levels(&sampler.schedule, grid, options.final_sigma)?;
-        let orders = solvers::dpm_solver_orders(k, &options);
-        let base = sampler.coefficients();
-        let u_base = tensor_to_vec(&base.u);
-        let w_base = tensor_to_vec(&base.w);
-        let mut u_residual = vec![0.0; k * k];
-        let mut w_residual = vec![0.0; k * k];
-        for (i, &order) in orders.iter().enumerate() {
-            let step = solvers::dpm_solver_coefficients(&levels, i, order);
-            u_residual[i * k + i] = step.sample - u_base[i * k + i];
-            for (back, weight) in step.data.iter().enumerate() {
-                let j = i - back;
-                w_residual[i * k + j] = weight - w_base[i * k + j];
+        base.check(grid.len(), 0.0, history)?;
+        if base != GgdmBase::Ddim {
+            if let Some(bad) = grid.iter().find(|&&t| t < 0.0) {
+                return Err(Error::invalid(
+                    "timesteps",
+                    format!("{bad}: the multistep solvers' grid must lie in [0, T - 1]"),
+                ));
             }
         }
-        let as_matrix = |values: &[f64]| Tensor::from_slice(values).reshape([k as i64, k as i64]).to_device(device);
-        sampler.params.u_residual = as_matrix(&u_residual);
-        sampler.params.w_residual = as_matrix(&w_residual);
-        sampler.set_requires_grad();
+        let mut sampler = Self::init_from_ddim(scheduler, grid, 0.0, history, learn, device)?;
+        sampler.base = base;
         Ok(sampler)
     }
 
-    /// DPM-Solver++(2M) over the grid diffusers' multistep solvers place for `K` steps
+    /// [`Self::init_from_solver`] over the grid diffusers' multistep solvers place for `K` steps
     /// ([`crate::grid::multistep_timesteps`]).
-    pub fn init_from_dpm_solver_spacing(
+    pub fn init_from_solver_spacing(
+        base: GgdmBase,
         scheduler: &SchedulerConfig,
         steps: usize,
         spacing: Spacing,
@@ -383,7 +446,7 @@ impl GgdmSampler {
     ) -> Result<Self> {
         let grid = multistep_timesteps(scheduler.num_train_timesteps, steps, spacing, scheduler.steps_offset)?;
         let grid: Vec<f64> = grid.into_iter().map(|t| t as f64).collect();
-        Self::init_from_dpm_solver(scheduler, &grid, history, learn, device)
+        Self::init_from_solver(base, scheduler, &grid, history, learn, device)
     }
 
     /// The noise schedule.
@@ -468,7 +531,9 @@ impl GgdmSampler {
         tensor_to_vec(&self.tau().detach())
     }
 
-    /// The coefficients of every step (differentiable in the parameters).
+    /// The coefficients of every step (differentiable in the parameters): the base's `u, w, sigma`
+    /// at the current grid ([`Self::base_coefficients`]) plus the residuals, and the prediction
+    /// coefficients of the query mode.
     pub fn coefficients(&self) -> Coefficients {
         let k = self.steps as i64;
         let device = self.device();
@@ -477,21 +542,16 @@ impl GgdmSampler {
         let tau_all = Tensor::cat(&[&tau, &tau_end], 0);
         let abar = self.abar_of(&tau_all);
         let abar_t = abar.narrow(0, 0, k);
-        let abar_s = abar.narrow(0, 1, k);
-        let one_minus_t = abar_t.ones_like() - &abar_t;
-        let one_minus_s = abar_s.ones_like() - &abar_s;
-        let ddim_var = &one_minus_s / &one_minus_t * (abar_s.ones_like() - &abar_t / &abar_s);
-        let sigma_base = safe_sqrt(&ddim_var) * self.eta;
-        let u_base = safe_sqrt(&(&one_minus_s - &sigma_base * &sigma_base)) / one_minus_t.sqrt();
-        let w_base = abar_s.sqrt() - abar_t.sqrt() * &u_base;
+        let (u_base, w_base, sigma_base) = self.base_coefficients(&abar);
         let mask = match self.history {
             History::Full => Tensor::ones([k, k], (Kind::Double, device)).tril(0),
             History::Last => Tensor::eye(k, (Kind::Double, device)),
         };
-        let u = u_base.diag_embed(0, -2, -1) + &self.params.u_residual * &mask;
-        let w = w_base.diag_embed(0, -2, -1) + &self.params.w_residual * &mask;
+        let u = u_base + &self.params.u_residual * &mask;
+        let w = w_base + &self.params.w_residual * &mask;
         let sigma = sigma_base + &self.params.sigma_residual;
         // p and q are DDIM's values times (1 + residual); see `predict_x0` for how they are applied.
+        let one_minus_t = abar_t.ones_like() - &abar_t;
         let pred_scale = abar_t.rsqrt();
         let sqrt_one_minus_abar = one_minus_t.sqrt();
         let p_rel = self.params.p_residual.ones_like() + &self.params.p_residual;
@@ -526,6 +586,54 @@ impl GgdmSampler {
             query_abar,
             input_scale,
         }
+    }
+
+    /// The base's `([K, K] u, [K, K] w, [K] sigma)` at the grid whose `abar` (`[K + 1]`, the last
+    /// entry the clean point's) is given, differentiable in it: DDIM(eta) (DESIGN.md section 4), or
+    /// the multistep solver's steps in GGDM form ([`MultistepSolver::ggdm_rows`]) with `sigma = 0`.
+    pub fn base_coefficients(&self, abar: &Tensor) -> (Tensor, Tensor, Tensor) {
+        match self.base.solver() {
+            None => self.ddim_base(abar),
+            Some(solver) => self.solver_base(&solver, &abar.narrow(0, 0, self.steps as i64)),
+        }
+    }
+
+    /// DDIM(eta): `u_ii = sqrt(1 - abar_s - sigma_i^2) / sqrt(1 - abar_t)`,
+    /// `w_ii = sqrt(abar_s) - sqrt(abar_t) u_ii`, `sigma_i^2 = eta^2 (1-abar_s)/(1-abar_t) (1 - abar_t/abar_s)`.
+    fn ddim_base(&self, abar: &Tensor) -> (Tensor, Tensor, Tensor) {
+        let k = self.steps as i64;
+        let abar_t = abar.narrow(0, 0, k);
+        let abar_s = abar.narrow(0, 1, k);
+        let one_minus_t = abar_t.ones_like() - &abar_t;
+        let one_minus_s = abar_s.ones_like() - &abar_s;
+        let ddim_var = &one_minus_s / &one_minus_t * (abar_s.ones_like() - &abar_t / &abar_s);
+        let sigma_base = safe_sqrt(&ddim_var) * self.eta;
+        let u_base = safe_sqrt(&(&one_minus_s - &sigma_base * &sigma_base)) / one_minus_t.sqrt();
+        let w_base = abar_s.sqrt() - abar_t.sqrt() * &u_base;
+        (u_base.diag_embed(0, -2, -1), w_base.diag_embed(0, -2, -1), sigma_base)
+    }
+
+    /// `solver`'s steps over the noise levels of `abar_t` (`[K]`, exact f64 route
+    /// [`NoiseLevel::from_abar`]) and clean data (final sigma zero, from constants, so no gradient
+    /// passes through its infinite log-SNR), as `[K, K] u, w` and a zero `sigma`.
+    fn solver_base(&self, solver: &MultistepSolver, abar_t: &Tensor) -> (Tensor, Tensor, Tensor) {
+        let k = self.steps;
+        let mut levels: Vec<NoiseLevel<TensorScalar>> =
+            (0..k).map(|i| NoiseLevel::from_abar(TensorScalar(abar_t.get(i as i64)))).collect();
+        levels.push(NoiseLevel::clean_like(&levels[0].alpha));
+        let zero = abar_t.get(0).zeros_like().detach();
+        let mut u: Vec<Tensor> = (0..k * k).map(|_| zero.shallow_clone()).collect();
+        let mut w: Vec<Tensor> = (0..k * k).map(|_| zero.shallow_clone()).collect();
+        for (i, row) in solver.ggdm_rows(&levels).into_iter().enumerate() {
+            u[i * k + i] = row.state.0;
+            for (j, weight) in row.data.into_iter().enumerate() {
+                if let Some(weight) = weight {
+                    w[i * k + j] = weight.0;
+                }
+            }
+        }
+        let square = [k as i64, k as i64];
+        (Tensor::stack(&u, 0).reshape(square), Tensor::stack(&w, 0).reshape(square), abar_t.zeros_like())
     }
 
     /// The marginal `q(x_i | x_0) = N(a_i x_0, v_i I)` of every state, `([K] a, [K] v)`: write each
@@ -796,13 +904,14 @@ impl GgdmSampler {
         Ok(())
     }
 
-    /// The serialisable form.
+    /// The serialisable form (the current [`SAMPLER_VERSION`]).
     pub fn to_file(&self) -> SamplerFile {
         let coeffs = tch::no_grad(|| self.coefficients());
         SamplerFile {
             format: SAMPLER_FORMAT.to_string(),
             version: SAMPLER_VERSION,
             steps: self.steps,
+            base: self.base,
             eta: self.eta,
             history: self.history,
             learn: self.learn,
@@ -821,15 +930,21 @@ impl GgdmSampler {
             },
             derived: DerivedFile {
                 timesteps: tensor_to_vec(&coeffs.tau),
-                sigma: tensor_to_vec(&coeffs.sigma.abs()),
                 u: tensor_to_rows(&coeffs.u),
                 w: tensor_to_rows(&coeffs.w),
+                sigma: tensor_to_vec(&coeffs.sigma.abs()),
+                p: tensor_to_vec(&coeffs.p),
+                q: tensor_to_vec(&coeffs.q),
+                query_timesteps: tensor_to_vec(&coeffs.query_tau),
+                query_abar: tensor_to_vec(&coeffs.query_abar),
+                input_scale: tensor_to_vec(&coeffs.input_scale),
             },
             provenance: self.provenance.clone(),
         }
     }
 
-    /// Rebuilds a sampler from its file form.
+    /// Rebuilds a sampler from its file form (version [`SAMPLER_VERSION`]; [`Self::from_json`]
+    /// also reads version 1).
     pub fn from_file(file: SamplerFile, device: Device) -> Result<Self> {
         if file.format != SAMPLER_FORMAT {
             return Err(Error::invalid("format", format!("`{}` (expected `{SAMPLER_FORMAT}`)", file.format)));
@@ -837,60 +952,44 @@ impl GgdmSampler {
         if file.version != SAMPLER_VERSION {
             return Err(Error::invalid(
                 "version",
-                format!("{} is not supported; this build reads version {SAMPLER_VERSION}", file.version),
+                format!(
+                    "{} is not supported here; this build writes version {SAMPLER_VERSION} (and reads {} from JSON)",
+                    file.version,
+                    versions_read()
+                ),
             ));
         }
-        let k = file.steps;
+        Self::from_fields(SamplerFields::from(file), device)
+    }
+
+    fn from_fields(fields: SamplerFields, device: Device) -> Result<Self> {
+        let k = fields.steps;
         if k == 0 {
             return Err(Error::invalid("steps", "0 (need at least 1)"));
         }
-        let vec_param = |name: &str, v: &[f64]| -> Result<Tensor> {
-            if v.len() != k {
-                return Err(Error::invalid(format!("params.{name}"), format!("{} values for steps = {k}", v.len())));
-            }
-            if v.iter().any(|x| !x.is_finite()) {
-                return Err(Error::invalid(format!("params.{name}"), "holds a non-finite value"));
-            }
-            Ok(Tensor::from_slice(v).to_device(device))
-        };
-        let mat_param = |name: &str, rows: &[Vec<f64>]| -> Result<Tensor> {
-            if rows.len() != k || rows.iter().any(|r| r.len() != k) {
-                return Err(Error::invalid(format!("params.{name}"), format!("must be a {k} x {k} matrix")));
-            }
-            let flat: Vec<f64> = rows.iter().flatten().copied().collect();
-            if flat.iter().any(|x| !x.is_finite()) {
-                return Err(Error::invalid(format!("params.{name}"), "holds a non-finite value"));
-            }
-            Ok(Tensor::from_slice(&flat).reshape([k as i64, k as i64]).to_device(device))
-        };
-        let params = GgdmParams {
-            grid_logits: vec_param("grid_logits", &file.params.grid_logits)?,
-            u_residual: mat_param("u_residual", &file.params.u_residual)?,
-            w_residual: mat_param("w_residual", &file.params.w_residual)?,
-            sigma_residual: vec_param("sigma_residual", &file.params.sigma_residual)?,
-            p_residual: vec_param("p_residual", &file.params.p_residual)?,
-            q_residual: vec_param("q_residual", &file.params.q_residual)?,
-        };
-        file.scheduler.validate()?;
-        let schedule = file.scheduler.schedule()?;
-        if !(file.tau_max > file.tau_end) || file.tau_max > schedule.tau_max() {
+        let params = params_from_file(&fields.params, k, device)?;
+        fields.base.check(k, fields.eta, fields.history)?;
+        fields.scheduler.validate()?;
+        let schedule = fields.scheduler.schedule()?;
+        if !(fields.tau_max > fields.tau_end) || fields.tau_max > schedule.tau_max() {
             return Err(Error::invalid(
                 "tau_max",
-                format!("{} (must lie in ({}, {}])", file.tau_max, file.tau_end, schedule.tau_max()),
+                format!("{} (must lie in ({}, {}])", fields.tau_max, fields.tau_end, schedule.tau_max()),
             ));
         }
         let sampler = Self {
             steps: k,
-            eta: file.eta,
-            history: file.history,
-            query: file.query,
-            learn: file.learn,
-            scheduler: file.scheduler,
-            model: file.model,
-            tau_max: file.tau_max,
-            tau_end: file.tau_end,
+            base: fields.base,
+            eta: fields.eta,
+            history: fields.history,
+            query: fields.query,
+            learn: fields.learn,
+            scheduler: fields.scheduler,
+            model: fields.model,
+            tau_max: fields.tau_max,
+            tau_end: fields.tau_end,
             params,
-            provenance: file.provenance,
+            provenance: fields.provenance,
             log_abar_table: schedule.log_abar_table(Kind::Double, device),
             schedule,
         };
@@ -915,7 +1014,8 @@ impl GgdmSampler {
         })
     }
 
-    /// Parses the JSON text of a sampler file.
+    /// Parses the JSON text of a sampler file, version 2 or 1 (a version 1 file is a DDIM(eta)
+    /// base with its residuals, as it always meant).
     pub fn from_json(text: &str, device: Device) -> Result<Self> {
         let value: serde_json::Value =
             serde_json::from_str(text).map_err(|e| Error::format("sampler.json", format!("not valid JSON: {e}")))?;
@@ -926,23 +1026,62 @@ impl GgdmSampler {
                 format!("not a GGDM sampler file (format = `{format}`, expected `{SAMPLER_FORMAT}`)"),
             ));
         }
+        let invalid = |e: serde_json::Error| Error::format("sampler.json", format!("invalid content: {e}"));
         match value.get("version").and_then(|v| v.as_u64()) {
-            Some(v) if v == SAMPLER_VERSION as u64 => {}
-            Some(v) => {
-                return Err(Error::format(
-                    "sampler.json",
-                    format!("version {v} is not supported; this build reads version {SAMPLER_VERSION}"),
-                ))
+            Some(1) => {
+                let file: SamplerFileV1 = serde_json::from_value(value).map_err(invalid)?;
+                Self::from_fields(SamplerFields::from(file), device)
             }
-            None => return Err(Error::format("sampler.json", "missing or non-integer `version`")),
+            Some(v) if v == SAMPLER_VERSION as u64 => {
+                let file: SamplerFile = serde_json::from_value(value).map_err(invalid)?;
+                Self::from_file(file, device)
+            }
+            Some(v) => Err(Error::format(
+                "sampler.json",
+                format!("version {v} is not supported; this build reads versions {}", versions_read()),
+            )),
+            None => Err(Error::format("sampler.json", "missing or non-integer `version`")),
         }
-        let file: SamplerFile = serde_json::from_value(value)
-            .map_err(|e| Error::format("sampler.json", format!("invalid content: {e}")))?;
-        Self::from_file(file, device)
     }
 }
 
-/// `sampler.json`, version 1.
+/// The versions [`GgdmSampler::from_json`] reads, for messages.
+fn versions_read() -> String {
+    SAMPLER_VERSIONS_READ.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(" and ")
+}
+
+/// The parameters of a sampler file as tensors, checked against `K`.
+fn params_from_file(file: &ParamsFile, k: usize, device: Device) -> Result<GgdmParams> {
+    let vec_param = |name: &str, v: &[f64]| -> Result<Tensor> {
+        if v.len() != k {
+            return Err(Error::invalid(format!("params.{name}"), format!("{} values for steps = {k}", v.len())));
+        }
+        if v.iter().any(|x| !x.is_finite()) {
+            return Err(Error::invalid(format!("params.{name}"), "holds a non-finite value"));
+        }
+        Ok(Tensor::from_slice(v).to_device(device))
+    };
+    let mat_param = |name: &str, rows: &[Vec<f64>]| -> Result<Tensor> {
+        if rows.len() != k || rows.iter().any(|r| r.len() != k) {
+            return Err(Error::invalid(format!("params.{name}"), format!("must be a {k} x {k} matrix")));
+        }
+        let flat: Vec<f64> = rows.iter().flatten().copied().collect();
+        if flat.iter().any(|x| !x.is_finite()) {
+            return Err(Error::invalid(format!("params.{name}"), "holds a non-finite value"));
+        }
+        Ok(Tensor::from_slice(&flat).reshape([k as i64, k as i64]).to_device(device))
+    };
+    Ok(GgdmParams {
+        grid_logits: vec_param("grid_logits", &file.grid_logits)?,
+        u_residual: mat_param("u_residual", &file.u_residual)?,
+        w_residual: mat_param("w_residual", &file.w_residual)?,
+        sigma_residual: vec_param("sigma_residual", &file.sigma_residual)?,
+        p_residual: vec_param("p_residual", &file.p_residual)?,
+        q_residual: vec_param("q_residual", &file.q_residual)?,
+    })
+}
+
+/// `sampler.json`, version 2 (documented in `docs/sampler_json.md`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SamplerFile {
@@ -952,7 +1091,9 @@ pub struct SamplerFile {
     pub version: u32,
     /// `K`.
     pub steps: usize,
-    /// DDIM base eta.
+    /// The start solver the residuals are added to.
+    pub base: GgdmBase,
+    /// The eta of a DDIM base (0 for the other bases).
     pub eta: f64,
     /// History depth.
     pub history: History,
@@ -971,11 +1112,102 @@ pub struct SamplerFile {
     pub tau_end: f64,
     /// The parameters.
     pub params: ParamsFile,
-    /// Values derived from the parameters, for people and other tools (ignored when loading).
+    /// Every coefficient the sampler uses at its grid, for people and other tools (ignored when
+    /// loading).
     pub derived: DerivedFile,
     /// How the sampler was made.
     #[serde(default)]
     pub provenance: serde_json::Value,
+}
+
+/// `sampler.json`, version 1: no `base` (it is always DDIM(eta)) and fewer derived values.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SamplerFileV1 {
+    #[allow(dead_code)] // checked before parsing
+    format: String,
+    #[allow(dead_code)] // checked before parsing
+    version: u32,
+    steps: usize,
+    eta: f64,
+    history: History,
+    #[serde(default)]
+    query: Query,
+    learn: Learnable,
+    scheduler: SchedulerConfig,
+    model: ModelIdentity,
+    tau_max: f64,
+    tau_end: f64,
+    params: ParamsFile,
+    #[allow(dead_code)] // ignored when loading, as in version 2
+    derived: DerivedFileV1,
+    #[serde(default)]
+    provenance: serde_json::Value,
+}
+
+/// Version 1's derived values.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)] // parsed so that a malformed file is an error, never used
+struct DerivedFileV1 {
+    timesteps: Vec<f64>,
+    sigma: Vec<f64>,
+    u: Vec<Vec<f64>>,
+    w: Vec<Vec<f64>>,
+}
+
+/// What a sampler is rebuilt from, whatever the file version.
+struct SamplerFields {
+    steps: usize,
+    base: GgdmBase,
+    eta: f64,
+    history: History,
+    query: Query,
+    learn: Learnable,
+    scheduler: SchedulerConfig,
+    model: ModelIdentity,
+    tau_max: f64,
+    tau_end: f64,
+    params: ParamsFile,
+    provenance: serde_json::Value,
+}
+
+impl From<SamplerFile> for SamplerFields {
+    fn from(file: SamplerFile) -> Self {
+        Self {
+            steps: file.steps,
+            base: file.base,
+            eta: file.eta,
+            history: file.history,
+            query: file.query,
+            learn: file.learn,
+            scheduler: file.scheduler,
+            model: file.model,
+            tau_max: file.tau_max,
+            tau_end: file.tau_end,
+            params: file.params,
+            provenance: file.provenance,
+        }
+    }
+}
+
+impl From<SamplerFileV1> for SamplerFields {
+    fn from(file: SamplerFileV1) -> Self {
+        Self {
+            steps: file.steps,
+            base: GgdmBase::Ddim,
+            eta: file.eta,
+            history: file.history,
+            query: file.query,
+            learn: file.learn,
+            scheduler: file.scheduler,
+            model: file.model,
+            tau_max: file.tau_max,
+            tau_end: file.tau_end,
+            params: file.params,
+            provenance: file.provenance,
+        }
+    }
 }
 
 /// The parameters in `sampler.json`.
@@ -996,18 +1228,31 @@ pub struct ParamsFile {
     pub q_residual: Vec<f64>,
 }
 
-/// Derived values written for readers of `sampler.json`.
+/// Every coefficient the sampler uses at its grid, written for readers of `sampler.json` (see
+/// `docs/sampler_json.md` for how to run the sampler from these alone). Step `i` is row / entry
+/// `i`, `i = 0..K-1`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DerivedFile {
-    /// The continuous grid.
+    /// `[K]` the continuous grid `tau_i`.
     pub timesteps: Vec<f64>,
-    /// `|sigma_i|`.
-    pub sigma: Vec<f64>,
-    /// Full `u` matrix.
+    /// `[K][K]` state coefficients `u_ij` (lower triangular).
     pub u: Vec<Vec<f64>>,
-    /// Full `w` matrix.
+    /// `[K][K]` prediction coefficients `w_ij` (lower triangular).
     pub w: Vec<Vec<f64>>,
+    /// `[K]` `|sigma_i|` (the sign of a learned sigma does not change the sampler: it multiplies
+    /// symmetric noise).
+    pub sigma: Vec<f64>,
+    /// `[K]` `p_i`, the weight of `x_i` in `x0_hat_i`.
+    pub p: Vec<f64>,
+    /// `[K]` `q_i`, the weight of `eps_i` in `x0_hat_i`.
+    pub q: Vec<f64>,
+    /// `[K]` where the network is queried (equal to `timesteps` for the `grid` query mode).
+    pub query_timesteps: Vec<f64>,
+    /// `[K]` `abar` at `query_timesteps` (turns a sample or v prediction into `eps_i`).
+    pub query_abar: Vec<f64>,
+    /// `[K]` the factor the network's input `x_i` is scaled by (1 for the `grid` query mode).
+    pub input_scale: Vec<f64>,
 }
 
 /// A 1-D tensor's values as `f64`.

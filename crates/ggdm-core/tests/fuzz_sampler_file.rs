@@ -1,9 +1,10 @@
 //! Property tests (fuzzing) of the `sampler.json` reader: arbitrary bytes, byte-mutated valid
-//! files and JSON-level mutations of a valid file must give `Ok` or `Err`, never a panic; a file
-//! that loads must also sample. `PROPTEST_CASES` overrides the number of cases (default 256).
+//! files and JSON-level mutations of a valid file (version 2 with a DDIM or a UniPC base, and
+//! version 1) must give `Ok` or `Err`, never a panic; a file that loads must also sample.
+//! `PROPTEST_CASES` overrides the number of cases (default 256).
 
 use ggdm_core::analytic::GaussianDataDenoiser;
-use ggdm_core::ggdm::{GgdmSampler, History, Learnable};
+use ggdm_core::ggdm::{GgdmBase, GgdmSampler, History, Learnable};
 use ggdm_core::grid::Spacing;
 use ggdm_core::noise::SeededNoise;
 use ggdm_core::scheduler_config::SchedulerConfig;
@@ -30,6 +31,43 @@ fn valid_text() -> String {
     )
     .expect("sampler");
     serde_json::to_string_pretty(&sampler.to_file()).expect("json")
+}
+
+/// A version 2 file whose base is UniPC (its coefficients run the solver formulas).
+fn valid_unipc_text() -> String {
+    let sampler = GgdmSampler::init_from_solver_spacing(
+        GgdmBase::Unipc,
+        &SchedulerConfig::default(),
+        3,
+        Spacing::Linspace,
+        History::Full,
+        Learnable::all(),
+        Device::Cpu,
+    )
+    .expect("sampler");
+    serde_json::to_string_pretty(&sampler.to_file()).expect("json")
+}
+
+/// [`valid_text`] as version 1 wrote it (no `base`, four derived values).
+fn valid_version_1_text() -> String {
+    let mut value: Value = serde_json::from_str(&valid_text()).expect("valid");
+    let file = value.as_object_mut().expect("object");
+    file.remove("base");
+    file.insert("version".into(), Value::from(1));
+    file["derived"]
+        .as_object_mut()
+        .expect("derived")
+        .retain(|k, _| ["timesteps", "sigma", "u", "w"].contains(&k.as_str()));
+    value.to_string()
+}
+
+/// One of the valid files, by index.
+fn valid_file(which: usize) -> String {
+    match which % 3 {
+        0 => valid_text(),
+        1 => valid_unipc_text(),
+        _ => valid_version_1_text(),
+    }
 }
 
 /// Loads `text`; when it loads, samples one small batch with it (what a user does next).
@@ -110,11 +148,12 @@ proptest! {
 
     #[test]
     fn byte_mutations_of_a_valid_file_never_panic(
+        which in 0usize..3,
         edits in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
         cut in any::<prop::sample::Index>(),
         truncate in any::<bool>(),
     ) {
-        let mut bytes = valid_text().into_bytes();
+        let mut bytes = valid_file(which).into_bytes();
         for (at, byte) in edits {
             let i = at.index(bytes.len());
             bytes[i] = byte;
@@ -127,9 +166,10 @@ proptest! {
 
     #[test]
     fn json_mutations_of_a_valid_file_never_panic(
+        which in 0usize..3,
         edits in prop::collection::vec((any::<prop::sample::Index>(), json_value(), any::<bool>()), 1..4),
     ) {
-        let mut value: Value = serde_json::from_str(&valid_text()).expect("valid");
+        let mut value: Value = serde_json::from_str(&valid_file(which)).expect("valid");
         for (at, new, delete) in edits {
             let mut all = Vec::new();
             paths(&value, Vec::new(), &mut all);
@@ -152,10 +192,13 @@ proptest! {
 }
 
 #[test]
-fn the_valid_file_loads_and_samples() {
-    let sampler = GgdmSampler::from_json(&valid_text(), Device::Cpu).expect("valid file loads");
-    assert_eq!(sampler.steps, 3);
-    exercise(&valid_text());
+fn the_valid_files_load_and_sample() {
+    for (which, base) in [(0, GgdmBase::Ddim), (1, GgdmBase::Unipc), (2, GgdmBase::Ddim)] {
+        let text = valid_file(which);
+        let sampler = GgdmSampler::from_json(&text, Device::Cpu).expect("valid file loads");
+        assert_eq!((sampler.steps, sampler.base), (3, base));
+        exercise(&text);
+    }
 }
 
 /// Found by `json_mutations_of_a_valid_file_never_panic` (60,000 cases): a huge
