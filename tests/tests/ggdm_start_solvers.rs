@@ -5,7 +5,7 @@
 //! differences.
 
 use ggdm_core::ggdm::{GgdmBase, GgdmSampler, History, Learnable};
-use ggdm_core::grid::{multistep_timesteps, timesteps, Spacing};
+use ggdm_core::grid::{logsnr_grid, Spacing};
 use ggdm_core::noise::SeededNoise;
 use ggdm_core::samplers::{ddim, grid_steps, DdimOptions};
 use ggdm_core::scheduler_config::SchedulerConfig;
@@ -13,7 +13,11 @@ use ggdm_core::solvers::{exact_noise_levels, FinalSigma, MultistepSolver};
 use ggdm_core::{Denoiser, NoiseSchedule, PredictionType};
 use tch::{Device, Kind, Tensor};
 
-const SPACINGS: [Spacing; 4] = [Spacing::Leading, Spacing::Trailing, Spacing::Linspace, Spacing::Quadratic];
+/// The spacings with an integer grid, which `ddss-cli sample` runs the solvers on too.
+const INTEGER_SPACINGS: [Spacing; 4] = [Spacing::Leading, Spacing::Trailing, Spacing::Linspace, Spacing::Quadratic];
+/// Every spacing a start accepts: the integer ones and the continuous log-SNR-uniform grid.
+const SPACINGS: [Spacing; 5] =
+    [Spacing::Leading, Spacing::Trailing, Spacing::Linspace, Spacing::Quadratic, Spacing::LogSnr];
 const PREDICTION_TYPES: [PredictionType; 3] =
     [PredictionType::Epsilon, PredictionType::Sample, PredictionType::VPrediction];
 
@@ -67,6 +71,19 @@ fn start(base: GgdmBase, cfg: &SchedulerConfig, k: usize, spacing: Spacing) -> (
     (sampler, x_init.to_kind(Kind::Double), z)
 }
 
+/// The grid a start of `base` is placed on: DDIM's or the multistep solvers' integer list, or the
+/// continuous log-SNR grid.
+fn start_grid(base: GgdmBase, cfg: &SchedulerConfig, k: usize, spacing: Spacing) -> Vec<f64> {
+    if spacing == Spacing::LogSnr {
+        return logsnr_grid(&cfg.schedule().expect("schedule"), k).expect("grid");
+    }
+    let grid = match base {
+        GgdmBase::Ddim => cfg.timesteps(k, spacing),
+        _ => cfg.multistep_timesteps(k, spacing),
+    };
+    grid.expect("grid").into_iter().map(|t| t as f64).collect()
+}
+
 /// The solver `base` on the exact f64 noise levels of `grid` (what the GGDM base is built from).
 fn solver_on_exact_levels(base: GgdmBase, model: &dyn Denoiser, grid: &[f64], x_init: &Tensor) -> Tensor {
     let schedule = NoiseSchedule::ddpm_linear_1000();
@@ -75,8 +92,9 @@ fn solver_on_exact_levels(base: GgdmBase, model: &dyn Denoiser, grid: &[f64], x_
 }
 
 /// Every start is exact: for K = 1..20, every prediction type and every spacing of the grid the
-/// start is placed on (the multistep solvers' grid for the solvers, the DDIM grid for DDIM), the
-/// sampler at initialisation equals the f64 solver on exact noise levels to 1e-9.
+/// start is placed on (the multistep solvers' grid for the solvers, the DDIM grid for DDIM, the
+/// continuous log-SNR grid for `logsnr`), the sampler at initialisation equals the f64 solver on
+/// exact noise levels to 1e-9.
 #[test]
 fn every_start_equals_its_solver_on_exact_levels() {
     let mut worst = 0.0f64;
@@ -87,27 +105,18 @@ fn every_start_equals_its_solver_on_exact_levels() {
             for spacing in SPACINGS {
                 for base in GgdmBase::ALL {
                     let (sampler, x_init, z) = start(base, &cfg, k, spacing);
+                    let grid = start_grid(base, &cfg, k, spacing);
+                    for (ours, theirs) in sampler.timesteps().iter().zip(&grid) {
+                        assert!((ours - theirs).abs() < 1e-9, "{base:?} K={k} {spacing:?}: grid {ours} vs {theirs}");
+                    }
                     let ours = tch::no_grad(|| sampler.sample(&model, &x_init, &z)).expect("ggdm");
                     let reference = if base == GgdmBase::Ddim {
-                        let grid: Vec<f64> =
-                            timesteps(1000, k, spacing, 0).expect("grid").into_iter().map(|t| t as f64).collect();
                         let options = DdimOptions { eta: 0.0, clip: None, use_clipped_model_output: false };
                         let schedule = cfg.schedule().expect("schedule");
                         let mut no_noise = SeededNoise::new(0);
                         ddim(&model, &schedule, &grid_steps(&grid), &x_init, &options, &mut no_noise, &mut |_| {})
                             .expect("ddim")
                     } else {
-                        let grid: Vec<f64> = multistep_timesteps(1000, k, spacing, 0)
-                            .expect("grid")
-                            .into_iter()
-                            .map(|t| t as f64)
-                            .collect();
-                        for (ours, theirs) in sampler.timesteps().iter().zip(&grid) {
-                            assert!(
-                                (ours - theirs).abs() < 1e-9,
-                                "{base:?} K={k} {spacing:?}: grid {ours} vs {theirs}"
-                            );
-                        }
                         solver_on_exact_levels(base, &model, &grid, &x_init)
                     };
                     let diff = max_abs_diff(&ours, &reference);
@@ -124,7 +133,8 @@ fn every_start_equals_its_solver_on_exact_levels() {
 /// diffusers' noise levels, formed from float32 `abar` ([`ggdm_core::solvers::noise_levels`]). The
 /// GGDM start uses the exact f64 levels instead, so the two differ by that rounding plus, in
 /// float32 states, the rounding of the loop itself. Measured over this matrix (K = 1..20, three
-/// prediction types, four spacings, four solvers; samples of size ~1):
+/// prediction types, the four integer spacings, four solvers; samples of size ~1; `logsnr` is left
+/// out, as the CLI runs it on diffusers' integer list and a start on the continuous grid):
 /// * grids that end at `t = 0` (the quadratic spacing): at most 2.8e-5, in f64 and f32 states
 ///   alike. There `1 - abar_0 = 1e-4`, and float32 `abar_0` moves the noise scale of the last
 ///   level by ~3e-4 relative; that level is where the sample is formed.
@@ -144,11 +154,10 @@ fn every_start_matches_the_cli_solver_within_the_level_rounding() {
         let cfg = config(prediction_type);
         let model = ToyDenoiser { prediction_type };
         for k in 1..=20usize {
-            for spacing in SPACINGS {
+            for spacing in INTEGER_SPACINGS {
                 for base in SOLVER_BASES {
                     let (sampler, x_init, z) = start(base, &cfg, k, spacing);
-                    let grid: Vec<f64> =
-                        multistep_timesteps(1000, k, spacing, 0).expect("grid").into_iter().map(|t| t as f64).collect();
+                    let grid = start_grid(base, &cfg, k, spacing);
                     let ends_at_zero = grid[k - 1] == 0.0;
                     for kind in [Kind::Double, Kind::Float] {
                         let x = x_init.to_kind(kind);

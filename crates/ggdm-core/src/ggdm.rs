@@ -33,7 +33,7 @@
 //! alone, is documented in `docs/sampler_json.md`.
 
 use crate::denoiser::Denoiser;
-use crate::grid::{multistep_timesteps, timesteps, Spacing};
+use crate::grid::{logsnr_grid, Spacing};
 use crate::noise::NoiseSource;
 use crate::prediction::PredictionType;
 use crate::scalar::TensorScalar;
@@ -189,6 +189,29 @@ impl GgdmBase {
         }
         Ok(())
     }
+}
+
+/// Which baseline's grid a start is placed on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StartGrid {
+    /// DDIM/DDPM `set_timesteps` ([`SchedulerConfig::timesteps`]).
+    Ddim,
+    /// The multistep solvers' ([`SchedulerConfig::multistep_timesteps`]).
+    Multistep,
+}
+
+/// The `K` timesteps a start with `spacing` is placed on: the integer list of `kind`, or for
+/// `logsnr` the continuous log-SNR-uniform grid ([`logsnr_grid`]), whose levels are exactly uniform
+/// in log-SNR (the integer list of the baselines rounds them).
+fn start_grid(scheduler: &SchedulerConfig, steps: usize, spacing: Spacing, kind: StartGrid) -> Result<Vec<f64>> {
+    if spacing == Spacing::LogSnr {
+        return logsnr_grid(&scheduler.schedule()?, steps);
+    }
+    let grid = match kind {
+        StartGrid::Ddim => scheduler.timesteps(steps, spacing)?,
+        StartGrid::Multistep => scheduler.multistep_timesteps(steps, spacing)?,
+    };
+    Ok(grid.into_iter().map(|t| t as f64).collect())
 }
 
 /// What model a sampler was made for (checked when it is used with a model).
@@ -385,7 +408,8 @@ impl GgdmSampler {
         Ok(sampler)
     }
 
-    /// DDIM(eta) over a baseline integer grid of `K` steps.
+    /// DDIM(eta) over the DDIM/DDPM grid of `K` steps ([`SchedulerConfig::timesteps`]); for
+    /// `logsnr`, the continuous log-SNR-uniform grid ([`crate::grid::logsnr_grid`]).
     pub fn init_from_spacing(
         scheduler: &SchedulerConfig,
         steps: usize,
@@ -395,8 +419,7 @@ impl GgdmSampler {
         learn: Learnable,
         device: Device,
     ) -> Result<Self> {
-        let grid = timesteps(scheduler.num_train_timesteps, steps, spacing, scheduler.steps_offset)?;
-        let grid: Vec<f64> = grid.into_iter().map(|t| t as f64).collect();
+        let grid = start_grid(scheduler, steps, spacing, StartGrid::Ddim)?;
         Self::init_from_ddim(scheduler, &grid, eta, history, learn, device)
     }
 
@@ -434,7 +457,8 @@ impl GgdmSampler {
     }
 
     /// [`Self::init_from_solver`] over the grid diffusers' multistep solvers place for `K` steps
-    /// ([`crate::grid::multistep_timesteps`]).
+    /// ([`SchedulerConfig::multistep_timesteps`]); for `logsnr`, the continuous log-SNR-uniform
+    /// grid ([`crate::grid::logsnr_grid`]).
     pub fn init_from_solver_spacing(
         base: GgdmBase,
         scheduler: &SchedulerConfig,
@@ -444,8 +468,7 @@ impl GgdmSampler {
         learn: Learnable,
         device: Device,
     ) -> Result<Self> {
-        let grid = multistep_timesteps(scheduler.num_train_timesteps, steps, spacing, scheduler.steps_offset)?;
-        let grid: Vec<f64> = grid.into_iter().map(|t| t as f64).collect();
+        let grid = start_grid(scheduler, steps, spacing, StartGrid::Multistep)?;
         Self::init_from_solver(base, scheduler, &grid, history, learn, device)
     }
 
