@@ -33,10 +33,15 @@ struct Cli {
 enum Command {
     /// Train a DDPM (UNet2DModel, simple loss, EMA) and write it in diffusers layout.
     Train {
-        /// Training images: an IDX(.gz) file, a folder of PNG/JPEG images, or a folder holding
+        /// Training images: an IDX(.gz) file, a folder of images (bmp, jpg, jpeg, pgm, png, ppm,
+        /// tif, tiff, webp; other files are skipped), or a folder holding
         /// train-images-idx3-ubyte.gz (e.g. /usr/share/datasets/fashion-mnist).
         #[arg(long)]
         data: PathBuf,
+        /// Also read the images of --data's subfolders (symlinked ones included), depth first in
+        /// name order.
+        #[arg(long)]
+        recursive: bool,
         /// Output model directory (config.json, diffusion_pytorch_model.safetensors,
         /// scheduler_config.json, checkpoint/, metrics.jsonl).
         #[arg(long)]
@@ -118,9 +123,10 @@ enum Command {
     /// different feature sets. pytorch-fid ignores the extra keys: it reads only
     /// `np.load(f)["mu"]` and `["sigma"]`.
     Stats {
-        /// Images: a folder of PNG/JPEG images (file-name order), an IDX(.gz) image file, a float32
-        /// N x C x H x W .npy of samples in [-1, 1], or a data set folder holding
-        /// train-images-idx3-ubyte.gz (its training images).
+        /// Images: a folder of images (the files pytorch-fid reads: extensions bmp, jpg, jpeg, pgm,
+        /// png, ppm, tif, tiff, webp, in any case, in file-name order; other files are skipped), an
+        /// IDX(.gz) image file, a float32 N x C x H x W .npy of samples in [-1, 1], or a data set
+        /// folder holding train-images-idx3-ubyte.gz (its training images).
         path: PathBuf,
         /// Output statistics file (.npz).
         #[arg(long)]
@@ -134,6 +140,10 @@ enum Command {
         /// IDX/.npy); default: all.
         #[arg(long)]
         num: Option<usize>,
+        /// Also read the images of PATH's subfolders (symlinked ones included), depth first in
+        /// name order; pytorch-fid reads none.
+        #[arg(long)]
+        recursive: bool,
         /// Images per network batch.
         #[arg(long, default_value_t = 50)]
         batch: usize,
@@ -162,6 +172,10 @@ enum Command {
         /// Use only the first N images of each image source (.npz files are used as they are).
         #[arg(long)]
         num: Option<usize>,
+        /// Also read the images of the image folders' subfolders (symlinked ones included), depth
+        /// first in name order; pytorch-fid reads none.
+        #[arg(long)]
+        recursive: bool,
         /// Images per network batch.
         #[arg(long, default_value_t = 50)]
         batch: usize,
@@ -309,9 +323,10 @@ fn report(err: anyhow::Error) -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Train { data, out, config, steps, device, resume, max_minutes, stop_at_step } => {
+        Command::Train { data, recursive, out, config, steps, device, resume, max_minutes, stop_at_step } => {
             train::run(train::TrainArgs {
                 data,
+                recursive,
                 out,
                 config,
                 steps,
@@ -341,21 +356,25 @@ fn run(cli: Cli) -> Result<()> {
                 quiet: cli.quiet,
             })?
         }
-        Command::Stats { path, out, features, num, batch, device } => metrics_cmd::run_stats(metrics_cmd::StatsArgs {
-            path,
-            out,
-            features,
-            num,
-            batch,
-            device,
-            quiet: cli.quiet,
-        })?,
-        Command::Fid { path1, path2, features, num, batch, json, device } => {
+        Command::Stats { path, out, features, num, recursive, batch, device } => {
+            metrics_cmd::run_stats(metrics_cmd::StatsArgs {
+                path,
+                out,
+                features,
+                num,
+                recursive,
+                batch,
+                device,
+                quiet: cli.quiet,
+            })?
+        }
+        Command::Fid { path1, path2, features, num, recursive, batch, json, device } => {
             metrics_cmd::run_fid(metrics_cmd::FidArgs {
                 path1,
                 path2,
                 features,
                 num,
+                recursive,
                 batch,
                 json,
                 device,

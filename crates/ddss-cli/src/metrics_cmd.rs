@@ -13,7 +13,7 @@ use crate::common::{parse_device, progress, NetworkArgs};
 use crate::sample::{ModelSamplerArgs, SamplerChoice};
 use anyhow::{bail, Context, Result};
 use ddss_opt::collective::{shard, Collective, SingleProcess};
-use fid_metrics::data::{load_idx_images, load_images, quantize_to_uint8_levels, subsample, Subsample};
+use fid_metrics::data::{load_idx_images_with, load_images_with, quantize_to_uint8_levels, ReadOptions};
 use fid_metrics::features::{extract_features_batched, FeatureSpec};
 use fid_metrics::kid::{kid, KidOptions};
 use fid_metrics::stats::{npz_keys, read_features_npz, FEATURES_KEY, MU_KEY, SIGMA_KEY};
@@ -30,14 +30,16 @@ pub const FEATURE_SET_KEY: &str = "feature_set";
 /// Names of the training images inside an MNIST-layout data set folder.
 const DATASET_TRAIN_IMAGES: [&str; 2] = ["train-images-idx3-ubyte.gz", "train-images-idx3-ubyte"];
 
-/// Loads an image source as samples in [-1, 1] (N x C x H x W, CPU): a folder of PNG/JPEG
-/// images, an IDX(.gz) image file, a float32 `.npy` of samples, or a data set folder holding
-/// `train-images-idx3-ubyte(.gz)` (then its training images).
-pub fn load_image_source(path: &Path) -> Result<Tensor> {
+/// Loads an image source as samples in [-1, 1] (N x C x H x W, CPU): a folder of images (read as
+/// pytorch-fid reads them, see [`fid_metrics::data`]), an IDX(.gz) image file, a float32 `.npy`
+/// of samples, or a data set folder holding `train-images-idx3-ubyte(.gz)` (then its training
+/// images). `options` says whether subfolders are read and how many images at most.
+pub fn load_image_source(path: &Path, options: ReadOptions) -> Result<Tensor> {
     if !path.exists() {
         bail!(
-            "{}: not found. Expected a folder of PNG/JPEG images, an IDX(.gz) image file, a float32 \
-             N x C x H x W .npy of samples in [-1, 1], or a folder holding train-images-idx3-ubyte.gz",
+            "{}: not found. Expected a folder of images (bmp, jpg, jpeg, pgm, png, ppm, tif, tiff, webp), \
+             an IDX(.gz) image file, a float32 N x C x H x W .npy of samples in [-1, 1], or a folder \
+             holding train-images-idx3-ubyte.gz",
             path.display()
         );
     }
@@ -45,11 +47,11 @@ pub fn load_image_source(path: &Path) -> Result<Tensor> {
         for name in DATASET_TRAIN_IMAGES {
             let candidate = path.join(name);
             if candidate.is_file() {
-                return Ok(load_idx_images(&candidate)?);
+                return Ok(load_idx_images_with(&candidate, options.limit)?);
             }
         }
     }
-    Ok(load_images(path)?)
+    Ok(load_images_with(path, options)?)
 }
 
 /// Whether `path` names a statistics file (by its `.npz` extension).
@@ -170,18 +172,15 @@ pub fn write_stats_npz(path: &Path, stats: &FeatureStats, features: &Tensor, fea
     Ok(())
 }
 
-/// Features of an image source (first `num` images when given), with a progress bar.
+/// Features of an image source (its first `read.limit` images when given), with a progress bar.
 fn image_source_features(
     path: &Path,
-    num: Option<usize>,
+    read: ReadOptions,
     extractor: &dyn FeatureExtractor,
     batch: usize,
     quiet: bool,
 ) -> Result<Tensor> {
-    let mut images = load_image_source(path)?;
-    if let Some(num) = num {
-        images = subsample(&images, num, Subsample::First)?;
-    }
+    let images = load_image_source(path, read)?;
     let total = images.size()[0] as u64;
     tracing::info!(
         "{}: {} images of shape {:?}, features {}",
@@ -202,7 +201,7 @@ fn image_source_features(
 /// batches, hence the same features, as one process).
 fn image_source_features_sharded(
     path: &Path,
-    num: Option<usize>,
+    read: ReadOptions,
     extractor: &dyn FeatureExtractor,
     batch: usize,
     comm: &dyn Collective,
@@ -210,10 +209,7 @@ fn image_source_features_sharded(
     if batch == 0 {
         bail!("--batch 0: need at least 1");
     }
-    let mut images = load_image_source(path)?;
-    if let Some(num) = num {
-        images = subsample(&images, num, Subsample::First)?;
-    }
+    let images = load_image_source(path, read)?;
     let total = images.size()[0] as usize;
     let batches = shard(total.div_ceil(batch), comm.rank(), comm.size());
     let (start, end) = ((batches.start * batch).min(total), (batches.end * batch).min(total));
@@ -276,6 +272,7 @@ pub struct StatsArgs {
     pub out: PathBuf,
     pub features: String,
     pub num: Option<usize>,
+    pub recursive: bool,
     pub batch: usize,
     pub device: String,
     pub quiet: bool,
@@ -295,10 +292,11 @@ pub fn run_stats(args: StatsArgs) -> Result<()> {
     let comm = comm.as_ref();
     let device = crate::dist::rank_device(parse_device(&args.device)?, comm);
     let extractor = open_features(&spec, device)?;
+    let read = ReadOptions { recursive: args.recursive, limit: args.num };
     let features = if comm.size() <= 1 {
-        image_source_features(&args.path, args.num, extractor.as_ref(), args.batch, args.quiet)?
+        image_source_features(&args.path, read, extractor.as_ref(), args.batch, args.quiet)?
     } else {
-        image_source_features_sharded(&args.path, args.num, extractor.as_ref(), args.batch, comm)?
+        image_source_features_sharded(&args.path, read, extractor.as_ref(), args.batch, comm)?
     };
     if !comm.is_root() {
         return Ok(());
@@ -323,6 +321,7 @@ pub struct FidArgs {
     pub path2: PathBuf,
     pub features: Option<String>,
     pub num: Option<usize>,
+    pub recursive: bool,
     pub batch: usize,
     pub json: bool,
     pub device: String,
@@ -382,7 +381,8 @@ pub fn run_fid(args: FidArgs) -> Result<()> {
         let summary = match (summary, &extractor) {
             (Some(summary), _) => summary,
             (None, Some(net)) => {
-                let features = image_source_features(path, args.num, net.as_ref(), args.batch, args.quiet)?;
+                let read = ReadOptions { recursive: args.recursive, limit: args.num };
+                let features = image_source_features(path, read, net.as_ref(), args.batch, args.quiet)?;
                 FeatureSummary::from_features(features, net.name(), path)?
             }
             (None, None) => bail!("{}: no feature network was opened for this image source", path.display()),
@@ -393,7 +393,8 @@ pub fn run_fid(args: FidArgs) -> Result<()> {
     if let Some(recorded) = &sides[0].feature_set {
         sides[1].check_feature_set(recorded)?;
     }
-    let fid = fid_metrics::fid::fid_from_stats(&sides[0].stats, &sides[1].stats)?;
+    let fid = fid_metrics::fid::fid_from_stats(&sides[0].stats, &sides[1].stats)
+        .with_context(|| format!("FID between {} and {}", sides[0].source.display(), sides[1].source.display()))?;
     let kid = kid_if_possible(&sides[0], &sides[1])?;
     let features = match (&extractor, &args.features) {
         (Some(net), _) => net.name().to_string(),
@@ -589,7 +590,8 @@ pub fn evaluate(
         sample_features_sharded(model, choice, options, &[extractor], 0, on_batch, comm)?.0.remove(0)
     };
     let generated = FeatureSummary::from_features(features, extractor.name(), Path::new("generated samples"))?;
-    let fid = fid_metrics::fid::fid_from_stats(&generated.stats, &reference.stats)?;
+    let fid = fid_metrics::fid::fid_from_stats(&generated.stats, &reference.stats)
+        .with_context(|| format!("FID against {}", reference.source.display()))?;
     let kid = kid_if_possible(&generated, reference)?;
     Ok(EvalResult {
         sampler: sampler.to_string(),

@@ -82,6 +82,10 @@ pub struct DataSection {
     pub path: PathBuf,
     /// Use the first `num` images.
     pub num: usize,
+    /// Also read the images of the folder's subfolders (symlinked ones included), depth first in
+    /// name order (default false: pytorch-fid reads none).
+    #[serde(default)]
+    pub recursive: bool,
     /// What to tell a user whose data is missing.
     #[serde(default)]
     pub hint: Option<String>,
@@ -154,6 +158,9 @@ pub struct EvalSection {
     pub features: Vec<String>,
     /// Real images for the comparison (held out from the loss's data when possible).
     pub reference: PathBuf,
+    /// Also read the images of `reference`'s subfolders, as `[data] recursive` does.
+    #[serde(default)]
+    pub recursive: bool,
     /// Baselines to compare with at the same K and spacing: any built-in `--sampler` name (`ddim`,
     /// `ddim-noclip`, `ddpm`, `dpmpp2m`, `dpmpp3m`, `unipc`, `unipc3`).
     #[serde(default = "default_compare")]
@@ -282,14 +289,14 @@ fn missing(what: &str, path: &Path, hint: &Option<String>) -> anyhow::Error {
     anyhow::anyhow!(msg)
 }
 
-/// Loads real images for `[data]`/`[eval] reference` (first `num`).
-fn load_real_images(path: &Path, num: usize) -> Result<Tensor> {
-    let images = if path.is_dir() && path.join("train-images-idx3-ubyte.gz").is_file() {
-        fid_metrics::data::load_idx_images(path.join("train-images-idx3-ubyte.gz"))?
+/// Loads real images for `[data]`/`[eval] reference` (first `num`, subfolders too when `recursive`).
+fn load_real_images(path: &Path, num: usize, recursive: bool) -> Result<Tensor> {
+    let options = fid_metrics::data::ReadOptions { recursive, limit: Some(num) };
+    if path.is_dir() && path.join("train-images-idx3-ubyte.gz").is_file() {
+        Ok(fid_metrics::data::load_idx_images_with(path.join("train-images-idx3-ubyte.gz"), options.limit)?)
     } else {
-        fid_metrics::data::load_images(path)?
-    };
-    Ok(fid_metrics::data::subsample(&images, num, fid_metrics::data::Subsample::First)?)
+        Ok(fid_metrics::data::load_images_with(path, options)?)
+    }
 }
 
 fn features_batched(
@@ -395,7 +402,7 @@ pub fn run(args: SearchArgs) -> Result<()> {
 
     // The loss: real features of the training data with the loss's feature network.
     let loss_extractor = open_extractor(&config.loss.features, device)?;
-    let real_images = load_real_images(&config.data.path, config.data.num)?;
+    let real_images = load_real_images(&config.data.path, config.data.num, config.data.recursive)?;
     let real = features_batched(loss_extractor.as_ref(), &real_images, config.eval.batch, quiet, "real features")?;
     drop(real_images);
     let loss = FeatureLoss::new(config.loss.kind, &real.to_device(device))?;
@@ -529,7 +536,7 @@ pub fn run(args: SearchArgs) -> Result<()> {
             feature_specs.push(f.clone());
         }
     }
-    let reference_images = load_real_images(&config.eval.reference, config.eval.num)?;
+    let reference_images = load_real_images(&config.eval.reference, config.eval.num, config.eval.recursive)?;
     let mut references = Vec::new();
     for spec in &feature_specs {
         let extractor = open_extractor(spec, device)?;

@@ -14,7 +14,7 @@ use crate::plot::{plot_against_steps, Series};
 use crate::sample::SamplerChoice;
 use crate::search_cmd::ResultRow;
 use anyhow::{bail, Context, Result};
-use fid_metrics::data::{subsample, Subsample};
+use fid_metrics::data::ReadOptions;
 use fid_metrics::features::{extract_features_batched, FeatureSpec};
 use fid_metrics::FeatureExtractor;
 use ggdm_core::ggdm::GgdmSampler;
@@ -48,6 +48,10 @@ pub struct TableArgs {
     /// data set folder holding train-images-idx3-ubyte.gz.
     #[arg(long = "ref", required_unless_present = "render")]
     pub reference: Option<PathBuf>,
+    /// Also read the images of --ref's subfolders (symlinked ones included), depth first in name
+    /// order.
+    #[arg(long)]
+    pub recursive: bool,
     /// Use the first N real images (default: --num).
     #[arg(long)]
     pub ref_num: Option<usize>,
@@ -286,8 +290,8 @@ pub fn run(args: TableArgs, quiet: bool) -> Result<()> {
     }
 
     let ref_num = args.ref_num.unwrap_or(num);
-    let real = load_image_source(&reference).with_context(|| format!("--ref {}", reference.display()))?;
-    let real = subsample(&real, ref_num, Subsample::First)?;
+    let read = ReadOptions { recursive: args.recursive, limit: Some(ref_num) };
+    let real = load_image_source(&reference, read).with_context(|| format!("--ref {}", reference.display()))?;
     if let Some(shape) = model.sample_shape() {
         if real.size()[1..] != shape[..] {
             bail!("--ref {}: images are {:?}, the model samples {:?}", reference.display(), &real.size()[1..], shape);

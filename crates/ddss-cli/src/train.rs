@@ -120,6 +120,8 @@ impl TrainConfig {
 /// The arguments of `ddss-cli train`.
 pub struct TrainArgs {
     pub data: PathBuf,
+    /// Also read the images of `data`'s subfolders.
+    pub recursive: bool,
     pub out: PathBuf,
     pub config: Option<PathBuf>,
     pub steps: Option<u64>,
@@ -135,9 +137,9 @@ pub const DEFAULT_TRAIN_CONFIG: &str = include_str!("../../../configs/train_fash
 
 const STATE_FILE: &str = "state.safetensors";
 
-/// Resolves `--data`: an IDX(.gz) file, an image folder, or a folder holding Fashion-MNIST/MNIST's
-/// `train-images-idx3-ubyte(.gz)`.
-fn load_training_images(path: &Path) -> Result<Tensor> {
+/// Resolves `--data`: an IDX(.gz) file, an image folder (its subfolders too when `recursive`), or
+/// a folder holding Fashion-MNIST/MNIST's `train-images-idx3-ubyte(.gz)`.
+fn load_training_images(path: &Path, recursive: bool) -> Result<Tensor> {
     if path.is_dir() {
         for name in ["train-images-idx3-ubyte.gz", "train-images-idx3-ubyte"] {
             let candidate = path.join(name);
@@ -148,13 +150,14 @@ fn load_training_images(path: &Path) -> Result<Tensor> {
     }
     if !path.exists() {
         bail!(
-            "--data {}: not found. Give an IDX(.gz) image file, a folder of PNG/JPEG images, or a folder \
+            "--data {}: not found. Give an IDX(.gz) image file, a folder of images, or a folder \
              with train-images-idx3-ubyte.gz (Fashion-MNIST: `cargo xtask setup` installs it to \
              /usr/share/datasets/fashion-mnist)",
             path.display()
         );
     }
-    Ok(fid_metrics::data::load_images(path)?)
+    let options = fid_metrics::data::ReadOptions { recursive, limit: None };
+    Ok(fid_metrics::data::load_images_with(path, options)?)
 }
 
 fn sorted_variables(model: &UNet2DModel) -> Vec<(String, Tensor)> {
@@ -184,7 +187,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let schedule = scheduler.schedule()?;
     ggdm_core::io::write_atomic(&resolved_path, toml::to_string_pretty(&config)?.as_bytes())?;
 
-    let images = load_training_images(&args.data)?;
+    let images = load_training_images(&args.data, args.recursive)?;
     let size = images.size();
     let shape = [config.model.in_channels, size[2], size[3]];
     if size[1] != config.model.in_channels {

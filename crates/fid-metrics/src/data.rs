@@ -1,21 +1,38 @@
 //! Image data for the metrics (DESIGN.md section 3, "Real data here": the loader reads IDX(.gz)
-//! files from any path and folders of PNG/JPEG images of any size; section 7: `stats`/`fid` take a
-//! folder, an IDX(.gz) file, and `.npy` sample arrays are float32 N x C x H x W in [-1, 1]).
+//! files from any path and folders of images of any size; section 7: `stats`/`fid` take a folder,
+//! an IDX(.gz) file, and `.npy` sample arrays are float32 N x C x H x W in [-1, 1]).
 //!
 //! Every loader returns float32 samples in [-1, 1], N x C x H x W on the CPU, with 8-bit pixels
 //! mapped by `x = x_uint8 / 127.5 - 1` (the inverse of the Inception preprocessing's
 //! `x_uint8 = (x + 1) * 127.5`, so real images reach the network with their exact pixel values).
-//! IDX files may be gzip-compressed (detected from the content, not the name). Image folders are
-//! read in file-name order; files whose names start with `.` and subfolders are skipped; every
-//! other file must decode as an image, and all images must share one size and channel count
-//! (grey or grey+alpha -> 1 channel, RGB or RGBA -> 3 channels; alpha is dropped).
+//! IDX files may be gzip-compressed (detected from the content, not the name).
+//!
+//! Image folders are read as pytorch-fid 0.3.0 reads them (`compute_statistics_of_path`): the files
+//! with its image extensions (bmp, jpg, jpeg, pgm, png, ppm, tif, tiff, webp), in sorted file-name
+//! order; other files are skipped and counted in one INFO line. Two differences: the extensions
+//! match in any case (`A.PNG` is read; pytorch-fid's glob on Linux is case-sensitive and skips
+//! it), and names starting with `.` are skipped (pytorch-fid's `pathlib` glob takes `._a.png`, the
+//! resource forks macOS leaves, and fails on them). Subfolders, symlinked ones included, are
+//! skipped unless [`ReadOptions::recursive`]: then they are walked depth first, the entries of each
+//! folder in name order, and a folder reached a second time (a symlink loop, or two links to one
+//! folder) is read once. All images must share one size and channel count (grey -> 1 channel,
+//! colour -> 3); pixels are what PIL's `convert('RGB')` (pytorch-fid's only conversion) gives:
+//! alpha is dropped, palettes are looked up, 16-bit grey values above 255 are clipped to 255 (PIL
+//! clips rather than rescales), and 16-bit colour or grey-with-alpha images keep their high byte.
+//! [`ReadOptions::limit`] reads only the first images of a folder, so a command that needs `num`
+//! images never decodes, or reserves memory for, the rest.
+//!
+//! `.npy` and `.npz` inputs must hold finite values: a NaN or infinity is an error naming the file
+//! and the index of the first one.
 
+use std::collections::HashSet;
 use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use image::{DynamicImage, ImageReader};
 use ndarray::ArrayD;
+use ndarray_npy::ReadNpyExt;
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
@@ -25,6 +42,13 @@ use crate::rng::SplitMix64;
 pub const IDX_IMAGES_MAGIC: u32 = 0x0000_0803;
 /// IDX magic number of an unsigned-byte 1-dimensional array (labels).
 pub const IDX_LABELS_MAGIC: u32 = 0x0000_0801;
+
+/// The file extensions an image folder is read for: pytorch-fid 0.3.0's `IMAGE_EXTENSIONS`
+/// (matched here in any case).
+pub const IMAGE_EXTENSIONS: [&str; 9] = ["bmp", "jpg", "jpeg", "pgm", "png", "ppm", "tif", "tiff", "webp"];
+
+/// How many example names the skipped-files line of a folder lists.
+const SKIPPED_EXAMPLES: usize = 3;
 
 /// How [`subsample`] picks `num` of N items.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -37,29 +61,161 @@ pub enum Subsample {
     Seeded(u64),
 }
 
+/// How [`load_images_with`] reads a source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ReadOptions {
+    /// Also read the images of subfolders (see the module documentation for the order).
+    pub recursive: bool,
+    /// Read only the first `limit` images (all when `None`).
+    pub limit: Option<usize>,
+}
+
+/// The entries of an image folder, sorted into what is read and what is skipped.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImageFiles {
+    /// The image files, in reading order.
+    pub files: Vec<PathBuf>,
+    /// Files without one of the [`IMAGE_EXTENSIONS`].
+    pub not_images: Vec<PathBuf>,
+    /// Entries whose names start with `.`.
+    pub hidden: Vec<PathBuf>,
+    /// Subfolders (symlinked ones included) left unread because the listing is not recursive.
+    pub subfolders: Vec<PathBuf>,
+    /// Subfolders reached a second time in a recursive listing (symlink loops, repeated links).
+    pub repeated_folders: Vec<PathBuf>,
+}
+
+impl ImageFiles {
+    /// The number of skipped entries.
+    pub fn skipped(&self) -> usize {
+        self.not_images.len() + self.hidden.len() + self.subfolders.len() + self.repeated_folders.len()
+    }
+
+    /// What was skipped and why, in words (`None` when nothing was).
+    pub fn skipped_summary(&self) -> Option<String> {
+        let parts: Vec<String> = [
+            (&self.not_images, "without an image extension"),
+            (&self.subfolders, "subfolder(s), not read without recursive"),
+            (&self.hidden, "hidden (name starting with `.`)"),
+            (&self.repeated_folders, "folder(s) reached again through a symlink"),
+        ]
+        .into_iter()
+        .filter(|(paths, _)| !paths.is_empty())
+        .map(|(paths, why)| format!("{} {why} ({})", paths.len(), example_names(paths)))
+        .collect();
+        (!parts.is_empty()).then(|| format!("skipped {}: {}", self.skipped(), parts.join(", ")))
+    }
+}
+
+/// The first few file names of `paths`, comma-separated.
+fn example_names(paths: &[PathBuf]) -> String {
+    let mut names: Vec<String> = paths
+        .iter()
+        .take(SKIPPED_EXAMPLES)
+        .map(|p| p.file_name().map_or_else(|| p.display().to_string(), |n| n.to_string_lossy().to_string()))
+        .collect();
+    if paths.len() > SKIPPED_EXAMPLES {
+        names.push("...".to_string());
+    }
+    names.join(", ")
+}
+
+/// Whether `path` ends in one of the [`IMAGE_EXTENSIONS`], in any case.
+pub fn has_image_extension(path: &Path) -> bool {
+    path.extension()
+        .and_then(|ext| ext.to_str())
+        .is_some_and(|ext| IMAGE_EXTENSIONS.contains(&ext.to_ascii_lowercase().as_str()))
+}
+
+/// Lists the image files of `dir` as the folder loaders read them (see the module documentation).
+pub fn list_image_files(dir: impl AsRef<Path>, recursive: bool) -> Result<ImageFiles> {
+    let dir = dir.as_ref();
+    let mut listing = ImageFiles::default();
+    let mut visited = HashSet::new();
+    visited.insert(fs::canonicalize(dir).map_err(|e| Error::io(dir, e))?);
+    walk_folder(dir, recursive, &mut visited, &mut listing)?;
+    Ok(listing)
+}
+
+/// The entries of one folder, sorted by name.
+fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut entries = Vec::new();
+    for entry in fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        entries.push(entry.map_err(|e| Error::io(dir, e))?.path());
+    }
+    entries.sort_by(|a, b| a.file_name().cmp(&b.file_name()));
+    Ok(entries)
+}
+
+fn walk_folder(dir: &Path, recursive: bool, visited: &mut HashSet<PathBuf>, listing: &mut ImageFiles) -> Result<()> {
+    for path in sorted_entries(dir)? {
+        if path.file_name().is_some_and(|name| name.to_string_lossy().starts_with('.')) {
+            listing.hidden.push(path);
+            continue;
+        }
+        // `metadata` follows symlinks: a link to a folder is a folder. A dangling link is taken as
+        // a file, so that reading it names it.
+        if !fs::metadata(&path).is_ok_and(|m| m.is_dir()) {
+            if has_image_extension(&path) {
+                listing.files.push(path);
+            } else {
+                listing.not_images.push(path);
+            }
+        } else if !recursive {
+            listing.subfolders.push(path);
+        } else if visited.insert(fs::canonicalize(&path).map_err(|e| Error::io(&path, e))?) {
+            walk_folder(&path, recursive, visited, listing)?;
+        } else {
+            listing.repeated_folders.push(path);
+        }
+    }
+    Ok(())
+}
+
 /// Loads samples from `path`: a folder of images, a `.npy` array (N x C x H x W float, already in
 /// [-1, 1]) or an IDX(.gz) image file.
 pub fn load_images(path: impl AsRef<Path>) -> Result<Tensor> {
+    load_images_with(path, ReadOptions::default())
+}
+
+/// [`load_images`] with [`ReadOptions`]: `limit` keeps the first images of any source (and reads
+/// only those of a folder), `recursive` applies to folders.
+pub fn load_images_with(path: impl AsRef<Path>, options: ReadOptions) -> Result<Tensor> {
     let path = path.as_ref();
     if path.is_dir() {
-        load_image_folder(path)
+        load_image_folder_with(path, options)
     } else if path.extension().is_some_and(|ext| ext == "npy") {
-        load_samples_npy(path)
+        first_rows(load_samples_npy(path)?, options.limit)
     } else {
-        load_idx_images(path)
+        load_idx_images_with(path, options.limit)
+    }
+}
+
+/// The first `limit` rows of `x` (all of them when `None`).
+fn first_rows(x: Tensor, limit: Option<usize>) -> Result<Tensor> {
+    match limit {
+        Some(n) if (n as i64) < x.size()[0] => Ok(x.f_narrow(0, 0, n as i64)?),
+        _ => Ok(x),
     }
 }
 
 /// Loads an IDX image file (magic 0x00000803, N x H x W bytes) as N x 1 x H x W samples.
 pub fn load_idx_images(path: impl AsRef<Path>) -> Result<Tensor> {
+    load_idx_images_with(path, None)
+}
+
+/// [`load_idx_images`] keeping only the first `limit` images (all when `None`).
+pub fn load_idx_images_with(path: impl AsRef<Path>, limit: Option<usize>) -> Result<Tensor> {
     let path = path.as_ref();
     let bytes = read_maybe_gzip(path)?;
     let (dims, data) = parse_idx(path, &bytes, IDX_IMAGES_MAGIC, "image")?;
-    let (n, h, w) = (dims[0] as i64, dims[1] as i64, dims[2] as i64);
-    if n == 0 || h == 0 || w == 0 {
+    if dims.contains(&0) {
         return Err(Error::format(path, format!("the IDX file holds no pixels (dimensions {dims:?})")));
     }
-    uint8_to_samples(Tensor::from_slice(data).f_reshape([n, 1, h, w])?)
+    let (h, w) = (dims[1], dims[2]);
+    let n = limit.map_or(dims[0], |limit| limit.min(dims[0]));
+    let data = &data[..n * h * w];
+    uint8_to_samples(Tensor::from_slice(data).f_reshape([n as i64, 1, h as i64, w as i64])?)
 }
 
 /// Loads an IDX label file (magic 0x00000801).
@@ -72,70 +228,160 @@ pub fn load_idx_labels(path: impl AsRef<Path>) -> Result<Vec<u8>> {
 
 /// Loads every image of a folder (see the module documentation for the rules).
 pub fn load_image_folder(dir: impl AsRef<Path>) -> Result<Tensor> {
+    load_image_folder_with(dir, ReadOptions::default())
+}
+
+/// [`load_image_folder`] with [`ReadOptions`]. Logs one INFO line when entries were skipped.
+pub fn load_image_folder_with(dir: impl AsRef<Path>, options: ReadOptions) -> Result<Tensor> {
     let dir = dir.as_ref();
-    let mut files: Vec<PathBuf> = Vec::new();
-    for entry in fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
-        let entry = entry.map_err(|e| Error::io(dir, e))?;
-        let hidden = entry.file_name().to_string_lossy().starts_with('.');
-        let is_dir = entry.file_type().map_err(|e| Error::io(entry.path(), e))?.is_dir();
-        if !hidden && !is_dir {
-            files.push(entry.path());
-        }
+    let listing = list_image_files(dir, options.recursive)?;
+    let total = listing.files.len();
+    let read = options.limit.map_or(total, |limit| limit.min(total));
+    if let Some(skipped) = listing.skipped_summary() {
+        let first = if read < total { format!(", reading the first {read}") } else { String::new() };
+        tracing::info!("{}: {total} image file(s){first}; {skipped}", dir.display());
     }
-    files.sort_by(|a, b| a.file_name().cmp(&b.file_name()));
-    let Some(first) = files.first().cloned() else {
-        return Err(Error::format(dir, "the folder holds no image files (PNG or JPEG expected)"));
+    if total == 0 {
+        let why = listing.skipped_summary().unwrap_or_else(|| "it is empty".to_string());
+        return Err(Error::format(
+            dir,
+            format!("the folder holds no image files (extensions {}); {why}", IMAGE_EXTENSIONS.join(", ")),
+        ));
+    }
+    read_image_files(dir, &listing.files[..read])
+}
+
+/// Loads one image file as a 1 x C x H x W sample (pixels as in a folder).
+pub fn load_image_file(path: impl AsRef<Path>) -> Result<Tensor> {
+    let path = path.as_ref();
+    read_image_files(path, &[path.to_path_buf()])
+}
+
+/// One decoded image's pixels, as PIL's `convert('RGB')` gives them (grey kept as 1 channel).
+struct Pixels {
+    width: u32,
+    height: u32,
+    channels: usize,
+    bytes: Vec<u8>,
+    /// 16-bit grey, whose values above 255 were clipped (as PIL does).
+    grey16: bool,
+}
+
+/// Decodes `files` (at least one; all of one size and channel count) into samples; `source`
+/// names the folder in memory errors.
+fn read_image_files(source: &Path, files: &[PathBuf]) -> Result<Tensor> {
+    let Some((first_path, rest)) = files.split_first() else {
+        return Err(Error::format(source, "no image files to read"));
     };
-    let mut layout: Option<(u32, u32, usize)> = None;
-    let mut pixels: Vec<u8> = Vec::new();
-    for file in &files {
-        let image = decode_image(file)?;
-        let channels = if image.color().has_color() { 3 } else { 1 };
-        let this = (image.width(), image.height(), channels);
-        match layout {
-            None => {
-                layout = Some(this);
-                pixels.reserve(files.len() * (this.0 * this.1) as usize * channels);
-            }
-            Some(expected) if expected != this => {
-                return Err(Error::format(
-                    file,
-                    format!(
-                        "image is {}x{} with {} channel(s), but {} is {}x{} with {} channel(s); all images \
-                         of a folder must share size and channel count",
-                        this.0,
-                        this.1,
-                        this.2,
-                        first.display(),
-                        expected.0,
-                        expected.1,
-                        expected.2
-                    ),
-                ));
-            }
-            Some(_) => {}
+    let first = decode_pixels(first_path)?;
+    let mut pixels = reserve_pixels(source, files.len(), first.bytes.len())?;
+    let mut grey16 = Vec::new();
+    let layout = (first.width, first.height, first.channels);
+    for (path, image) in std::iter::once((first_path, Ok(first))).chain(rest.iter().map(|p| (p, decode_pixels(p)))) {
+        let image = image?;
+        let this = (image.width, image.height, image.channels);
+        if this != layout {
+            return Err(layout_mismatch(path, this, first_path, layout));
         }
-        if channels == 3 {
-            pixels.extend_from_slice(image.to_rgb8().as_raw());
-        } else {
-            pixels.extend_from_slice(image.to_luma8().as_raw());
+        if image.grey16 {
+            grey16.push(path.clone());
         }
+        pixels.extend_from_slice(&image.bytes);
     }
-    let (w, h, c) = layout.unwrap_or((0, 0, 1));
+    if !grey16.is_empty() {
+        tracing::warn!(
+            "{} 16-bit grey image(s) ({}): read as PIL's convert('RGB') (pytorch-fid) reads them, values \
+             above 255 clipped to 255 rather than rescaled; convert them to 8-bit for meaningful statistics",
+            grey16.len(),
+            example_names(&grey16)
+        );
+    }
+    let (w, h, c) = layout;
     let nhwc = Tensor::from_slice(&pixels).f_reshape([files.len() as i64, h as i64, w as i64, c as i64])?;
     uint8_to_samples(nhwc.f_permute([0, 3, 1, 2])?.f_contiguous()?)
 }
 
+/// An empty buffer with room for `count` images of `per_image` bytes, or an error naming `source`
+/// when that much memory cannot be had.
+fn reserve_pixels(source: &Path, count: usize, per_image: usize) -> Result<Vec<u8>> {
+    let needed = count.checked_mul(per_image);
+    let mut pixels = Vec::new();
+    match needed.map(|bytes| pixels.try_reserve_exact(bytes)) {
+        Some(Ok(())) => Ok(pixels),
+        _ => Err(Error::format(
+            source,
+            format!(
+                "{count} images of {per_image} bytes need {:.1} GiB, more than this machine can allocate; \
+                 read fewer (--num)",
+                count as f64 * per_image as f64 / (1u64 << 30) as f64
+            ),
+        )),
+    }
+}
+
+fn layout_mismatch(path: &Path, this: (u32, u32, usize), first: &Path, expected: (u32, u32, usize)) -> Error {
+    Error::format(
+        path,
+        format!(
+            "image is {}x{} with {} channel(s), but {} is {}x{} with {} channel(s); all images of a folder must \
+             share size and channel count",
+            this.0,
+            this.1,
+            this.2,
+            first.display(),
+            expected.0,
+            expected.1,
+            expected.2
+        ),
+    )
+}
+
+fn decode_pixels(path: &Path) -> Result<Pixels> {
+    let image = decode_image(path)?;
+    let (width, height) = (image.width(), image.height());
+    let high_byte = |v: &u16| (v >> 8) as u8;
+    let (channels, bytes, grey16) = match image {
+        DynamicImage::ImageLuma8(buffer) => (1, buffer.into_raw(), false),
+        DynamicImage::ImageLumaA8(buffer) => (1, keep_channels(buffer.as_raw(), 2, 1, |v| *v), false),
+        DynamicImage::ImageRgb8(buffer) => (3, buffer.into_raw(), false),
+        DynamicImage::ImageRgba8(buffer) => (3, keep_channels(buffer.as_raw(), 4, 3, |v| *v), false),
+        DynamicImage::ImageLuma16(buffer) => (1, buffer.as_raw().iter().map(|&v| v.min(255) as u8).collect(), true),
+        DynamicImage::ImageLumaA16(buffer) => (1, keep_channels(buffer.as_raw(), 2, 1, high_byte), false),
+        DynamicImage::ImageRgb16(buffer) => (3, buffer.as_raw().iter().map(high_byte).collect(), false),
+        DynamicImage::ImageRgba16(buffer) => (3, keep_channels(buffer.as_raw(), 4, 3, high_byte), false),
+        other => {
+            return Err(Error::format(
+                path,
+                format!("{:?} pixels are not supported; convert the image to 8-bit", other.color()),
+            ))
+        }
+    };
+    Ok(Pixels { width, height, channels, bytes, grey16 })
+}
+
+/// The first `keep` of every `stride` values, mapped to bytes.
+fn keep_channels<T>(raw: &[T], stride: usize, keep: usize, to_byte: impl Fn(&T) -> u8) -> Vec<u8> {
+    raw.chunks_exact(stride).flat_map(|pixel| pixel[..keep].iter().map(&to_byte)).collect()
+}
+
 /// Loads a `.npy` array of samples (float32 or float64, N x C x H x W with C = 1 or 3) as f32.
+/// The header's shape is checked against the file's size before anything is allocated, and every
+/// value must be finite.
 pub fn load_samples_npy(path: impl AsRef<Path>) -> Result<Tensor> {
     let path = path.as_ref();
-    let data: ArrayD<f32> = match ndarray_npy::read_npy::<_, ArrayD<f32>>(path) {
+    let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
+    check_npy_size(path, &bytes)?;
+    let data: ArrayD<f32> = match ArrayD::<f32>::read_npy(bytes.as_slice()) {
         Ok(array) => array,
-        Err(err_f32) => match ndarray_npy::read_npy::<_, ArrayD<f64>>(path) {
-            Ok(array) => array.mapv(|v| v as f32),
+        Err(err_f32) => match ArrayD::<f64>::read_npy(bytes.as_slice()) {
+            Ok(array) => {
+                check_finite(path, None, &array, true)?;
+                array.mapv(|v| v as f32)
+            }
             Err(_) => return Err(Error::format(path, format!("cannot read as a float .npy array: {err_f32}"))),
         },
     };
+    check_finite(path, None, &data, false)?;
     let shape: Vec<i64> = data.shape().iter().map(|&s| s as i64).collect();
     if shape.len() != 4 || !(shape[1] == 1 || shape[1] == 3) {
         return Err(Error::format(
@@ -145,6 +391,85 @@ pub fn load_samples_npy(path: impl AsRef<Path>) -> Result<Tensor> {
     }
     let flat: Vec<f32> = data.iter().copied().collect();
     Ok(Tensor::from_slice(&flat).f_reshape(&shape)?)
+}
+
+/// The index and value of the first NaN or infinity of `array` (in row-major order), if any;
+/// float64 values too large for float32 count as infinite when `for_f32`.
+pub(crate) fn first_non_finite<A: Copy + Into<f64>>(array: &ArrayD<A>, for_f32: bool) -> Option<(Vec<usize>, f64)> {
+    array.indexed_iter().find_map(|(index, &v)| {
+        let v: f64 = v.into();
+        let bad = !v.is_finite() || (for_f32 && v.abs() > f32::MAX as f64);
+        bad.then(|| (ndarray::Dimension::slice(&index).to_vec(), v))
+    })
+}
+
+/// Fails, naming the file (and the `.npz` key), when `array` holds a NaN or an infinity (or, when
+/// `for_f32`, a value too large for float32).
+pub(crate) fn check_finite<A: Copy + Into<f64>>(
+    path: &Path,
+    key: Option<&str>,
+    array: &ArrayD<A>,
+    for_f32: bool,
+) -> Result<()> {
+    let Some((index, value)) = first_non_finite(array, for_f32) else {
+        return Ok(());
+    };
+    let what = if value.is_finite() { format!("{value:e}, too large for float32,") } else { format!("{value}") };
+    let msg = format!("holds {what} at index {index:?} (the first non-finite value); every value must be finite");
+    Err(match key {
+        Some(key) => Error::bad_array(path, key, msg),
+        None => Error::format(path, msg),
+    })
+}
+
+/// Checks that an `.npy` file holds the bytes its header's shape declares, so that reading it
+/// never allocates more than the file's size.
+fn check_npy_size(path: &Path, bytes: &[u8]) -> Result<()> {
+    let bad = |msg: &str| Error::format(path, format!("not a valid .npy file: {msg}"));
+    if bytes.len() < 10 || !bytes.starts_with(b"\x93NUMPY") {
+        return Err(bad("no \\x93NUMPY magic"));
+    }
+    let (header_len, start): (usize, usize) = match bytes[6] {
+        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
+        _ => match bytes.get(8..12) {
+            Some(b) => (u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize, 12),
+            None => return Err(bad("truncated header")),
+        },
+    };
+    let Some(header) = bytes.get(start..start.saturating_add(header_len)) else {
+        return Err(bad("truncated header"));
+    };
+    let header = String::from_utf8_lossy(header);
+    let (Some(shape), Some(item_size)) = (npy_header_shape(&header), npy_header_item_size(&header)) else {
+        // Left to the reader, whose message says what is wrong.
+        return Ok(());
+    };
+    let data = bytes.len() - start - header_len;
+    match shape.iter().try_fold(item_size, |acc, &d| acc.checked_mul(d)) {
+        Some(declared) if declared <= data => Ok(()),
+        declared => Err(Error::format(
+            path,
+            format!(
+                "the header declares shape {shape:?} ({} bytes of data), but the file holds {data} bytes",
+                declared.map_or_else(|| "more than 2^64".to_string(), |d| d.to_string())
+            ),
+        )),
+    }
+}
+
+/// The `'shape': (a, b, ...)` tuple of an `.npy` header.
+fn npy_header_shape(header: &str) -> Option<Vec<usize>> {
+    let after = &header[header.find("'shape'")? + "'shape'".len()..];
+    let tuple = &after[after.find('(')? + 1..];
+    let tuple = &tuple[..tuple.find(')')?];
+    tuple.split(',').map(str::trim).filter(|s| !s.is_empty()).map(|s| s.parse().ok()).collect()
+}
+
+/// The element size in bytes of an `.npy` header's `'descr'` (e.g. `'<f4'` -> 4).
+fn npy_header_item_size(header: &str) -> Option<usize> {
+    let after = &header[header.find("'descr'")? + "'descr'".len()..];
+    let value = after.split('\'').nth(1)?;
+    value.trim_start_matches(|c: char| !c.is_ascii_digit()).parse().ok()
 }
 
 /// The rows [`subsample`] keeps, in increasing order.

@@ -6,7 +6,8 @@
 //! what pytorch-fid's `--save-stats` writes, `np.savez_compressed(path, mu=mu, sigma=sigma)`:
 //! a deflate-compressed zip with members `mu.npy` (float64 [d]) and `sigma.npy` (float64 [d, d]).
 //! Reading also accepts float32 arrays and uncompressed files. Feature sets for KID are stored as
-//! `.npz` with the single key `features` (float32 or float64 [N, d]).
+//! `.npz` with the single key `features` (float32 or float64 [N, d]). Every error of a read names
+//! the file (and the array), and arrays holding NaN or infinity are refused.
 
 use std::fs::File;
 use std::io::BufReader;
@@ -16,6 +17,7 @@ use ndarray::{Array1, Array2, ArrayD, IxDyn, OwnedRepr};
 use ndarray_npy::{NpzReader, NpzWriter};
 use tch::{Device, Kind, Tensor};
 
+use crate::data::check_finite;
 use crate::error::{Error, Result};
 
 /// Key of the mean in a statistics file.
@@ -81,6 +83,8 @@ impl FeatureStats {
         let mut reader = open_npz(path)?;
         let mu = read_float_array(&mut reader, path, MU_KEY)?;
         let sigma = read_float_array(&mut reader, path, SIGMA_KEY)?;
+        check_finite(path, Some(MU_KEY), &mu, false)?;
+        check_finite(path, Some(SIGMA_KEY), &sigma, false)?;
         if mu.ndim() != 1 {
             return Err(Error::bad_array(path, MU_KEY, format!("expected a vector [d], found shape {:?}", mu.shape())));
         }
@@ -119,9 +123,15 @@ pub fn read_features_npz(path: impl AsRef<Path>) -> Result<Tensor> {
     let mut reader = open_npz(path)?;
     require_key(&mut reader, path, FEATURES_KEY)?;
     let tensor = match reader.by_name::<OwnedRepr<f32>, IxDyn>(FEATURES_KEY) {
-        Ok(array) => array_to_tensor_f32(&array)?,
+        Ok(array) => {
+            check_finite(path, Some(FEATURES_KEY), &array, false)?;
+            array_to_tensor_f32(&array)?
+        }
         Err(err_f32) => match reader.by_name::<OwnedRepr<f64>, IxDyn>(FEATURES_KEY) {
-            Ok(array) => array_to_tensor_f64(&array)?,
+            Ok(array) => {
+                check_finite(path, Some(FEATURES_KEY), &array, false)?;
+                array_to_tensor_f64(&array)?
+            }
             Err(_) => {
                 return Err(Error::bad_array(
                     path,

@@ -1,0 +1,90 @@
+//! Inputs that real folders and real mistakes produce: image folders holding other files,
+//! subfolders and symlinks (read as pytorch-fid reads them, `--recursive` for subfolders), sizes
+//! too large for memory, NaN in `.npy`/`.npz` inputs, progress lines when stderr is a file, and
+//! `ddss-cli sample` with no arguments. Each case runs the binary; none allocates much memory.
+
+mod common;
+use common::*;
+
+use std::path::Path;
+use std::process::Command;
+
+/// Runs a command that must fail cleanly and whose stderr must name every needle.
+fn fails_naming(cmd: &mut Command, needles: &[&str]) -> String {
+    let out = cmd.output().expect("start ddss-cli");
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(1), "expected exit 1:\n{err}");
+    for marker in ["panicked", "stack backtrace", "memory allocation of"] {
+        assert!(!err.contains(marker), "`{marker}` in stderr:\n{err}");
+    }
+    for needle in needles {
+        assert!(err.contains(needle), "stderr does not name `{needle}`:\n{err}");
+    }
+    err
+}
+
+/// A 28 x 28 grey PNG whose pixels depend on `seed`.
+fn png(path: &Path, seed: u32) {
+    image::GrayImage::from_fn(28, 28, |x, y| image::Luma([((x * 7 + y * 3 + seed * 31) % 256) as u8]))
+        .save(path)
+        .expect("png");
+}
+
+/// `ddss-cli stats` with classifier-a features (no Inception weights needed); INFO lines on.
+fn stats(source: &Path, out: &Path) -> Command {
+    let mut cmd = bin();
+    cmd.args(["stats", "--device", "cpu", "--features"]).arg(classifier_a_path()).arg(source).arg("--out").arg(out);
+    cmd
+}
+
+/// The number of images `stats` reports in its "wrote ...: mu, sigma and features (N x d)" line.
+fn images_counted(stdout: &[u8]) -> usize {
+    let text = String::from_utf8_lossy(stdout);
+    let inside = text.split("features (").nth(1).unwrap_or_else(|| panic!("no count in: {text}"));
+    inside.split(' ').next().and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("no count in: {text}"))
+}
+
+#[test]
+fn a_real_folder_with_other_files_subfolders_and_symlinks_is_read_like_pytorch_fid() {
+    let dir = temp_dir("real-folder");
+    let images = dir.join("images");
+    let elsewhere = dir.join("elsewhere");
+    for folder in [&images, &images.join("plain"), &elsewhere] {
+        std::fs::create_dir_all(folder).expect("folder");
+    }
+    png(&images.join("0.png"), 0);
+    png(&images.join("1.PNG"), 1);
+    png(&images.join("2.png"), 2);
+    std::fs::write(images.join("README.txt"), "real folders hold notes").expect("write");
+    std::fs::write(images.join("Thumbs.db"), [0u8, 1, 2, 3]).expect("write");
+    std::fs::write(images.join(".DS_Store"), [0u8; 8]).expect("write");
+    png(&images.join("plain/3.png"), 3);
+    png(&images.join("plain/4.png"), 4);
+    png(&elsewhere.join("5.png"), 5);
+    std::os::unix::fs::symlink(&elsewhere, images.join("linked")).expect("symlink");
+    std::os::unix::fs::symlink(&images, images.join("plain/loop")).expect("symlink");
+    let out = dir.join("s.npz");
+
+    let flat = run_ok(&mut stats(&images, &out));
+    assert_eq!(images_counted(&flat.stdout), 3, "the top-level images only");
+    let log = String::from_utf8_lossy(&flat.stderr);
+    assert!(log.contains("INFO") && log.contains("3 image file(s); skipped 5:"), "{log}");
+    assert!(log.contains("2 without an image extension (README.txt, Thumbs.db)"), "{log}");
+    assert!(log.contains("2 subfolder(s)"), "{log}");
+
+    let recursive = run_ok(stats(&images, &out).arg("--recursive"));
+    assert_eq!(images_counted(&recursive.stdout), 6, "subfolders too, the loop once");
+    let mut fid = bin();
+    fid.args(["--quiet", "fid", "--recursive", "--json", "--device", "cpu", "--features"])
+        .arg(classifier_a_path())
+        .arg(&images)
+        .arg(&out);
+    let report: serde_json::Value = serde_json::from_slice(&run_ok(&mut fid).stdout).expect("json");
+    assert!(report["fid"].as_f64().expect("fid").abs() < 1e-3, "the same six images: {report}");
+
+    let empty = dir.join("only-notes");
+    std::fs::create_dir_all(empty.join("sub")).expect("folder");
+    std::fs::write(empty.join("README.txt"), "no images here").expect("write");
+    fails_naming(&mut stats(&empty, &out), &["only-notes", "no image files", "1 subfolder"]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
