@@ -88,3 +88,51 @@ fn a_real_folder_with_other_files_subfolders_and_symlinks_is_read_like_pytorch_f
     fails_naming(&mut stats(&empty, &out), &["only-notes", "no image files", "1 subfolder"]);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The shipped Fashion-MNIST model.
+fn shipped_model() -> String {
+    repo("models/fashion-mnist-ddpm")
+}
+
+#[test]
+fn nan_noise_or_statistics_are_refused_naming_the_file() {
+    let dir = temp_dir("nan-inputs");
+    let mut noise = ndarray::Array4::<f32>::zeros((2, 1, 28, 28));
+    noise[[1, 0, 3, 4]] = f32::NAN;
+    let noise_path = dir.join("noise-with-nan.npy");
+    ndarray_npy::write_npy(&noise_path, &noise).expect("npy");
+    let mut sample = bin();
+    sample.args(["--quiet", "sample", "--device", "cpu", "--sampler", "ddim", "--steps", "2", "--model"]);
+    sample.arg(shipped_model()).arg("--init-noise").arg(&noise_path).arg("--out-npy").arg(dir.join("x.npy"));
+    fails_naming(&mut sample, &["--init-noise", "noise-with-nan.npy", "NaN", "[1, 0, 3, 4]"]);
+    assert!(!dir.join("x.npy").exists());
+    noise[[1, 0, 3, 4]] = f32::INFINITY;
+    ndarray_npy::write_npy(&noise_path, &noise).expect("npy");
+    fails_naming(&mut sample, &["noise-with-nan.npy", "inf", "[1, 0, 3, 4]"]);
+
+    let stats_path = dir.join("stats-with-nan.npz");
+    let mut sigma = ndarray::Array2::<f64>::eye(128);
+    sigma[[5, 7]] = f64::NAN;
+    let mut writer = ndarray_npy::NpzWriter::new(std::fs::File::create(&stats_path).expect("create"));
+    writer.add_array("mu", &ndarray::Array1::<f64>::zeros(128)).expect("mu");
+    writer.add_array("sigma", &sigma).expect("sigma");
+    writer.finish().expect("npz");
+    let good = dir.join("good.npz");
+    let mut writer = ndarray_npy::NpzWriter::new(std::fs::File::create(&good).expect("create"));
+    writer.add_array("mu", &ndarray::Array1::<f64>::zeros(128)).expect("mu");
+    writer.add_array("sigma", &ndarray::Array2::<f64>::eye(128)).expect("sigma");
+    writer.finish().expect("npz");
+    let mut fid = bin();
+    fid.args(["--quiet", "fid"]).arg(&good).arg(&stats_path);
+    fails_naming(&mut fid, &["stats-with-nan.npz", "sigma", "NaN", "[5, 7]"]);
+    let mut eval = bin();
+    eval.args(["--quiet", "eval", "--device", "cpu", "--sampler", "ddim", "--steps", "2", "--num", "4"])
+        .arg("--model")
+        .arg(shipped_model())
+        .arg("--features")
+        .arg(classifier_a_path())
+        .arg("--ref")
+        .arg(&stats_path);
+    fails_naming(&mut eval, &["--ref", "stats-with-nan.npz", "sigma"]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
