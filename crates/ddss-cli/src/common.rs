@@ -1,11 +1,11 @@
-//! Helpers shared by the subcommands: device selection, progress bars, image grids and `.npy`
+//! Helpers shared by the subcommands: device selection, progress reports, image grids and `.npy`
 //! sample files.
 
+use crate::progress::{Progress, Unit};
 use anyhow::{bail, Context, Result};
 use ggdm_core::cuda_graph::GraphedDenoiser;
 use ggdm_core::model_dir::{load_model_dir_with, LoadedModel, NetworkPrecision};
 use ggdm_core::Denoiser;
-use indicatif::{ProgressBar, ProgressStyle};
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
@@ -114,18 +114,20 @@ pub fn parse_device(name: &str) -> Result<Device> {
     }
 }
 
-/// A progress bar on stderr (hidden with `--quiet`), with rate and ETA.
-pub fn progress(len: u64, quiet: bool, what: &str) -> ProgressBar {
-    if quiet {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::new(len);
-    let style = ProgressStyle::with_template(&format!(
-        "{what} [{{elapsed_precise}}] {{bar:30}} {{pos}}/{{len}} ({{per_sec}}, ETA {{eta}}) {{msg}}"
-    ))
-    .unwrap_or_else(|_| ProgressStyle::default_bar());
-    bar.set_style(style);
-    bar
+/// A progress report on stderr with rate and ETA (hidden with `--quiet`): a bar on a terminal,
+/// INFO lines otherwise ([`crate::progress`]).
+pub fn progress(len: u64, quiet: bool, what: &str) -> Progress {
+    Progress::new(len, quiet, what, Unit::Items)
+}
+
+/// [`progress`] counting optimiser steps (`step 3/5`).
+pub fn progress_steps(len: u64, quiet: bool, what: &str) -> Progress {
+    Progress::new(len, quiet, what, Unit::Steps)
+}
+
+/// [`progress`] counting images or samples (`150/1000 images`).
+pub fn progress_images(len: u64, quiet: bool, what: &str) -> Progress {
+    Progress::new(len, quiet, what, Unit::Images)
 }
 
 /// Samples in [-1, 1] (`N x C x H x W`, C = 1 or 3) to 8-bit `N x H x W x C` bytes.

@@ -6,6 +6,7 @@ mod common;
 mod dist;
 mod metrics_cmd;
 mod plot;
+mod progress;
 mod sample;
 mod search_cmd;
 mod table_cmd;
@@ -287,6 +288,8 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter)),
         )
         .with_writer(std::io::stderr)
+        // No colour codes in log files.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .without_time()
         .with_target(false)
         .init();

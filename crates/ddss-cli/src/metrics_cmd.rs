@@ -9,7 +9,7 @@
 //! never compared. pytorch-fid reads only `mu` and `sigma` and ignores other keys. [`evaluate`] draws samples exactly as `ddss-cli sample` does (sample
 //! `i` uses the noise stream `(seed, i)`), so `eval` scores the very images `sample` writes.
 
-use crate::common::{parse_device, progress, NetworkArgs};
+use crate::common::{parse_device, progress_images, NetworkArgs};
 use crate::sample::{ModelSamplerArgs, SamplerChoice};
 use anyhow::{bail, Context, Result};
 use ddss_opt::collective::{shard, Collective, SingleProcess};
@@ -189,7 +189,7 @@ fn image_source_features(
         &images.size()[1..],
         extractor.name()
     );
-    let bar = progress(total, quiet, "features");
+    let bar = progress_images(total, quiet, "features");
     let features = extract_features_batched(extractor, &images, batch, |done, _| bar.set_position(done as u64))
         .with_context(|| format!("computing features of {}", path.display()))?;
     bar.finish_and_clear();
@@ -669,7 +669,7 @@ pub fn run_eval(args: EvalArgs) -> Result<()> {
             crate::dist::ranks_note(comm)
         );
     }
-    let bar = progress(args.num as u64, args.quiet || !comm.is_root(), "eval");
+    let bar = progress_images(args.num as u64, args.quiet || !comm.is_root(), "eval");
     let result = evaluate(
         &model,
         &choice,

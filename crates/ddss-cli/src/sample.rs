@@ -9,7 +9,7 @@
 //! writes its own `--out-dir` images, and the grid and `.npy` are gathered to rank 0, which writes
 //! them; the files are those one process writes.
 
-use crate::common::{parse_device, progress, write_grid, write_images, write_npy, NetworkArgs};
+use crate::common::{parse_device, progress_images, write_grid, write_images, write_npy, NetworkArgs};
 use anyhow::{bail, Context, Result};
 use ddss_opt::collective::shard;
 use ggdm_core::ggdm::GgdmSampler;
@@ -281,7 +281,7 @@ pub fn run(args: SampleArgs) -> Result<()> {
     );
     let batches = shard(num.div_ceil(args.batch), comm.rank(), comm.size());
     let (start, end) = ((batches.start * args.batch).min(num), (batches.end * args.batch).min(num));
-    let bar = progress((end - start) as u64, args.quiet || !comm.is_root(), "sample");
+    let bar = progress_images((end - start) as u64, args.quiet || !comm.is_root(), "sample");
     let mut chunks = Vec::new();
     let mut first = start;
     while first < end {

@@ -11,7 +11,7 @@
 //! step's batch, the validation batch and the comparison's samples are split across the ranks
 //! (see [`ddss_opt::collective`]), and rank 0 alone writes the run directory and prints.
 
-use crate::common::{parse_device, progress, write_grid};
+use crate::common::{parse_device, progress, progress_steps, write_grid};
 use crate::metrics_cmd::{sample_features_sharded, EvalOptions};
 use crate::sample::{SamplerChoice, SAMPLER_NAMES};
 use anyhow::{bail, Context, Result};
@@ -331,15 +331,15 @@ impl FeatureExtractor for DynExtractor<'_> {
 }
 
 struct BarObserver {
-    bar: indicatif::ProgressBar,
+    bar: crate::progress::Progress,
 }
 
 impl SearchObserver for BarObserver {
     fn on_step(&mut self, record: &StepRecord) {
-        self.bar.set_position(record.step);
         let val = record.validation_kid.map(|k| format!(" val KID {k:.5}")).unwrap_or_default();
         let clipped = if record.clipped { " (clipped)" } else { "" };
         self.bar.set_message(format!("loss {:.5} |g| {:.3}{clipped}{val}", record.loss, record.grad_norm));
+        self.bar.set_position(record.step);
         if let Some(event) = &record.event {
             self.bar.println(format!("step {}: {event}", record.step));
         }
@@ -450,7 +450,7 @@ pub fn run(args: SearchArgs) -> Result<()> {
         sample_shape: shape,
         device,
     };
-    let mut observer = BarObserver { bar: progress(config.optim.steps, quiet, "search") };
+    let mut observer = BarObserver { bar: progress_steps(config.optim.steps, quiet, "search") };
     let search_started = Instant::now();
     let outcome =
         run_search_with(&mut sampler, parts, &config.optim, &real, &run_dir, args.resume, &mut observer, comm)?;

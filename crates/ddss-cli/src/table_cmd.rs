@@ -8,7 +8,7 @@
 //! and `eval` do), samples are rounded to 8-bit levels, and each batch of samples is scored by all
 //! feature networks at once, so a sampler is run once per K whatever the number of networks.
 
-use crate::common::{parse_device, progress};
+use crate::common::{parse_device, progress_images};
 use crate::metrics_cmd::{load_image_source, sample_features_multi, EvalOptions};
 use crate::plot::{plot_against_steps, Series};
 use crate::sample::SamplerChoice;
@@ -301,7 +301,7 @@ pub fn run(args: TableArgs, quiet: bool) -> Result<()> {
     let mut references = Vec::new();
     for spec in &specs {
         let extractor = spec.open(device)?;
-        let bar = progress(real.size()[0] as u64, quiet, &format!("reference {}", extractor.name()));
+        let bar = progress_images(real.size()[0] as u64, quiet, &format!("reference {}", extractor.name()));
         let feats =
             extract_features_batched(&crate::search_cmd::DynExtractor(extractor.as_ref()), &real, args.batch, {
                 let bar = bar.clone();
@@ -319,7 +319,7 @@ pub fn run(args: TableArgs, quiet: bool) -> Result<()> {
     let (learned_first, baselines): (Vec<_>, Vec<_>) = entries.iter().partition(|e| e.2.is_some());
     for (label, choice, learned) in learned_first.into_iter().chain(baselines) {
         let steps = choice.steps();
-        let bar = progress(num as u64, quiet, &format!("{label} K={steps}"));
+        let bar = progress_images(num as u64, quiet, &format!("{label} K={steps}"));
         let (features, _) = sample_features_multi(&model, choice, &options, &extractor_refs, 0, &mut |done, _| {
             bar.set_position(done as u64)
         })?;

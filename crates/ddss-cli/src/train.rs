@@ -7,7 +7,7 @@
 //! (weights, EMA, Adam moments, data/noise RNG position) is checkpointed atomically in one file,
 //! `checkpoint/state.safetensors`, so `--resume` continues exactly where the run stopped.
 
-use crate::common::{parse_device, progress};
+use crate::common::{parse_device, progress_steps};
 use anyhow::{bail, Context, Result};
 use ddss_opt::optim::{clip_grad_norm, Adam, AdamConfig, LrSchedule};
 use ggdm_core::prediction::target_from;
@@ -288,8 +288,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let t_count = schedule.num_train_timesteps() as i64;
     let batch = config.train.batch_size;
     let numel_per_image = (shape[0] * shape[1] * shape[2]) as usize;
-    let bar = progress(total, args.quiet, "train");
-    bar.set_position(start_step);
+    let bar = progress_steps(total, args.quiet, "train");
+    bar.resume_from(start_step);
     let started = Instant::now();
     let metrics_path = args.out.join("metrics.jsonl");
     if args.resume {
@@ -367,7 +367,6 @@ pub fn run(args: TrainArgs) -> Result<()> {
         loss_acc += loss.detach();
         loss_count += 1;
         step += 1;
-        bar.inc(1);
         let out_of_time = args.max_minutes.is_some_and(|m| started.elapsed().as_secs_f64() > m * 60.0)
             || args.stop_at_step.is_some_and(|s| step >= s);
         if step.is_multiple_of(config.train.log_every) || step == total || out_of_time {
@@ -381,6 +380,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
             loss_acc = Tensor::zeros([], (Kind::Float, device));
             loss_count = 0;
         }
+        bar.inc(1);
         if step.is_multiple_of(config.train.checkpoint_every) || step == total || out_of_time {
             save(step, &rng, &adam)?;
         }

@@ -136,3 +136,58 @@ fn nan_noise_or_statistics_are_refused_naming_the_file() {
     fails_naming(&mut eval, &["--ref", "stats-with-nan.npz", "sigma"]);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Runs `cmd` with stderr written to `log` (not a terminal), as under nohup or a batch scheduler;
+/// returns the log.
+fn run_logged(cmd: &mut Command, log: &Path) -> String {
+    let file = std::fs::File::create(log).expect("log file");
+    let status = cmd.stderr(std::process::Stdio::from(file)).status().expect("start ddss-cli");
+    let text = std::fs::read_to_string(log).expect("read log");
+    assert!(status.success(), "ddss-cli failed: {status}\n{text}");
+    text
+}
+
+/// The `(N, M)` of every `WHAT: step N/M` progress line of `log`.
+fn step_lines(log: &str, what: &str) -> Vec<(u64, u64)> {
+    let prefix = format!("{what}: step ");
+    log.lines()
+        .filter_map(|line| line.split_once(prefix.as_str()).map(|(_, rest)| rest))
+        .filter_map(|rest| {
+            let (n, m) = rest.split_once(' ').map_or(rest, |(pos, _)| pos).split_once('/')?;
+            Some((n.parse().ok()?, m.parse().ok()?))
+        })
+        .collect()
+}
+
+#[test]
+fn train_and_search_print_progress_lines_when_stderr_is_a_file() {
+    let dir = temp_dir("progress-lines");
+    let data = dir.join("images.idx");
+    write_idx(&data, 32, 8);
+    let config = dir.join("tiny_train.toml");
+    std::fs::write(&config, TINY_TRAIN_CONFIG).expect("config");
+    let model = dir.join("model");
+    let log = run_logged(train_cmd(&data, &config, &model).args(["--steps", "3"]), &dir.join("train.log"));
+    let steps = step_lines(&log, "train");
+    assert_eq!(steps.first(), Some(&(1, 3)), "a line at the first step:\n{log}");
+    assert_eq!(steps.last(), Some(&(3, 3)), "a line at the last step:\n{log}");
+    let last = log.lines().rev().find(|l| l.contains("train: step 3/3")).expect("last line");
+    assert!(last.contains("steps/s") && last.contains("ETA") && last.contains("loss "), "{last}");
+    assert!(!log.contains('\u{1b}'), "no colour codes in a log file:\n{log}");
+    let quiet =
+        run_logged(train_cmd(&data, &config, &dir.join("quiet")).args(["--quiet", "--steps", "2"]), &dir.join("q.log"));
+    assert!(step_lines(&quiet, "train").is_empty(), "--quiet prints no progress:\n{quiet}");
+
+    let search_config = dir.join("search.toml");
+    std::fs::write(&search_config, tiny_search_config(&model, &data, 3)).expect("config");
+    let mut search = bin();
+    search.args(["search", "--device", "cpu", "--config"]).arg(&search_config).arg("--out").arg(dir.join("run"));
+    let log = run_logged(&mut search, &dir.join("search.log"));
+    let steps = step_lines(&log, "search");
+    assert_eq!((steps.first(), steps.last()), (Some(&(1, 3)), Some(&(3, 3))), "{log}");
+    let last = log.lines().rev().find(|l| l.contains("search: step 3/3")).expect("last line");
+    assert!(last.contains("loss ") && last.contains("ETA"), "{last}");
+    assert!(log.contains("real features: 16/16"), "{log}");
+    assert!(log.lines().any(|l| l.contains("eval learned K=3: 4/4")), "the comparison reports progress:\n{log}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
