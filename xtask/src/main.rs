@@ -9,10 +9,13 @@
 //! * `search`   setup + release build of `ddss-cli` + `ddss-cli search --config NAME_OR_PATH`.
 //! * `bench`    ours next to the PyTorch reference of `bench/reference/` (DDSS step time and memory,
 //!   sampling and feature throughput), one process per measurement, as a Markdown table.
+//! * `test-kernels` runs the numerics-sensitive tests under other machines' CPU kernels ([`kernels`]).
 //! * `fixtures` installs the pinned reference packages (diffusers, ...) into the venv and regenerates
 //!   the committed reference fixtures under `tests/fixtures/`.
 //!
 //! xtask must not depend on tch: it is what makes libtorch available in the first place.
+
+mod kernels;
 
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
@@ -45,6 +48,9 @@ fn usage() -> &'static str {
      \x20                                --mpi: also Open MPI + libclang for `--features mpi`\n\
      \x20 test [--mpi]                   setup, then fmt --check, clippy -D warnings, cargo test --workspace;\n\
      \x20                                --mpi: also the mpirun tests (cargo test -p ddss-cli --features mpi)\n\
+     \x20 test-kernels [avx2|default ...] the numerics-sensitive tests (ggdm-core, fid-metrics, ddss-opt,\n\
+     \x20                                tests/) with another machine's CPU kernels: ATEN_CPU_CAPABILITY and\n\
+     \x20                                ONEDNN_MAX_CPU_ISA for AVX2 and for no vectorisation (default: both)\n\
      \x20 search --config NAME_OR_PATH   setup, build ddss-cli (release) and run a sampler search\n\
      \x20 fixtures                       regenerate reference fixtures with the pinned Python packages\n\
      \x20 bench [--device D] [--batch B] [--config NAME --random-weights] [--cuda-graphs] [--out FILE] [--json]\n\
@@ -73,6 +79,7 @@ fn run() -> Result<()> {
             Ok(())
         }
         "test" => test(&rest),
+        "test-kernels" => test_kernels(&rest),
         "search" => search(&rest),
         "fixtures" => fixtures(),
         "bench" => bench(&rest),
@@ -277,6 +284,21 @@ fn fashion_mnist() -> Result<()> {
     Ok(())
 }
 
+/// `cargo xtask test-kernels [avx2|default ...] [-- cargo test arguments]`.
+fn test_kernels(args: &[String]) -> Result<()> {
+    let env = setup()?;
+    let (names, extra) = match args.iter().position(|a| a == "--") {
+        Some(split) => (&args[..split], &args[split + 1..]),
+        None => (args, &[][..]),
+    };
+    let sets = if names.is_empty() {
+        kernels::OTHER_MACHINES.to_vec()
+    } else {
+        names.iter().map(|n| kernels::KernelSet::named(n)).collect::<Result<Vec<_>>>()?
+    };
+    kernels::test_kernels(&repo_root(), &env.python, &sets, extra)
+}
+
 fn cargo() -> Command {
     Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
 }
@@ -289,6 +311,7 @@ fn test(extra: &[String]) -> Result<()> {
         mpi_setup()?;
     }
     let root = repo_root();
+    println!("[test] CPU kernels: {}", kernels::align_with_caller()?);
     println!("[test] cargo fmt --check");
     run_cmd(cargo().current_dir(&root).args(["fmt", "--all", "--", "--check"]))?;
     println!("[test] cargo clippy -D warnings");
