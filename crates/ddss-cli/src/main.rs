@@ -4,6 +4,7 @@ mod bench_cmd;
 mod classifier_cmd;
 mod common;
 mod dist;
+mod memory_check;
 mod metrics_cmd;
 mod plot;
 mod progress;

@@ -10,6 +10,7 @@
 //! `i` uses the noise stream `(seed, i)`), so `eval` scores the very images `sample` writes.
 
 use crate::common::{parse_device, progress_images, NetworkArgs};
+use crate::memory_check::{check_request, Request};
 use crate::sample::{ModelSamplerArgs, SamplerChoice};
 use anyhow::{bail, Context, Result};
 use ddss_opt::collective::{shard, Collective, SingleProcess};
@@ -452,6 +453,30 @@ pub struct EvalResult {
     pub kid_std: Option<f64>,
 }
 
+/// Fails, naming `names` (the flags or keys of the batch size and of the number of samples), when
+/// drawing `options.num` samples in batches of `options.batch` and keeping `feature_dims` features
+/// of each cannot fit in memory ([`crate::memory_check`]).
+pub fn check_eval_memory(
+    model: &LoadedModel,
+    options: &EvalOptions,
+    feature_dims: usize,
+    names: [&str; 2],
+) -> Result<()> {
+    let Some(shape) = model.sample_shape() else {
+        return Ok(());
+    };
+    let request = Request {
+        batch: options.batch,
+        batch_name: names[0],
+        num: options.num,
+        num_name: names[1],
+        // float32 chunks, then their concatenation.
+        kept_per_sample: (feature_dims as u64).saturating_mul(2 * 4),
+        kept_what: "the features",
+    };
+    check_request(model, shape, options.device, &request)
+}
+
 /// Draws `options.num` samples from `model` with `choice` (per-sample noise exactly as
 /// `ddss-cli sample`) and returns their features (N x d, f32, CPU). `on_batch(done, total)` is
 /// called after every batch.
@@ -499,6 +524,8 @@ pub fn sample_features_sharded(
     let Some(shape) = model.sample_shape() else {
         bail!("the model {} does not fix its sample size (no sample_size in config.json)", model.dir.display());
     };
+    let feature_dims = extractors.iter().map(|e| e.dim()).sum();
+    check_eval_memory(model, options, feature_dims, ["batch", "num"])?;
     let device = options.device;
     let mut chunks: Vec<Vec<Tensor>> = extractors.iter().map(|_| Vec::new()).collect();
     let mut kept = Vec::new();
@@ -515,17 +542,18 @@ pub fn sample_features_sharded(
         }
         for (extractor, out) in extractors.iter().zip(chunks.iter_mut()) {
             let features = tch::no_grad(|| extractor.features(&samples))?;
-            out.push(features.to_device(Device::Cpu).to_kind(Kind::Float));
+            out.push(features.f_to_device(Device::Cpu)?.f_to_kind(Kind::Float)?);
         }
         if first < keep {
-            kept.push(samples.narrow(0, 0, (keep - first).min(len) as i64).to_device(Device::Cpu));
+            kept.push(samples.f_narrow(0, 0, (keep - first).min(len) as i64)?.f_to_device(Device::Cpu)?);
         }
         first += len;
         on_batch((first - start) * options.num / (end - start).max(1), options.num);
     }
     if comm.size() <= 1 {
-        let features = chunks.iter().map(|c| Tensor::cat(c, 0)).collect();
-        let kept = if kept.is_empty() { Tensor::zeros([0], (Kind::Float, Device::Cpu)) } else { Tensor::cat(&kept, 0) };
+        let features = chunks.iter().map(|c| Tensor::f_cat(c, 0)).collect::<Result<_, _>>()?;
+        let kept =
+            if kept.is_empty() { Tensor::f_zeros([0], (Kind::Float, Device::Cpu))? } else { Tensor::f_cat(&kept, 0)? };
         return Ok((features, kept));
     }
     let mut features = Vec::with_capacity(extractors.len());
@@ -658,6 +686,7 @@ pub fn run_eval(args: EvalArgs) -> Result<()> {
     let extractor = open_features(&spec, device)?;
     let options =
         EvalOptions { num: args.num, batch: args.batch, seed: args.seed, quantize: !args.no_quantize, device };
+    check_eval_memory(&model, &options, extractor.dim(), ["--batch", "--num"])?;
     if comm.is_root() {
         tracing::info!(
             "eval: {} samples with {} ({} steps), features {}, reference {}{}",

@@ -10,8 +10,9 @@
 //! them; the files are those one process writes.
 
 use crate::common::{parse_device, progress_images, write_grid, write_images, write_npy, NetworkArgs};
+use crate::memory_check::{check_request, Request};
 use anyhow::{bail, Context, Result};
-use ddss_opt::collective::shard;
+use ddss_opt::collective::{shard, Collective};
 use ggdm_core::ggdm::GgdmSampler;
 use ggdm_core::grid::Spacing;
 use ggdm_core::model_dir::LoadedModel;
@@ -19,7 +20,7 @@ use ggdm_core::noise::{NoiseSource, PerSampleNoise};
 use ggdm_core::samplers::{ddim, ddpm, diffusers_steps, grid_steps, DdimOptions, DdpmOptions, Step};
 use ggdm_core::solvers::{dpm_solver, unipc, DpmSolverOptions, UniPcOptions};
 use std::path::PathBuf;
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 /// The arguments of `ddss-cli sample`.
 #[derive(Debug, Clone, clap::Args)]
@@ -255,24 +256,13 @@ pub fn run(args: SampleArgs) -> Result<()> {
         ),
         None => None,
     };
-    let shape = match (&init, model.sample_shape()) {
-        (Some(t), Some(s)) if t.size()[1..] != s[..] => {
-            bail!("--init-noise has shape {:?}, the model samples {:?}", t.size(), s)
-        }
-        (Some(t), _) => [t.size()[1], t.size()[2], t.size()[3]],
-        (None, Some(s)) => s,
-        (None, None) => {
-            bail!("the model does not fix its sample size (no sample_size in config.json); pass --init-noise")
-        }
-    };
+    let shape = sample_shape(init.as_ref(), &model)?;
     let num = init.as_ref().map(|t| t.size()[0] as usize).unwrap_or(args.num);
     if num == 0 {
         bail!("--num 0: nothing to sample");
     }
-    let (out_grid, out_dir, out_npy) = match (&args.out, &args.out_dir, &args.out_npy) {
-        (None, None, None) => (Some(PathBuf::from("samples.png")), None, None),
-        (a, b, c) => (a.clone(), b.clone(), c.clone()),
-    };
+    let outputs = Outputs::of(&args);
+    check_memory(&model, shape, device, &args, num, outputs.keeps_samples())?;
     tracing::info!(
         "sampling {num} images of shape {shape:?} with {} ({} steps) on {device:?}{}",
         args.run.sampler,
@@ -288,46 +278,119 @@ pub fn run(args: SampleArgs) -> Result<()> {
         let b = args.batch.min(end - first);
         let mut noise = PerSampleNoise::new(args.seed, first as u64, b);
         let x_init = match &init {
-            Some(t) => t.narrow(0, first as i64, b as i64).to_device(device),
+            Some(t) => t.f_narrow(0, first as i64, b as i64)?.f_to_device(device)?,
             None => noise.next(&[b as i64, shape[0], shape[1], shape[2]], device)?,
         };
-        let samples = choice.run(&model, &x_init, &mut noise)?.to_device(Device::Cpu);
-        if let Some(dir) = &out_dir {
+        let samples = choice.run(&model, &x_init, &mut noise)?.f_to_device(Device::Cpu)?;
+        if let Some(dir) = &outputs.dir {
             write_images(&samples, dir, first)?;
         }
-        chunks.push(samples);
+        if outputs.keeps_samples() {
+            chunks.push(samples);
+        }
         first += b;
         bar.inc(b as u64);
     }
     bar.finish_and_clear();
-    let all = if comm.size() <= 1 {
-        Tensor::cat(&chunks, 0)
-    } else if out_grid.is_some() || out_npy.is_some() {
-        let local = if chunks.is_empty() {
-            Tensor::zeros([0, shape[0], shape[1], shape[2]], (tch::Kind::Float, Device::Cpu))
-        } else {
-            Tensor::cat(&chunks, 0)
-        };
-        let flat = local.to_kind(tch::Kind::Float).contiguous().reshape([-1]);
-        let gathered = comm.all_gather_f32(&Vec::<f32>::try_from(&flat)?)?;
-        Tensor::from_slice(&gathered).reshape([-1, shape[0], shape[1], shape[2]])
-    } else {
-        Tensor::zeros([0], (tch::Kind::Float, Device::Cpu))
-    };
-    if !comm.is_root() {
-        return Ok(());
-    }
-    if let Some(path) = &out_grid {
-        let columns = (num as f64).sqrt().ceil() as usize;
-        write_grid(&all, columns, path)?;
-        tracing::info!("grid written to {}", path.display());
-    }
-    if let Some(path) = &out_npy {
-        write_npy(&all, path)?;
-        tracing::info!("samples written to {}", path.display());
-    }
-    if let Some(dir) = &out_dir {
-        tracing::info!("{num} images written to {}", dir.display());
+    let all = gather_samples(&chunks, shape, outputs.keeps_samples(), comm)?;
+    if comm.is_root() {
+        outputs.write(&all, num)?;
     }
     Ok(())
+}
+
+/// `[C, H, W]` of the samples: the model's, or `--init-noise`'s (which must agree with it).
+fn sample_shape(init: Option<&Tensor>, model: &LoadedModel) -> Result<[i64; 3]> {
+    match (init, model.sample_shape()) {
+        (Some(t), Some(s)) if t.size()[1..] != s[..] => {
+            bail!("--init-noise has shape {:?}, the model samples {:?}", t.size(), s)
+        }
+        (Some(t), _) => Ok([t.size()[1], t.size()[2], t.size()[3]]),
+        (None, Some(s)) => Ok(s),
+        (None, None) => {
+            bail!("the model does not fix its sample size (no sample_size in config.json); pass --init-noise")
+        }
+    }
+}
+
+/// Fails, naming the model's sample size, `--batch` or `--num`, when the request cannot fit in
+/// memory ([`crate::memory_check`]).
+fn check_memory(
+    model: &LoadedModel,
+    shape: [i64; 3],
+    device: Device,
+    args: &SampleArgs,
+    num: usize,
+    keeps_samples: bool,
+) -> Result<()> {
+    // Kept samples are float32 chunks, then their concatenation.
+    let sample_values = shape.iter().map(|&d| d.max(0) as u64).fold(1u64, u64::saturating_mul);
+    let request = Request {
+        batch: args.batch,
+        batch_name: "--batch",
+        num,
+        num_name: if args.init_noise.is_some() { "--init-noise" } else { "--num" },
+        kept_per_sample: if keeps_samples { sample_values.saturating_mul(2 * 4) } else { 0 },
+        kept_what: "the images (for the grid or .npy)",
+    };
+    check_request(model, shape, device, &request)
+}
+
+/// Where `sample` writes: a grid, one PNG per sample, a `.npy`.
+struct Outputs {
+    grid: Option<PathBuf>,
+    dir: Option<PathBuf>,
+    npy: Option<PathBuf>,
+}
+
+impl Outputs {
+    /// The outputs asked for (`samples.png` when none is).
+    fn of(args: &SampleArgs) -> Self {
+        match (&args.out, &args.out_dir, &args.out_npy) {
+            (None, None, None) => Self { grid: Some(PathBuf::from("samples.png")), dir: None, npy: None },
+            (grid, dir, npy) => Self { grid: grid.clone(), dir: dir.clone(), npy: npy.clone() },
+        }
+    }
+
+    /// Whether the samples are kept until the end (for the grid or the `.npy`).
+    fn keeps_samples(&self) -> bool {
+        self.grid.is_some() || self.npy.is_some()
+    }
+
+    /// Writes the grid and the `.npy` of `all` (`num` samples) and says where everything went.
+    fn write(&self, all: &Tensor, num: usize) -> Result<()> {
+        if let Some(path) = &self.grid {
+            let columns = (num as f64).sqrt().ceil() as usize;
+            write_grid(all, columns, path)?;
+            tracing::info!("grid written to {}", path.display());
+        }
+        if let Some(path) = &self.npy {
+            write_npy(all, path)?;
+            tracing::info!("samples written to {}", path.display());
+        }
+        if let Some(dir) = &self.dir {
+            tracing::info!("{num} images written to {}", dir.display());
+        }
+        Ok(())
+    }
+}
+
+/// All samples in order: this process's `chunks`, or every rank's gathered (an empty tensor when
+/// nothing is kept).
+fn gather_samples(chunks: &[Tensor], shape: [i64; 3], keep: bool, comm: &dyn Collective) -> Result<Tensor> {
+    let [c, h, w] = shape;
+    if !keep {
+        return Ok(Tensor::f_zeros([0], (Kind::Float, Device::Cpu))?);
+    }
+    let local = if chunks.is_empty() {
+        Tensor::f_zeros([0, c, h, w], (Kind::Float, Device::Cpu))?
+    } else {
+        Tensor::f_cat(chunks, 0)?
+    };
+    if comm.size() <= 1 {
+        return Ok(local);
+    }
+    let flat = local.f_to_kind(Kind::Float)?.f_contiguous()?.f_reshape([-1])?;
+    let gathered = comm.all_gather_f32(&Vec::<f32>::try_from(&flat)?)?;
+    Ok(Tensor::from_slice(&gathered).f_reshape([-1, c, h, w])?)
 }

@@ -393,6 +393,7 @@ pub fn run(args: SearchArgs) -> Result<()> {
     let model =
         crate::common::load_model(&config.model.path, device, config.model.precision, config.model.cuda_graphs)?;
     let shape = model.sample_shape().context("the model does not fix its sample size (sample_size in config.json)")?;
+    crate::memory_check::check_search(&model, shape, device, &config)?;
     tracing::info!(
         "model {} ({:?} samples) on {device:?}{}",
         config.model.path.display(),

@@ -9,7 +9,7 @@
 //! feature networks at once, so a sampler is run once per K whatever the number of networks.
 
 use crate::common::{parse_device, progress_images};
-use crate::metrics_cmd::{load_image_source, sample_features_multi, EvalOptions};
+use crate::metrics_cmd::{check_eval_memory, load_image_source, sample_features_multi, EvalOptions};
 use crate::plot::{plot_against_steps, Series};
 use crate::sample::SamplerChoice;
 use crate::search_cmd::ResultRow;
@@ -252,6 +252,9 @@ pub fn run(args: TableArgs, quiet: bool) -> Result<()> {
     let device = parse_device(&args.device)?;
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
     let model = args.network.load(&model_dir, device)?;
+    let options = EvalOptions { num, batch: args.batch, seed: args.seed, quantize: true, device };
+    // The sample size and --batch before the reference features are computed; --num with them.
+    check_eval_memory(&model, &options, 0, ["--batch", "--num"])?;
 
     let mut entries: Vec<(String, SamplerChoice, Option<GgdmSampler>)> = Vec::new();
     for &k in &args.steps {
@@ -312,7 +315,7 @@ pub fn run(args: TableArgs, quiet: bool) -> Result<()> {
         extractors.push(extractor);
     }
     let extractor_refs: Vec<&dyn FeatureExtractor> = extractors.iter().map(|e| e.as_ref()).collect();
-    let options = EvalOptions { num, batch: args.batch, seed: args.seed, quantize: true, device };
+    check_eval_memory(&model, &options, extractor_refs.iter().map(|e| e.dim()).sum(), ["--batch", "--num"])?;
     let mut rows = Vec::new();
     // Learned samplers first: if the run is stopped, results.json (rewritten after every
     // sampler) already holds them.

@@ -8,6 +8,7 @@
 //! `checkpoint/state.safetensors`, so `--resume` continues exactly where the run stopped.
 
 use crate::common::{parse_device, progress_steps};
+use crate::memory_check::SampleBytes;
 use anyhow::{bail, Context, Result};
 use ddss_opt::optim::{clip_grad_norm, Adam, AdamConfig, LrSchedule};
 use ggdm_core::prediction::target_from;
@@ -160,6 +161,44 @@ fn load_training_images(path: &Path, recursive: bool) -> Result<Tensor> {
     Ok(fid_metrics::data::load_images_with(path, options)?)
 }
 
+/// The sample shape and the number of the training images of size `size` (N x C x H x W), checked
+/// against the model's `in_channels` and `sample_size`, and `[train] batch_size` against memory.
+fn check_training_data(config: &TrainConfig, size: &[i64], device: Device) -> Result<([i64; 3], i64)> {
+    let shape = [config.model.in_channels, size[2], size[3]];
+    if size[1] != config.model.in_channels {
+        bail!("data has {} channels, the model's in_channels is {}", size[1], config.model.in_channels);
+    }
+    if let Some(s) = config.model.sample_size {
+        if s.height_width() != [size[2], size[3]] {
+            bail!("data images are {}x{}, the model's sample_size is {:?}", size[2], size[3], s.height_width());
+        }
+    }
+    let first_channels = config.model.block_out_channels.first().map_or(0, |&c| c.max(0) as u64);
+    let Some(sample) = SampleBytes::new(shape, first_channels) else {
+        bail!("data images of {}x{} are too large to be counted in bytes", size[2], size[3]);
+    };
+    // A step holds the batch's noise on the host, and the forward pass's activations for the
+    // backward pass (at least two per level-one layer, plus the inputs and targets).
+    let per_sample = sample.device.saturating_mul(3).saturating_add(sample.host);
+    let batch = config.train.batch_size as u64;
+    let need = per_sample.saturating_mul(batch);
+    if let Some(room) = ggdm_core::memory::available_bytes(device) {
+        if need > room {
+            bail!(
+                "[train] batch_size = {batch}: a step on {}x{}x{} images needs at least {:.1} GiB on {device:?}, and \
+                 {:.1} GiB is available; batch_size = {} fits",
+                shape[0],
+                shape[1],
+                shape[2],
+                need as f64 / (1u64 << 30) as f64,
+                room as f64 / (1u64 << 30) as f64,
+                room / per_sample.max(1)
+            );
+        }
+    }
+    Ok((shape, size[0]))
+}
+
 fn sorted_variables(model: &UNet2DModel) -> Vec<(String, Tensor)> {
     let mut vars: Vec<(String, Tensor)> = model.var_store().variables().into_iter().collect();
     vars.sort_by(|a, b| a.0.cmp(&b.0));
@@ -188,17 +227,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     ggdm_core::io::write_atomic(&resolved_path, toml::to_string_pretty(&config)?.as_bytes())?;
 
     let images = load_training_images(&args.data, args.recursive)?;
-    let size = images.size();
-    let shape = [config.model.in_channels, size[2], size[3]];
-    if size[1] != config.model.in_channels {
-        bail!("data has {} channels, the model's in_channels is {}", size[1], config.model.in_channels);
-    }
-    if let Some(s) = config.model.sample_size {
-        if s.height_width() != [size[2], size[3]] {
-            bail!("data images are {}x{}, the model's sample_size is {:?}", size[2], size[3], s.height_width());
-        }
-    }
-    let n_images = size[0];
+    let (shape, n_images) = check_training_data(&config, &images.size(), device)?;
     tracing::info!("training data: {} images of shape {:?} from {}", n_images, shape, args.data.display());
     let images = images.to_device(device);
 

@@ -191,3 +191,70 @@ fn train_and_search_print_progress_lines_when_stderr_is_a_file() {
     assert!(log.lines().any(|l| l.contains("eval learned K=3: 4/4")), "the comparison reports progress:\n{log}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A copy of the shipped model in `dir/name` whose `config.json` says `sample_size = size`.
+fn shipped_model_with_sample_size(dir: &Path, name: &str, size: u64) -> std::path::PathBuf {
+    let copy = dir.join(name);
+    std::fs::create_dir_all(&copy).expect("model copy");
+    let shipped = Path::new(&shipped_model()).to_path_buf();
+    for file in ["diffusion_pytorch_model.safetensors", "scheduler_config.json"] {
+        std::fs::copy(shipped.join(file), copy.join(file)).expect("copy model file");
+    }
+    let mut config = json(&shipped.join("config.json"));
+    config["sample_size"] = size.into();
+    std::fs::write(copy.join("config.json"), config.to_string()).expect("config.json");
+    copy
+}
+
+fn sample_on(model: &Path, out: &Path) -> Command {
+    let mut cmd = bin();
+    cmd.args(["--quiet", "sample", "--device", "cpu", "--sampler", "ddim", "--steps", "2", "--model"]);
+    cmd.arg(model).arg("--out").arg(out);
+    cmd
+}
+
+#[test]
+fn sizes_too_large_for_memory_fail_naming_the_value_instead_of_aborting() {
+    let dir = temp_dir("absurd-sizes");
+    let out = dir.join("grid.png");
+    let huge = shipped_model_with_sample_size(&dir, "huge", 100_000);
+    fails_naming(sample_on(&huge, &out).args(["--num", "1"]), &["config.json", "sample_size = 100000", "fits"]);
+    let mut eval = bin();
+    eval.args(["--quiet", "eval", "--device", "cpu", "--sampler", "ddim", "--steps", "2", "--num", "4", "--features"])
+        .arg(classifier_a_path())
+        .arg("--model")
+        .arg(&huge)
+        .arg("--ref")
+        .arg(repo("tests/fixtures/fid/pytorch_fid_stats.npz"));
+    fails_naming(&mut eval, &["config.json", "sample_size = 100000"]);
+    let data = dir.join("images.idx");
+    write_idx(&data, 16, 8);
+    let search_config = dir.join("search.toml");
+    std::fs::write(&search_config, tiny_search_config(&huge, &data, 2)).expect("config");
+    let mut search = bin();
+    search.args(["--quiet", "search", "--config"]).arg(&search_config).arg("--out").arg(dir.join("run"));
+    fails_naming(&mut search, &["config.json", "sample_size = 100000"]);
+
+    let shipped = Path::new(&shipped_model()).to_path_buf();
+    let billion = "1000000000000";
+    fails_naming(
+        sample_on(&shipped, &out).args(["--num", billion, "--batch", "16"]),
+        &["--num 1000000000000", "--num"],
+    );
+    fails_naming(sample_on(&shipped, &out).args(["--num", billion, "--batch", billion]), &["--batch 1000000000000"]);
+    let mut eval_batch = bin();
+    eval_batch
+        .args(["--quiet", "eval", "--device", "cpu", "--sampler", "ddim", "--steps", "2", "--features"])
+        .arg(classifier_a_path())
+        .args(["--num", billion, "--batch", billion, "--model"])
+        .arg(&shipped)
+        .arg("--ref")
+        .arg(repo("tests/fixtures/fid/pytorch_fid_stats.npz"));
+    fails_naming(&mut eval_batch, &["--batch 1000000000000"]);
+    let train_config = dir.join("train.toml");
+    std::fs::write(&train_config, TINY_TRAIN_CONFIG.replace("batch_size = 4", &format!("batch_size = {billion}")))
+        .expect("config");
+    fails_naming(train_cmd(&data, &train_config, &dir.join("model")).arg("--quiet"), &["[train] batch_size", billion]);
+    assert!(!out.exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
