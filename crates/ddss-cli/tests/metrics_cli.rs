@@ -216,12 +216,12 @@ fn fid_errors_name_the_culprit() {
         stdout_json(&run_ok(bin().args(["--quiet", "fid", "--json", "--device", "cpu"]).arg(&stats_a).arg(&stats_a)));
     assert_eq!(report["features"], "classifier:fmnist-classifier-a", "the name recorded in the files");
 
-    // A folder with a file that is no image.
+    // A folder with an image file that does not decode (other files are skipped, as pytorch-fid does).
     let mixed = dir.join("mixed");
     write_png_folder(&mixed, 3, 28);
-    std::fs::write(mixed.join("notes.txt"), "not an image").expect("write");
+    std::fs::write(mixed.join("notes.png"), "not an image").expect("write");
     let err = run_err(bin().args(["fid", "--device", "cpu", "--features", &classifier_a()]).arg(&mixed).arg(&images));
-    assert!(err.contains("notes.txt"), "{err}");
+    assert!(err.contains("notes.png"), "{err}");
 
     // An unknown feature set.
     let err = run_err(bin().args(["fid", "--device", "cpu", "--features", "vgg16"]).arg(&images).arg(&images));
