@@ -36,6 +36,7 @@ ddss-cli export --sampler runs/fashion_mnist/sampler.json --format json > "$SCRA
 ddss-cli --quiet sample --model models/fashion-mnist-ddpm --sampler runs/fashion_mnist/sampler.json --num 16 \
     --out "$SCRATCH/grid.png"
 ddss-cli --quiet sample --model models/fashion-mnist-ddpm --sampler dpmpp2m --steps 10 --num 4 --out "$SCRATCH/d.png"
+cargo run -p ddss-cli -- sample; test -s samples.png; rm samples.png
 ddss-cli timesteps --steps 10 --spacing trailing
 ddss-cli timesteps --steps 10 --multistep
 

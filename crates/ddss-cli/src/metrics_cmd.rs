@@ -634,6 +634,7 @@ pub fn evaluate(
 
 /// The arguments of `ddss-cli eval`.
 #[derive(Debug, Clone, clap::Args)]
+#[command(mut_arg("model", |a| a.required(true)), mut_arg("sampler", |a| a.required(true)))]
 pub struct EvalArgs {
     #[command(flatten)]
     pub run: ModelSamplerArgs,
@@ -675,8 +676,9 @@ pub struct EvalArgs {
 /// Runs `ddss-cli eval`.
 pub fn run_eval(args: EvalArgs) -> Result<()> {
     let spec = FeatureSpec::parse(&args.features).context("--features")?;
-    if args.steps.is_none() && !args.run.sampler.ends_with(".json") {
-        bail!("--steps is required with --sampler {} (only a sampler.json has its own K)", args.run.sampler);
+    let sampler = args.run.sampler_name()?;
+    if args.steps.is_none() && !sampler.ends_with(".json") {
+        bail!("--steps is required with --sampler {sampler} (only a sampler.json has its own K)");
     }
     let reference = FeatureSummary::read_npz(&args.reference).context("--ref")?;
     let comm = crate::dist::world();
@@ -691,7 +693,7 @@ pub fn run_eval(args: EvalArgs) -> Result<()> {
         tracing::info!(
             "eval: {} samples with {} ({} steps), features {}, reference {}{}",
             args.num,
-            args.run.sampler,
+            sampler,
             choice.steps(),
             extractor.name(),
             args.reference.display(),
@@ -702,7 +704,7 @@ pub fn run_eval(args: EvalArgs) -> Result<()> {
     let result = evaluate(
         &model,
         &choice,
-        &args.run.sampler,
+        sampler,
         &options,
         extractor.as_ref(),
         &reference,

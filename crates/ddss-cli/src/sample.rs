@@ -19,7 +19,7 @@ use ggdm_core::model_dir::LoadedModel;
 use ggdm_core::noise::{NoiseSource, PerSampleNoise};
 use ggdm_core::samplers::{ddim, ddpm, diffusers_steps, grid_steps, DdimOptions, DdpmOptions, Step};
 use ggdm_core::solvers::{dpm_solver, unipc, DpmSolverOptions, UniPcOptions};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
 /// The arguments of `ddss-cli sample`.
@@ -65,17 +65,20 @@ pub struct SampleArgs {
 /// The model and the sampler of `sample` and `eval` (their step count is each command's own).
 #[derive(Debug, Clone, clap::Args)]
 pub struct ModelSamplerArgs {
-    /// Model directory (diffusers layout, or model.pt + model.json).
+    /// Model directory (diffusers layout, or model.pt + model.json). `sample` without it samples
+    /// the shipped model, models/fashion-mnist-ddpm.
     #[arg(long)]
-    pub model: PathBuf,
+    pub model: Option<PathBuf>,
     /// ddpm | ddim (clipping as the model's scheduler_config.json says) | ddim-noclip |
     /// dpmpp2m, dpmpp3m (DPM-Solver++ multistep, order 2 / 3) | unipc, unipc3 (UniPC bh2,
     /// order 2 / 3) | path of a sampler.json written by `ddss-cli search`. DPM-Solver++ and
     /// UniPC follow diffusers' DPMSolverMultistepScheduler / UniPCMultistepScheduler defaults
     /// and place their steps as those do (--spacing, default linspace, or logsnr when the
-    /// scheduler config sets use_lu_lambdas).
+    /// scheduler config sets use_lu_lambdas). `sample` without it (and without --model) takes
+    /// the default search's learned sampler, runs/fashion_mnist/sampler.json, when it exists,
+    /// and unipc with 10 steps otherwise.
     #[arg(long)]
-    pub sampler: String,
+    pub sampler: Option<String>,
     /// DDIM eta (0 = deterministic).
     #[arg(long, default_value_t = 0.0)]
     pub eta: f64,
@@ -88,6 +91,18 @@ pub struct ModelSamplerArgs {
 }
 
 impl ModelSamplerArgs {
+    /// `--model`.
+    pub fn model_dir(&self) -> Result<&Path> {
+        self.model.as_deref().context("--model DIR is required (a model directory in diffusers layout)")
+    }
+
+    /// `--sampler`.
+    pub fn sampler_name(&self) -> Result<&str> {
+        self.sampler.as_deref().with_context(|| {
+            format!("--sampler is required: one of {} or the path of a sampler.json", SAMPLER_NAMES.join(", "))
+        })
+    }
+
     /// Loads the model (as `network` says) and sets up the sampler with `steps`.
     pub fn load(
         &self,
@@ -95,8 +110,9 @@ impl ModelSamplerArgs {
         steps: Option<usize>,
         device: Device,
     ) -> Result<(LoadedModel, SamplerChoice)> {
-        let model = network.load(&self.model, device)?;
-        let choice = SamplerChoice::from_args(&self.sampler, steps, self.eta, self.spacing.as_deref(), &model, device)?;
+        let model = network.load(self.model_dir()?, device)?;
+        let choice =
+            SamplerChoice::from_args(self.sampler_name()?, steps, self.eta, self.spacing.as_deref(), &model, device)?;
         Ok((model, choice))
     }
 }
@@ -238,8 +254,63 @@ fn ddim_steps(grid: &[i64], spacing: Spacing, num_train_timesteps: usize) -> Vec
     }
 }
 
+/// The shipped model, relative to the repository root.
+const SHIPPED_MODEL: &str = "models/fashion-mnist-ddpm";
+/// The learned sampler of the default search (`cargo xtask search`), relative to the root.
+const DEFAULT_SEARCH_SAMPLER: &str = "runs/fashion_mnist/sampler.json";
+/// UniPC's steps when `sample` chooses it.
+const DEFAULT_UNIPC_STEPS: usize = 10;
+
+/// The folder [`SHIPPED_MODEL`] and [`DEFAULT_SEARCH_SAMPLER`] are taken from: the current one when
+/// it holds the shipped model (`cargo run` from the repository), else the repository this binary
+/// was built from.
+fn default_root() -> Result<PathBuf> {
+    let built_from = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let built_from = std::fs::canonicalize(&built_from).unwrap_or(built_from);
+    [PathBuf::new(), built_from].into_iter().find(|root| root.join(SHIPPED_MODEL).is_dir()).with_context(|| {
+        format!(
+            "no --model given, and the shipped model {SHIPPED_MODEL} is not here (run from the repository root, \
+             or give --model DIR)"
+        )
+    })
+}
+
+/// `args` with what `sample` does without --model and --sampler filled in, each choice logged.
+fn with_defaults(mut args: SampleArgs) -> Result<SampleArgs> {
+    let root = match args.run.model {
+        Some(_) => None,
+        None => {
+            let root = default_root()?;
+            let model = root.join(SHIPPED_MODEL);
+            tracing::info!("no --model: sampling the shipped model {} (--model DIR samples another)", model.display());
+            args.run.model = Some(model);
+            Some(root)
+        }
+    };
+    if args.run.sampler.is_some() {
+        return Ok(args);
+    }
+    let others = format!("--sampler {}|FILE.json [--steps K] chooses another", SAMPLER_NAMES.join("|"));
+    match root.map(|root| root.join(DEFAULT_SEARCH_SAMPLER)).filter(|path| path.is_file()) {
+        Some(learned) => {
+            tracing::info!("no --sampler: the default search's learned sampler {} ({others})", learned.display());
+            args.run.sampler = Some(learned.to_string_lossy().to_string());
+        }
+        None => {
+            let steps = *args.steps.get_or_insert(DEFAULT_UNIPC_STEPS);
+            tracing::info!(
+                "no --sampler: unipc with {steps} steps (`cargo xtask search` learns the sampler \
+                 {DEFAULT_SEARCH_SAMPLER}, which is then the default; {others})"
+            );
+            args.run.sampler = Some("unipc".to_string());
+        }
+    }
+    Ok(args)
+}
+
 /// Runs `ddss-cli sample`.
 pub fn run(args: SampleArgs) -> Result<()> {
+    let args = with_defaults(args)?;
     let comm = crate::dist::world();
     let comm = comm.as_ref();
     let device = crate::dist::rank_device(parse_device(&args.device)?, comm);
@@ -265,7 +336,7 @@ pub fn run(args: SampleArgs) -> Result<()> {
     check_memory(&model, shape, device, &args, num, outputs.keeps_samples())?;
     tracing::info!(
         "sampling {num} images of shape {shape:?} with {} ({} steps) on {device:?}{}",
-        args.run.sampler,
+        args.run.sampler_name()?,
         choice.steps(),
         crate::dist::ranks_note(comm)
     );
@@ -347,7 +418,13 @@ impl Outputs {
     /// The outputs asked for (`samples.png` when none is).
     fn of(args: &SampleArgs) -> Self {
         match (&args.out, &args.out_dir, &args.out_npy) {
-            (None, None, None) => Self { grid: Some(PathBuf::from("samples.png")), dir: None, npy: None },
+            (None, None, None) => {
+                tracing::info!(
+                    "no output given: the grid goes to samples.png (--out FILE.png, --out-dir DIR or --out-npy \
+                     FILE.npy choose others)"
+                );
+                Self { grid: Some(PathBuf::from("samples.png")), dir: None, npy: None }
+            }
             (grid, dir, npy) => Self { grid: grid.clone(), dir: dir.clone(), npy: npy.clone() },
         }
     }

@@ -258,3 +258,41 @@ fn sizes_too_large_for_memory_fail_naming_the_value_instead_of_aborting() {
     assert!(!out.exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `ddss-cli ARGS` run in `dir` with stderr captured; must succeed; returns stderr.
+fn run_in(dir: &Path, args: &[&str]) -> String {
+    let out = run_ok(bin().current_dir(dir).args(args));
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+#[test]
+fn sample_without_arguments_samples_the_shipped_model_with_the_default_search_sampler_or_unipc() {
+    let dir = temp_dir("sample-defaults");
+    std::fs::create_dir_all(dir.join("models")).expect("models");
+    std::os::unix::fs::symlink(shipped_model(), dir.join("models/fashion-mnist-ddpm")).expect("symlink");
+    let log = run_in(&dir, &["sample"]);
+    for needle in
+        ["models/fashion-mnist-ddpm", "--model DIR", "unipc with 10 steps", "--sampler", "samples.png", "--out"]
+    {
+        assert!(log.contains(needle), "stderr does not name `{needle}`:\n{log}");
+    }
+    let grid = image::open(dir.join("samples.png")).expect("a PNG grid");
+    assert_eq!((grid.width(), grid.height()), (8 * 30 + 2, 8 * 30 + 2), "64 samples of 28x28 with 2-pixel gaps");
+
+    // Once the default search has run, its learned sampler is the default.
+    let data = dir.join("images.idx");
+    write_idx(&data, 32, 28);
+    let config = dir.join("search.toml");
+    std::fs::write(&config, tiny_search_config(Path::new(&shipped_model()), &data, 1)).expect("config");
+    run_ok(
+        bin()
+            .args(["--quiet", "search", "--skip-eval", "--config"])
+            .arg(&config)
+            .arg("--out")
+            .arg(dir.join("runs/fashion_mnist")),
+    );
+    let log = run_in(&dir, &["sample", "--num", "4", "--out", "learned.png"]);
+    assert!(log.contains("runs/fashion_mnist/sampler.json") && log.contains("(3 steps)"), "{log}");
+    assert!(dir.join("learned.png").is_file());
+    let _ = std::fs::remove_dir_all(&dir);
+}
