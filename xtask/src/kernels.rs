@@ -64,7 +64,7 @@ pub fn align_with_caller() -> Result<String> {
     })
 }
 
-/// What torch itself reports for the kernel set `cmd`'s environment selects.
+/// The capability torch itself reports under `set` (`None`: this machine's own choice).
 fn reported_capability(python: &Path, set: Option<KernelSet>) -> String {
     let mut cmd = Command::new(python);
     cmd.args(["-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"]);
