@@ -160,28 +160,35 @@ fn step_lines(log: &str, what: &str) -> Vec<(u64, u64)> {
 }
 
 #[test]
-fn train_and_search_print_progress_lines_when_stderr_is_a_file() {
-    let dir = temp_dir("progress-lines");
+fn train_prints_progress_lines_when_stderr_is_a_file() {
+    let dir = temp_dir("train-progress-lines");
     let data = dir.join("images.idx");
     write_idx(&data, 32, 8);
     let config = dir.join("tiny_train.toml");
     std::fs::write(&config, TINY_TRAIN_CONFIG).expect("config");
-    let model = dir.join("model");
-    let log = run_logged(train_cmd(&data, &config, &model).args(["--steps", "3"]), &dir.join("train.log"));
+    let log = run_logged(train_cmd(&data, &config, &dir.join("model")).args(["--steps", "3"]), &dir.join("train.log"));
     let steps = step_lines(&log, "train");
     assert_eq!(steps.first(), Some(&(1, 3)), "a line at the first step:\n{log}");
     assert_eq!(steps.last(), Some(&(3, 3)), "a line at the last step:\n{log}");
     let last = log.lines().rev().find(|l| l.contains("train: step 3/3")).expect("last line");
     assert!(last.contains("steps/s") && last.contains("ETA") && last.contains("loss "), "{last}");
     assert!(!log.contains('\u{1b}'), "no colour codes in a log file:\n{log}");
-    let quiet =
-        run_logged(train_cmd(&data, &config, &dir.join("quiet")).args(["--quiet", "--steps", "2"]), &dir.join("q.log"));
+    let quiet = run_logged(
+        train_cmd(&data, &config, &dir.join("quiet")).args(["--quiet", "--steps", "2"]),
+        &dir.join("quiet.log"),
+    );
     assert!(step_lines(&quiet, "train").is_empty(), "--quiet prints no progress:\n{quiet}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
 
-    let search_config = dir.join("search.toml");
-    std::fs::write(&search_config, tiny_search_config(&model, &data, 3)).expect("config");
+#[test]
+fn search_and_its_comparison_print_progress_lines_when_stderr_is_a_file() {
+    let dir = temp_dir("search-progress-lines");
+    let (model, data) = tiny_model(&dir);
+    let config = dir.join("search.toml");
+    std::fs::write(&config, tiny_search_config(&model, &data, 3)).expect("config");
     let mut search = bin();
-    search.args(["search", "--device", "cpu", "--config"]).arg(&search_config).arg("--out").arg(dir.join("run"));
+    search.args(["search", "--device", "cpu", "--config"]).arg(&config).arg("--out").arg(dir.join("run"));
     let log = run_logged(&mut search, &dir.join("search.log"));
     let steps = step_lines(&log, "search");
     assert_eq!((steps.first(), steps.last()), (Some(&(1, 3)), Some(&(3, 3))), "{log}");
