@@ -283,6 +283,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     sample_shape: shape,
                     device,
                     state_kind: Kind::Float,
+                    teacher: None,
                 };
                 for p in sampler.trainable() {
                     let mut g = p.grad();

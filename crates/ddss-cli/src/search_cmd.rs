@@ -2,7 +2,8 @@
 //! with the baselines (DESIGN.md sections 4 and 5).
 //!
 //! A run directory holds `config.toml` (the resolved config), `checkpoint.safetensors`
-//! (resumable), `metrics.jsonl`, `sampler.json` (the learned sampler, best by validation KID),
+//! (resumable), `metrics.jsonl`, `sampler.json` (the learned sampler, best by validation KID, or
+//! with a `[loss] teacher` by the teacher distance of the validation pairs: [`teacher`]),
 //! PNG grids (`grid_<sampler>.png`, `before.png`, `after.png` on the same noise) and
 //! `results.json` (one row per sampler and feature set, with `held_out` telling whether the loss
 //! ever saw that feature network).
@@ -16,7 +17,7 @@ use crate::metrics_cmd::{sample_features_sharded, EvalOptions};
 use crate::sample::{SamplerChoice, SAMPLER_NAMES};
 use anyhow::{bail, Context, Result};
 use ddss_opt::loss::{FeatureLoss, LossKind};
-use ddss_opt::search::{run_search_with, ObjectiveParts, SearchObserver, SearchSettings, StepRecord};
+use ddss_opt::search::{run_search_with, ObjectiveParts, SearchObserver, SearchOutcome, SearchSettings, StepRecord};
 use fid_metrics::features::{extract_features_batched, open_extractor, FeatureExtractor};
 use ggdm_core::ggdm::{GgdmBase, GgdmSampler, History, Learnable, ModelIdentity, Query};
 use ggdm_core::grid::Spacing;
@@ -25,6 +26,8 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
+
+mod teacher;
 
 /// A search configuration (`configs/*.toml`). Unknown keys are errors.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -127,7 +130,8 @@ fn default_spacing() -> Spacing {
     Spacing::Trailing
 }
 
-/// `[loss]`.
+/// `[loss]`: without a teacher the loss is `kind` (KID by default) on the features of
+/// `features`; with one it is `mean teacher distance + kid_weight * KID` ([`teacher`]).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LossSection {
@@ -136,11 +140,14 @@ pub struct LossSection {
     pub kind: LossKind,
     /// Feature network: `inception` or a classifier `.safetensors`.
     pub features: String,
+    /// A many-step solver to match from the same initial noise (default: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub teacher: Option<teacher::TeacherSection>,
 }
 
 impl Default for LossSection {
     fn default() -> Self {
-        Self { kind: LossKind::Kid, features: "inception".into() }
+        Self { kind: LossKind::Kid, features: "inception".into(), teacher: None }
     }
 }
 
@@ -277,6 +284,9 @@ fn parse_config_with_steps(text: &str, path: &Path, steps: Option<usize>) -> Res
         );
     }
     config.optim.validate().with_context(|| format!("{}: invalid [optim]", path.display()))?;
+    if let Some(teacher) = &config.loss.teacher {
+        teacher.validate().with_context(|| format!("{}: invalid [loss] teacher", path.display()))?;
+    }
     Ok(config)
 }
 
@@ -336,7 +346,11 @@ struct BarObserver {
 
 impl SearchObserver for BarObserver {
     fn on_step(&mut self, record: &StepRecord) {
-        let val = record.validation_kid.map(|k| format!(" val KID {k:.5}")).unwrap_or_default();
+        let val = match (record.validation_kid, record.validation_teacher_distance) {
+            (Some(k), _) => format!(" val KID {k:.5}"),
+            (None, Some(d)) => format!(" val distance {d:.5}"),
+            (None, None) => String::new(),
+        };
         let clipped = if record.clipped { " (clipped)" } else { "" };
         self.bar.set_message(format!("loss {:.5} |g| {:.3}{clipped}{val}", record.loss, record.grad_norm));
         self.bar.set_position(record.step);
@@ -407,6 +421,7 @@ pub fn run(args: SearchArgs) -> Result<()> {
     let real = features_batched(loss_extractor.as_ref(), &real_images, config.eval.batch, quiet, "real features")?;
     drop(real_images);
     let loss = FeatureLoss::new(config.loss.kind, &real.to_device(device))?;
+    let teacher = teacher::build(&config, &model, loss_extractor.as_ref(), device, quiet, comm)?;
 
     let mut sampler = match config.sampler.init {
         GgdmBase::Ddim => GgdmSampler::init_from_spacing(
@@ -450,6 +465,7 @@ pub fn run(args: SearchArgs) -> Result<()> {
         loss: &loss,
         sample_shape: shape,
         device,
+        teacher: teacher.as_ref(),
     };
     let mut observer = BarObserver { bar: progress_steps(config.optim.steps, quiet, "search") };
     let search_started = Instant::now();
@@ -457,18 +473,7 @@ pub fn run(args: SearchArgs) -> Result<()> {
         run_search_with(&mut sampler, parts, &config.optim, &real, &run_dir, args.resume, &mut observer, comm)?;
     observer.bar.finish_and_clear();
     let search_seconds = search_started.elapsed().as_secs_f64();
-    sampler.provenance = serde_json::json!({
-        "config": config,
-        "search": {
-            "steps": outcome.steps,
-            "initial_validation_kid": outcome.initial_validation_kid,
-            "best_validation_kid": outcome.best_validation_kid,
-            "best_step": outcome.best_step,
-            "rejected_steps": outcome.faults,
-            "clipped_steps": outcome.clipped,
-            "seconds": search_seconds,
-        }
-    });
+    sampler.provenance = provenance(&config, &outcome, search_seconds);
     if root {
         sampler.save(&run_dir.join("sampler.json"))?;
     }
@@ -482,9 +487,10 @@ pub fn run(args: SearchArgs) -> Result<()> {
         }
     };
     tracing::info!(
-        "search: validation KID {:.5} -> {:.5} (best at step {}), {:.0} s; sampler written to {}",
-        outcome.initial_validation_kid,
-        outcome.best_validation_kid,
+        "search: validation {} {:.5} -> {:.5} (best at step {}), {:.0} s; sampler written to {}",
+        outcome.validation_metric.label(),
+        outcome.initial_validation,
+        outcome.best_validation,
         outcome.best_step,
         search_seconds,
         run_dir.join("sampler.json").display()
@@ -607,6 +613,22 @@ pub fn run(args: SearchArgs) -> Result<()> {
         search_seconds
     );
     Ok(())
+}
+
+/// `sampler.json`'s provenance: the config and what the search did (the validation metric as
+/// `initial_validation_<metric>` and `best_validation_<metric>`, `kid` or `teacher_distance`).
+fn provenance(config: &SearchConfig, outcome: &SearchOutcome, seconds: f64) -> serde_json::Value {
+    let metric = outcome.validation_metric.key();
+    let mut search = serde_json::json!({
+        "steps": outcome.steps,
+        "best_step": outcome.best_step,
+        "rejected_steps": outcome.faults,
+        "clipped_steps": outcome.clipped,
+        "seconds": seconds,
+    });
+    search[format!("initial_validation_{metric}")] = outcome.initial_validation.into();
+    search[format!("best_validation_{metric}")] = outcome.best_validation.into();
+    serde_json::json!({ "config": config, "search": search })
 }
 
 /// Whether a process with this id is running (Linux: `/proc/<pid>` exists).
@@ -797,6 +819,21 @@ mod fuzz {
         assert!(config.model.cuda_graphs && config.model.cudnn_benchmark);
         let config = parse_config(VALID, Path::new("c.toml")).expect("valid");
         assert!(!config.model.cuda_graphs && !config.model.cudnn_benchmark, "both are off by default");
+    }
+
+    #[test]
+    fn the_commented_teacher_of_the_default_config_parses_when_enabled_with_its_documented_defaults() {
+        let text = VALID.replace("# teacher = { sampler", "teacher = { sampler");
+        let config = parse_config(&text, Path::new("fashion_mnist.toml")).expect("valid");
+        let teacher = config.loss.teacher.expect("a teacher");
+        assert_eq!((teacher.sampler.as_str(), teacher.steps, teacher.eta), ("unipc", 100, 0.0));
+        assert_eq!(teacher.distance, ddss_opt::teacher::TeacherDistance::L2);
+        assert_eq!((teacher.kid_weight, teacher.pairs, teacher.validation_pairs), (0.0, 256, 128));
+        assert_eq!((teacher.seed, teacher.spacing, teacher.cache), (0x7EAC, None, None));
+        assert!(parse_config(VALID, Path::new("c.toml")).expect("valid").loss.teacher.is_none(), "none by default");
+        // The resolved config of a run without a teacher has no teacher key.
+        let resolved = toml::to_string_pretty(&parse_config(VALID, Path::new("c.toml")).expect("valid")).expect("toml");
+        assert!(!resolved.contains("teacher"), "{resolved}");
     }
 
     #[test]

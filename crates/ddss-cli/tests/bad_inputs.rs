@@ -193,6 +193,35 @@ fn search_config_unknown_key_wrong_type_out_of_range() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+#[test]
+fn search_teacher_unknown_sampler_zero_steps_noisy_teacher_or_bad_values() {
+    let dir = temp_dir("bad-teacher");
+    let teacher =
+        |name: &str, spec: &str| search_with(&dir, name, "[loss]\n", &format!("[loss]\nteacher = {{ {spec} }}\n"));
+    fails_naming(&mut teacher("unknown", "sampler = \"heun\""), &["teacher.sampler", "heun", "unipc", "unknown.toml"]);
+    fails_naming(&mut teacher("steps", "sampler = \"unipc\", steps = 0"), &["teacher.steps = 0", "steps.toml"]);
+    fails_naming(
+        &mut teacher("ddpm", "sampler = \"ddpm\""),
+        &["teacher.sampler", "ddpm", "deterministic", "ddpm.toml"],
+    );
+    fails_naming(
+        &mut teacher("noisy", "sampler = \"ddim\", eta = 0.5"),
+        &["teacher.eta = 0.5", "deterministic", "noisy.toml"],
+    );
+    fails_naming(
+        &mut teacher("weight", "sampler = \"unipc\", kid_weight = -1.0"),
+        &["teacher.kid_weight", "-1", "weight.toml"],
+    );
+    fails_naming(&mut teacher("pairs", "sampler = \"unipc\", pairs = 0"), &["teacher.pairs = 0", "pairs.toml"]);
+    fails_naming(
+        &mut teacher("distance", "sampler = \"unipc\", distance = \"l3\""),
+        &["l3", "distance", "distance.toml"],
+    );
+    fails_naming(&mut teacher("key", "sampler = \"unipc\", stepz = 10"), &["stepz", "key.toml"]);
+    fails_naming(&mut teacher("spacing", "sampler = \"unipc\", spacing = \"wavy\""), &["teacher.spacing", "wavy"]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 fn stats_cmd(source: &Path, out: &Path) -> Command {
     let mut cmd = bin();
     cmd.args(["--quiet", "stats", "--device", "cpu", "--features"])

@@ -7,74 +7,9 @@ mod common;
 use common::*;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const STEPS: u64 = 12;
-
-fn search_cmd(config: &Path, out: &Path, resume: bool) -> Command {
-    let mut cmd = bin();
-    cmd.args(["--quiet", "search", "--device", "cpu"]).arg("--config").arg(config).arg("--out").arg(out);
-    if resume {
-        cmd.arg("--resume");
-    }
-    cmd
-}
-
-fn spawn(mut cmd: Command) -> Child {
-    cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("start ddss-cli")
-}
-
-/// The step of the run directory's checkpoint (0 when there is none or it cannot be read yet).
-fn checkpoint_step(run: &Path) -> u64 {
-    let path = run.join("checkpoint.safetensors");
-    if !path.is_file() {
-        return 0;
-    }
-    match tch::Tensor::read_safetensors(&path) {
-        Ok(named) => named
-            .iter()
-            .find(|(n, _)| n == "meta")
-            .map(|(_, t)| t.double_value(&[0]) as u64)
-            .expect("a readable checkpoint always has its meta entry"),
-        Err(e) => panic!("a checkpoint must never be torn: {e}"),
-    }
-}
-
-/// Waits until the checkpoint reaches `step` (or the child exits), then kills the child with
-/// SIGKILL. Returns the checkpoint's step after the kill.
-fn kill_at_checkpoint(child: &mut Child, run: &Path, step: u64) -> u64 {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            panic!("the run ended ({status}) before checkpoint {step}");
-        }
-        if checkpoint_step(run) >= step {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no checkpoint {step} after 120 s");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    child.kill().expect("SIGKILL");
-    let status = child.wait().expect("reap");
-    let at = checkpoint_step(run);
-    eprintln!("killed ({status}) with the checkpoint at step {at}");
-    at
-}
-
-/// `sampler.json` without `provenance` (which records wall-clock seconds).
-fn learned_part(path: &Path) -> serde_json::Value {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let mut value: serde_json::Value = serde_json::from_str(&text).expect("sampler.json is JSON");
-    value.as_object_mut().expect("an object").remove("provenance");
-    value
-}
-
-fn checkpoint_tensors(run: &Path) -> Vec<(String, tch::Tensor)> {
-    let mut named = tch::Tensor::read_safetensors(run.join("checkpoint.safetensors")).expect("checkpoint");
-    named.sort_by(|a, b| a.0.cmp(&b.0));
-    named
-}
 
 fn metrics_steps(run: &Path) -> Vec<u64> {
     std::fs::read_to_string(run.join("metrics.jsonl"))
@@ -151,12 +86,7 @@ fn killed_and_resumed_search_equals_uninterrupted() {
         learned_part(&killed.join("sampler.json")),
         "the learned sampler must be bit-identical to the uninterrupted run's"
     );
-    let (a, b) = (checkpoint_tensors(&straight), checkpoint_tensors(&killed));
-    assert_eq!(a.len(), b.len());
-    for ((na, ta), (nb, tb)) in a.iter().zip(&b) {
-        assert_eq!(na, nb);
-        assert!(ta.equal(tb), "checkpoint entry {na} differs");
-    }
+    assert_same_checkpoints(&straight, &killed);
     assert_eq!(metrics_steps(&killed), (1..=STEPS).collect::<Vec<_>>(), "one complete line per step");
     let results = |run: &Path| -> serde_json::Value {
         serde_json::from_str(&std::fs::read_to_string(run.join("results.json")).expect("results")).expect("json")

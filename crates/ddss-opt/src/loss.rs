@@ -110,6 +110,12 @@ impl FeatureLoss {
         self.kind
     }
 
+    /// The factor features are multiplied by before the loss: one over the real features' RMS,
+    /// `1 / sqrt(mean_i |r_i|^2 / d)`.
+    pub fn scale(&self) -> f64 {
+        self.scale
+    }
+
     /// Number of real feature vectors.
     pub fn num_real(&self) -> usize {
         self.real.size()[0] as usize

@@ -11,6 +11,14 @@
 //! Noise is per sample ([`PerSampleNoise`]): sample `i` of a batch has its own stream, so the
 //! noise does not depend on how the batch is split.
 //!
+//! With a teacher ([`Objective::teacher`], [`crate::teacher`]) sample `i` starts from its pair's
+//! initial noise, and the loss is `(1/B) sum_i d(x_i, y_i) + kid_weight * KID`. The distance
+//! term is per sample, so each micro-batch of pass 2 adds its own samples' `dd/dx` to the
+//! cotangent it pushes back (their slice of `dL/dfeatures` through the feature network, when the
+//! loss has feature terms: a KID, or the feature distance), and pass 1 runs only when there are
+//! feature terms. With neither a KID nor the feature distance the gradient takes a single pass
+//! whatever the micro-batch.
+//!
 //! [`Objective::loss_and_grad_sharded`] is the same two-pass gradient split across the ranks of a
 //! [`Collective`]: each rank generates its contiguous shard of the batch, the features are
 //! all-gathered, every rank computes the same loss and `dL/dfeatures`, back-propagates its slice
@@ -19,6 +27,7 @@
 
 use crate::collective::{check_shardable, shard, Collective, CommVolume};
 use crate::loss::FeatureLoss;
+use crate::teacher::TeacherBatch;
 use crate::unroll::{self, Remat};
 use crate::{Error, Result};
 use fid_metrics::features::FeatureExtractor;
@@ -93,10 +102,20 @@ pub struct Objective<'a> {
     pub device: Device,
     /// Kind of the sampler states (f32 normally; f64 for exactness tests).
     pub state_kind: Kind,
+    /// With a teacher: the batch's (initial noise, teacher sample) pairs. Sample `i` then starts
+    /// from the pair's noise instead of the first draw of its stream (its step noise `z` is the
+    /// stream's as without a teacher), and the loss is the teacher's ([`crate::teacher`]).
+    /// `None`: the feature loss alone (DDSS).
+    pub teacher: Option<TeacherBatch>,
 }
 
 fn features_of(extractor: &dyn FeatureExtractor, x: &Tensor) -> Result<Tensor> {
     extractor.features(x).map_err(|e| Error::config("features", e.to_string()))
+}
+
+/// The sum of the parts of a loss that are present (the feature terms and the distance term).
+fn total(parts: [Option<Tensor>; 2]) -> Option<Tensor> {
+    parts.into_iter().flatten().reduce(|a, b| a + b)
 }
 
 impl Objective<'_> {
@@ -107,36 +126,140 @@ impl Objective<'_> {
 
     /// The loss value and, accumulated into the sampler parameters' `.grad()`, its exact gradient.
     pub fn loss_and_grad(&self, noise: BatchNoise) -> Result<f64> {
+        self.check_batch(&noise)?;
+        if self.micro_batch >= noise.batch {
+            return self.single_pass(&noise);
+        }
+        // Pass 1: all features without autograd, the loss's feature terms and dL/dfeatures.
+        let pass = self.feature_pass(&noise, 0..noise.batch, None)?;
+        // Pass 2: each micro-batch with the unroll, pushing back its slice of dL/dfeatures.
+        let distance = self.backprop_range(&noise, 0..noise.batch, pass.grad.as_ref())?;
+        scalar(total([pass.terms, distance]))
+    }
+
+    /// The batch must hold at least 2 samples (KID's minimum), and as many as the teacher's pairs.
+    fn check_batch(&self, noise: &BatchNoise) -> Result<()> {
         if noise.batch < 2 {
             return Err(Error::config("batch_size", format!("{} (KID needs at least 2 samples)", noise.batch)));
         }
-        let steps = self.sampler.steps;
-        if self.micro_batch >= noise.batch {
-            let (x_init, z) = noise.draw_as(0, noise.batch, self.sample_shape, steps, self.device, self.state_kind)?;
-            let fwd = unroll::forward(self.sampler, self.model, &x_init, &z, self.remat)?;
-            if self.feature_chunk.is_some_and(|c| c < noise.batch) {
-                let features = tch::no_grad(|| features_of(self.extractor, &fwd.output))?;
-                let features = features.detach().set_requires_grad(true);
-                let loss = self.loss.value(&features)?;
-                loss.backward();
-                let grad_x = self.features_vjp(&fwd.output, &features.grad())?;
-                let _ = unroll::backward(self.sampler, self.model, fwd, &grad_x)?;
-                return Ok(loss.double_value(&[]));
-            }
-            let x_out = fwd.output.detach().set_requires_grad(true);
-            let loss = self.loss.value(&features_of(self.extractor, &x_out)?)?;
-            loss.backward();
-            let _ = unroll::backward(self.sampler, self.model, fwd, &x_out.grad())?;
-            // Read last: reading the value waits for the device, which would stall the sweep's launches.
-            return Ok(loss.double_value(&[]));
+        match &self.teacher {
+            Some(t) if t.len() != noise.batch => Err(Error::config(
+                "batch_size",
+                format!("{} samples, but the teacher batch holds {} pairs", noise.batch, t.len()),
+            )),
+            _ => Ok(()),
         }
-        // Pass 1: all features without autograd.
-        let all = self.features_range(&noise, 0..noise.batch)?.detach().set_requires_grad(true);
-        let loss = self.loss.value(&all)?;
-        loss.backward();
-        // Pass 2: each micro-batch with the unroll, pushing back its slice of dL/dfeatures.
-        self.backprop_range(&noise, 0..noise.batch, &all.grad())?;
-        Ok(loss.double_value(&[]))
+    }
+
+    /// `x_init` and `z_1..z_K` of samples `first .. first + count`.
+    fn draw(&self, noise: &BatchNoise, first: usize, count: usize) -> Result<(Tensor, Vec<Tensor>)> {
+        let steps = self.sampler.steps;
+        let (x_init, z) = noise.draw_as(first, count, self.sample_shape, steps, self.device, self.state_kind)?;
+        let x_init = match &self.teacher {
+            Some(t) => t.initial_noise(first, count).to_device(self.device).to_kind(self.state_kind),
+            None => x_init,
+        };
+        Ok((x_init, z))
+    }
+
+    /// Whether the loss needs the features of the whole batch.
+    fn uses_features(&self) -> bool {
+        self.teacher.as_ref().is_none_or(TeacherBatch::uses_features)
+    }
+
+    /// The loss's terms on the features of the whole batch: the feature loss alone without a
+    /// teacher, else the teacher's KID and feature-distance terms (`None` when it has neither).
+    fn feature_terms(&self, features: &Tensor) -> Result<Option<Tensor>> {
+        match &self.teacher {
+            None => self.loss.value(features).map(Some),
+            Some(t) => t.feature_terms(self.loss, features),
+        }
+    }
+
+    /// The teacher's pixel-distance term of samples `first ..` (the rows of `x`): their summed
+    /// distance over the batch size, so the micro-batches' terms add up to the batch mean.
+    fn distance_term(&self, x: &Tensor, first: usize) -> Option<Tensor> {
+        let t = self.teacher.as_ref()?;
+        Some(t.pixel_sum(x, first)? / t.len() as f64)
+    }
+
+    /// The loss and its gradient with the whole batch in one micro-batch.
+    fn single_pass(&self, noise: &BatchNoise) -> Result<f64> {
+        let (x_init, z) = self.draw(noise, 0, noise.batch)?;
+        let fwd = unroll::forward(self.sampler, self.model, &x_init, &z, self.remat)?;
+        let chunked = self.feature_chunk.is_some_and(|c| c < noise.batch);
+        let (loss, grad_x) = if chunked && self.uses_features() {
+            let features = tch::no_grad(|| features_of(self.extractor, &fwd.output))?;
+            let features = features.detach().set_requires_grad(true);
+            let terms = self.feature_terms(&features)?;
+            let mut grad_x = None;
+            if let Some(terms) = &terms {
+                terms.backward();
+                grad_x = Some(self.features_vjp(&fwd.output, &features.grad())?);
+            }
+            let (distance, grad_x) = self.add_distance_grad(&fwd.output, 0, grad_x)?;
+            (total([terms, distance]), grad_x)
+        } else {
+            let x_out = fwd.output.detach().set_requires_grad(true);
+            let terms =
+                if self.uses_features() { self.feature_terms(&features_of(self.extractor, &x_out)?)? } else { None };
+            let loss = total([terms, self.distance_term(&x_out, 0)]);
+            if let Some(loss) = &loss {
+                loss.backward();
+            }
+            (loss, Some(x_out.grad()))
+        };
+        let grad_x = grad_x.ok_or_else(|| Error::config("loss", "the loss has no term"))?;
+        let _ = unroll::backward(self.sampler, self.model, fwd, &grad_x)?;
+        // Read last: reading the value waits for the device, which would stall the sweep's launches.
+        scalar(loss)
+    }
+
+    /// Adds the gradient of the teacher's pixel-distance term of samples `first ..` (the rows of
+    /// `x_out`) to `grad_x`; returns the term (detached) and the sum.
+    fn add_distance_grad(
+        &self,
+        x_out: &Tensor,
+        first: usize,
+        grad_x: Option<Tensor>,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let x = x_out.detach().set_requires_grad(true);
+        let Some(term) = self.distance_term(&x, first) else { return Ok((None, grad_x)) };
+        term.backward();
+        let grad = match grad_x {
+            Some(g) => g + x.grad(),
+            None => x.grad(),
+        };
+        Ok((Some(term.detach()), Some(grad)))
+    }
+
+    /// Pass 1 of the two-pass gradient over samples `range` (all ranks' features gathered when
+    /// `comm` is given): the loss's feature terms and `dL/dfeatures` of every sample of the
+    /// batch (none when the loss has no feature term).
+    fn feature_pass(
+        &self,
+        noise: &BatchNoise,
+        range: std::ops::Range<usize>,
+        comm: Option<&dyn Collective>,
+    ) -> Result<FeaturePass> {
+        if !self.uses_features() {
+            return Ok(FeaturePass::default());
+        }
+        let local = self.features_range(noise, range)?;
+        let (all, gathered_bytes) = match comm {
+            None => (local, 0),
+            Some(comm) => gather_batch_features(&local, noise.batch, comm)?,
+        };
+        let all = all.detach().set_requires_grad(true);
+        let terms = self.feature_terms(&all)?;
+        let grad = match &terms {
+            Some(terms) => {
+                terms.backward();
+                Some(all.grad())
+            }
+            None => None,
+        };
+        Ok(FeaturePass { terms, grad, gathered_bytes })
     }
 
     /// Pass 1 of the two-pass gradient: the features of samples `range` (global indices) without
@@ -146,8 +269,7 @@ impl Objective<'_> {
         let mut first = range.start;
         while first < range.end {
             let count = self.micro_batch.min(range.end - first);
-            let (x_init, z) =
-                noise.draw_as(first, count, self.sample_shape, self.sampler.steps, self.device, self.state_kind)?;
+            let (x_init, z) = self.draw(noise, first, count)?;
             let out = tch::no_grad(|| self.sampler.sample(self.model, &x_init, &z))?;
             features.push(tch::no_grad(|| features_of(self.extractor, &out))?);
             first += count;
@@ -156,21 +278,32 @@ impl Objective<'_> {
     }
 
     /// Pass 2: re-runs samples `range` with the unroll, micro-batch by micro-batch (as in pass 1),
-    /// and back-propagates their rows of `grad_features` (indexed by global sample) into the
-    /// sampler parameters.
-    fn backprop_range(&self, noise: &BatchNoise, range: std::ops::Range<usize>, grad_features: &Tensor) -> Result<()> {
+    /// and back-propagates their rows of `grad_features` (indexed by global sample; `None` when
+    /// the loss has no feature term) and their teacher-distance term into the sampler parameters.
+    /// Returns the sum of their distance terms (`None` without a pixel distance).
+    fn backprop_range(
+        &self,
+        noise: &BatchNoise,
+        range: std::ops::Range<usize>,
+        grad_features: Option<&Tensor>,
+    ) -> Result<Option<Tensor>> {
+        let mut distance = None;
         let mut first = range.start;
         while first < range.end {
             let count = self.micro_batch.min(range.end - first);
-            let (x_init, z) =
-                noise.draw_as(first, count, self.sample_shape, self.sampler.steps, self.device, self.state_kind)?;
+            let (x_init, z) = self.draw(noise, first, count)?;
             let fwd = unroll::forward(self.sampler, self.model, &x_init, &z, self.remat)?;
-            let slice = grad_features.narrow(0, first as i64, count as i64);
-            let grad_x = self.features_vjp(&fwd.output, &slice)?;
+            let grad_x = match grad_features {
+                Some(g) => Some(self.features_vjp(&fwd.output, &g.narrow(0, first as i64, count as i64))?),
+                None => None,
+            };
+            let (term, grad_x) = self.add_distance_grad(&fwd.output, first, grad_x)?;
+            distance = total([distance, term]);
+            let grad_x = grad_x.ok_or_else(|| Error::config("loss", "the loss has no term"))?;
             let _ = unroll::backward(self.sampler, self.model, fwd, &grad_x)?;
             first += count;
         }
-        Ok(())
+        Ok(distance)
     }
 
     /// `dL/dx` for samples `x` whose features have the cotangent `grad_features`, back-propagated
@@ -192,6 +325,11 @@ impl Objective<'_> {
     }
 }
 
+/// The value of a loss (an error when it has no term).
+fn scalar(loss: Option<Tensor>) -> Result<f64> {
+    loss.map(|l| l.double_value(&[])).ok_or_else(|| Error::config("loss", "the loss has no term"))
+}
+
 impl Objective<'_> {
     /// Generates samples `range` (global indices) of the batch without autograd, in micro-batches
     /// that start at `range.start`.
@@ -200,8 +338,7 @@ impl Objective<'_> {
         let mut first = range.start;
         while first < range.end {
             let count = self.micro_batch.min(range.end - first);
-            let (x_init, z) =
-                noise.draw_as(first, count, self.sample_shape, self.sampler.steps, self.device, self.state_kind)?;
+            let (x_init, z) = self.draw(&noise, first, count)?;
             chunks.push(tch::no_grad(|| self.sampler.sample(self.model, &x_init, &z))?);
             first += count;
         }
@@ -220,30 +357,48 @@ impl Objective<'_> {
         if comm.size() <= 1 {
             return Ok((self.loss_and_grad(noise)?, CommVolume::default()));
         }
-        if noise.batch < 2 {
-            return Err(Error::config("batch_size", format!("{} (KID needs at least 2 samples)", noise.batch)));
-        }
+        self.check_batch(&noise)?;
         check_shardable("batch_size", noise.batch, comm.size())?;
         let range = shard(noise.batch, comm.rank(), comm.size());
         // Pass 1: this rank's features without autograd, then everyone's.
-        let local = self.features_range(&noise, range.clone())?;
-        let (kind, device, dim) = (local.kind(), local.device(), local.size()[1]);
-        let (gathered, gathered_bytes) = gather_features(&local, comm)?;
-        if gathered.numel() != noise.batch * dim as usize {
-            return Err(Error::config(
-                "features",
-                format!("gathered {} values, expected {} x {dim}", gathered.numel(), noise.batch),
-            ));
+        let pass = self.feature_pass(&noise, range.clone(), Some(comm))?;
+        let mut loss = pass.terms.as_ref().map(|v| v.double_value(&[]));
+        // Pass 2: this rank's micro-batches with the unroll; the distance terms summed over the ranks.
+        let distance = self.backprop_range(&noise, range, pass.grad.as_ref())?;
+        if self.teacher.as_ref().is_some_and(TeacherBatch::uses_pixel_distance) {
+            let mut sum = [distance.map_or(0.0, |d| d.double_value(&[]))];
+            comm.all_reduce_sum_f64(&mut sum)?;
+            loss = Some(loss.map_or(sum[0], |v| v + sum[0]));
         }
-        let all = gathered.reshape([noise.batch as i64, dim]).to_kind(kind).to_device(device).set_requires_grad(true);
-        let loss = self.loss.value(&all)?;
-        loss.backward();
-        let value = loss.double_value(&[]);
-        // Pass 2: this rank's micro-batches with the unroll.
-        self.backprop_range(&noise, range, &all.grad())?;
+        let loss = loss.ok_or_else(|| Error::config("loss", "the loss has no term"))?;
         let reduced = all_reduce_grads(&self.sampler.trainable(), comm)?;
-        Ok((value, CommVolume { gathered: gathered_bytes, reduced: reduced as u64 * 8 }))
+        Ok((loss, CommVolume { gathered: pass.gathered_bytes, reduced: reduced as u64 * 8 }))
     }
+}
+
+/// What pass 1 of the two-pass gradient gives.
+#[derive(Default)]
+struct FeaturePass {
+    /// The loss's feature terms (for the whole batch).
+    terms: Option<Tensor>,
+    /// Their gradient with respect to every sample's features.
+    grad: Option<Tensor>,
+    /// Bytes all-gathered.
+    gathered_bytes: u64,
+}
+
+/// All ranks' features of a batch of `batch` samples (each rank's `local` rows in rank order), as
+/// `batch x d` of `local`'s kind on its device; also the bytes gathered.
+fn gather_batch_features(local: &Tensor, batch: usize, comm: &dyn Collective) -> Result<(Tensor, u64)> {
+    let (kind, device, dim) = (local.kind(), local.device(), local.size()[1]);
+    let (gathered, gathered_bytes) = gather_features(local, comm)?;
+    if gathered.numel() != batch * dim as usize {
+        return Err(Error::config(
+            "features",
+            format!("gathered {} values, expected {batch} x {dim}", gathered.numel()),
+        ));
+    }
+    Ok((gathered.reshape([batch as i64, dim]).to_kind(kind).to_device(device), gathered_bytes))
 }
 
 /// All-gathers `local` (CPU copy, flattened): as f64 when it is f64, else as f32. Returns the

@@ -1,5 +1,6 @@
 //! The DDSS search loop (DESIGN.md section 4): Adam on the sampler parameters, gradient-norm
-//! clipping, a learning-rate schedule, validation KID on held-out noise, best-so-far tracking,
+//! clipping, a learning-rate schedule, validation on held-out noise (KID, or with a teacher the
+//! teacher distance of the validation pairs: [`ValidationMetric`]), best-so-far tracking,
 //! `metrics.jsonl`, atomic checkpoints and exact resumption, and a NaN/inf guard.
 //!
 //! Every step's noise is derived from `(seed, step)`, validation noise from `seed` alone, so a run
@@ -14,6 +15,7 @@
 use crate::collective::{check_shardable, shard, Collective, SingleProcess};
 use crate::objective::{BatchNoise, Objective};
 use crate::optim::{clip_grad_norm, Adam, AdamConfig, LrSchedule};
+use crate::teacher::Teacher;
 use crate::unroll::Remat;
 use crate::{Error, Result};
 use ggdm_core::ggdm::{GgdmParams, GgdmSampler};
@@ -192,9 +194,13 @@ pub struct StepRecord {
     pub clipped: bool,
     /// Learning rate used.
     pub lr: f64,
-    /// Validation KID after the step, when validated.
+    /// Validation KID after the step, when validated (without a teacher).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub validation_kid: Option<f64>,
+    /// With a teacher: the mean teacher distance of the validation pairs after the step (raw
+    /// units of `loss.teacher.distance`), when validated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation_teacher_distance: Option<f64>,
     /// A rejected step's diagnosis.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub event: Option<String>,
@@ -213,11 +219,13 @@ pub struct StepRecord {
 /// The result of a search.
 #[derive(Debug)]
 pub struct SearchOutcome {
-    /// Validation KID at initialisation.
-    pub initial_validation_kid: f64,
-    /// Best validation KID seen.
-    pub best_validation_kid: f64,
-    /// Step of the best validation KID (0 = the initial sampler).
+    /// What validation measures ([`ValidationMetric::Kid`] without a teacher).
+    pub validation_metric: ValidationMetric,
+    /// The validation metric at initialisation.
+    pub initial_validation: f64,
+    /// Best (lowest) validation metric seen.
+    pub best_validation: f64,
+    /// Step of the best validation metric (0 = the initial sampler).
     pub best_step: u64,
     /// Steps taken in total.
     pub steps: u64,
@@ -354,16 +362,97 @@ pub fn validation_kid_sharded(
         return validation_kid(objective, settings, real);
     }
     let noise = validation_noise(settings);
-    let micro = objective.micro_batch.max(1);
-    let chunks = shard(noise.batch.div_ceil(micro), comm.rank(), comm.size());
-    let range = (chunks.start * micro).min(noise.batch)..(chunks.end * micro).min(noise.batch);
-    let features = validation_features(objective, noise, range)?;
+    let features = validation_features(objective, noise, validation_share(objective, noise, comm))?;
     let dim = objective.extractor.dim() as i64;
     // As f32 on every rank (also one whose share is empty), like the features of the networks.
     let (all, _) = crate::objective::gather_features(&features.to_kind(Kind::Float), comm)?;
     let all = all.reshape([-1, dim]);
     fid_metrics::kid::mmd2_unbiased(&all, &real.to_device(Device::Cpu))
         .map_err(|e| Error::config("validation", e.to_string()))
+}
+
+/// This rank's validation samples: the batch's micro-batches divided into contiguous runs, one
+/// per rank.
+fn validation_share(objective: &Objective, noise: BatchNoise, comm: &dyn Collective) -> std::ops::Range<usize> {
+    let micro = objective.micro_batch.max(1);
+    let chunks = shard(noise.batch.div_ceil(micro), comm.rank(), comm.size());
+    (chunks.start * micro).min(noise.batch)..(chunks.end * micro).min(noise.batch)
+}
+
+/// The mean teacher distance (f64) of the current sampler on every pair of the objective's
+/// teacher batch (the validation pairs), without autograd: sample `i` starts from its pair's
+/// noise and takes its step noise from stream `(noise.seed, i)`. Split across the ranks of `comm`
+/// like [`validation_kid_sharded`]; every rank returns the same value.
+pub fn validation_teacher_distance(objective: &Objective, noise: BatchNoise, comm: &dyn Collective) -> Result<f64> {
+    let teacher = objective.teacher.as_ref().ok_or_else(|| Error::config("loss.teacher", "no teacher"))?;
+    let range = validation_share(objective, noise, comm);
+    let mut sum = [0.0];
+    let mut first = range.start;
+    while first < range.end {
+        let count = objective.micro_batch.max(1).min(range.end - first);
+        let samples = objective.generate_range(noise, first..first + count)?;
+        let distance = tch::no_grad(|| match teacher.pixel_sum(&samples, first) {
+            Some(d) => Ok(d),
+            None => {
+                let extractor = objective.extractor;
+                let features = extractor
+                    .features(&samples.to_device(extractor.device()))
+                    .map_err(|e| Error::config("features", e.to_string()))?;
+                teacher.feature_distance_sum(&features, first, objective.loss.scale())
+            }
+        })?;
+        sum[0] += distance.double_value(&[]);
+        first += count;
+    }
+    if comm.size() > 1 {
+        comm.all_reduce_sum_f64(&mut sum)?;
+    }
+    Ok(sum[0] / noise.batch as f64)
+}
+
+/// What a search validates on, and so chooses its best sampler by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ValidationMetric {
+    /// KID (unbiased MMD^2, raw features) of `optim.validation_num` held-out samples against the
+    /// real features ([`validation_kid_sharded`]).
+    Kid,
+    /// The mean teacher distance of the validation pairs ([`validation_teacher_distance`]).
+    TeacherDistance,
+}
+
+impl ValidationMetric {
+    /// The name in `metrics.jsonl` and `sampler.json` (`validation_<name>`).
+    pub fn key(self) -> &'static str {
+        match self {
+            ValidationMetric::Kid => "kid",
+            ValidationMetric::TeacherDistance => "teacher_distance",
+        }
+    }
+
+    /// The name in log lines.
+    pub fn label(self) -> &'static str {
+        match self {
+            ValidationMetric::Kid => "KID",
+            ValidationMetric::TeacherDistance => "teacher distance",
+        }
+    }
+}
+
+/// The validation metric of the sampler's current parameters (every rank gets the same value).
+fn validate(
+    parts: &ObjectiveParts,
+    sampler: &GgdmSampler,
+    settings: &SearchSettings,
+    real: &Tensor,
+    comm: &dyn Collective,
+) -> Result<f64> {
+    match parts.teacher {
+        Some(teacher) => {
+            let noise = BatchNoise { batch: teacher.num_validation(), ..validation_noise(settings) };
+            validation_teacher_distance(&parts.validation_objective(sampler, settings), noise, comm)
+        }
+        None => validation_kid_sharded(&parts.objective(sampler, settings), settings, real, comm),
+    }
 }
 
 /// Runs (or resumes) a search in `run_dir`. `sampler` holds the initial parameters on entry and
@@ -383,7 +472,8 @@ pub fn run_search(
 
 /// [`run_search`] data-parallel over the ranks of `comm`: every rank must call it with the same
 /// arguments (`run_dir` on a file system all ranks see, for `resume`); rank 0 alone writes files.
-/// Each rank returns the same outcome and sampler.
+/// Each rank returns the same outcome and sampler. With a teacher ([`ObjectiveParts::teacher`])
+/// the best sampler is the one with the lowest teacher distance on the validation pairs.
 #[allow(clippy::too_many_arguments)]
 pub fn run_search_with(
     sampler: &mut GgdmSampler,
@@ -401,80 +491,38 @@ pub fn run_search_with(
         check_shardable("optim.batch_size", settings.batch_size, comm.size())?;
     }
     let root = comm.is_root();
-    let params = sampler.trainable();
-    if params.is_empty() {
+    if sampler.trainable().is_empty() {
         tracing::warn!("no part of the sampler is learnable: the search only measures it");
     }
-    let mut adam = Adam::new(&params, settings.adam);
+    let metric = objective_parts.validation_metric();
     let metrics_path = run_dir.join(METRICS_FILE);
     let checkpoint_path = run_dir.join(CHECKPOINT_FILE);
     let started = Instant::now();
-    let mut step = 0u64;
-    let mut faults_total = 0u64;
-    let mut best_params = sampler.snapshot();
-    let (mut best_kid, mut best_step, initial_kid);
-    {
-        let objective = objective_parts.objective(sampler, settings);
-        if resume {
-            let named = Tensor::read_safetensors(&checkpoint_path).map_err(|e| Error::File {
-                path: checkpoint_path.clone(),
-                msg: format!("cannot read the checkpoint to resume from: {e}"),
-            })?;
-            let get = |key: &str| {
-                named.iter().find(|(n, _)| n == key).map(|(_, t)| t.shallow_clone()).ok_or_else(|| Error::File {
-                    path: checkpoint_path.clone(),
-                    msg: format!("checkpoint lacks `{key}`"),
-                })
-            };
-            let current = params_from(&named, "params", &sampler.params, &checkpoint_path)?;
-            best_params = params_from(&named, "best", &sampler.params, &checkpoint_path)?;
-            let adam_state: Vec<(String, Tensor)> = named
-                .iter()
-                .filter(|(n, _)| n.starts_with("adam."))
-                .map(|(n, t)| (n.clone(), t.to_device(sampler.device())))
-                .collect();
-            let meta = get("meta")?;
-            let meta_vals = ggdm_core::ggdm::tensor_to_vec(&meta);
-            if meta_vals.len() != 5 || meta_vals.iter().any(|v| v.is_nan()) {
-                return Err(Error::File {
-                    path: checkpoint_path.clone(),
-                    msg: format!("checkpoint entry `meta` must hold 5 numbers, found {meta_vals:?}"),
-                });
-            }
-            step = meta_vals[0] as u64;
-            best_kid = meta_vals[1];
-            best_step = meta_vals[2] as u64;
-            initial_kid = meta_vals[3];
-            faults_total = meta_vals[4] as u64;
-            // Both parameter sets must fit this config's sampler (a changed K is caught here).
-            sampler.restore(&best_params)?;
-            sampler.restore(&current)?;
-            let params = sampler.trainable();
-            adam = Adam::new(&params, settings.adam);
-            adam.load_state(&adam_state)?;
-            if root {
-                truncate_metrics(&metrics_path, step)?;
-            }
-            tracing::info!("resumed from step {step} ({})", checkpoint_path.display());
-        } else {
-            initial_kid = validation_kid_sharded(&objective, settings, real, comm)?;
-            best_kid = initial_kid;
-            best_step = 0;
-            if root {
-                let _ = std::fs::remove_file(&metrics_path);
-            }
-            tracing::info!("validation KID at initialisation: {initial_kid:.6}");
+    let mut progress = if resume {
+        let progress = Progress::resume(sampler, settings, &checkpoint_path)?;
+        if root {
+            truncate_metrics(&metrics_path, progress.step)?;
         }
-    }
+        tracing::info!("resumed from step {} ({})", progress.step, checkpoint_path.display());
+        progress
+    } else {
+        let initial = validate(&objective_parts, sampler, settings, real, comm)?;
+        if root {
+            let _ = std::fs::remove_file(&metrics_path);
+        }
+        tracing::info!("validation {} at initialisation: {initial:.6}", metric.label());
+        Progress::start(sampler, settings, initial)
+    };
     let mut consecutive_faults = 0u32;
     let mut logged_volume = false;
     let mut clipped_steps = 0u64;
-    while step < settings.steps {
+    while progress.step < settings.steps {
+        let step = progress.step;
         let params = sampler.trainable();
         let lr = settings.lr.at(step, settings.steps);
         let before = sampler.snapshot();
         zero_grads(&params);
-        let objective = objective_parts.objective(sampler, settings);
+        let objective = objective_parts.training_objective(sampler, settings, step);
         let (loss, comm_bytes) = if parallel {
             match objective.loss_and_grad_sharded(step_noise(settings, step), comm) {
                 Ok((v, volume)) => {
@@ -512,12 +560,13 @@ pub fn run_search_with(
         }
         if event.is_none() {
             let scales: Vec<f64> = sampler.trainable_parts().iter().map(|p| settings.lr_scale.of(p)).collect();
-            adam.step_scaled(&params, lr, &scales);
+            progress.adam.step_scaled(&params, lr, &scales);
             if !all_finite(&sampler.params) {
                 event = Some("parameters became non-finite after the update".into());
             }
         }
-        step += 1;
+        progress.step += 1;
+        let step = progress.step;
         let mut record = StepRecord {
             step,
             loss,
@@ -525,6 +574,7 @@ pub fn run_search_with(
             clipped,
             lr,
             validation_kid: None,
+            validation_teacher_distance: None,
             event: None,
             elapsed_s: started.elapsed().as_secs_f64(),
             comm_bytes,
@@ -539,7 +589,7 @@ pub fn run_search_with(
             sampler.restore(&before)?;
             zero_grads(&sampler.trainable());
             consecutive_faults += 1;
-            faults_total += 1;
+            progress.faults += 1;
             tracing::warn!("step {step} rejected ({what}); restored the last good parameters");
             record.event = Some(format!("rejected: {what}; restored the last good parameters"));
             if consecutive_faults > settings.max_faults {
@@ -559,51 +609,145 @@ pub fn run_search_with(
         let validate_now =
             (settings.validate_every > 0 && step.is_multiple_of(settings.validate_every)) || step == settings.steps;
         if validate_now {
-            let objective = objective_parts.objective(sampler, settings);
-            let kid = validation_kid_sharded(&objective, settings, real, comm)?;
-            record.validation_kid = Some(kid);
-            if !kid.is_finite() {
-                tracing::warn!("step {step}: validation KID is {kid}; this step cannot become the best");
-                let note = format!("non-finite validation KID {kid}");
-                record.event = Some(match record.event.take() {
-                    Some(e) => format!("{e}; {note}"),
-                    None => note,
-                });
-            }
-            if kid < best_kid || (kid.is_finite() && !best_kid.is_finite()) {
-                best_kid = kid;
-                best_step = step;
-                best_params = sampler.snapshot();
-            }
+            let value = validate(&objective_parts, sampler, settings, real, comm)?;
+            progress.record_validation(sampler, metric, value, &mut record);
         }
         if root {
             append_metrics(&metrics_path, &record)?;
         }
         observer.on_step(&record);
         if root && (step.is_multiple_of(settings.checkpoint_every) || step == settings.steps) {
-            let mut named = named_params(&sampler.params, "params");
-            named.extend(named_params(&best_params, "best"));
-            for (n, t) in adam.state() {
-                named.push((n, t.detach().to_device(Device::Cpu)));
-            }
-            let meta = [step as f64, best_kid, best_step as f64, initial_kid, faults_total as f64];
-            named.push(("meta".into(), Tensor::from_slice(&meta).to_kind(Kind::Double)));
-            write_checkpoint(run_dir, &named)?;
+            progress.write_checkpoint(run_dir, sampler)?;
         }
         if step < settings.steps && stop_everywhere(observer.should_stop(step), comm)? {
             tracing::info!("stopped at step {step}; continue with --resume");
             break;
         }
     }
-    sampler.restore(&best_params)?;
+    sampler.restore(&progress.best_params)?;
     Ok(SearchOutcome {
-        initial_validation_kid: initial_kid,
-        best_validation_kid: best_kid,
-        best_step,
-        steps: step,
-        faults: faults_total,
+        validation_metric: metric,
+        initial_validation: progress.initial,
+        best_validation: progress.best,
+        best_step: progress.best_step,
+        steps: progress.step,
+        faults: progress.faults,
         clipped: clipped_steps,
     })
+}
+
+/// What a search carries from step to step and keeps in its checkpoint.
+struct Progress {
+    /// Steps taken.
+    step: u64,
+    /// The best validation metric and its step and parameters.
+    best: f64,
+    best_step: u64,
+    best_params: GgdmParams,
+    /// The validation metric at initialisation.
+    initial: f64,
+    /// Rejected steps in total.
+    faults: u64,
+    adam: Adam,
+}
+
+impl Progress {
+    /// A new search whose initial sampler has the validation metric `initial`.
+    fn start(sampler: &GgdmSampler, settings: &SearchSettings, initial: f64) -> Self {
+        Self {
+            step: 0,
+            best: initial,
+            best_step: 0,
+            best_params: sampler.snapshot(),
+            initial,
+            faults: 0,
+            adam: Adam::new(&sampler.trainable(), settings.adam),
+        }
+    }
+
+    /// The progress in the checkpoint at `checkpoint_path`, with the sampler set to its current
+    /// parameters.
+    fn resume(sampler: &mut GgdmSampler, settings: &SearchSettings, checkpoint_path: &Path) -> Result<Self> {
+        let named = Tensor::read_safetensors(checkpoint_path).map_err(|e| Error::File {
+            path: checkpoint_path.to_path_buf(),
+            msg: format!("cannot read the checkpoint to resume from: {e}"),
+        })?;
+        let meta = named.iter().find(|(n, _)| n == "meta").map(|(_, t)| t.shallow_clone()).ok_or_else(|| {
+            Error::File { path: checkpoint_path.to_path_buf(), msg: "checkpoint lacks `meta`".into() }
+        })?;
+        let current = params_from(&named, "params", &sampler.params, checkpoint_path)?;
+        let best_params = params_from(&named, "best", &sampler.params, checkpoint_path)?;
+        let adam_state: Vec<(String, Tensor)> = named
+            .iter()
+            .filter(|(n, _)| n.starts_with("adam."))
+            .map(|(n, t)| (n.clone(), t.to_device(sampler.device())))
+            .collect();
+        let meta_vals = ggdm_core::ggdm::tensor_to_vec(&meta);
+        if meta_vals.len() != 5 || meta_vals.iter().any(|v| v.is_nan()) {
+            return Err(Error::File {
+                path: checkpoint_path.to_path_buf(),
+                msg: format!("checkpoint entry `meta` must hold 5 numbers, found {meta_vals:?}"),
+            });
+        }
+        // Both parameter sets must fit this config's sampler (a changed K is caught here).
+        sampler.restore(&best_params)?;
+        sampler.restore(&current)?;
+        let mut adam = Adam::new(&sampler.trainable(), settings.adam);
+        adam.load_state(&adam_state)?;
+        Ok(Self {
+            step: meta_vals[0] as u64,
+            best: meta_vals[1],
+            best_step: meta_vals[2] as u64,
+            best_params,
+            initial: meta_vals[3],
+            faults: meta_vals[4] as u64,
+            adam,
+        })
+    }
+
+    /// Records the validation metric `value` of the current sampler in `record` and keeps the
+    /// sampler when it is the best so far.
+    fn record_validation(
+        &mut self,
+        sampler: &GgdmSampler,
+        metric: ValidationMetric,
+        value: f64,
+        record: &mut StepRecord,
+    ) {
+        match metric {
+            ValidationMetric::Kid => record.validation_kid = Some(value),
+            ValidationMetric::TeacherDistance => record.validation_teacher_distance = Some(value),
+        }
+        if !value.is_finite() {
+            tracing::warn!(
+                "step {}: validation {} is {value}; this step cannot become the best",
+                self.step,
+                metric.label()
+            );
+            let note = format!("non-finite validation {} {value}", metric.label());
+            record.event = Some(match record.event.take() {
+                Some(e) => format!("{e}; {note}"),
+                None => note,
+            });
+        }
+        if value < self.best || (value.is_finite() && !self.best.is_finite()) {
+            self.best = value;
+            self.best_step = self.step;
+            self.best_params = sampler.snapshot();
+        }
+    }
+
+    /// Writes the checkpoint (current and best parameters, Adam state, progress) to `run_dir`.
+    fn write_checkpoint(&self, run_dir: &Path, sampler: &GgdmSampler) -> Result<()> {
+        let mut named = named_params(&sampler.params, "params");
+        named.extend(named_params(&self.best_params, "best"));
+        for (n, t) in self.adam.state() {
+            named.push((n, t.detach().to_device(Device::Cpu)));
+        }
+        let meta = [self.step as f64, self.best, self.best_step as f64, self.initial, self.faults as f64];
+        named.push(("meta".into(), Tensor::from_slice(&meta).to_kind(Kind::Double)));
+        write_checkpoint(run_dir, &named)
+    }
 }
 
 /// `true` once (the communication volume is logged at the first step a run or resumption takes).
@@ -633,6 +777,8 @@ pub struct ObjectiveParts<'a> {
     pub sample_shape: [i64; 3],
     /// Device.
     pub device: Device,
+    /// The teacher the loss matches (`None`: the feature loss alone, DDSS).
+    pub teacher: Option<&'a Teacher>,
 }
 
 impl<'a> ObjectiveParts<'a> {
@@ -652,6 +798,38 @@ impl<'a> ObjectiveParts<'a> {
             sample_shape: self.sample_shape,
             device: self.device,
             state_kind: Kind::Float,
+            teacher: None,
+        }
+    }
+
+    /// The objective of training step `step` (0-based): with a teacher, on the step's training
+    /// pairs ([`Teacher::training_batch`] from `optim.seed`).
+    pub fn training_objective<'s>(
+        &'s self,
+        sampler: &'s GgdmSampler,
+        settings: &SearchSettings,
+        step: u64,
+    ) -> Objective<'s>
+    where
+        'a: 's,
+    {
+        let teacher = self.teacher.map(|t| t.training_batch(settings.seed, step, settings.batch_size));
+        Objective { teacher, ..self.objective(sampler, settings) }
+    }
+
+    /// The objective on the validation pairs (without a teacher: [`Self::objective`]).
+    pub fn validation_objective<'s>(&'s self, sampler: &'s GgdmSampler, settings: &SearchSettings) -> Objective<'s>
+    where
+        'a: 's,
+    {
+        Objective { teacher: self.teacher.map(Teacher::validation_batch), ..self.objective(sampler, settings) }
+    }
+
+    /// What a search with these parts validates on.
+    pub fn validation_metric(&self) -> ValidationMetric {
+        match self.teacher {
+            Some(_) => ValidationMetric::TeacherDistance,
+            None => ValidationMetric::Kid,
         }
     }
 }

@@ -1,5 +1,6 @@
 //! Data parallelism without MPI: ranks simulated by threads that share a [`Collective`]. The
-//! sharded objective gives every rank the single-process loss and gradient, and a 2-rank search
+//! sharded objective gives every rank the single-process loss and gradient (with and without a
+//! teacher), and a 2-rank search
 //! learns the single-process sampler while rank 0 alone writes files.
 
 mod common;
@@ -7,8 +8,9 @@ use common::*;
 
 use ddss_opt::collective::{Collective, SingleProcess};
 use ddss_opt::loss::{FeatureLoss, LossKind};
-use ddss_opt::objective::BatchNoise;
-use ddss_opt::search::{run_search_with, NoObserver};
+use ddss_opt::objective::{BatchNoise, Objective};
+use ddss_opt::search::{run_search_with, NoObserver, ObjectiveParts};
+use ddss_opt::teacher::{TeacherDistance, TeacherLoss};
 use ddss_opt::unroll::Remat;
 use ggdm_core::ggdm::Learnable;
 use ggdm_core::unet::UNetDenoiser;
@@ -78,16 +80,22 @@ fn parts(double: bool) -> (UNetDenoiser, Projection, Tensor) {
     (tiny_unet(double, PredictionType::Epsilon), Projection::with_output(true), real_features())
 }
 
-/// Loss and flattened gradient of one objective evaluation on `comm`.
-fn loss_and_grad(comm: &dyn Collective, micro_batch: usize) -> (f64, Vec<f64>) {
+/// Loss and flattened gradient of one objective evaluation on `comm` (with `teacher`, on the
+/// teacher's pairs of step 0).
+fn loss_and_grad(comm: &dyn Collective, micro_batch: usize, teacher: Option<TeacherLoss>) -> (f64, Vec<f64>) {
     let (model, features, real) = parts(true);
     let loss = FeatureLoss::new(LossKind::Kid, &real).expect("loss");
     let s = tiny_sampler(Learnable::all());
-    let parts = cpu_parts(&model, &features, &loss);
-    let objective = f64_objective(&parts, &s, Remat::PerCall, micro_batch, None);
+    let teacher = teacher.map(|t| tiny_teacher(t, &features));
+    let parts = ObjectiveParts { teacher: teacher.as_ref(), ..cpu_parts(&model, &features, &loss) };
+    let objective = Objective {
+        teacher: teacher.as_ref().map(|t| t.training_batch(3, 0, 10)),
+        ..f64_objective(&parts, &s, Remat::PerCall, micro_batch, None)
+    };
     let (value, volume) = objective.loss_and_grad_sharded(BatchNoise { seed: 5, batch: 10 }, comm).expect("objective");
     if comm.size() > 1 {
-        assert_eq!(volume.gathered, 10 * 12 * 8, "f64 features");
+        let uses_features = teacher.as_ref().is_none_or(|t| t.loss().kid_weight > 0.0);
+        assert_eq!(volume.gathered, if uses_features { 10 * 12 * 8 } else { 0 }, "f64 features");
         let params: usize = s.trainable().iter().map(|t| t.numel()).sum();
         assert_eq!(volume.reduced, params as u64 * 8);
     }
@@ -101,23 +109,38 @@ fn loss_and_grad(comm: &dyn Collective, micro_batch: usize) -> (f64, Vec<f64>) {
 
 #[test]
 fn sharded_gradient_equals_the_single_process_one_on_every_rank() {
-    let (v0, g0) = loss_and_grad(&SingleProcess, 3);
-    let scale = g0.iter().fold(0f64, |m, g| m.max(g.abs()));
-    assert!(scale > 0.0);
-    for size in [2, 3] {
-        let results: Vec<(f64, Vec<f64>)> = std::thread::scope(|scope| {
-            let handles: Vec<_> =
-                ThreadRank::group(size).into_iter().map(|rank| scope.spawn(move || loss_and_grad(&rank, 3))).collect();
-            handles.into_iter().map(|h| h.join().expect("rank")).collect()
-        });
-        for (rank, (value, grads)) in results.iter().enumerate() {
-            assert!((value - v0).abs() <= 1e-9 * v0.abs(), "{size} ranks, rank {rank}: loss {value} vs {v0}");
-            for (a, b) in grads.iter().zip(&g0) {
-                assert!((a - b).abs() <= 1e-8 * scale, "{size} ranks, rank {rank}: gradient {a} vs {b}");
+    let teachers = [
+        None,
+        Some(TeacherLoss { distance: TeacherDistance::L2, kid_weight: 0.0 }),
+        Some(TeacherLoss { distance: TeacherDistance::PseudoHuber, kid_weight: 0.5 }),
+    ];
+    for teacher in teachers {
+        let (v0, g0) = loss_and_grad(&SingleProcess, 3, teacher);
+        let scale = g0.iter().fold(0f64, |m, g| m.max(g.abs()));
+        assert!(scale > 0.0);
+        for size in [2, 3] {
+            let results: Vec<(f64, Vec<f64>)> = std::thread::scope(|scope| {
+                let handles: Vec<_> = ThreadRank::group(size)
+                    .into_iter()
+                    .map(|rank| scope.spawn(move || loss_and_grad(&rank, 3, teacher)))
+                    .collect();
+                handles.into_iter().map(|h| h.join().expect("rank")).collect()
+            });
+            for (rank, (value, grads)) in results.iter().enumerate() {
+                assert!(
+                    (value - v0).abs() <= 1e-9 * v0.abs(),
+                    "{teacher:?}, {size} ranks, rank {rank}: loss {value} vs {v0}"
+                );
+                for (a, b) in grads.iter().zip(&g0) {
+                    assert!(
+                        (a - b).abs() <= 1e-8 * scale,
+                        "{teacher:?}, {size} ranks, rank {rank}: gradient {a} vs {b}"
+                    );
+                }
+                // Every rank holds bit-identical values, so every rank takes the same step.
+                assert_eq!(value.to_bits(), results[0].0.to_bits());
+                assert!(grads.iter().zip(&results[0].1).all(|(a, b)| a.to_bits() == b.to_bits()));
             }
-            // Every rank holds bit-identical values, so every rank takes the same step.
-            assert_eq!(value.to_bits(), results[0].0.to_bits());
-            assert!(grads.iter().zip(&results[0].1).all(|(a, b)| a.to_bits() == b.to_bits()));
         }
     }
 }

@@ -2,7 +2,8 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 /// The `ddss-cli` binary under test.
 pub fn bin() -> Command {
@@ -204,4 +205,87 @@ pub fn write_idx_28(path: &Path, n: u32) {
         }
     }
     std::fs::write(path, bytes).expect("write idx");
+}
+
+/// `ddss-cli --quiet search` on the CPU with `config` into `out` (`--resume` when `resume`).
+pub fn search_cmd(config: &Path, out: &Path, resume: bool) -> Command {
+    let mut cmd = bin();
+    cmd.args(["--quiet", "search", "--device", "cpu"]).arg("--config").arg(config).arg("--out").arg(out);
+    if resume {
+        cmd.arg("--resume");
+    }
+    cmd
+}
+
+/// Starts `cmd` in the background with its output discarded.
+pub fn spawn(mut cmd: Command) -> Child {
+    cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("start ddss-cli")
+}
+
+/// The step of the run directory's checkpoint (0 when there is none or it cannot be read yet).
+pub fn checkpoint_step(run: &Path) -> u64 {
+    let path = run.join("checkpoint.safetensors");
+    if !path.is_file() {
+        return 0;
+    }
+    match tch::Tensor::read_safetensors(&path) {
+        Ok(named) => named
+            .iter()
+            .find(|(n, _)| n == "meta")
+            .map(|(_, t)| t.double_value(&[0]) as u64)
+            .expect("a readable checkpoint always has its meta entry"),
+        Err(e) => panic!("a checkpoint must never be torn: {e}"),
+    }
+}
+
+/// Waits until the checkpoint reaches `step` (or the child exits), then kills the child with
+/// SIGKILL. Returns the checkpoint's step after the kill.
+pub fn kill_at_checkpoint(child: &mut Child, run: &Path, step: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            panic!("the run ended ({status}) before checkpoint {step}");
+        }
+        if checkpoint_step(run) >= step {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no checkpoint {step} after 120 s");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    child.kill().expect("SIGKILL");
+    let status = child.wait().expect("reap");
+    let at = checkpoint_step(run);
+    eprintln!("killed ({status}) with the checkpoint at step {at}");
+    at
+}
+
+/// `sampler.json` without `provenance` (which records wall-clock seconds).
+pub fn learned_part(path: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut value: serde_json::Value = serde_json::from_str(&text).expect("sampler.json is JSON");
+    value.as_object_mut().expect("an object").remove("provenance");
+    value
+}
+
+/// The entries of a run directory's checkpoint, sorted by name.
+pub fn checkpoint_tensors(run: &Path) -> Vec<(String, tch::Tensor)> {
+    let mut named = tch::Tensor::read_safetensors(run.join("checkpoint.safetensors")).expect("checkpoint");
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    named
+}
+
+/// Asserts that two run directories' checkpoints hold bit-identical entries.
+pub fn assert_same_checkpoints(a: &Path, b: &Path) {
+    let (a, b) = (checkpoint_tensors(a), checkpoint_tensors(b));
+    assert_eq!(a.len(), b.len());
+    for ((na, ta), (nb, tb)) in a.iter().zip(&b) {
+        assert_eq!(na, nb);
+        assert!(ta.equal(tb), "checkpoint entry {na} differs");
+    }
+}
+
+/// [`tiny_search_config`] with `teacher = { TEACHER }` in its `[loss]` (e.g. `sampler = "unipc",
+/// steps = 8, pairs = 8, cache = "..."`).
+pub fn tiny_teacher_search_config(model: &Path, data: &Path, steps: u64, teacher: &str) -> String {
+    tiny_search_config(model, data, steps).replacen("[loss]\n", &format!("[loss]\nteacher = {{ {teacher} }}\n"), 1)
 }

@@ -1,11 +1,12 @@
 //! What the ddss-opt tests share: a tiny random UNet, a fixed differentiable feature map, real
-//! features, the test sampler and search settings.
+//! features, teacher pairs, the test sampler and search settings.
 #![allow(dead_code)] // not every test binary uses every helper
 
 use ddss_opt::loss::FeatureLoss;
 use ddss_opt::objective::Objective;
 use ddss_opt::optim::LrSchedule;
 use ddss_opt::search::{ObjectiveParts, SearchSettings};
+use ddss_opt::teacher::{initial_noise, Pairs, Teacher, TeacherLoss};
 use ddss_opt::unroll::Remat;
 use fid_metrics::features::FeatureExtractor;
 use ggdm_core::ggdm::{GgdmSampler, History, Learnable};
@@ -85,6 +86,21 @@ pub fn real_features() -> Tensor {
     (Tensor::randn([40, 12], (Kind::Float, Device::Cpu)) * 0.5).tanh()
 }
 
+/// `count` pairs for the [`TINY`] UNet's samples: the initial noise of stream 21 from index
+/// `first`, and fixed stand-ins for the teacher's samples (seed 4, in (-1, 1)).
+pub fn tiny_pairs(first: u64, count: usize) -> Pairs {
+    let noise = initial_noise(21, first, count, [1, 8, 8]).expect("noise");
+    let _guard = BUILD.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    tch::manual_seed(4 + first as i64);
+    let target = (Tensor::randn([count as i64, 1, 8, 8], (Kind::Float, Device::Cpu)) * 0.8).tanh();
+    Pairs::new(noise, target, "test pairs").expect("pairs")
+}
+
+/// A teacher with 8 training and 4 validation pairs ([`tiny_pairs`]) entering the loss as `loss`.
+pub fn tiny_teacher(loss: TeacherLoss, extractor: &dyn FeatureExtractor) -> Teacher {
+    Teacher::new(loss, tiny_pairs(0, 8), tiny_pairs(1 << 32, 4), extractor, Device::Cpu).expect("teacher")
+}
+
 /// The default scheduler without clipping.
 pub fn scheduler() -> SchedulerConfig {
     SchedulerConfig { clip_sample: false, ..SchedulerConfig::default() }
@@ -102,7 +118,7 @@ pub fn cpu_parts<'a>(
     extractor: &'a dyn FeatureExtractor,
     loss: &'a FeatureLoss,
 ) -> ObjectiveParts<'a> {
-    ObjectiveParts { model, extractor, loss, sample_shape: [1, 8, 8], device: Device::Cpu }
+    ObjectiveParts { model, extractor, loss, sample_shape: [1, 8, 8], device: Device::Cpu, teacher: None }
 }
 
 /// The objective of `parts` for `sampler` with f64 states (the exact-comparison setting).
