@@ -219,6 +219,16 @@ fn search_teacher_unknown_sampler_zero_steps_noisy_teacher_or_bad_values() {
     );
     fails_naming(&mut teacher("key", "sampler = \"unipc\", stepz = 10"), &["stepz", "key.toml"]);
     fails_naming(&mut teacher("spacing", "sampler = \"unipc\", spacing = \"wavy\""), &["teacher.spacing", "wavy"]);
+    // A sampler.json teacher must have no noise (and its own K as steps).
+    let (_, model, _) = shared();
+    let scheduler = ggdm_core::scheduler_config::SchedulerConfig::from_file(&model.join("scheduler_config.json"))
+        .expect("scheduler");
+    let noisy = dir.join("noisy.json");
+    write_ddim_sampler(&noisy, &scheduler, [1, 8, 8], 0.5);
+    let spec = format!("sampler = \"{}\", steps = 3", noisy.display());
+    fails_naming(&mut teacher("noisy-file", &spec), &["teacher.sampler", "noisy.json", "adds noise", "deterministic"]);
+    let spec = format!("sampler = \"{}\"", noisy.display());
+    fails_naming(&mut teacher("file-steps", &spec), &["teacher.sampler", "noisy.json", "3-step"]);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -333,11 +343,21 @@ fn npz_with_wrong_keys_or_shapes() {
 
 /// A GGDM sampler file for `scheduler` and sample shape `shape`, written to `path`.
 fn write_sampler(path: &Path, scheduler: &ggdm_core::scheduler_config::SchedulerConfig, shape: [i64; 3]) {
+    write_ddim_sampler(path, scheduler, shape, 0.0);
+}
+
+/// [`write_sampler`] at DDIM(`eta`).
+fn write_ddim_sampler(
+    path: &Path,
+    scheduler: &ggdm_core::scheduler_config::SchedulerConfig,
+    shape: [i64; 3],
+    eta: f64,
+) {
     let mut sampler = ggdm_core::ggdm::GgdmSampler::init_from_spacing(
         scheduler,
         3,
         ggdm_core::grid::Spacing::Trailing,
-        0.0,
+        eta,
         ggdm_core::ggdm::History::Full,
         ggdm_core::ggdm::Learnable::none(),
         tch::Device::Cpu,

@@ -1,7 +1,8 @@
 //! `[loss] teacher` end to end: the teacher pairs are computed once and then read from the cache
 //! (also by a resumed run), a search killed and resumed with a teacher loss ends bit-identical to
 //! an uninterrupted one and validates on the teacher distance, and a corrupt cache entry is
-//! recomputed with a warning naming it, giving the same search.
+//! recomputed with a warning naming it, giving the same search; a `sampler.json` without noise is a
+//! teacher too.
 
 mod common;
 use common::*;
@@ -85,5 +86,36 @@ fn teacher_pairs_are_cached_and_a_killed_and_resumed_teacher_search_equals_an_un
     }
     assert_eq!(log.matches("computed with unipc").count(), 2, "{log}");
     assert_eq!(learned_part(&straight.join("sampler.json")), learned_part(&recomputed.join("sampler.json")));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_sampler_json_without_noise_is_a_teacher() {
+    let dir = temp_dir("teacher-file");
+    let (model, data) = tiny_model(&dir);
+    let scheduler = ggdm_core::scheduler_config::SchedulerConfig::from_file(&model.join("scheduler_config.json"))
+        .expect("scheduler");
+    let mut sampler = ggdm_core::ggdm::GgdmSampler::init_from_spacing(
+        &scheduler,
+        6,
+        ggdm_core::grid::Spacing::Trailing,
+        0.0,
+        ggdm_core::ggdm::History::Full,
+        ggdm_core::ggdm::Learnable::none(),
+        tch::Device::Cpu,
+    )
+    .expect("sampler");
+    sampler.model = ggdm_core::ggdm::ModelIdentity { name: "tiny".into(), sample_shape: Some([1, 8, 8]) };
+    let file = dir.join("ddim6.json");
+    sampler.save(&file).expect("save");
+    let spec = format!(
+        "sampler = \"{}\", steps = 6, pairs = 4, validation_pairs = 2, cache = \"{}\"",
+        file.display(),
+        dir.join("cache").display()
+    );
+    let config = dir.join("search.toml");
+    std::fs::write(&config, tiny_teacher_search_config(&model, &data, 2, &spec)).expect("config");
+    let log = logged(search_cmd(&config, &dir.join("run"), false).arg("--skip-eval"));
+    assert_eq!(log.matches(&format!("computed with {} (6 steps)", file.display())).count(), 2, "{log}");
     let _ = std::fs::remove_dir_all(&dir);
 }
