@@ -1195,41 +1195,35 @@ struct SamplerFields {
     provenance: serde_json::Value,
 }
 
+/// A [`SamplerFields`] from the fields every file version has, with the given base.
+macro_rules! sampler_fields {
+    ($file:ident, $base:expr) => {
+        SamplerFields {
+            steps: $file.steps,
+            base: $base,
+            eta: $file.eta,
+            history: $file.history,
+            query: $file.query,
+            learn: $file.learn,
+            scheduler: $file.scheduler,
+            model: $file.model,
+            tau_max: $file.tau_max,
+            tau_end: $file.tau_end,
+            params: $file.params,
+            provenance: $file.provenance,
+        }
+    };
+}
+
 impl From<SamplerFile> for SamplerFields {
     fn from(file: SamplerFile) -> Self {
-        Self {
-            steps: file.steps,
-            base: file.base,
-            eta: file.eta,
-            history: file.history,
-            query: file.query,
-            learn: file.learn,
-            scheduler: file.scheduler,
-            model: file.model,
-            tau_max: file.tau_max,
-            tau_end: file.tau_end,
-            params: file.params,
-            provenance: file.provenance,
-        }
+        sampler_fields!(file, file.base)
     }
 }
 
 impl From<SamplerFileV1> for SamplerFields {
     fn from(file: SamplerFileV1) -> Self {
-        Self {
-            steps: file.steps,
-            base: GgdmBase::Ddim,
-            eta: file.eta,
-            history: file.history,
-            query: file.query,
-            learn: file.learn,
-            scheduler: file.scheduler,
-            model: file.model,
-            tau_max: file.tau_max,
-            tau_end: file.tau_end,
-            params: file.params,
-            provenance: file.provenance,
-        }
+        sampler_fields!(file, GgdmBase::Ddim)
     }
 }
 
