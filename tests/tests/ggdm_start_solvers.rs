@@ -91,6 +91,25 @@ fn solver_on_exact_levels(base: GgdmBase, model: &dyn Denoiser, grid: &[f64], x_
     solver_of(base).run_on_levels(model, grid, &levels, x_init, &mut |_| {}).expect("solver")
 }
 
+/// What the start `base` is on `grid`: DDIM with eta = 0 for DDIM, the solver on the exact f64
+/// noise levels for the others.
+fn start_reference(
+    base: GgdmBase,
+    model: &ToyDenoiser,
+    cfg: &SchedulerConfig,
+    grid: &[f64],
+    x_init: &Tensor,
+) -> Tensor {
+    if base == GgdmBase::Ddim {
+        let options = DdimOptions { eta: 0.0, clip: None, use_clipped_model_output: false };
+        let schedule = cfg.schedule().expect("schedule");
+        let mut no_noise = SeededNoise::new(0);
+        ddim(model, &schedule, &grid_steps(grid), x_init, &options, &mut no_noise, &mut |_| {}).expect("ddim")
+    } else {
+        solver_on_exact_levels(base, model, grid, x_init)
+    }
+}
+
 /// Every start is exact: for K = 1..20, every prediction type and every spacing of the grid the
 /// start is placed on (the multistep solvers' grid for the solvers, the DDIM grid for DDIM, the
 /// continuous log-SNR grid for `logsnr`), the sampler at initialisation equals the f64 solver on
@@ -110,15 +129,7 @@ fn every_start_equals_its_solver_on_exact_levels() {
                         assert!((ours - theirs).abs() < 1e-9, "{base:?} K={k} {spacing:?}: grid {ours} vs {theirs}");
                     }
                     let ours = tch::no_grad(|| sampler.sample(&model, &x_init, &z)).expect("ggdm");
-                    let reference = if base == GgdmBase::Ddim {
-                        let options = DdimOptions { eta: 0.0, clip: None, use_clipped_model_output: false };
-                        let schedule = cfg.schedule().expect("schedule");
-                        let mut no_noise = SeededNoise::new(0);
-                        ddim(&model, &schedule, &grid_steps(&grid), &x_init, &options, &mut no_noise, &mut |_| {})
-                            .expect("ddim")
-                    } else {
-                        solver_on_exact_levels(base, &model, &grid, &x_init)
-                    };
+                    let reference = start_reference(base, &model, &cfg, &grid, &x_init);
                     let diff = max_abs_diff(&ours, &reference);
                     worst = worst.max(diff);
                     assert!(diff <= 1e-9, "{base:?} {prediction_type:?} K={k} {spacing:?}: |GGDM - solver| = {diff}");
@@ -222,15 +233,7 @@ fn a_moved_grid_keeps_the_start_solver() {
                 assert!(k == 1 || moved > 1.0, "{base:?} K={k}: the grid moved by only {moved}");
                 assert!(grid[k - 1] > 0.0, "{base:?} K={k}: the moved grid left [0, T-1]: {grid:?}");
                 let ours = tch::no_grad(|| sampler.sample(&model, &x_init, &z)).expect("ggdm");
-                let reference = if base == GgdmBase::Ddim {
-                    let options = DdimOptions { eta: 0.0, clip: None, use_clipped_model_output: false };
-                    let schedule = cfg.schedule().expect("schedule");
-                    let mut no_noise = SeededNoise::new(0);
-                    ddim(&model, &schedule, &grid_steps(&grid), &x_init, &options, &mut no_noise, &mut |_| {})
-                        .expect("ddim")
-                } else {
-                    solver_on_exact_levels(base, &model, &grid, &x_init)
-                };
+                let reference = start_reference(base, &model, &cfg, &grid, &x_init);
                 let diff = max_abs_diff(&ours, &reference);
                 assert!(diff <= 1e-9, "{base:?} {prediction_type:?} K={k}: |GGDM on moved grid - solver| = {diff}");
             }
@@ -325,29 +328,21 @@ fn unipc_base_gradient_equals_finite_differences() {
 fn solver_bases_reject_last_history_and_eta() {
     let cfg = config(PredictionType::Epsilon);
     for base in SOLVER_BASES {
-        let err = GgdmSampler::init_from_solver_spacing(
-            base,
-            &cfg,
-            5,
-            Spacing::Trailing,
-            History::Last,
-            Learnable::all(),
-            Device::Cpu,
-        )
-        .expect_err("history last")
-        .to_string();
+        let init_last = |k| {
+            GgdmSampler::init_from_solver_spacing(
+                base,
+                &cfg,
+                k,
+                Spacing::Trailing,
+                History::Last,
+                Learnable::all(),
+                Device::Cpu,
+            )
+        };
+        let err = init_last(5).expect_err("history last").to_string();
         assert!(err.contains("history") && err.contains(base.name()), "{err}");
         // K = 1 is a single first-order step: `last` holds it.
-        GgdmSampler::init_from_solver_spacing(
-            base,
-            &cfg,
-            1,
-            Spacing::Trailing,
-            History::Last,
-            Learnable::all(),
-            Device::Cpu,
-        )
-        .expect("K = 1");
+        init_last(1).expect("K = 1");
         let err = base.check(5, 0.5, History::Full).expect_err("eta").to_string();
         assert!(err.contains("eta") && err.contains("0.5"), "{err}");
     }
