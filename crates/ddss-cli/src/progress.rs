@@ -76,6 +76,20 @@ struct Lines {
 }
 
 impl Lines {
+    /// A report of `len` units of `unit` named `what`, at 0 and started now.
+    fn new(what: &str, unit: Unit, len: u64) -> Self {
+        Self {
+            what: what.to_string(),
+            unit,
+            len,
+            pos: 0,
+            base: 0,
+            message: String::new(),
+            started: Instant::now(),
+            printed: None,
+        }
+    }
+
     /// Moves to `pos`, printing a line when one is due.
     fn advance(&mut self, pos: u64) {
         self.pos = pos;
@@ -141,16 +155,7 @@ impl Progress {
         } else if std::io::stderr().is_terminal() {
             Inner::Bar(bar(len, what))
         } else {
-            Inner::Lines(Mutex::new(Lines {
-                what: what.to_string(),
-                unit,
-                len,
-                pos: 0,
-                base: 0,
-                message: String::new(),
-                started: Instant::now(),
-                printed: None,
-            }))
+            Inner::Lines(Mutex::new(Lines::new(what, unit, len)))
         };
         Self { inner: Arc::new(inner) }
     }
@@ -246,16 +251,7 @@ mod tests {
     use super::*;
 
     fn lines(len: u64) -> Lines {
-        Lines {
-            what: "train".into(),
-            unit: Unit::Steps,
-            len,
-            pos: 0,
-            base: 0,
-            message: String::new(),
-            started: Instant::now(),
-            printed: None,
-        }
+        Lines::new("train", Unit::Steps, len)
     }
 
     #[test]
