@@ -90,15 +90,7 @@ fn teacher_loss_gradients_equal_central_finite_differences() {
         let h = 1e-6;
         for (param, index) in probes {
             let (name, t) = s.params.named()[param];
-            let set = |v: f64| {
-                tch::no_grad(|| {
-                    let mut e = t.shallow_clone();
-                    for &i in index {
-                        e = e.get(i);
-                    }
-                    let _ = e.fill_(v);
-                })
-            };
+            let set = |v: f64| set_entry(t, index, v);
             let original = t.double_value(index);
             set(original + h);
             let plus = objective().loss_and_grad(NOISE).expect("objective");

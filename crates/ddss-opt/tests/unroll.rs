@@ -157,15 +157,7 @@ fn assert_matches_finite_differences(
     for &(param_index, index) in probes {
         let (name, t) = s.params.named()[param_index];
         let original = t.double_value(index);
-        let set = |v: f64| {
-            tch::no_grad(|| {
-                let mut e = t.shallow_clone();
-                for &i in index {
-                    e = e.get(i);
-                }
-                let _ = e.fill_(v);
-            })
-        };
+        let set = |v: f64| set_entry(t, index, v);
         set(original + h);
         let plus = loss_at();
         set(original - h);

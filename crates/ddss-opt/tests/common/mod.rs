@@ -158,3 +158,14 @@ pub fn settings(steps: u64, every: u64) -> SearchSettings {
         max_faults: 3,
     }
 }
+
+/// Sets the entry at `index` of `t` to `v` in place (outside autograd), for finite differences.
+pub fn set_entry(t: &Tensor, index: &[i64], v: f64) {
+    tch::no_grad(|| {
+        let mut e = t.shallow_clone();
+        for &i in index {
+            e = e.get(i);
+        }
+        let _ = e.fill_(v);
+    })
+}
