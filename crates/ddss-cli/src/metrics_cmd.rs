@@ -17,7 +17,7 @@ use ddss_opt::collective::{shard, Collective, SingleProcess};
 use fid_metrics::data::{load_idx_images_with, load_images_with, quantize_to_uint8_levels, ReadOptions};
 use fid_metrics::features::{extract_features_batched, FeatureSpec};
 use fid_metrics::kid::{kid, KidOptions};
-use fid_metrics::stats::{npz_keys, read_features_npz, FEATURES_KEY, MU_KEY, SIGMA_KEY};
+use fid_metrics::stats::{npz_keys, read_features_npz, read_npz_array, FEATURES_KEY, MU_KEY, SIGMA_KEY};
 use fid_metrics::{FeatureExtractor, FeatureStats};
 use ggdm_core::model_dir::LoadedModel;
 use ggdm_core::noise::{NoiseSource, PerSampleNoise};
@@ -140,13 +140,11 @@ impl FeatureSummary {
 
 /// Reads the `feature_set` array (UTF-8 bytes) of a statistics file.
 fn read_feature_set_name(path: &Path) -> Result<String> {
-    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut reader = ndarray_npy::NpzReader::new(std::io::BufReader::new(file))
-        .with_context(|| format!("{}: not an .npz file", path.display()))?;
-    let bytes: ndarray::Array1<u8> = reader
-        .by_name(FEATURE_SET_KEY)
-        .with_context(|| format!("{}: array `{FEATURE_SET_KEY}` is not a uint8 vector", path.display()))?;
-    String::from_utf8(bytes.to_vec())
+    let bytes = read_npz_array::<u8>(path, FEATURE_SET_KEY)?;
+    if bytes.ndim() != 1 {
+        bail!("{}: array `{FEATURE_SET_KEY}` is not a uint8 vector (shape {:?})", path.display(), bytes.shape());
+    }
+    String::from_utf8(bytes.into_raw_vec_and_offset().0)
         .with_context(|| format!("{}: array `{FEATURE_SET_KEY}` is not UTF-8 text", path.display()))
 }
 

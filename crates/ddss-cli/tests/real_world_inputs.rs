@@ -1,7 +1,8 @@
 //! Inputs that real folders and real mistakes produce: image folders holding other files,
 //! subfolders and symlinks (read as pytorch-fid reads them, `--recursive` for subfolders), sizes
-//! too large for memory, NaN in `.npy`/`.npz` inputs, progress lines when stderr is a file, and
-//! `ddss-cli sample` with no arguments. Each case runs the binary; none allocates much memory.
+//! too large for memory, NaN in `.npy`/`.npz` inputs, `.npz` members whose header declares more
+//! data than they hold, progress lines when stderr is a file, and `ddss-cli sample` with no
+//! arguments. Each case runs the binary; none allocates much memory.
 
 mod common;
 use common::*;
@@ -134,6 +135,43 @@ fn nan_noise_or_statistics_are_refused_naming_the_file() {
         .arg("--ref")
         .arg(&stats_path);
     fails_naming(&mut eval, &["--ref", "stats-with-nan.npz", "sigma"]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Rewrites the `.npy` header of the member `member` of a stored (uncompressed) `.npz` in place so
+/// that it declares float64 data of `shape` (a Python tuple), keeping the header's length and the
+/// member's data. The member's CRC is left as it was: readers must refuse the file before that.
+fn declare_shape_in_npz(path: &Path, member: &str, shape: &str) {
+    let mut bytes = std::fs::read(path).expect("read npz");
+    let name = bytes.windows(member.len()).position(|w| w == member.as_bytes()).expect("member name");
+    let magic = name + bytes[name..].windows(6).position(|w| w == b"\x93NUMPY").expect("npy magic");
+    assert_eq!(bytes[magic + 6], 1, "an .npy version 1 header");
+    let len = u16::from_le_bytes([bytes[magic + 8], bytes[magic + 9]]) as usize;
+    let dict = format!("{{'descr': '<f8', 'fortran_order': False, 'shape': {shape}, }}");
+    assert!(dict.len() < len, "the new header must fit in the old one's {len} bytes");
+    let header = format!("{dict:<width$}\n", width = len - 1);
+    bytes[magic + 10..magic + 10 + len].copy_from_slice(header.as_bytes());
+    std::fs::write(path, &bytes).expect("write npz");
+}
+
+#[test]
+fn statistics_declaring_a_huge_shape_fail_naming_the_file_instead_of_aborting() {
+    let dir = temp_dir("huge-npz-shape");
+    let write_stats = |path: &Path| {
+        let mut writer = ndarray_npy::NpzWriter::new(std::fs::File::create(path).expect("create"));
+        writer.add_array("mu", &ndarray::Array1::<f64>::zeros(16)).expect("mu");
+        writer.add_array("sigma", &ndarray::Array2::<f64>::eye(16)).expect("sigma");
+        writer.finish().expect("npz");
+    };
+    let good = dir.join("good.npz");
+    write_stats(&good);
+    let lying = dir.join("lying.npz");
+    write_stats(&lying);
+    // 80 GB declared over the 2048 bytes of a 16 x 16 float64 matrix.
+    declare_shape_in_npz(&lying, "sigma.npy", "(100000, 100000)");
+    let mut fid = bin();
+    fid.args(["--quiet", "fid"]).arg(&good).arg(&lying);
+    fails_naming(&mut fid, &["lying.npz", "member sigma.npy", "(100000, 100000)", "80000000000 bytes", "2048"]);
     let _ = std::fs::remove_dir_all(&dir);
 }
 

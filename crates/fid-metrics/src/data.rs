@@ -425,51 +425,124 @@ pub(crate) fn check_finite<A: Copy + Into<f64>>(
 /// Checks that an `.npy` file holds the bytes its header's shape declares, so that reading it
 /// never allocates more than the file's size.
 fn check_npy_size(path: &Path, bytes: &[u8]) -> Result<()> {
-    let bad = |msg: &str| Error::format(path, format!("not a valid .npy file: {msg}"));
-    if bytes.len() < 10 || !bytes.starts_with(b"\x93NUMPY") {
-        return Err(bad("no \\x93NUMPY magic"));
+    let layout = match npy_layout(bytes, bytes.len() as u64) {
+        Ok(Some(layout)) => layout,
+        // Left to the reader, whose message says what is wrong.
+        Ok(None) => return Ok(()),
+        Err(msg) => return Err(Error::format(path, format!("not a valid .npy file: {msg}"))),
+    };
+    if layout.fits() {
+        return Ok(());
     }
-    let (header_len, start): (usize, usize) = match bytes[6] {
-        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
-        _ => match bytes.get(8..12) {
+    Err(Error::format(
+        path,
+        format!(
+            "the header declares shape {:?} ({} bytes of data), but the file holds {} bytes",
+            layout.shape,
+            layout.declared_bytes(),
+            layout.data
+        ),
+    ))
+}
+
+/// Longest `.npy` header [`npy_layout`] reads from a stream (numpy itself refuses headers over
+/// 10000 bytes unless told otherwise).
+pub(crate) const NPY_HEADER_LIMIT: usize = 1 << 16;
+
+/// What an `.npy` header declares, and how many bytes follow it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct NpyLayout {
+    /// The `'shape'` tuple.
+    pub shape: Vec<usize>,
+    /// Element count times the `'descr'` element size; `None` when it overflows a `u64`.
+    pub declared: Option<u64>,
+    /// Bytes after the header.
+    pub data: u64,
+}
+
+impl NpyLayout {
+    /// Whether the data after the header holds at least the declared bytes.
+    pub fn fits(&self) -> bool {
+        self.declared.is_some_and(|declared| declared <= self.data)
+    }
+
+    /// The declared data size in bytes, in words.
+    pub fn declared_bytes(&self) -> String {
+        self.declared.map_or_else(|| "more than 2^64".to_string(), |d| d.to_string())
+    }
+
+    /// The shape as Python writes a tuple: `(3, 4)`, `(5,)`, `()`.
+    pub fn shape_tuple(&self) -> String {
+        match self.shape.as_slice() {
+            [one] => format!("({one},)"),
+            dims => format!("({})", dims.iter().map(usize::to_string).collect::<Vec<_>>().join(", ")),
+        }
+    }
+}
+
+/// Parses the header of an `.npy` stream of `total` bytes whose first bytes are `prefix` (the
+/// whole file, or at least [`NPY_HEADER_LIMIT`] bytes of it): magic `\x93NUMPY`, the version,
+/// the header length (u16 for version 1, u32 for 2 and 3), then a Python dict literal with
+/// `'descr'`, `'fortran_order'` and `'shape'`. `Ok(None)` when the dict has no shape or element
+/// size this parser understands (the reader then says what is wrong); `Err` when the stream is no
+/// `.npy` data or its header is cut short.
+pub(crate) fn npy_layout(prefix: &[u8], total: u64) -> std::result::Result<Option<NpyLayout>, String> {
+    if prefix.len() < 10 || !prefix.starts_with(b"\x93NUMPY") {
+        return Err("no \\x93NUMPY magic".to_string());
+    }
+    let (header_len, start): (usize, usize) = match prefix[6] {
+        1 => (u16::from_le_bytes([prefix[8], prefix[9]]) as usize, 10),
+        _ => match prefix.get(8..12) {
             Some(b) => (u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize, 12),
-            None => return Err(bad("truncated header")),
+            None => return Err("truncated header".to_string()),
         },
     };
-    let Some(header) = bytes.get(start..start.saturating_add(header_len)) else {
-        return Err(bad("truncated header"));
+    let end = start.saturating_add(header_len);
+    if end as u64 > total {
+        return Err("truncated header".to_string());
+    }
+    let Some(header) = prefix.get(start..end) else {
+        return Err(format!("a header of {header_len} bytes (more than {NPY_HEADER_LIMIT})"));
     };
     let header = String::from_utf8_lossy(header);
     let (Some(shape), Some(item_size)) = (npy_header_shape(&header), npy_header_item_size(&header)) else {
-        // Left to the reader, whose message says what is wrong.
-        return Ok(());
+        return Ok(None);
     };
-    let data = bytes.len() - start - header_len;
-    match shape.iter().try_fold(item_size, |acc, &d| acc.checked_mul(d)) {
-        Some(declared) if declared <= data => Ok(()),
-        declared => Err(Error::format(
-            path,
-            format!(
-                "the header declares shape {shape:?} ({} bytes of data), but the file holds {data} bytes",
-                declared.map_or_else(|| "more than 2^64".to_string(), |d| d.to_string())
-            ),
-        )),
-    }
+    let declared = shape.iter().try_fold(item_size as u64, |acc, &d| acc.checked_mul(d as u64));
+    Ok(Some(NpyLayout { shape, declared, data: total - end as u64 }))
 }
 
-/// The `'shape': (a, b, ...)` tuple of an `.npy` header.
+/// The text after `key` (quoted with `'` or `"`) and its `:` in a Python dict literal.
+fn npy_header_value<'a>(header: &'a str, key: &str) -> Option<&'a str> {
+    ['\'', '"'].iter().find_map(|quote| {
+        let quoted = format!("{quote}{key}{quote}");
+        let after = header[header.find(&quoted)? + quoted.len()..].trim_start();
+        after.strip_prefix(':')
+    })
+}
+
+/// The `'shape': (a, b, ...)` tuple of an `.npy` header (Python 2's `10L` longs accepted).
 fn npy_header_shape(header: &str) -> Option<Vec<usize>> {
-    let after = &header[header.find("'shape'")? + "'shape'".len()..];
-    let tuple = &after[after.find('(')? + 1..];
+    let tuple = npy_header_value(header, "shape")?.trim_start().strip_prefix('(')?;
     let tuple = &tuple[..tuple.find(')')?];
-    tuple.split(',').map(str::trim).filter(|s| !s.is_empty()).map(|s| s.parse().ok()).collect()
+    tuple
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| s.trim_end_matches(['L', 'l']).parse().ok())
+        .collect()
 }
 
-/// The element size in bytes of an `.npy` header's `'descr'` (e.g. `'<f4'` -> 4).
+/// The element size in bytes of an `.npy` header's `'descr'` (e.g. `'<f4'` -> 4, `'<U3'` -> 12);
+/// `None` for a structured dtype (a list of fields).
 fn npy_header_item_size(header: &str) -> Option<usize> {
-    let after = &header[header.find("'descr'")? + "'descr'".len()..];
-    let value = after.split('\'').nth(1)?;
-    value.trim_start_matches(|c: char| !c.is_ascii_digit()).parse().ok()
+    let value = npy_header_value(header, "descr")?.trim_start();
+    let quote = value.chars().next().filter(|c| *c == '\'' || *c == '"')?;
+    let value = &value[1..];
+    let value = &value[..value.find(quote)?];
+    let count: usize = value.trim_start_matches(|c: char| !c.is_ascii_digit()).parse().ok()?;
+    // A unicode string's count is in characters of 4 bytes.
+    count.checked_mul(if value.contains('U') { 4 } else { 1 })
 }
 
 /// The rows [`subsample`] keeps, in increasing order.
@@ -596,5 +669,53 @@ mod tests {
             assert!((got - want).abs() < 1e-6, "{q:?}");
         }
         Ok(())
+    }
+
+    /// `.npy` bytes: version `version`, header `dict`, then `data` zero bytes.
+    fn npy_bytes(version: u8, dict: &str, data: usize) -> Vec<u8> {
+        let mut bytes = vec![0x93, b'N', b'U', b'M', b'P', b'Y', version, 0];
+        let header = format!("{dict}\n");
+        if version == 1 {
+            bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
+        } else {
+            bytes.extend_from_slice(&(header.len() as u32).to_le_bytes());
+        }
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.resize(bytes.len() + data, 0);
+        bytes
+    }
+
+    fn layout(bytes: &[u8]) -> std::result::Result<Option<NpyLayout>, String> {
+        npy_layout(bytes, bytes.len() as u64)
+    }
+
+    #[test]
+    fn npy_headers_are_parsed_in_every_version_and_spelling() {
+        let dict = "{'descr': '<f8', 'fortran_order': False, 'shape': (3, 4), }";
+        for version in [1, 2, 3] {
+            let l = layout(&npy_bytes(version, dict, 96)).expect("valid").expect("understood");
+            assert_eq!((l.shape.clone(), l.declared, l.data, l.fits()), (vec![3, 4], Some(96), 96, true));
+            assert_eq!(l.shape_tuple(), "(3, 4)");
+        }
+        // Python 2's longs, double quotes, spaces, a 1-tuple, a scalar, strings of 4-byte characters.
+        let l = layout(&npy_bytes(1, "{'descr':'<i8','fortran_order':True,'shape':(10L, 5L)}", 0)).unwrap().unwrap();
+        assert_eq!((l.shape.clone(), l.declared, l.fits()), (vec![10, 5], Some(400), false));
+        let l = layout(&npy_bytes(1, r#"{"descr" : "|u1", "shape" : ( 7 , ) }"#, 7)).unwrap().unwrap();
+        assert_eq!((l.shape_tuple(), l.declared, l.fits()), ("(7,)".to_string(), Some(7), true));
+        let l = layout(&npy_bytes(1, "{'descr': '<f4', 'fortran_order': False, 'shape': (), }", 4)).unwrap().unwrap();
+        assert_eq!((l.shape_tuple(), l.declared), ("()".to_string(), Some(4)));
+        let l =
+            layout(&npy_bytes(1, "{'descr': '<U3', 'fortran_order': False, 'shape': (2,), }", 24)).unwrap().unwrap();
+        assert_eq!(l.declared, Some(24));
+        // A product beyond u64, a structured dtype (left to the reader), bad magic, a cut header.
+        let huge = "{'descr': '<f8', 'fortran_order': False, 'shape': (4294967296, 4294967296), }";
+        let l = layout(&npy_bytes(1, huge, 8)).unwrap().unwrap();
+        assert_eq!((l.declared, l.fits(), l.declared_bytes()), (None, false, "more than 2^64".to_string()));
+        let structured = "{'descr': [('a', '<f4')], 'fortran_order': False, 'shape': (2,), }";
+        assert_eq!(layout(&npy_bytes(1, structured, 8)), Ok(None));
+        assert!(layout(b"PK\x03\x04 not an npy file").is_err());
+        let bytes = npy_bytes(2, dict, 0);
+        assert_eq!(layout(&bytes[..20]), Err("truncated header".to_string()));
+        assert!(npy_layout(&bytes[..20], 1 << 20).expect_err("header beyond the prefix").contains("more than"));
     }
 }

@@ -7,17 +7,20 @@
 //! a deflate-compressed zip with members `mu.npy` (float64 [d]) and `sigma.npy` (float64 [d, d]).
 //! Reading also accepts float32 arrays and uncompressed files. Feature sets for KID are stored as
 //! `.npz` with the single key `features` (float32 or float64 [N, d]). Every error of a read names
-//! the file (and the array), and arrays holding NaN or infinity are refused.
+//! the file (and the array), and arrays holding NaN or infinity are refused. A member whose `.npy`
+//! header declares more data than the zip directory says it holds is refused before anything of
+//! the declared size is allocated.
 
 use std::fs::File;
-use std::io::BufReader;
-use std::path::Path;
+use std::io::{BufReader, Read};
+use std::path::{Path, PathBuf};
 
-use ndarray::{Array1, Array2, ArrayD, IxDyn, OwnedRepr};
-use ndarray_npy::{NpzReader, NpzWriter};
+use ndarray::{Array1, Array2, ArrayD, IxDyn};
+use ndarray_npy::{NpzWriter, ReadNpyExt, ReadableElement};
 use tch::{Device, Kind, Tensor};
+use zip::{CompressionMethod, ZipArchive};
 
-use crate::data::check_finite;
+use crate::data::{check_finite, npy_layout, NPY_HEADER_LIMIT};
 use crate::error::{Error, Result};
 
 /// Key of the mean in a statistics file.
@@ -80,9 +83,9 @@ impl FeatureStats {
     /// Reads a pytorch-fid statistics file (keys `mu`, `sigma`).
     pub fn read_npz(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let mut reader = open_npz(path)?;
-        let mu = read_float_array(&mut reader, path, MU_KEY)?;
-        let sigma = read_float_array(&mut reader, path, SIGMA_KEY)?;
+        let mut npz = Npz::open(path)?;
+        let mu = read_float_array(&mut npz, MU_KEY)?;
+        let sigma = read_float_array(&mut npz, SIGMA_KEY)?;
         check_finite(path, Some(MU_KEY), &mu, false)?;
         check_finite(path, Some(SIGMA_KEY), &sigma, false)?;
         if mu.ndim() != 1 {
@@ -120,14 +123,14 @@ impl FeatureStats {
 /// stored element type (f32 or f64) and lives on the CPU.
 pub fn read_features_npz(path: impl AsRef<Path>) -> Result<Tensor> {
     let path = path.as_ref();
-    let mut reader = open_npz(path)?;
-    require_key(&mut reader, path, FEATURES_KEY)?;
-    let tensor = match reader.by_name::<OwnedRepr<f32>, IxDyn>(FEATURES_KEY) {
+    let mut npz = Npz::open(path)?;
+    let member = npz.member(FEATURES_KEY)?;
+    let tensor = match npz.read::<f32>(&member) {
         Ok(array) => {
             check_finite(path, Some(FEATURES_KEY), &array, false)?;
             array_to_tensor_f32(&array)?
         }
-        Err(err_f32) => match reader.by_name::<OwnedRepr<f64>, IxDyn>(FEATURES_KEY) {
+        Err(err_f32) => match npz.read::<f64>(&member) {
             Ok(array) => {
                 check_finite(path, Some(FEATURES_KEY), &array, false)?;
                 array_to_tensor_f64(&array)?
@@ -180,33 +183,131 @@ pub fn write_features_npz(path: impl AsRef<Path>, features: &Tensor) -> Result<(
 
 /// The names of the arrays in an `.npz` file (without the `.npy` suffix).
 pub fn npz_keys(path: impl AsRef<Path>) -> Result<Vec<String>> {
+    Npz::open(path.as_ref())?.keys()
+}
+
+/// Reads the array `key` of an `.npz` file (element type `A`, any shape), after the checks every
+/// read here makes: the key must exist, and the member's `.npy` header must declare no more data
+/// than the member holds.
+pub fn read_npz_array<A: ReadableElement>(path: impl AsRef<Path>, key: &str) -> Result<ArrayD<A>> {
     let path = path.as_ref();
-    let mut reader = open_npz(path)?;
-    reader.names().map_err(|e| Error::format(path, format!("cannot list the .npz members: {e}")))
+    let mut npz = Npz::open(path)?;
+    let member = npz.member(key)?;
+    npz.read(&member)
+        .map_err(|e| Error::bad_array(path, key, format!("cannot read as {}: {e}", std::any::type_name::<A>())))
 }
 
-fn open_npz(path: &Path) -> Result<NpzReader<BufReader<File>>> {
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    NpzReader::new(BufReader::new(file)).map_err(|e| Error::format(path, format!("not an .npz (zip) file: {e}")))
+/// Compression ratio deflate cannot exceed (a run of one byte: 258 bytes per 2-bit code, about
+/// 1032:1), to tell a directory's uncompressed size that cannot be true.
+const DEFLATE_MAX_RATIO: u64 = 1032;
+
+/// An open `.npz` (zip) file. Members are read with ndarray-npy, which allocates what a member's
+/// header declares before reading the data, so [`Npz::member`] first checks the declared size
+/// against the member's uncompressed size in the zip directory (and that size against what the
+/// member's compressed bytes can hold).
+struct Npz {
+    path: PathBuf,
+    zip: ZipArchive<BufReader<File>>,
+    file_len: u64,
 }
 
-fn require_key(reader: &mut NpzReader<BufReader<File>>, path: &Path, key: &str) -> Result<()> {
-    let names = reader.names().map_err(|e| Error::format(path, format!("cannot list the .npz members: {e}")))?;
-    if names.iter().any(|n| n == key) {
-        Ok(())
-    } else {
-        Err(Error::MissingKey { path: path.to_path_buf(), key: key.to_string(), available: names })
+impl Npz {
+    fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        let zip = ZipArchive::new(BufReader::new(file))
+            .map_err(|e| Error::format(path, format!("not an .npz (zip) file: {e}")))?;
+        Ok(Self { path: path.to_path_buf(), zip, file_len })
+    }
+
+    /// The member names, a single `.npy` suffix stripped (as numpy does).
+    fn keys(&mut self) -> Result<Vec<String>> {
+        (0..self.zip.len())
+            .map(|i| {
+                let file = self
+                    .zip
+                    .by_index(i)
+                    .map_err(|e| Error::format(&self.path, format!("cannot list the .npz members: {e}")))?;
+                let name = file.name();
+                Ok(name.strip_suffix(".npy").unwrap_or(name).to_owned())
+            })
+            .collect()
+    }
+
+    /// The member holding `key` (`key` itself, else `key.npy`, as numpy looks), once its header
+    /// has been checked against its size.
+    fn member(&mut self, key: &str) -> Result<String> {
+        let with_suffix = format!("{key}.npy");
+        let member = match (self.zip.index_for_name(key), self.zip.index_for_name(&with_suffix)) {
+            (Some(_), _) => key.to_string(),
+            (None, Some(_)) => with_suffix,
+            (None, None) => {
+                return Err(Error::MissingKey {
+                    path: self.path.clone(),
+                    key: key.to_string(),
+                    available: self.keys()?,
+                })
+            }
+        };
+        self.check_member_size(&member)?;
+        Ok(member)
+    }
+
+    fn check_member_size(&mut self, member: &str) -> Result<()> {
+        let path = &self.path;
+        let bad = |msg: String| Error::format(path, format!("member {member} {msg}"));
+        let mut file = self.zip.by_name(member).map_err(|e| bad(format!("cannot be opened: {e}")))?;
+        let (size, compressed) = (file.size(), file.compressed_size());
+        let possible = match file.compression() {
+            CompressionMethod::Stored => compressed,
+            CompressionMethod::Deflated => compressed.saturating_mul(DEFLATE_MAX_RATIO).saturating_add(1024),
+            _ => u64::MAX,
+        };
+        if compressed > self.file_len || size > possible {
+            return Err(bad(format!(
+                "has {size} bytes from {compressed} {:?} bytes in the zip directory, which cannot be \
+                 (the file has {} bytes)",
+                file.compression(),
+                self.file_len
+            )));
+        }
+        let mut prefix = Vec::new();
+        (&mut file)
+            .take(size.min(NPY_HEADER_LIMIT as u64))
+            .read_to_end(&mut prefix)
+            .map_err(|e| bad(format!("cannot be read: {e}")))?;
+        let layout = match npy_layout(&prefix, size) {
+            Ok(Some(layout)) => layout,
+            // Left to the reader, whose message says what is wrong.
+            Ok(None) => return Ok(()),
+            Err(msg) => return Err(bad(format!("is no valid .npy data: {msg}"))),
+        };
+        if layout.fits() {
+            return Ok(());
+        }
+        Err(bad(format!(
+            "declares shape {} ({} bytes of data) but holds {} bytes after its header",
+            layout.shape_tuple(),
+            layout.declared_bytes(),
+            layout.data
+        )))
+    }
+
+    /// Reads a member (checked by [`Npz::member`]) as an array of `A`.
+    fn read<A: ReadableElement>(&mut self, member: &str) -> std::result::Result<ArrayD<A>, String> {
+        let file = self.zip.by_name(member).map_err(|e| e.to_string())?;
+        ArrayD::<A>::read_npy(file).map_err(|e| e.to_string())
     }
 }
 
 /// Reads `key` as f64, accepting float64 or float32 data.
-fn read_float_array(reader: &mut NpzReader<BufReader<File>>, path: &Path, key: &str) -> Result<ArrayD<f64>> {
-    require_key(reader, path, key)?;
-    match reader.by_name::<OwnedRepr<f64>, IxDyn>(key) {
+fn read_float_array(npz: &mut Npz, key: &str) -> Result<ArrayD<f64>> {
+    let member = npz.member(key)?;
+    match npz.read::<f64>(&member) {
         Ok(array) => Ok(array),
-        Err(err_f64) => match reader.by_name::<OwnedRepr<f32>, IxDyn>(key) {
+        Err(err_f64) => match npz.read::<f32>(&member) {
             Ok(array) => Ok(array.mapv(f64::from)),
-            Err(_) => Err(Error::bad_array(path, key, format!("expected float64 (or float32) data: {err_f64}"))),
+            Err(_) => Err(Error::bad_array(&npz.path, key, format!("expected float64 (or float32) data: {err_f64}"))),
         },
     }
 }

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::{fixture_dir, relative_error, ScratchDir};
-use fid_metrics::stats::{npz_keys, read_features_npz, write_features_npz};
+use fid_metrics::stats::{npz_keys, read_features_npz, read_npz_array, write_features_npz};
 use fid_metrics::{Error, FeatureStats, Result};
 use ndarray::{Array1, Array2};
 use ndarray_npy::NpzWriter;
@@ -222,4 +222,100 @@ fn features_file_round_trips_in_f32_and_f64() -> Result<()> {
     assert_eq!(back.kind(), Kind::Double);
     assert!(back.equal(&features64));
     Ok(())
+}
+
+/// `.npy` bytes whose header declares float64 data of `shape` (a Python tuple) but which hold only
+/// `data_bytes` zero bytes after the header.
+fn lying_npy(shape: &str, data_bytes: usize) -> Vec<u8> {
+    let header = format!("{{'descr': '<f8', 'fortran_order': False, 'shape': {shape}, }}");
+    let padded = format!("{header:<width$}\n", width = 128 - 10 - 1);
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    bytes.extend_from_slice(&(padded.len() as u16).to_le_bytes());
+    bytes.extend_from_slice(padded.as_bytes());
+    bytes.resize(bytes.len() + data_bytes, 0);
+    bytes
+}
+
+/// Writes a zip of `members` (name, bytes, compression) to `path`, by hand.
+fn write_zip(path: &Path, members: &[(&str, Vec<u8>, zip::CompressionMethod)]) {
+    use std::io::Write;
+    let mut writer = zip::ZipWriter::new(std::fs::File::create(path).expect("create zip"));
+    for (name, bytes, method) in members {
+        let options = zip::write::SimpleFileOptions::default().compression_method(*method);
+        writer.start_file(*name, options).expect("start member");
+        writer.write_all(bytes).expect("write member");
+    }
+    writer.finish().expect("finish zip");
+}
+
+fn npy_of(array: &ndarray::ArrayD<f64>) -> Vec<u8> {
+    use ndarray_npy::WriteNpyExt;
+    let mut bytes = Vec::new();
+    array.write_npy(&mut bytes).expect("npy bytes");
+    bytes
+}
+
+#[test]
+fn npz_member_declaring_more_data_than_it_holds_is_refused_before_allocating() {
+    use zip::CompressionMethod::{Deflated, Stored};
+    let scratch = ScratchDir::new("stats-lying-npz");
+    let mu = npy_of(&ndarray::ArrayD::zeros(ndarray::IxDyn(&[2])));
+    let sigma = npy_of(&ndarray::ArrayD::zeros(ndarray::IxDyn(&[2, 2])));
+    // 80 GB declared, 1024 bytes held: stored and deflated, in mu or in sigma.
+    for (name, method) in [("stored.npz", Stored), ("deflated.npz", Deflated)] {
+        let path = scratch.path().join(name);
+        let lying = lying_npy("(100000, 100000)", 1024);
+        write_zip(&path, &[("mu.npy", mu.clone(), method), ("sigma.npy", lying, method)]);
+        let msg = FeatureStats::read_npz(&path).expect_err("lying sigma").to_string();
+        let needles = [name, "member sigma.npy", "declares shape (100000, 100000)", "80000000000 bytes", "holds 1024"];
+        assert!(needles.iter().all(|n| msg.contains(n)), "{msg}");
+    }
+    let path = scratch.path().join("lying_mu.npz");
+    write_zip(&path, &[("mu.npy", lying_npy("(100000000000,)", 8), Stored), ("sigma.npy", sigma.clone(), Stored)]);
+    let msg = FeatureStats::read_npz(&path).expect_err("lying mu").to_string();
+    assert!(msg.contains("lying_mu.npz") && msg.contains("member mu.npy") && msg.contains("(100000000000,)"), "{msg}");
+    // A product beyond 2^64 bytes.
+    let path = scratch.path().join("overflow.npz");
+    write_zip(
+        &path,
+        &[("mu.npy", mu.clone(), Stored), ("sigma.npy", lying_npy("(4294967296, 4294967296)", 0), Stored)],
+    );
+    let msg = FeatureStats::read_npz(&path).expect_err("overflowing sigma").to_string();
+    assert!(msg.contains("overflow.npz") && msg.contains("more than 2^64"), "{msg}");
+
+    // The feature and generic array readers check the same way.
+    let path = scratch.path().join("features.npz");
+    write_zip(&path, &[("features.npy", lying_npy("(50000, 2048)", 64), Deflated)]);
+    let msg = read_features_npz(&path).expect_err("lying features").to_string();
+    assert!(
+        msg.contains("features.npz") && msg.contains("member features.npy") && msg.contains("(50000, 2048)"),
+        "{msg}"
+    );
+    let msg = read_npz_array::<f64>(&path, "features").expect_err("lying features").to_string();
+    assert!(msg.contains("features.npz") && msg.contains("declares shape (50000, 2048)"), "{msg}");
+    // A member named without `.npy` is found and checked too, and a cut header is an error.
+    let path = scratch.path().join("bare.npz");
+    write_zip(&path, &[("features", lying_npy("(50000, 2048)", 64), Stored)]);
+    let msg = read_features_npz(&path).expect_err("lying bare member").to_string();
+    assert!(msg.contains("bare.npz") && msg.contains("member features declares"), "{msg}");
+    let path = scratch.path().join("cut.npz");
+    write_zip(&path, &[("features.npy", lying_npy("(5, 2)", 0)[..40].to_vec(), Stored)]);
+    let msg = read_features_npz(&path).expect_err("cut header").to_string();
+    assert!(msg.contains("cut.npz") && msg.contains("truncated header"), "{msg}");
+
+    // A zip directory claiming a stored member far larger than the file.
+    let path = scratch.path().join("big_directory.npz");
+    write_zip(&path, &[("mu.npy", mu.clone(), Stored), ("sigma.npy", sigma.clone(), Stored)]);
+    let mut bytes = std::fs::read(&path).expect("read zip");
+    let central = bytes.windows(4).rposition(|w| w == b"PK\x01\x02").expect("central directory entry");
+    bytes[central + 24..central + 28].copy_from_slice(&0x7fff_ffffu32.to_le_bytes());
+    std::fs::write(&path, &bytes).expect("write zip");
+    let msg = FeatureStats::read_npz(&path).expect_err("directory lie").to_string();
+    assert!(msg.contains("big_directory.npz") && msg.contains("sigma.npy") && msg.contains("cannot be"), "{msg}");
+
+    // Well-formed hand-made files still load.
+    let path = scratch.path().join("good.npz");
+    write_zip(&path, &[("mu.npy", mu, Stored), ("sigma.npy", sigma, Deflated)]);
+    let stats = FeatureStats::read_npz(&path).expect("hand-made stats load");
+    assert_eq!(stats.dim(), 2);
 }
