@@ -16,6 +16,7 @@
 //! xtask must not depend on tch: it is what makes libtorch available in the first place.
 
 mod kernels;
+mod table;
 
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
@@ -58,9 +59,12 @@ fn usage() -> &'static str {
      \x20                                per-call, budget remat), sampling and feature throughput;\n\
      \x20                                --cuda-graphs: also ours with CUDA graphs (builds the feature);\n\
      \x20                                --cudnn-benchmark: cuDNN benchmark mode on both sides\n\
-     \x20 table [--num N] [--steps 5,10,20] [--inception] [--device D] [--out DIR]\n\
-     \x20                                learn samplers at each K, score them with the baselines, write\n\
-     \x20                                table.md, results.json and fid_vs_steps.png (default runs/table)\n\
+     \x20 table [--num N] [--steps 5,10,20] [--seeds 0,1,2] [--samplers LIST] [--many-step unipc:100|none]\n\
+     \x20       [--config FILE] [--inception] [--device D] [--out DIR]\n\
+     \x20                                learn a sampler at each K and search seed, score them with the\n\
+     \x20                                baselines (the solvers on the config's grid and on logsnr) and the\n\
+     \x20                                many-step line; write searches/, table.md, results.json and\n\
+     \x20                                fid_vs_steps.png into a fresh --out (default runs/table)\n\
      \n\
      environment:\n\
      \x20 DDSS_VENV   where the venv lives (default: $XDG_CACHE_HOME or ~/.cache, then ddss-rs/torch-2.11.0)"
@@ -83,7 +87,7 @@ fn run() -> Result<()> {
         "search" => search(&rest),
         "fixtures" => fixtures(),
         "bench" => bench(&rest),
-        "table" => table(&rest),
+        "table" => table::table(&rest),
         "" | "help" | "-h" | "--help" => {
             println!("{}", usage());
             Ok(())
@@ -828,90 +832,9 @@ fn bench(rest: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// The baselines `cargo xtask table` scores by default (any `ddss-cli sample --sampler` name;
-/// NAME@SPACING picks another grid).
-const TABLE_BASELINES: &str = "ddpm,ddim,ddim@quadratic,dpmpp2m,dpmpp3m,unipc,unipc3";
-
-/// `cargo xtask table`: for each K, learns a sampler with `configs/fashion_mnist.toml` (reusing
-/// `runs/fashion_mnist_k<K>/sampler.json` when it exists, resuming an interrupted search), then
-/// runs `ddss-cli table` over the baselines and the learned samplers.
-fn table(rest: &[String]) -> Result<()> {
-    let root = repo_root();
-    let mut num = "2000".to_string();
-    let mut steps = "5,10,20".to_string();
-    let mut device = "auto".to_string();
-    let mut out = "runs/table".to_string();
-    let mut samplers = TABLE_BASELINES.to_string();
-    let mut config = "configs/fashion_mnist.toml".to_string();
-    let mut features = vec!["models/fmnist-classifier-b.safetensors".to_string()];
-    let mut it = rest.iter();
-    while let Some(arg) = it.next() {
-        let mut value = || it.next().cloned().with_context(|| format!("{arg} needs a value"));
-        match arg.as_str() {
-            "--num" => num = value()?,
-            "--steps" => steps = value()?,
-            "--device" => device = value()?,
-            "--out" => out = value()?,
-            "--samplers" => samplers = value()?,
-            "--config" => config = value()?,
-            "--inception" => features.push("inception".to_string()),
-            other => bail!(
-                "table: unknown argument `{other}` (expected --num N, --steps LIST, --device D, --out DIR, \
-                 --samplers LIST, --config FILE, --inception)"
-            ),
-        }
-    }
-    let config = resolve_config(&root, &config)?;
-    let stem = config.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "search".into());
-    setup()?;
-    println!("[table] building ddss-cli (release)");
-    run_cmd(cargo().current_dir(&root).args(["build", "--release", "-p", "ddss-cli"]))?;
-    let bin = root.join("target").join("release").join("ddss-cli");
-    let mut learned = Vec::new();
-    for k in steps.split(',').map(str::trim).filter(|k| !k.is_empty()) {
-        let run_dir = root.join("runs").join(format!("{stem}_k{k}"));
-        let sampler = run_dir.join("sampler.json");
-        if sampler.is_file() {
-            println!("[table] K = {k}: reusing {}", sampler.display());
-        } else {
-            let resume = run_dir.join("checkpoint.safetensors").is_file();
-            println!(
-                "[table] K = {k}: searching into {}{}",
-                run_dir.display(),
-                if resume { " (resuming)" } else { "" }
-            );
-            let mut cmd = Command::new(&bin);
-            cmd.current_dir(&root).arg("search").arg("--config").arg(&config).args(["--steps", k, "--skip-eval"]);
-            cmd.arg("--out").arg(&run_dir).args(["--device", &device]);
-            if resume {
-                cmd.arg("--resume");
-            }
-            run_cmd(&mut cmd)?;
-        }
-        learned.push(sampler.display().to_string());
-    }
-    println!("[table] scoring");
-    run_cmd(Command::new(&bin).current_dir(&root).args([
-        "table",
-        "--model",
-        "models/fashion-mnist-ddpm",
-        "--samplers",
-        &samplers,
-        "--steps",
-        &steps,
-        "--learned",
-        &learned.join(","),
-        "--features",
-        &features.join(","),
-        "--ref",
-        &format!("{FASHION_MNIST_DIR}/t10k-images-idx3-ubyte.gz"),
-        "--num",
-        &num,
-        "--device",
-        &device,
-        "--out",
-        &out,
-    ]))
+/// The SHA-256 of `bytes` in hexadecimal.
+fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// `path` relative to `root` when it lies inside it, else as it is.

@@ -4,6 +4,7 @@ mod bench_cmd;
 mod classifier_cmd;
 mod common;
 mod dist;
+mod many_step;
 mod memory_check;
 mod metrics_cmd;
 mod plot;
@@ -199,26 +200,7 @@ enum Command {
     /// "kid_std"}.
     Eval(metrics_cmd::EvalArgs),
     /// Learn a fast sampler for a model (DDSS over GGDM) and compare it with DDIM/DDPM.
-    Search {
-        /// Search config (TOML: [model], [data], [sampler], [loss], [optim], [eval], [output]).
-        #[arg(long)]
-        config: PathBuf,
-        /// Run directory (default: [output] dir, or runs/<config name>).
-        #[arg(long)]
-        out: Option<PathBuf>,
-        /// Continue the search in the run directory from its checkpoint.
-        #[arg(long)]
-        resume: bool,
-        /// auto | cpu | cuda | cuda:N (default: [output] device, or auto).
-        #[arg(long)]
-        device: Option<String>,
-        /// Number of sampler steps K (overrides [sampler] steps).
-        #[arg(long)]
-        steps: Option<usize>,
-        /// Stop after writing sampler.json and the before/after grids (skip the comparison).
-        #[arg(long)]
-        skip_eval: bool,
-    },
+    Search(search_cmd::SearchArgs),
     /// Score samplers at several step counts (and learned samplers at their own K) against real
     /// images with one or more feature networks; write results.json, table.md and FID-vs-steps
     /// plots.
@@ -402,9 +384,7 @@ fn run(cli: Cli) -> Result<()> {
             };
             println!("{}", serde_json::to_string(&grid)?);
         }
-        Command::Search { config, out, resume, device, steps, skip_eval } => {
-            search_cmd::run(search_cmd::SearchArgs { config, out, resume, device, steps, skip_eval, quiet: cli.quiet })?
-        }
+        Command::Search(args) => search_cmd::run(search_cmd::SearchArgs { quiet: cli.quiet, ..args })?,
         Command::Table(args) => table_cmd::run(args, cli.quiet)?,
         Command::ExportInception { out, half } => {
             let path = fid_metrics::inception::default_weights_path()?;

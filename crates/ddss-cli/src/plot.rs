@@ -15,6 +15,9 @@ use std::path::Path;
 pub struct Series {
     pub label: String,
     pub points: Vec<(usize, f64)>,
+    /// A reference level (e.g. the model's many-step quality): drawn as a dashed line across the
+    /// whole plot at its first point's value, which does not add a step to the x axis.
+    pub horizontal: bool,
 }
 
 const WIDTH: u32 = 960;
@@ -178,7 +181,11 @@ pub fn plot_against_steps(series: &[Series], title: &str, y_label: &str, path: &
     if let Some(bad) = points.iter().find(|(k, v)| *k == 0 || !v.is_finite()) {
         bail!("cannot plot the point (steps {}, value {}) in {}", bad.0, bad.1, path.display());
     }
-    let mut steps: Vec<usize> = points.iter().map(|p| p.0).collect();
+    let mut steps: Vec<usize> =
+        series.iter().filter(|s| !s.horizontal).flat_map(|s| s.points.iter().map(|p| p.0)).collect();
+    if steps.is_empty() {
+        bail!("nothing but reference lines to plot in {}", path.display());
+    }
     steps.sort_unstable();
     steps.dedup();
     let (x_lo, x_hi) = ((steps[0] as f64).ln(), (steps[steps.len() - 1] as f64).ln());
@@ -237,6 +244,14 @@ pub fn plot_against_steps(series: &[Series], title: &str, y_label: &str, path: &
 
     for (i, s) in series.iter().enumerate() {
         let colour = Rgb(PALETTE[i % PALETTE.len()]);
+        if s.horizontal {
+            let y = py(s.points[0].1);
+            for x in (plot_x0..plot_x1).step_by(24) {
+                canvas.line((x, y), ((x + 14).min(plot_x1), y), 3, colour);
+            }
+            legend(&mut canvas, i, &s.label, colour, (plot_x1, plot_y0));
+            continue;
+        }
         let mut pts = s.points.clone();
         pts.sort_by_key(|p| p.0);
         for pair in pts.windows(2) {
@@ -254,11 +269,7 @@ pub fn plot_against_steps(series: &[Series], title: &str, y_label: &str, path: &
                 canvas.rect(x - 5, y - 5, x + 5, y + 5, colour);
             }
         }
-        let legend_y = plot_y0 + 10 + i as i64 * (GLYPH + 12);
-        let legend_x = plot_x1 + 20;
-        canvas.rect(legend_x, legend_y + 2, legend_x + 24, legend_y + GLYPH - 3, colour);
-        let label: String = s.label.chars().take(((RIGHT - 52) / GLYPH) as usize).collect();
-        canvas.text(legend_x + 32, legend_y, &label, BLACK, false);
+        legend(&mut canvas, i, &s.label, colour, (plot_x1, plot_y0));
     }
 
     let mut encoded = Vec::new();
@@ -268,6 +279,15 @@ pub fn plot_against_steps(series: &[Series], title: &str, y_label: &str, path: &
         .with_context(|| format!("encoding {}", path.display()))?;
     ggdm_core::io::write_atomic(path, &encoded)?;
     Ok(())
+}
+
+/// The legend entry of series `i`, right of the plot whose top-right corner is `corner`.
+fn legend(canvas: &mut Canvas, i: usize, label: &str, colour: Rgb<u8>, corner: (i64, i64)) {
+    let legend_y = corner.1 + 10 + i as i64 * (GLYPH + 12);
+    let legend_x = corner.0 + 20;
+    canvas.rect(legend_x, legend_y + 2, legend_x + 24, legend_y + GLYPH - 3, colour);
+    let label: String = label.chars().take(((RIGHT - 52) / GLYPH) as usize).collect();
+    canvas.text(legend_x + 32, legend_y, &label, BLACK, false);
 }
 
 #[cfg(test)]
@@ -290,21 +310,24 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("plot.png");
         let series = vec![
-            Series { label: "ddim".into(), points: vec![(5, 3.0), (10, 0.8), (20, 0.4)] },
-            Series { label: "learned".into(), points: vec![(10, 0.39)] },
+            Series { label: "ddim".into(), points: vec![(5, 3.0), (10, 0.8), (20, 0.4)], horizontal: false },
+            Series { label: "learned".into(), points: vec![(10, 0.39)], horizontal: false },
+            Series { label: "unipc 100 steps".into(), points: vec![(100, 0.3)], horizontal: true },
         ];
         plot_against_steps(&series, "FID vs steps", "FID", &path).unwrap();
         let image = image::open(&path).unwrap().to_rgb8();
         assert_eq!(image.dimensions(), (WIDTH, HEIGHT));
-        for colour in [PALETTE[0], PALETTE[1]] {
+        for colour in [PALETTE[0], PALETTE[1], PALETTE[2]] {
             let count = image.pixels().filter(|p| p.0 == colour).count();
             assert!(count > 100, "colour {colour:?} drawn on {count} pixels");
         }
         let dark = image.pixels().filter(|p| p.0 == [0, 0, 0]).count();
         assert!(dark > 1000, "axes and text: {dark} black pixels");
         assert!(plot_against_steps(&[], "t", "FID", &path).is_err());
-        let bad = vec![Series { label: "x".into(), points: vec![(5, f64::NAN)] }];
+        let bad = vec![Series { label: "x".into(), points: vec![(5, f64::NAN)], horizontal: false }];
         assert!(plot_against_steps(&bad, "t", "FID", &path).is_err());
+        let only_reference = vec![Series { label: "r".into(), points: vec![(100, 0.3)], horizontal: true }];
+        assert!(plot_against_steps(&only_reference, "t", "FID", &path).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -16,18 +16,21 @@ use crate::common::{parse_device, progress, progress_steps, write_grid};
 use crate::metrics_cmd::{sample_features_sharded, EvalOptions};
 use crate::sample::{SamplerChoice, SAMPLER_NAMES};
 use anyhow::{bail, Context, Result};
+use ddss_opt::collective::Collective;
 use ddss_opt::loss::{FeatureLoss, LossKind};
 use ddss_opt::search::{run_search_with, ObjectiveParts, SearchObserver, SearchOutcome, SearchSettings, StepRecord};
 use fid_metrics::features::{extract_features_batched, open_extractor, FeatureExtractor};
 use ggdm_core::ggdm::{GgdmBase, GgdmSampler, History, Learnable, ModelIdentity, Query};
 use ggdm_core::grid::Spacing;
-use ggdm_core::model_dir::NetworkPrecision;
+use ggdm_core::model_dir::{LoadedModel, NetworkPrecision};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
 mod teacher;
+
+pub use teacher::cached_solver_samples;
 
 /// A search configuration (`configs/*.toml`). Unknown keys are errors.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -169,9 +172,15 @@ pub struct EvalSection {
     #[serde(default)]
     pub recursive: bool,
     /// Baselines to compare with at the same K and spacing: any built-in `--sampler` name (`ddim`,
-    /// `ddim-noclip`, `ddpm`, `dpmpp2m`, `dpmpp3m`, `unipc`, `unipc3`).
+    /// `ddim-noclip`, `ddpm`, `dpmpp2m`, `dpmpp3m`, `unipc`, `unipc3`). Default: `unipc`,
+    /// `dpmpp2m` (the best training-free solvers) and `ddim`.
     #[serde(default = "default_compare")]
     pub compare: Vec<String>,
+    /// The many-step reference line: the model's quality under a deterministic solver at many
+    /// steps on the same noise (default `{ sampler = "unipc", steps = 100 }`; `steps = 0` leaves it
+    /// out). Its samples are computed once and cached with the teacher pairs.
+    #[serde(default)]
+    pub many_step: crate::many_step::ManyStep,
     /// Seed of the evaluation noise (distinct from the search's).
     #[serde(default = "default_eval_seed")]
     pub seed: u64,
@@ -188,7 +197,7 @@ fn default_eval_batch() -> usize {
     250
 }
 fn default_compare() -> Vec<String> {
-    vec!["ddim".into(), "ddpm".into()]
+    vec!["unipc".into(), "dpmpp2m".into(), "ddim".into()]
 }
 fn default_eval_seed() -> u64 {
     0xE7A1
@@ -210,15 +219,35 @@ pub struct OutputSection {
 }
 
 /// The arguments of `ddss-cli search`.
+#[derive(clap::Args, Debug)]
 pub struct SearchArgs {
+    /// Search config (TOML: [model], [data], [sampler], [loss], [optim], [eval], [output]).
+    #[arg(long)]
     pub config: PathBuf,
+    /// Run directory (default: [output] dir, or runs/<config name>).
+    #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Continue the search in the run directory from its checkpoint.
+    #[arg(long)]
     pub resume: bool,
+    /// auto | cpu | cuda | cuda:N (default: [output] device, or auto).
+    #[arg(long)]
     pub device: Option<String>,
-    /// Overrides `[sampler] steps`.
+    /// Number of sampler steps K (overrides [sampler] steps).
+    #[arg(long)]
     pub steps: Option<usize>,
-    /// Stop after writing `sampler.json` and the before/after grids (no comparison).
+    /// Model directory (overrides [model] path), e.g. to run a recipe on another model.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Seed of the search's noise and pair order (overrides [optim] seed; the teacher pairs and
+    /// the evaluation noise keep their own seeds, so runs with other seeds share them).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Stop after writing sampler.json and the before/after grids (skip the comparison).
+    #[arg(long)]
     pub skip_eval: bool,
+    /// Print only results and errors (set from the global --quiet).
+    #[arg(skip)]
     pub quiet: bool,
 }
 
@@ -233,11 +262,24 @@ pub struct ResultRow {
     pub fid: f64,
     pub kid_mean: f64,
     pub kid_std: f64,
+    /// A many-step reference row ([`crate::many_step`]): the model's own quality, drawn as a line,
+    /// never a baseline to beat. Left out of the JSON when false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reference: bool,
 }
 
-fn load_config(path: &Path, steps: Option<usize>) -> Result<SearchConfig> {
+/// Reads the config of `args`, with its command-line overrides applied.
+fn load_config(args: &SearchArgs) -> Result<SearchConfig> {
+    let path = &args.config;
     let text = std::fs::read_to_string(path).with_context(|| format!("reading search config {}", path.display()))?;
-    parse_config_with_steps(&text, path, steps)
+    let mut config = parse_config_with_steps(&text, path, args.steps)?;
+    if let Some(seed) = args.seed {
+        config.optim.seed = seed;
+    }
+    if let Some(model) = &args.model {
+        config.model.path = model.clone();
+    }
+    Ok(config)
 }
 
 /// Parses and range-checks the text of a search config (`path` is only named in errors).
@@ -363,7 +405,7 @@ impl SearchObserver for BarObserver {
 /// Runs `ddss-cli search`.
 pub fn run(args: SearchArgs) -> Result<()> {
     let started = Instant::now();
-    let config = load_config(&args.config, args.steps)?;
+    let config = load_config(&args)?;
     let stem = args.config.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "search".into());
     let run_dir = args.out.clone().or(config.output.dir.clone()).unwrap_or_else(|| PathBuf::from("runs").join(&stem));
     let checkpoint = ddss_opt::search::checkpoint_path(&run_dir);
@@ -513,99 +555,10 @@ pub fn run(args: SearchArgs) -> Result<()> {
         return Ok(());
     }
 
-    // The comparison on held-out noise: every baseline at K and at each [eval] plot_steps, the
-    // learned sampler at K.
-    let k = config.sampler.steps;
-    let mut step_counts = vec![k];
-    for &extra in &config.eval.plot_steps {
-        if !step_counts.contains(&extra) {
-            step_counts.push(extra);
-        }
-    }
-    let mut samplers: Vec<(String, SamplerChoice)> = Vec::new();
-    for &steps in &step_counts {
-        for name in &config.eval.compare {
-            let choice = SamplerChoice::from_args(
-                name,
-                Some(steps),
-                config.sampler.eta,
-                Some(config.sampler.spacing.name()),
-                &model,
-                device,
-            )?;
-            samplers.push((name.clone(), choice));
-        }
-    }
-    samplers.push(("learned".into(), SamplerChoice::Ggdm(Box::new(learned_sampler(device)?))));
-    let mut feature_specs = vec![config.loss.features.clone()];
-    for f in &config.eval.features {
-        if !feature_specs.contains(f) {
-            feature_specs.push(f.clone());
-        }
-    }
-    let reference_images = load_real_images(&config.eval.reference, config.eval.num, config.eval.recursive)?;
-    let mut references = Vec::new();
-    for spec in &feature_specs {
-        let extractor = open_extractor(spec, device)?;
-        let feats =
-            features_batched(extractor.as_ref(), &reference_images, config.eval.batch, quiet, "reference features")?;
-        references.push((spec.clone(), extractor, feats));
-    }
-    let extractors: Vec<&dyn FeatureExtractor> = references.iter().map(|(_, e, _)| e.as_ref()).collect();
-    let options =
-        EvalOptions { num: config.eval.num, batch: config.eval.batch, seed: config.eval.seed, quantize: true, device };
-    let mut rows = Vec::new();
-    for (name, choice) in &samplers {
-        let steps = choice.steps();
-        let bar = progress(config.eval.num as u64, quiet, &format!("eval {name} K={steps}"));
-        let keep = if steps == k { config.eval.grid_num.min(config.eval.num) } else { 0 };
-        let (features, grid) = sample_features_sharded(
-            &model,
-            choice,
-            &options,
-            &extractors,
-            keep,
-            &mut |done, _| bar.set_position(done as u64),
-            comm,
-        )?;
-        bar.finish_and_clear();
-        if !root {
-            continue;
-        }
-        if keep > 0 {
-            write_grid(&grid, grid_columns(config.eval.grid_num), &run_dir.join(format!("grid_{name}.png")))?;
-            if name == "learned" {
-                let grid = run_dir.join("grid_learned.png");
-                let bytes = std::fs::read(&grid).with_context(|| format!("reading {}", grid.display()))?;
-                ggdm_core::io::write_atomic(&run_dir.join("after.png"), &bytes)?;
-            }
-        }
-        for ((spec, extractor, reference), feats) in references.iter().zip(&features) {
-            let fid =
-                fid_metrics::fid::fid_from_features(&feats.to_kind(Kind::Double), &reference.to_kind(Kind::Double))?;
-            let kid = fid_metrics::kid::kid(feats, reference, &fid_metrics::kid::KidOptions::default())?;
-            rows.push(ResultRow {
-                sampler: name.clone(),
-                steps,
-                num: config.eval.num,
-                features: extractor.name().to_string(),
-                held_out: *spec != config.loss.features,
-                fid,
-                kid_mean: kid.mean,
-                kid_std: kid.std,
-            });
-        }
-    }
-    if !root {
-        return Ok(());
-    }
-    if step_counts.len() > 1 {
-        for path in crate::table_cmd::write_plots(&rows, &run_dir, &model_title(&config.model.path))? {
-            tracing::info!("plot written to {}", path.display());
-        }
-    }
-    ggdm_core::io::write_atomic(&run_dir.join("results.json"), serde_json::to_string_pretty(&rows)?.as_bytes())?;
-    println!("{}", results_table(&rows));
+    let learned = learned_sampler(device)?;
+    let comparison = Comparison { config: &config, model: &model, run_dir: &run_dir, device, quiet, comm };
+    let Some(rows) = comparison.run(learned)? else { return Ok(()) };
+    comparison.report(&rows)?;
     println!(
         "run directory: {} ({:.0} s in total, search {:.0} s)",
         run_dir.display(),
@@ -613,6 +566,176 @@ pub fn run(args: SearchArgs) -> Result<()> {
         search_seconds
     );
     Ok(())
+}
+
+/// The comparison on held-out noise: every baseline at K and at each `[eval] plot_steps`, the
+/// learned sampler at K, and the many-step reference line, on every feature network.
+struct Comparison<'a> {
+    config: &'a SearchConfig,
+    model: &'a LoadedModel,
+    run_dir: &'a Path,
+    device: Device,
+    quiet: bool,
+    comm: &'a dyn Collective,
+}
+
+/// A feature network of the comparison: its spec, the network and the reference's features.
+type ReferenceFeatures = (String, Box<dyn FeatureExtractor>, Tensor);
+
+impl Comparison<'_> {
+    /// The step counts of the baselines: K first, then `[eval] plot_steps`.
+    fn step_counts(&self) -> Vec<usize> {
+        let mut step_counts = vec![self.config.sampler.steps];
+        for &extra in &self.config.eval.plot_steps {
+            if !step_counts.contains(&extra) {
+                step_counts.push(extra);
+            }
+        }
+        step_counts
+    }
+
+    /// The baselines at every step count, then the learned sampler.
+    fn samplers(&self, learned: GgdmSampler) -> Result<Vec<(String, SamplerChoice)>> {
+        let config = self.config;
+        let mut samplers = Vec::new();
+        for steps in self.step_counts() {
+            for name in &config.eval.compare {
+                let spacing = Some(config.sampler.spacing.name());
+                let choice =
+                    SamplerChoice::from_args(name, Some(steps), config.sampler.eta, spacing, self.model, self.device)?;
+                samplers.push((name.clone(), choice));
+            }
+        }
+        samplers.push(("learned".into(), SamplerChoice::Ggdm(Box::new(learned))));
+        Ok(samplers)
+    }
+
+    /// The loss's feature network and `[eval] features`, each with the reference's features.
+    fn references(&self) -> Result<Vec<ReferenceFeatures>> {
+        let config = self.config;
+        let mut feature_specs = vec![config.loss.features.clone()];
+        for f in &config.eval.features {
+            if !feature_specs.contains(f) {
+                feature_specs.push(f.clone());
+            }
+        }
+        let reference_images = load_real_images(&config.eval.reference, config.eval.num, config.eval.recursive)?;
+        let mut references = Vec::new();
+        for spec in feature_specs {
+            let extractor = open_extractor(&spec, self.device)?;
+            let feats = features_batched(
+                extractor.as_ref(),
+                &reference_images,
+                config.eval.batch,
+                self.quiet,
+                "reference features",
+            )?;
+            references.push((spec, extractor, feats));
+        }
+        Ok(references)
+    }
+
+    /// Scores every sampler (split across the ranks) and writes the grids; the rows on rank 0,
+    /// `None` on the others.
+    fn run(&self, learned: GgdmSampler) -> Result<Option<Vec<ResultRow>>> {
+        let config = self.config;
+        let k = config.sampler.steps;
+        let samplers = self.samplers(learned)?;
+        let references = self.references()?;
+        let extractors: Vec<&dyn FeatureExtractor> = references.iter().map(|(_, e, _)| e.as_ref()).collect();
+        let options = self.options();
+        let mut rows = Vec::new();
+        for (name, choice) in &samplers {
+            let steps = choice.steps();
+            let bar = progress(config.eval.num as u64, self.quiet, &format!("eval {name} K={steps}"));
+            let keep = if steps == k { config.eval.grid_num.min(config.eval.num) } else { 0 };
+            let on_batch = &mut |done, _| bar.set_position(done as u64);
+            let (features, grid) =
+                sample_features_sharded(self.model, choice, &options, &extractors, keep, on_batch, self.comm)?;
+            bar.finish_and_clear();
+            if !self.comm.is_root() {
+                continue;
+            }
+            if keep > 0 {
+                self.write_grids(name, &grid)?;
+            }
+            for ((spec, extractor, reference), feats) in references.iter().zip(&features) {
+                rows.push(score(name, steps, config, spec, extractor.as_ref(), feats, reference)?);
+            }
+        }
+        if !self.comm.is_root() {
+            return Ok(None);
+        }
+        if config.eval.many_step.enabled() {
+            let with_reference: Vec<(&dyn FeatureExtractor, &Tensor, bool)> =
+                references.iter().map(|(spec, e, r)| (e.as_ref(), r, *spec != config.loss.features)).collect();
+            rows.extend(config.eval.many_step.rows(
+                self.model,
+                &options,
+                config.model.precision,
+                &with_reference,
+                self.quiet,
+            )?);
+        }
+        Ok(Some(rows))
+    }
+
+    fn options(&self) -> EvalOptions {
+        let eval = &self.config.eval;
+        EvalOptions { num: eval.num, batch: eval.batch, seed: eval.seed, quantize: true, device: self.device }
+    }
+
+    /// `grid_<name>.png`, and for the learned sampler `after.png` too.
+    fn write_grids(&self, name: &str, grid: &Tensor) -> Result<()> {
+        let columns = grid_columns(self.config.eval.grid_num);
+        write_grid(grid, columns, &self.run_dir.join(format!("grid_{name}.png")))?;
+        if name == "learned" {
+            let path = self.run_dir.join("grid_learned.png");
+            let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            ggdm_core::io::write_atomic(&self.run_dir.join("after.png"), &bytes)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the plots and `results.json`, and prints the table and the verdict.
+    fn report(&self, rows: &[ResultRow]) -> Result<()> {
+        let many_k = rows.iter().filter(|r| !r.reference).map(|r| r.steps).collect::<std::collections::BTreeSet<_>>();
+        if many_k.len() > 1 || rows.iter().any(|r| r.reference) {
+            for path in crate::table_cmd::write_plots(rows, self.run_dir, &model_title(&self.config.model.path))? {
+                tracing::info!("plot written to {}", path.display());
+            }
+        }
+        let json = serde_json::to_string_pretty(rows)?;
+        ggdm_core::io::write_atomic(&self.run_dir.join("results.json"), json.as_bytes())?;
+        println!("{}", results_table(rows));
+        println!("{}", crate::table_cmd::verdicts(rows, true));
+        Ok(())
+    }
+}
+
+/// The row of sampler `name` at `steps` on one feature network.
+fn score(
+    name: &str,
+    steps: usize,
+    config: &SearchConfig,
+    spec: &str,
+    extractor: &dyn FeatureExtractor,
+    features: &Tensor,
+    reference: &Tensor,
+) -> Result<ResultRow> {
+    let fid = fid_metrics::fid::fid_from_features(&features.to_kind(Kind::Double), &reference.to_kind(Kind::Double))?;
+    let kid = fid_metrics::kid::kid(features, reference, &fid_metrics::kid::KidOptions::default())?;
+    Ok(ResultRow {
+        sampler: name.to_string(),
+        steps,
+        num: config.eval.num,
+        features: extractor.name().to_string(),
+        held_out: spec != config.loss.features,
+        fid,
+        kid_mean: kid.mean,
+        kid_std: kid.std,
+        reference: false,
+    })
 }
 
 /// `sampler.json`'s provenance: the config and what the search did (the validation metric as
@@ -699,9 +822,10 @@ pub fn results_table(rows: &[ResultRow]) -> String {
     let mut out =
         String::from("| sampler | steps | features | held out | FID | KID (x1e3) |\n|---|---|---|---|---|---|\n");
     for r in rows {
+        let name = if r.reference { format!("{} (many-step reference)", r.sampler) } else { r.sampler.clone() };
         out.push_str(&format!(
             "| {} | {} | {} | {} | {:.3} | {:.3} ± {:.3} |\n",
-            r.sampler,
+            name,
             r.steps,
             r.features,
             if r.held_out { "yes" } else { "no" },
@@ -822,17 +946,21 @@ mod fuzz {
     }
 
     #[test]
-    fn the_commented_teacher_of_the_default_config_parses_when_enabled_with_its_documented_defaults() {
-        let text = VALID.replace("# teacher = { sampler", "teacher = { sampler");
-        let config = parse_config(&text, Path::new("fashion_mnist.toml")).expect("valid");
-        let teacher = config.loss.teacher.expect("a teacher");
+    fn the_default_config_matches_a_unipc_teacher_with_its_documented_defaults() {
+        let config = parse_config(VALID, Path::new("fashion_mnist.toml")).expect("valid");
+        assert_eq!(config.sampler.init, ggdm_core::ggdm::GgdmBase::Unipc);
+        let teacher = config.loss.teacher.clone().expect("a teacher");
         assert_eq!((teacher.sampler.as_str(), teacher.steps, teacher.eta), ("unipc", 100, 0.0));
         assert_eq!(teacher.distance, ddss_opt::teacher::TeacherDistance::L2);
-        assert_eq!((teacher.kid_weight, teacher.pairs, teacher.validation_pairs), (0.0, 256, 128));
+        assert_eq!((teacher.kid_weight, teacher.pairs, teacher.validation_pairs), (0.1, 256, 128));
         assert_eq!((teacher.seed, teacher.spacing, teacher.cache), (0x7EAC, None, None));
-        assert!(parse_config(VALID, Path::new("c.toml")).expect("valid").loss.teacher.is_none(), "none by default");
-        // The resolved config of a run without a teacher has no teacher key.
-        let resolved = toml::to_string_pretty(&parse_config(VALID, Path::new("c.toml")).expect("valid")).expect("toml");
+        assert_eq!(config.eval.compare, ["unipc", "dpmpp2m", "ddim"]);
+        assert_eq!(config.eval.many_step, crate::many_step::ManyStep::default());
+        // Without the teacher line, a run has no teacher, and its resolved config no teacher key.
+        let without = VALID.replace("teacher = { sampler", "# teacher = { sampler");
+        let config = parse_config(&without, Path::new("c.toml")).expect("valid");
+        assert!(config.loss.teacher.is_none());
+        let resolved = toml::to_string_pretty(&config).expect("toml");
         assert!(!resolved.contains("teacher"), "{resolved}");
     }
 

@@ -19,7 +19,7 @@ use fid_metrics::features::{extract_features_batched, FeatureSpec};
 use fid_metrics::FeatureExtractor;
 use ggdm_core::ggdm::GgdmSampler;
 use std::path::{Path, PathBuf};
-use tch::Kind;
+use tch::{Kind, Tensor};
 
 /// The arguments of `ddss-cli table`.
 #[derive(clap::Args, Debug)]
@@ -72,6 +72,11 @@ pub struct TableArgs {
     pub device: String,
     #[command(flatten)]
     pub network: crate::common::NetworkArgs,
+    /// The many-step reference line drawn in every table and plot: SAMPLER:STEPS of a
+    /// deterministic solver on the same noise (computed once, then read from the teacher pair
+    /// cache), or none.
+    #[arg(long, default_value = "unipc:100", value_parser = crate::many_step::ManyStep::parse)]
+    pub many_step: crate::many_step::ManyStep,
     /// Only redraw table.md and the plots in --out from its results.json (e.g. after a run was
     /// stopped: results.json is rewritten after every sampler). --model, --ref and --num are
     /// then not needed.
@@ -103,18 +108,25 @@ pub fn write_plots(rows: &[ResultRow], dir: &Path, title: &str) -> Result<Vec<Pa
         rows.iter().find(|r| r.held_out).map(|r| r.features.clone()).or_else(|| feature_sets.first().cloned());
     let mut written = Vec::new();
     for features in &feature_sets {
-        let samplers = distinct(rows.iter().filter(|r| &r.features == features).map(|r| r.sampler.clone()));
-        let series: Vec<Series> = samplers
+        let of_set: Vec<&ResultRow> = rows.iter().filter(|r| &r.features == features).collect();
+        let samplers = distinct(of_set.iter().filter(|r| !r.reference).map(|r| r.sampler.clone()));
+        let mut series: Vec<Series> = samplers
             .iter()
             .map(|name| Series {
                 label: name.clone(),
-                points: rows
+                points: of_set
                     .iter()
-                    .filter(|r| &r.features == features && &r.sampler == name)
+                    .filter(|r| &r.sampler == name && !r.reference)
                     .map(|r| (r.steps, r.fid))
                     .collect(),
+                horizontal: false,
             })
             .collect();
+        series.extend(of_set.iter().filter(|r| r.reference).map(|r| Series {
+            label: format!("{} {} steps", r.sampler, r.steps),
+            points: vec![(r.steps, r.fid)],
+            horizontal: true,
+        }));
         let num = rows.iter().find(|r| &r.features == features).map(|r| r.num).unwrap_or(0);
         let title = format!("{title}: FID ({features}, {num} samples)");
         let path = dir.join(format!("fid_vs_steps_{}.png", slug(features)));
@@ -130,11 +142,12 @@ pub fn write_plots(rows: &[ResultRow], dir: &Path, title: &str) -> Result<Vec<Pa
 }
 
 /// One Markdown table per feature network: samplers down, K across, cells `FID (KID x1e3)`;
-/// then, for each K with a learned sampler, its FID against the best baseline's.
+/// then the many-step reference line, and for each K with a learned sampler its verdict against
+/// the best baseline ([`verdicts`]).
 pub fn markdown_tables(rows: &[ResultRow]) -> String {
     let mut out = String::new();
     for features in distinct(rows.iter().map(|r| r.features.clone())) {
-        let of_set: Vec<&ResultRow> = rows.iter().filter(|r| r.features == features).collect();
+        let of_set: Vec<&ResultRow> = rows.iter().filter(|r| r.features == features && !r.reference).collect();
         let mut ks = distinct(of_set.iter().map(|r| r.steps));
         ks.sort_unstable();
         let num = of_set.first().map(|r| r.num).unwrap_or(0);
@@ -160,28 +173,73 @@ pub fn markdown_tables(rows: &[ResultRow]) -> String {
             out.push('\n');
         }
         out.push('\n');
-        for k in &ks {
-            let best = of_set
-                .iter()
-                .filter(|r| r.steps == *k && !r.sampler.starts_with("learned"))
-                .min_by(|a, b| a.fid.total_cmp(&b.fid));
-            for learned in of_set.iter().filter(|r| r.steps == *k && r.sampler.starts_with("learned")) {
-                if let Some(best) = best {
-                    let verdict = if learned.fid < best.fid { "better than" } else { "not better than" };
-                    out.push_str(&format!(
-                        "* K = {k}: {} FID {:.3} is {:.2}x the best baseline's ({} {:.3}): {verdict} the best \
-                         baseline{}.\n",
-                        learned.sampler,
-                        learned.fid,
-                        learned.fid / best.fid,
-                        best.sampler,
-                        best.fid,
-                        if learned.held_out { "" } else { " (this network is the search's loss: not held out)" }
-                    ));
-                }
-            }
-        }
+        let set: Vec<&ResultRow> = rows.iter().filter(|r| r.features == features).collect();
+        out.push_str(&verdict_lines(&set));
         out.push('\n');
+    }
+    out
+}
+
+/// The verdicts of [`verdict_lines`] for every feature network (only the held-out ones when
+/// `held_out_only` and there is one), each under a heading naming the network.
+pub fn verdicts(rows: &[ResultRow], held_out_only: bool) -> String {
+    let any_held_out = rows.iter().any(|r| r.held_out);
+    let mut out = String::new();
+    for features in distinct(rows.iter().map(|r| r.features.clone())) {
+        let set: Vec<&ResultRow> = rows.iter().filter(|r| r.features == features).collect();
+        let held_out = set.iter().any(|r| r.held_out);
+        if held_out_only && any_held_out && !held_out {
+            continue;
+        }
+        let num = set.first().map(|r| r.num).unwrap_or(0);
+        let note = if held_out { "held out" } else { "the search's own loss network" };
+        out.push_str(&format!("Verdict, features `{features}` ({note}), {num} samples:\n"));
+        out.push_str(&verdict_lines(&set));
+    }
+    out
+}
+
+/// For a feature network's rows: the many-step reference line, then for each K with a learned
+/// sampler whether its FID beats the best baseline's at that K, by how much, and how much of the
+/// gap from that baseline to the reference line it closes.
+fn verdict_lines(set: &[&ResultRow]) -> String {
+    let mut out = String::new();
+    let reference = set.iter().find(|r| r.reference);
+    if let Some(r) = reference {
+        out.push_str(&format!(
+            "* Reference: {} at {} steps, FID {:.3} (the model's many-step quality on the same noise).\n",
+            r.sampler, r.steps, r.fid
+        ));
+    }
+    let mut ks = distinct(set.iter().filter(|r| !r.reference).map(|r| r.steps));
+    ks.sort_unstable();
+    for k in ks {
+        let at_k = || set.iter().filter(move |r| r.steps == k && !r.reference);
+        let best = at_k().filter(|r| !r.sampler.starts_with("learned")).min_by(|a, b| a.fid.total_cmp(&b.fid));
+        let Some(best) = best else { continue };
+        for learned in at_k().filter(|r| r.sampler.starts_with("learned")) {
+            let verdict = if learned.fid < best.fid { "beats" } else { "does not beat" };
+            let gap = match reference {
+                Some(r) if learned.fid <= r.fid => format!("; it is at or below the {}-step reference", r.steps),
+                Some(r) if best.fid > r.fid => format!(
+                    "; it closes {:.0}% of the gap from {} to the {}-step reference",
+                    100.0 * (best.fid - learned.fid) / (best.fid - r.fid),
+                    best.sampler,
+                    r.steps
+                ),
+                _ => String::new(),
+            };
+            out.push_str(&format!(
+                "* K = {k}: {} FID {:.3} is {:.2}x the best baseline's ({} {:.3}): it {verdict} the best \
+                 baseline{gap}{}.\n",
+                learned.sampler,
+                learned.fid,
+                learned.fid / best.fid,
+                best.sampler,
+                best.fid,
+                if learned.held_out { "" } else { " (this network is the search's loss: not held out)" }
+            ));
+        }
     }
     out
 }
@@ -342,8 +400,17 @@ pub fn run(args: TableArgs, quiet: bool) -> Result<()> {
                 fid,
                 kid_mean: kid.mean,
                 kid_std: kid.std,
+                reference: false,
             });
         }
+        let results = args.out.join("results.json");
+        ggdm_core::io::write_atomic(&results, serde_json::to_string_pretty(&rows)?.as_bytes())?;
+    }
+    if args.many_step.enabled() {
+        let precision = ggdm_core::model_dir::NetworkPrecision::parse(&args.network.precision)?;
+        let with_reference: Vec<(&dyn FeatureExtractor, &Tensor, bool)> =
+            extractor_refs.iter().zip(&references).map(|(e, r)| (*e, r, true)).collect();
+        rows.extend(args.many_step.rows(&model, &options, precision, &with_reference, quiet)?);
         let results = args.out.join("results.json");
         ggdm_core::io::write_atomic(&results, serde_json::to_string_pretty(&rows)?.as_bytes())?;
     }
@@ -367,6 +434,7 @@ mod tests {
             fid,
             kid_mean: fid / 1000.0,
             kid_std: 0.0,
+            reference: false,
         }
     }
 
@@ -383,8 +451,31 @@ mod tests {
         let text = markdown_tables(&rows);
         assert!(text.contains("| sampler | K = 5 | K = 10 |"), "{text}");
         assert!(text.contains("| ddim | 2.000 (2.00) | 1.000 (1.00) |"), "{text}");
-        assert!(text.contains("K = 10: learned FID 0.400 is 0.50x the best baseline's (ddpm 0.800): better than"));
-        assert!(text.contains("K = 5: learned FID 2.500 is 1.25x the best baseline's (ddim 2.000): not better than"));
+        assert!(text.contains("K = 10: learned FID 0.400 is 0.50x the best baseline's (ddpm 0.800): it beats the best"));
+        assert!(text.contains("K = 5: learned FID 2.500 is 1.25x the best baseline's (ddim 2.000): it does not beat"));
         assert_eq!(slug("classifier:fmnist-classifier-b"), "classifier-fmnist-classifier-b");
+    }
+
+    #[test]
+    fn the_many_step_reference_is_a_line_not_a_baseline() {
+        let mut reference = row("unipc", 100, 0.2, true);
+        reference.reference = true;
+        let rows = vec![row("unipc", 10, 0.4, true), row("learned", 10, 0.3, true), reference.clone()];
+        let text = markdown_tables(&rows);
+        assert!(!text.contains("K = 100"), "the reference is not a column: {text}");
+        assert!(text.contains("Reference: unipc at 100 steps, FID 0.200"), "{text}");
+        assert!(
+            text.contains("it beats the best baseline; it closes 50% of the gap from unipc to the 100-step"),
+            "{text}"
+        );
+        let below = vec![row("unipc", 10, 0.4, true), row("learned", 10, 0.1, true), reference.clone()];
+        assert!(markdown_tables(&below).contains("at or below the 100-step reference"));
+        // The reference never counts as the best baseline, even when it is better.
+        let text = verdicts(&rows, true);
+        assert!(text.contains("0.75x the best baseline's (unipc 0.400)"), "{text}");
+        let json = serde_json::to_string(&rows[0]).unwrap();
+        assert!(!json.contains("reference"), "false is left out: {json}");
+        let back: ResultRow = serde_json::from_str(&serde_json::to_string(&reference).unwrap()).unwrap();
+        assert!(back.reference);
     }
 }

@@ -182,7 +182,7 @@ fn multistep_solvers_sample_finite_images() {
     assert!(err.contains("[eval] compare") && err.contains("`dpmpp9m`") && err.contains("unipc3"), "{err}");
     // `[sampler] init = "dpmpp2m"` starts deterministic with the full history.
     let text = std::fs::read_to_string(&search_config).expect("search config");
-    let text = text.replace("init = \"ddim\"", "init = \"dpmpp2m\"").replace("eta = 0.0", "eta = 0.5");
+    let text = text.replace("init = \"unipc\"", "init = \"dpmpp2m\"").replace("eta = 0.0", "eta = 0.5");
     std::fs::write(&search_config, text).expect("write search config");
     let err = run_err(bin().args(["search", "--device", "cpu", "--config"]).arg(&search_config));
     assert!(err.contains("init = \"dpmpp2m\" needs eta = 0"), "{err}");

@@ -24,12 +24,12 @@ use ddss_opt::pair_cache::{self, CacheOutcome};
 use ddss_opt::teacher::{initial_noise, Pairs, Teacher, TeacherDistance, TeacherLoss};
 use fid_metrics::features::FeatureExtractor;
 use ggdm_core::grid::Spacing;
-use ggdm_core::model_dir::LoadedModel;
+use ggdm_core::model_dir::{LoadedModel, NetworkPrecision};
 use ggdm_core::noise::PerSampleNoise;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-use tch::{Device, Kind};
+use tch::{Device, Kind, Tensor};
 
 /// `[loss] teacher`: e.g. `teacher = { sampler = "unipc", steps = 100 }`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -156,7 +156,17 @@ pub fn build(
     }
     let choice = teacher_choice(section, model, device)?;
     let dir = cache_dir(section)?;
-    let run = TeacherRun { section, choice: &choice, model, config, device, quiet, dir: &dir };
+    let run = TeacherRun {
+        section,
+        choice: &choice,
+        model,
+        batch: config.eval.batch,
+        precision: config.model.precision,
+        device,
+        quiet,
+        dir: &dir,
+        what: "teacher pairs",
+    };
     if !comm.is_root() {
         barrier(comm)?;
     }
@@ -167,6 +177,52 @@ pub fn build(
     let (train, validation) = (pairs.0?, pairs.1?);
     let loss = TeacherLoss { distance: section.distance, kid_weight: section.kid_weight };
     Ok(Some(Teacher::new(loss, train, validation, extractor, device)?))
+}
+
+/// The samples of the deterministic solver `sampler` (`steps` steps, the `ddss-cli sample` grid)
+/// from the initial noise of samples `0 .. count` of the noise stream `seed`, exactly as `ddss-cli
+/// sample --seed seed` draws them: read from the pair cache (the teacher's, keyed likewise) or
+/// computed in batches of `batch` and cached. The many-step reference line of the comparisons
+/// ([`crate::many_step`]) is made this way, so it is computed once per model and evaluation seed.
+#[allow(clippy::too_many_arguments)]
+pub fn cached_solver_samples(
+    sampler: &str,
+    steps: usize,
+    model: &LoadedModel,
+    seed: u64,
+    count: usize,
+    batch: usize,
+    precision: NetworkPrecision,
+    device: Device,
+    quiet: bool,
+) -> Result<Tensor> {
+    let section = TeacherSection {
+        sampler: sampler.to_string(),
+        steps,
+        eta: 0.0,
+        spacing: None,
+        distance: TeacherDistance::L2,
+        kid_weight: 0.0,
+        pairs: count,
+        validation_pairs: 1,
+        seed,
+        cache: None,
+    };
+    section.validate()?;
+    let choice = teacher_choice(&section, model, device)?;
+    let dir = cache_dir(&section)?;
+    let run = TeacherRun {
+        section: &section,
+        choice: &choice,
+        model,
+        batch,
+        precision,
+        device,
+        quiet,
+        dir: &dir,
+        what: "many-step samples",
+    };
+    Ok(run.pairs(0, count)?.target)
 }
 
 /// Waits for every rank (a no-op in one process).
@@ -256,10 +312,14 @@ struct TeacherRun<'a> {
     section: &'a TeacherSection,
     choice: &'a SamplerChoice,
     model: &'a LoadedModel,
-    config: &'a SearchConfig,
+    /// Samples per teacher batch (`[eval] batch`).
+    batch: usize,
+    precision: NetworkPrecision,
     device: Device,
     quiet: bool,
     dir: &'a Path,
+    /// What the pairs are, for progress and log lines.
+    what: &'static str,
 }
 
 impl TeacherRun<'_> {
@@ -289,7 +349,7 @@ impl TeacherRun<'_> {
             "count": count,
             "dtype": "f32",
             "device": device_kind(self.device),
-            "precision": self.config.model.precision,
+            "precision": self.precision,
         }))
     }
 
@@ -300,7 +360,7 @@ impl TeacherRun<'_> {
         let (pairs, outcome) = pair_cache::load_or_compute(self.dir, &key, || {
             self.compute(first, count).map_err(|e| ddss_opt::Error::config("loss.teacher", format!("{e:#}")))
         })?;
-        let what = format!("teacher pairs {first}..{}", first + count as u64);
+        let what = format!("{} {first}..{}", self.what, first + count as u64);
         match outcome {
             CacheOutcome::Read(path) => tracing::info!("{what}: read from {}", path.display()),
             CacheOutcome::Computed(path) | CacheOutcome::Recomputed { path, .. } => tracing::info!(
@@ -318,8 +378,8 @@ impl TeacherRun<'_> {
     /// `[eval] batch`, without autograd.
     fn compute(&self, first: u64, count: usize) -> Result<Pairs> {
         let shape = self.model.sample_shape().context("the model does not fix its sample size")?;
-        let batch = self.config.eval.batch.max(1);
-        let bar = crate::common::progress(count as u64, self.quiet, "teacher pairs");
+        let batch = self.batch.max(1);
+        let bar = crate::common::progress(count as u64, self.quiet, self.what);
         let (mut noise, mut samples) = (Vec::new(), Vec::new());
         for start in (0..count).step_by(batch) {
             let n = batch.min(count - start);
@@ -336,6 +396,6 @@ impl TeacherRun<'_> {
         if target.isfinite().all().int64_value(&[]) == 0 {
             bail!("the teacher {} gave non-finite samples", self.section.sampler);
         }
-        Ok(Pairs::new(tch::Tensor::cat(&noise, 0), target, "teacher pairs")?)
+        Ok(Pairs::new(tch::Tensor::cat(&noise, 0), target, self.what)?)
     }
 }
