@@ -160,6 +160,8 @@ pub fn table(rest: &[String]) -> Result<()> {
         &options.num,
         "--many-step",
         &options.many_step,
+        "--seed",
+        &eval_seed_of(&config)?,
         "--device",
         &options.device,
         "--out",
@@ -190,14 +192,30 @@ fn search(bin: &Path, root: &Path, config: &Path, run_dir: &Path, k: &str, seed:
 
 /// The `[model] path` of a search config (the model the table scores).
 fn model_of(config: &Path) -> Result<String> {
-    let text = std::fs::read_to_string(config).with_context(|| format!("reading {}", config.display()))?;
-    let table: toml::Table = text.parse().with_context(|| format!("parsing {}", config.display()))?;
+    let table = read_toml(config)?;
     table
         .get("model")
         .and_then(|m| m.get("path"))
         .and_then(|p| p.as_str())
         .map(String::from)
         .with_context(|| format!("{}: no [model] path", config.display()))
+}
+
+/// The `[eval] seed` of a search config (default 0xE7A1, as `ddss-cli search`): the table scores
+/// on the noise the search's own comparison uses, so their numbers agree and the many-step
+/// reference samples are shared through the cache.
+fn eval_seed_of(config: &Path) -> Result<String> {
+    let table = read_toml(config)?;
+    match table.get("eval").and_then(|e| e.get("seed")) {
+        None => Ok(0xE7A1u64.to_string()),
+        Some(toml::Value::Integer(seed)) if *seed >= 0 => Ok(seed.to_string()),
+        Some(other) => bail!("{}: [eval] seed = {other} is not a seed", config.display()),
+    }
+}
+
+fn read_toml(path: &Path) -> Result<toml::Table> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    text.parse().with_context(|| format!("parsing {}", path.display()))
 }
 
 #[cfg(test)]
