@@ -150,3 +150,28 @@ def test_a_config_without_or_against_its_sampler_is_refused():
     config = {k: v for k, v in config.items() if not k.startswith("_")}
     with pytest.raises(SamplerFileError, match="`prediction_type` = 'sample'"):
         GGDMScheduler(**dict(copy.deepcopy(config), prediction_type="sample"))
+
+
+def test_the_exported_pipeline_folder_loads_in_diffusers(tmp_path, unet):
+    """`ddss-cli export --format diffusers-pipeline`'s model_index.json, the exported scheduler
+    folder and the shipped model's files: DDPMPipeline.from_pretrained loads the GGDMScheduler
+    (ddss_sampler is imported) and runs it; the pipeline saves and loads again."""
+    import shutil
+
+    from diffusers import DDPMPipeline
+
+    folder = tmp_path / "pipeline"
+    (folder / "unet").mkdir(parents=True)
+    shutil.copy(FIXTURES / "pipeline_model_index.json", folder / "model_index.json")
+    shutil.copytree(FIXTURES / "scheduler", folder / "scheduler")
+    for name in ("config.json", "diffusion_pytorch_model.safetensors"):
+        shutil.copy(MODEL / name, folder / "unet" / name)
+    pipe = DDPMPipeline.from_pretrained(folder)
+    assert isinstance(pipe.scheduler, GGDMScheduler)
+    assert pipe.scheduler.config["sampler"] == GGDMScheduler.from_pretrained(FIXTURES / "scheduler").config["sampler"]
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(batch_size=1, num_inference_steps=pipe.scheduler.steps, output_type="pt").images
+    assert images.shape == (1, 1, 28, 28) and torch.isfinite(images).all()
+    pipe.save_pretrained(tmp_path / "saved")
+    again = DDPMPipeline.from_pretrained(tmp_path / "saved")
+    assert dict(again.scheduler.config) == dict(pipe.scheduler.config)

@@ -13,7 +13,8 @@ Builds ddss-cli (release) and writes tests/fixtures/interop/:
   --model models/fashion-mnist-ddpm --sampler <name>.json --init-noise init_noise.npy
   --step-noise step_noise.npy --out-npy ...`:
   - `ddim_init`: a search started from DDIM (eta 0, trailing spacing) that did not move (every
-    learning rate scaled by 0), so it is DDIM at initialisation;
+    learning rate scaled by 0), so it is DDIM at initialisation (its provenance without the
+    search's wall time);
   - `unipc_init`: the same from UniPC (linspace spacing, diffusers' UniPCMultistepScheduler grid);
   - `learned_stochastic`: the default search's learned sampler (docs/fashion_mnist/sampler.json,
     DDIM base, learned sigma of both signs), re-exported as version 2; `learned_stochastic_v1.json`
@@ -24,6 +25,8 @@ Builds ddss-cli (release) and writes tests/fixtures/interop/:
     that the prediction coefficients differ from their defaults.
 * `scheduler/scheduler_config.json`: `ddss-cli export --format diffusers-scheduler` of
   `learned_stochastic_v1.json` (what `GGDMScheduler.from_pretrained` and ggdm-core's model loader read);
+* `pipeline_model_index.json`: the `model_index.json` of `ddss-cli export --format diffusers-pipeline`
+  (its `unet/` is the shipped model's files, its `scheduler/` the folder above);
 * `manifest.json`: what each file is.
 """
 
@@ -116,7 +119,12 @@ def unmoved_search(init, spacing, name):
         config.write_text(SEARCH_CONFIG.format(init=init, spacing=spacing))
         run = Path(tmp) / "run"
         cli("search", "--config", str(config), "--out", str(run), "--skip-eval")
-        shutil.copy(run / "sampler.json", OUT / f"{name}.json")
+        # The search's wall time is the one thing that changes between runs: dropped from the
+        # provenance, so that regenerating gives the same file.
+        value = json.loads((run / "sampler.json").read_text())
+        value["provenance"]["search"].pop("seconds", None)
+        (run / "sampler.json").write_text(json.dumps(value))
+        export_json(run / "sampler.json", name)
 
 
 def zero_sigma(value):
@@ -151,6 +159,11 @@ def main():
     cli("export", "--sampler", str(OUT / "learned_stochastic_v1.json"), "--format", "diffusers-scheduler", "--out",
         str(OUT / "scheduler"), stdout=subprocess.DEVNULL)
 
+    with tempfile.TemporaryDirectory() as tmp:
+        cli("export", "--sampler", str(OUT / "learned_stochastic_v1.json"), "--format", "diffusers-pipeline",
+            "--model", MODEL, "--out", tmp, stdout=subprocess.DEVNULL)
+        shutil.copy(Path(tmp) / "model_index.json", OUT / "pipeline_model_index.json")
+
     names = ["ddim_init", "unipc_init", "learned_stochastic", "learned_deterministic", "marginal"]
     for name in names:
         cli("sample", "--model", MODEL, "--sampler", f"{OUT / name}.json", "--init-noise",
@@ -162,6 +175,7 @@ def main():
         "init_noise": "init_noise.npy",
         "step_noise": "step_noise.npy",
         "scheduler": "scheduler/scheduler_config.json",
+        "pipeline_model_index": "pipeline_model_index.json",
         "samplers": {name: {"sampler": f"{name}.json", "samples": f"{name}.samples.npy"} for name in names},
     }
     (OUT / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
