@@ -2,6 +2,7 @@
 (tests/fixtures/interop, made by tests/scripts/gen_interop_fixtures.py with ddss-cli)."""
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures" / "interop"
 MODEL = ROOT / "models" / "fashion-mnist-ddpm"
+# The repository's package, whether or not (or whichever copy) is installed.
+sys.path.insert(0, str(ROOT / "python"))
 SAMPLERS = json.loads((FIXTURES / "manifest.json").read_text())["samplers"]
 #: Largest difference allowed between ddss-cli's samples and ours, from the same noise.
 TOLERANCE = 1e-4
