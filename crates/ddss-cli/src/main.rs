@@ -4,6 +4,7 @@ mod bench_cmd;
 mod classifier_cmd;
 mod common;
 mod dist;
+mod export_cmd;
 mod many_step;
 mod memory_check;
 mod metrics_cmd;
@@ -11,12 +12,12 @@ mod plot;
 mod progress;
 mod sample;
 mod search_cmd;
+mod step_noise;
 mod table_cmd;
 mod train;
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand, ValueEnum};
-use ggdm_core::ggdm::GgdmSampler;
+use clap::{Parser, Subcommand};
 use ggdm_core::grid::Spacing;
 use ggdm_core::scheduler_config::SchedulerConfig;
 use std::path::PathBuf;
@@ -244,21 +245,9 @@ enum Command {
         #[arg(long)]
         multistep: bool,
     },
-    /// Print a learned sampler in another format.
-    Export {
-        /// The `sampler.json` of a search run.
-        #[arg(long)]
-        sampler: PathBuf,
-        /// diffusers-timesteps: the integer list diffusers' `timesteps=` accepts; json: the full file.
-        #[arg(long, value_enum, default_value_t = ExportFormat::DiffusersTimesteps)]
-        format: ExportFormat,
-    },
-}
-
-#[derive(ValueEnum, Clone, Copy, Debug)]
-enum ExportFormat {
-    DiffusersTimesteps,
-    Json,
+    /// Write a learned sampler in another format: the diffusers timestep list, the JSON file, a
+    /// diffusers scheduler folder or a whole DDPMPipeline folder (for the Python package in python/).
+    Export(export_cmd::ExportArgs),
 }
 
 fn main() -> ExitCode {
@@ -393,20 +382,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("{} -> {} ({})", path.display(), out.display(), if half { "fp16" } else { "f32" });
         }
         Command::BenchUnroll(args) => bench_cmd::run(args)?,
-        Command::Export { sampler, format } => {
-            let loaded = GgdmSampler::load(&sampler, tch::Device::Cpu)
-                .with_context(|| format!("loading sampler {}", sampler.display()))?;
-            match format {
-                ExportFormat::DiffusersTimesteps => {
-                    // diffusers takes integer timesteps; the learned grid is continuous, so it is
-                    // rounded. The learned coefficients (u, w, sigma, p, q) cannot be expressed by
-                    // a timestep list at all: use ddss-cli sample --sampler FILE.json for those.
-                    let ints: Vec<i64> = loaded.timesteps().iter().map(|t| t.round().max(0.0) as i64).collect();
-                    println!("{}", serde_json::to_string(&ints)?);
-                }
-                ExportFormat::Json => println!("{}", serde_json::to_string_pretty(&loaded.to_file())?),
-            }
-        }
+        Command::Export(args) => export_cmd::run(args)?,
     }
     Ok(())
 }

@@ -11,6 +11,7 @@
 
 use crate::common::{parse_device, progress_images, write_grid, write_images, write_npy, NetworkArgs};
 use crate::memory_check::{check_request, Request};
+use crate::step_noise::StepNoise;
 use anyhow::{bail, Context, Result};
 use ddss_opt::collective::{shard, Collective};
 use ggdm_core::ggdm::GgdmSampler;
@@ -52,6 +53,14 @@ pub struct SampleArgs {
     /// float32 N x C x H x W .npy of the samples in [-1, 1].
     #[arg(long)]
     pub out_npy: Option<PathBuf>,
+    /// Step noise z_1..z_K of a sampler.json sampler as float32 K x N x C x H x W .npy ([i, n] is
+    /// step i+1's noise for sample n; it multiplies the file's derived.sigma). With --init-noise
+    /// it fixes the run, e.g. to compare with the Python package (python/).
+    #[arg(long)]
+    pub step_noise: Option<PathBuf>,
+    /// Write the step noise the run used (layout of --step-noise) to this .npy.
+    #[arg(long)]
+    pub out_step_noise: Option<PathBuf>,
     /// auto | cpu | cuda | cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
@@ -333,6 +342,12 @@ pub fn run(args: SampleArgs) -> Result<()> {
         bail!("--num 0: nothing to sample");
     }
     let outputs = Outputs::of(&args);
+    let ggdm = match &choice {
+        SamplerChoice::Ggdm(sampler) => Some(sampler.as_ref()),
+        _ => None,
+    };
+    let mut step_noise =
+        StepNoise::from_args(args.step_noise.as_deref(), args.out_step_noise.as_deref(), ggdm, num, shape)?;
     check_memory(&model, shape, device, &args, num, outputs.keeps_samples())?;
     tracing::info!(
         "sampling {num} images of shape {shape:?} with {} ({} steps) on {device:?}{}",
@@ -352,7 +367,11 @@ pub fn run(args: SampleArgs) -> Result<()> {
             Some(t) => t.f_narrow(0, first as i64, b as i64)?.f_to_device(device)?,
             None => noise.next(&[b as i64, shape[0], shape[1], shape[2]], device)?,
         };
-        let samples = choice.run(&model, &x_init, &mut noise)?.f_to_device(Device::Cpu)?;
+        let samples = match (&mut step_noise, &choice) {
+            (Some(io), SamplerChoice::Ggdm(sampler)) => io.run_batch(sampler, &model, &x_init, &mut noise, first)?,
+            _ => choice.run(&model, &x_init, &mut noise)?,
+        };
+        let samples = samples.f_to_device(Device::Cpu)?;
         if let Some(dir) = &outputs.dir {
             write_images(&samples, dir, first)?;
         }
@@ -366,6 +385,9 @@ pub fn run(args: SampleArgs) -> Result<()> {
     let all = gather_samples(&chunks, shape, outputs.keeps_samples(), comm)?;
     if comm.is_root() {
         outputs.write(&all, num)?;
+    }
+    if let Some(io) = &step_noise {
+        io.write(comm)?;
     }
     Ok(())
 }
@@ -454,7 +476,7 @@ impl Outputs {
 
 /// All samples in order: this process's `chunks`, or every rank's gathered (an empty tensor when
 /// nothing is kept).
-fn gather_samples(chunks: &[Tensor], shape: [i64; 3], keep: bool, comm: &dyn Collective) -> Result<Tensor> {
+pub(crate) fn gather_samples(chunks: &[Tensor], shape: [i64; 3], keep: bool, comm: &dyn Collective) -> Result<Tensor> {
     let [c, h, w] = shape;
     if !keep {
         return Ok(Tensor::f_zeros([0], (Kind::Float, Device::Cpu))?);

@@ -369,6 +369,21 @@ fn keep_channels<T>(raw: &[T], stride: usize, keep: usize, to_byte: impl Fn(&T) 
 /// value must be finite.
 pub fn load_samples_npy(path: impl AsRef<Path>) -> Result<Tensor> {
     let path = path.as_ref();
+    let samples = load_float_npy(path)?;
+    let shape = samples.size();
+    if shape.len() != 4 || !(shape[1] == 1 || shape[1] == 3) {
+        return Err(Error::format(
+            path,
+            format!("expected samples N x C x H x W with C = 1 or 3, found shape {shape:?}"),
+        ));
+    }
+    Ok(samples)
+}
+
+/// Loads a float32 or float64 `.npy` array of any shape as an f32 tensor, with the checks of
+/// [`load_samples_npy`] (the header against the file's size, every value finite, naming the file).
+pub fn load_float_npy(path: impl AsRef<Path>) -> Result<Tensor> {
+    let path = path.as_ref();
     let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
     check_npy_size(path, &bytes)?;
     let data: ArrayD<f32> = match ArrayD::<f32>::read_npy(bytes.as_slice()) {
@@ -383,12 +398,6 @@ pub fn load_samples_npy(path: impl AsRef<Path>) -> Result<Tensor> {
     };
     check_finite(path, None, &data, false)?;
     let shape: Vec<i64> = data.shape().iter().map(|&s| s as i64).collect();
-    if shape.len() != 4 || !(shape[1] == 1 || shape[1] == 3) {
-        return Err(Error::format(
-            path,
-            format!("expected samples N x C x H x W with C = 1 or 3, found shape {shape:?}"),
-        ));
-    }
     let flat: Vec<f32> = data.iter().copied().collect();
     Ok(Tensor::from_slice(&flat).f_reshape(&shape)?)
 }

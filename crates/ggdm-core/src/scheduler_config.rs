@@ -7,7 +7,8 @@
 //! Keys are checked one by one: a key no diffusers scheduler of the DDPM family knows is an error
 //! naming it; a key that only matters to other schedulers is ignored with a log line; a value we do
 //! not implement (`thresholding: true`, `variance_type: "learned"`, `use_karras_sigmas: true`, ...)
-//! is an error naming it.
+//! is an error naming it. A `GGDMScheduler` config (`ddss-cli export --format
+//! diffusers-scheduler`) holds the model's settings plus its learned sampler under `sampler`.
 
 use crate::grid::{self, Spacing};
 use crate::prediction::PredictionType;
@@ -185,6 +186,14 @@ impl SchedulerConfig {
                     }
                 }
                 "clip_sample_range_max" => {}
+                // The learned sampler of the Python package's GGDMScheduler (`ddss-cli export
+                // --format diffusers-scheduler`): the keys around it are the model's settings,
+                // which is all a model needs; the sampler itself is read with `--sampler`.
+                "sampler" => {
+                    if !v.is_object() {
+                        return Err(Error::invalid(key, format!("expected a sampler.json object, got {v}")));
+                    }
+                }
                 k if IGNORED_KEYS.contains(&k) => {
                     tracing::debug!("scheduler_config.json: ignoring `{k}` (not used by DDPM/DDIM)")
                 }
@@ -362,6 +371,19 @@ mod tests {
         assert_eq!(diffusers["use_lu_lambdas"], Value::Bool(true));
         assert_eq!(SchedulerConfig::from_json_map(diffusers.as_object().expect("object")).expect("parse"), lu);
         assert!(plain.to_diffusers_json().get("use_lu_lambdas").is_none());
+    }
+
+    #[test]
+    fn a_ggdm_scheduler_config_gives_the_model_settings_around_its_sampler() {
+        let mut config = SchedulerConfig { prediction_type: PredictionType::VPrediction, ..SchedulerConfig::default() }
+            .to_diffusers_json();
+        config["_class_name"] = Value::from("GGDMScheduler");
+        config["sampler"] = serde_json::json!({"format": "ddss-ggdm-sampler", "version": 2});
+        let parsed = SchedulerConfig::from_json_map(config.as_object().expect("object")).expect("parse");
+        assert_eq!(parsed.prediction_type, PredictionType::VPrediction);
+        config["sampler"] = Value::from("sampler.json");
+        let err = SchedulerConfig::from_json_map(config.as_object().expect("object")).expect_err("not an object");
+        assert!(err.to_string().contains("sampler"), "{err}");
     }
 
     #[test]
