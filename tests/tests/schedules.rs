@@ -56,6 +56,34 @@ fn schedules_equal_diffusers_definitions_in_f64() {
     }
 }
 
+/// [`NoiseSchedule::abar_f32`] is diffusers' float32 `alphas_cumprod`: bit for bit for the cosine
+/// schedule (float32 betas rounded from f64, as ours are), within a few ulps for linear and
+/// scaled-linear betas (float32 `linspace`, whose last bits ours do not follow). The cosine
+/// schedule's last entry is where `abar` rounded to float32 is far off: its beta, capped at
+/// 0.999, is 0.99900001 in float32.
+#[test]
+fn abar_f32_is_diffusers_float32_table() {
+    let cases = read_json("schedules.json");
+    for case in cases.as_array().expect("list") {
+        let name = case["beta_schedule"].as_str().expect("name");
+        let t_count = case["num_train_timesteps"].as_u64().expect("T") as usize;
+        let schedule = NoiseSchedule::new(schedule_of(case), t_count).expect("schedule");
+        let theirs: Vec<f32> = floats(&case["alphas_cumprod_f32"]).into_iter().map(|v| v as f32).collect();
+        let ours = schedule.abar_f32();
+        assert_eq!(ours.len(), theirs.len());
+        let ulps = ours.iter().zip(&theirs).map(|(a, b)| (i64::from(a.to_bits()) - i64::from(b.to_bits())).abs());
+        let worst = ulps.max().expect("entries");
+        let bound = if name == "squaredcos_cap_v2" { 0 } else { 6 };
+        assert!(worst <= bound, "{name} T={t_count}: abar_f32 is {worst} ulps off diffusers' table");
+        if name == "squaredcos_cap_v2" && t_count == 1000 {
+            let last = t_count - 1;
+            let rounded = schedule.abar()[last] as f32;
+            let rel = (f64::from(rounded) / f64::from(theirs[last]) - 1.0).abs();
+            assert!(rel > 1e-5, "abar[{last}] rounded: {rounded}, diffusers {}", theirs[last]);
+        }
+    }
+}
+
 #[test]
 fn timestep_lists_equal_diffusers_exactly() {
     let cases = read_json("timesteps.json");

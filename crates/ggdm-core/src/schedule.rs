@@ -148,6 +148,29 @@ impl NoiseSchedule {
         &self.abar
     }
 
+    /// `abar_t` as diffusers' schedulers hold it (`alphas_cumprod`, float32): each beta rounded to
+    /// float32, `1 - beta` formed in float32, the product accumulated in f64 and every entry
+    /// rounded to float32 (what torch's CPU `cumprod` does with float32 input).
+    ///
+    /// This differs from `abar` rounded to float32 where a beta is close to 1: the cosine
+    /// schedule caps its last beta at 0.999, float32 holds that as 0.99900001, and `1 - beta`
+    /// becomes 9.99987e-4, so diffusers' `abar_{T-1}` is 1.3e-5 (relative) below the exact one.
+    /// For the cosine schedule and for `trained_betas` the result equals diffusers' table bit for
+    /// bit; linear and scaled-linear betas diffusers forms with a float32 `linspace` (whose last
+    /// bit depends on the CPU's vector width), and there the entries agree to a few float32 ulps
+    /// (2 for DDPM's linear betas, 6 for scaled_linear 0.00085..0.012; `abar` rounded to float32
+    /// is 6 and 15 ulps off).
+    pub fn abar_f32(&self) -> Vec<f32> {
+        let mut product = 1.0f64;
+        self.betas
+            .iter()
+            .map(|&beta| {
+                product *= f64::from(1.0f32 - beta as f32);
+                product as f32
+            })
+            .collect()
+    }
+
     /// `abar` after the final step (1 or `abar_0`).
     pub fn final_abar(&self) -> f64 {
         self.final_abar

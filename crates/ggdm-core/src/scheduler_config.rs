@@ -9,6 +9,16 @@
 //! not implement (`thresholding: true`, `variance_type: "learned"`, `use_karras_sigmas: true`, ...)
 //! is an error naming it. A `GGDMScheduler` config (`ddss-cli export --format
 //! diffusers-scheduler`) holds the model's settings plus its learned sampler under `sampler`.
+//!
+//! Configs that diffusers saves for `DPMSolverMultistepScheduler` and `UniPCMultistepScheduler`
+//! load too. Python's `json` writes a non-finite float as a bare `-Infinity`, `Infinity` or `NaN`
+//! (`DPMSolverMultistepScheduler` saves its default `"lambda_min_clipped": -Infinity` so), which
+//! strict JSON rejects; [`SchedulerConfig::from_file`] reads those tokens as the strings
+//! `"-Infinity"`, `"Infinity"` and `"NaN"`. `lambda_min_clipped` (DPM-Solver++ only) leaves out
+//! of the timestep range the training timesteps whose float32 log-SNR lies below it; we do not
+//! implement that truncation, so a value that would truncate is an error, while `-Infinity`
+//! (the default), `null` and a value at or below the schedule's smallest log-SNR, which change
+//! nothing, are accepted ([`check_lambda_min_clipped`]).
 
 use crate::grid::{self, Spacing};
 use crate::prediction::PredictionType;
@@ -16,6 +26,7 @@ use crate::schedule::{BetaSchedule, NoiseSchedule};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use std::borrow::Cow;
 use std::path::Path;
 
 /// DDPM ancestral variance (diffusers' `variance_type`).
@@ -97,16 +108,131 @@ const IGNORED_KEYS: &[&str] = &[
     "lower_order_final",
     "euler_at_final",
     "final_sigmas_type",
-    "lambda_min_clipped",
     "variance_type_dpm",
+    "predict_x0",
+    "disable_corrector",
+    "solver_p",
+    // Only used with the sigma schedules below, which are rejected when switched on.
+    "flow_shift",
+    "time_shift_type",
+    "shift_terminal",
+    "sigma_min",
+    "sigma_max",
 ];
 
+/// `use_*` switches of other sigma schedules (diffusers' multistep schedulers): `false` is
+/// accepted, `true` is an error naming the key.
+const UNSUPPORTED_SWITCHES: &[(&str, &str)] = &[
+    ("use_exponential_sigmas", "exponential sigmas are not supported"),
+    ("use_beta_sigmas", "beta sigmas are not supported"),
+    ("use_flow_sigmas", "flow-matching sigmas are not supported"),
+    ("use_dynamic_shifting", "dynamic time shifting is not supported"),
+];
+
+/// Rewrites the bare tokens `-Infinity`, `Infinity` and `NaN` that Python's `json` writes for
+/// non-finite floats (outside string literals) as the JSON strings `"-Infinity"`, `"Infinity"` and
+/// `"NaN"`, so that strict JSON parses the text; text without them is returned as is. A key that
+/// expects a number then names the non-finite value in its error.
+fn quote_non_finite_tokens(text: &str) -> Cow<'_, str> {
+    if !text.contains("Infinity") && !text.contains("NaN") {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    let (mut in_string, mut escaped) = (false, false);
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == '"' {
+                in_string = false;
+            }
+        } else if c == '"' {
+            in_string = true;
+        } else if let Some(token) = ["-Infinity", "Infinity", "NaN"].into_iter().find(|t| rest.starts_with(t)) {
+            out.push('"');
+            out.push_str(token);
+            out.push('"');
+            rest = &rest[token.len()..];
+            continue;
+        }
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    Cow::Owned(out)
+}
+
+/// `lambda_min_clipped` as a number: a JSON number, `null` (the default, `-inf`), or one of the
+/// strings [`quote_non_finite_tokens`] makes.
+fn lambda_min_clipped_value(v: &Value) -> Result<f64> {
+    match v {
+        Value::Null => Ok(f64::NEG_INFINITY),
+        Value::Number(n) => {
+            n.as_f64().ok_or_else(|| Error::invalid("lambda_min_clipped", format!("{n} is not a number")))
+        }
+        Value::String(s) if s == "-Infinity" => Ok(f64::NEG_INFINITY),
+        Value::String(s) if s == "Infinity" => Ok(f64::INFINITY),
+        Value::String(s) if s == "NaN" => Ok(f64::NAN),
+        other => {
+            Err(Error::invalid("lambda_min_clipped", format!("expected a number, -Infinity or null, got {other}")))
+        }
+    }
+}
+
+/// diffusers' `DPMSolverMultistepScheduler` builds its timestep range from the training timesteps
+/// whose log-SNR `lambda_t = ln(sqrt(abar_t)) - ln(sqrt(1 - abar_t))`, in float32 from its
+/// float32 `abar` ([`NoiseSchedule::abar_f32`]), is at least `lambda_min_clipped`: the ones below
+/// it (the noisiest, as `lambda_t` decreases with `t`) are left out. That truncation is not
+/// implemented here, so a value that leaves out any timestep is an error naming the key, the
+/// value and the timesteps; `-inf` and a finite value at or below the smallest `lambda_t` leave
+/// the range whole and are accepted. (For the DDPM linear schedule the smallest `lambda_t` is
+/// -5.0588, so -5.1 changes nothing there; for the cosine schedule it is -9.92, and -5.1 would
+/// leave t >= 996 out.)
+pub fn check_lambda_min_clipped(config: &SchedulerConfig, lambda_min_clipped: f64) -> Result<()> {
+    let key = "lambda_min_clipped";
+    if lambda_min_clipped == f64::NEG_INFINITY {
+        return Ok(());
+    }
+    if lambda_min_clipped.is_nan() || lambda_min_clipped == f64::INFINITY {
+        return Err(Error::invalid(
+            key,
+            format!("{lambda_min_clipped} is not supported (use -Infinity, diffusers' default, or remove the key)"),
+        ));
+    }
+    let lambdas: Vec<f64> = config
+        .schedule()?
+        .abar_f32()
+        .into_iter()
+        .map(|abar| f64::from(abar.sqrt().ln() - (1.0 - abar).sqrt().ln()))
+        .collect();
+    let smallest = lambdas.iter().copied().fold(f64::INFINITY, f64::min);
+    let clipped = lambdas.iter().filter(|&&l| l < lambda_min_clipped).count();
+    if clipped == 0 {
+        return Ok(());
+    }
+    let t_count = lambdas.len();
+    Err(Error::invalid(
+        key,
+        format!(
+            "{lambda_min_clipped} is above the log-SNR of the {clipped} noisiest training timesteps (down to \
+             {smallest:.4} at t = {}); diffusers' DPMSolverMultistepScheduler would leave t >= {} out of its \
+             timestep range, which is not supported. Remove the key, or use -Infinity (diffusers' default) or \
+             a value at or below {smallest:.4}, which leave the range whole",
+            t_count - 1,
+            t_count - clipped
+        ),
+    ))
+}
+
 impl SchedulerConfig {
-    /// Reads `scheduler_config.json`.
+    /// Reads `scheduler_config.json`, Python's non-standard `-Infinity`, `Infinity` and `NaN`
+    /// included (see the module documentation).
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let value: Value =
-            serde_json::from_str(&text).map_err(|e| Error::format(path, format!("not valid JSON: {e}")))?;
+        let value: Value = serde_json::from_str(&quote_non_finite_tokens(&text))
+            .map_err(|e| Error::format(path, format!("not valid JSON: {e}")))?;
         let map = value.as_object().ok_or_else(|| Error::format(path, "expected a JSON object"))?;
         Self::from_json_map(map).map_err(|e| match e {
             Error::Invalid { what, msg } => Error::format(path, format!("key `{what}`: {msg}")),
@@ -120,6 +246,7 @@ impl SchedulerConfig {
         let mut beta_start = 1e-4;
         let mut beta_end = 0.02;
         let mut schedule_name = "linear".to_string();
+        let mut lambda_min_clipped = f64::NEG_INFINITY;
         let as_f64 =
             |key: &str, v: &Value| v.as_f64().ok_or_else(|| Error::invalid(key, format!("expected a number, got {v}")));
         let as_bool = |key: &str, v: &Value| {
@@ -149,6 +276,9 @@ impl SchedulerConfig {
                 "prediction_type" => cfg.prediction_type = PredictionType::from_diffusers_name(&as_str(key, v)?)?,
                 "clip_sample" => cfg.clip_sample = as_bool(key, v)?,
                 "clip_sample_range" => cfg.clip_sample_range = as_f64(key, v)?,
+                // DPMSolverMultistepScheduler's default `null` (no learned variance) reads as
+                // DDPMScheduler reads it: the posterior variance, fixed_small.
+                "variance_type" if v.is_null() => cfg.variance_type = VarianceType::FixedSmall,
                 "variance_type" => {
                     cfg.variance_type = match as_str(key, v)?.as_str() {
                         "fixed_small" => VarianceType::FixedSmall,
@@ -185,6 +315,13 @@ impl SchedulerConfig {
                         ));
                     }
                 }
+                k if UNSUPPORTED_SWITCHES.iter().any(|(name, _)| *name == k) => {
+                    if as_bool(key, v)? {
+                        let (_, why) = UNSUPPORTED_SWITCHES.iter().find(|(name, _)| *name == k).expect("listed");
+                        return Err(Error::invalid(key, *why));
+                    }
+                }
+                "lambda_min_clipped" => lambda_min_clipped = lambda_min_clipped_value(v)?,
                 "clip_sample_range_max" => {}
                 // The learned sampler of the Python package's GGDMScheduler (`ddss-cli export
                 // --format diffusers-scheduler`): the keys around it are the model's settings,
@@ -217,6 +354,7 @@ impl SchedulerConfig {
             }
         };
         cfg.validate()?;
+        check_lambda_min_clipped(&cfg, lambda_min_clipped)?;
         Ok(cfg)
     }
 
@@ -384,6 +522,53 @@ mod tests {
         config["sampler"] = Value::from("sampler.json");
         let err = SchedulerConfig::from_json_map(config.as_object().expect("object")).expect_err("not an object");
         assert!(err.to_string().contains("sampler"), "{err}");
+    }
+
+    #[test]
+    fn python_non_finite_tokens_become_strings_outside_string_literals() {
+        let text = r#"{"a": -Infinity, "b": [Infinity,NaN], "c": "NaN, -Infinity \" Infinity", "d": 1.5}"#;
+        let value: Value = serde_json::from_str(&quote_non_finite_tokens(text)).expect("parses");
+        assert_eq!(value["a"], "-Infinity");
+        assert_eq!(value["b"], serde_json::json!(["Infinity", "NaN"]));
+        assert_eq!(value["c"], r#"NaN, -Infinity " Infinity"#);
+        assert_eq!(value["d"], 1.5);
+        let plain = r#"{"beta_schedule": "linear"}"#;
+        assert!(matches!(quote_non_finite_tokens(plain), Cow::Borrowed(t) if t == plain));
+    }
+
+    #[test]
+    fn lambda_min_clipped_minus_infinity_null_and_absent_change_nothing() {
+        let plain = parse(r#"{"beta_schedule": "squaredcos_cap_v2"}"#).expect("absent");
+        for value in [r#""-Infinity""#, "null", "-1e308", "-9.92"] {
+            let text = format!(r#"{{"beta_schedule": "squaredcos_cap_v2", "lambda_min_clipped": {value}}}"#);
+            assert_eq!(parse(&text).unwrap_or_else(|e| panic!("{value}: {e}")), plain, "{value}");
+        }
+        for (value, shown) in [(r#""Infinity""#, "inf"), (r#""NaN""#, "NaN"), ("-9.9", "-9.9"), ("0", "0")] {
+            let text = format!(r#"{{"beta_schedule": "squaredcos_cap_v2", "lambda_min_clipped": {value}}}"#);
+            let err = parse(&text).expect_err(value).to_string();
+            assert!(err.contains("lambda_min_clipped") && err.contains(shown), "{value}: {err}");
+        }
+        let err = parse(r#"{"lambda_min_clipped": "low"}"#).expect_err("a string").to_string();
+        assert!(err.contains("lambda_min_clipped") && err.contains("low"), "{err}");
+        // A non-finite value where a number is needed is named.
+        let err = parse(r#"{"beta_end": "NaN"}"#).expect_err("NaN").to_string();
+        assert!(err.contains("beta_end") && err.contains("NaN"), "{err}");
+    }
+
+    #[test]
+    fn keys_of_the_multistep_schedulers_other_sigma_schedules() {
+        let cfg = parse(
+            r#"{"variance_type": null, "flow_shift": 1.0, "time_shift_type": "exponential", "shift_terminal": null,
+                "sigma_min": null, "sigma_max": null, "solver_p": null, "predict_x0": true, "disable_corrector": [],
+                "use_exponential_sigmas": false, "use_beta_sigmas": false, "use_flow_sigmas": false,
+                "use_dynamic_shifting": false}"#,
+        )
+        .expect("defaults");
+        assert_eq!(cfg.variance_type, VarianceType::FixedSmall);
+        for key in ["use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas", "use_dynamic_shifting"] {
+            let err = parse(&format!(r#"{{"{key}": true}}"#)).expect_err(key).to_string();
+            assert!(err.contains(key) && err.contains("not supported"), "{err}");
+        }
     }
 
     #[test]

@@ -8,8 +8,10 @@
 //!
 //! Both work in the log-SNR time `lambda = log(alpha / sigma)` of `x_t = alpha_t x0 + sigma_t eps`,
 //! with `alpha_t = sqrt(abar_t)` and `sigma_t = sqrt(1 - abar_t)` (DESIGN.md section 4). The
-//! scalars follow diffusers' route from `abar` (the ratio `sqrt((1 - abar) / abar)`, formed from
-//! float32 `abar` as diffusers stores it, then `alpha`, `sigma`, `lambda` in f64). Every step is a
+//! scalars follow diffusers' route from `abar` (the ratio `sqrt((1 - abar) / abar)`, formed in
+//! float32 from diffusers' float32 `alphas_cumprod` ([`NoiseSchedule::abar_f32`]), then `alpha`
+//! and `sigma` in float32 and `lambda` in f64; on the cosine schedule the loops depend on those
+//! roundings, pinned by `tests/fixtures/solver_loops_cosine.json`). Every step is a
 //! linear combination of the current state and the recent data predictions `x0_hat`;
 //! [`StepCoefficients`] exposes those weights, which is how the solvers are written here, and
 //! [`GgdmRow`] writes whole solvers as rows of GGDM's coefficient matrices (DESIGN.md section 4,
@@ -72,14 +74,31 @@ impl<S: SolverScalar> NoiseLevel<S> {
 }
 
 impl NoiseLevel {
-    /// At `abar` the way diffusers' multistep schedulers see it: they keep `alphas_cumprod` and
-    /// the ratio `sqrt((1 - abar) / abar)` in float32, so the ratio is formed in float32 from `abar`
-    /// rounded to float32; the rest is f64. Near clean data (`1 - abar_0 = 1e-4` for the DDPM
-    /// schedule) that rounding moves the ratio by about 1e-4 relative, enough to be seen in a
-    /// full loop that ends at `sigma_min`.
+    /// At a float32 `abar` the way diffusers' multistep schedulers see it: they keep
+    /// `alphas_cumprod` ([`NoiseSchedule::abar_f32`]) and the ratio `sqrt((1 - abar) / abar)` in
+    /// float32 and convert the ratio to `alpha = 1 / sqrt(ratio^2 + 1)`, `sigma = ratio alpha` in
+    /// float32 too; `lambda` is then taken in f64 from those float32 values.
+    ///
+    /// Both roundings show in full loops. Near clean data (`1 - abar_0 = 1e-4` for the DDPM
+    /// schedule) the float32 ratio is about 1e-4 off (relative), enough to be seen in a loop that
+    /// ends at `sigma_min`. At the noisiest step of the cosine schedule (`abar_999 = 2.4e-9`)
+    /// float32 `sigma` is 0.99999994 where the exact value rounds to 1; an epsilon prediction
+    /// there is `(x - sigma eps) / alpha` with `sigma eps` cancelling all but ~1e-3 of `x`, so that
+    /// one ulp moves the data prediction by ~6e-5 relative and a 5-step DPM-Solver++ result by
+    /// ~7e-4.
+    pub fn from_abar_f32(abar: f32) -> Self {
+        let ratio = ((1.0 - abar) / abar).sqrt();
+        let alpha = (ratio * ratio + 1.0).sqrt().recip();
+        let sigma = ratio * alpha;
+        let (alpha, sigma) = (f64::from(alpha), f64::from(sigma));
+        Self { alpha, sigma, lambda: alpha.ln() - sigma.ln() }
+    }
+
+    /// [`Self::from_abar_f32`] of `abar` rounded to float32. Where diffusers' table is at hand,
+    /// prefer its entries: diffusers rounds each beta before the product, which for a beta near 1
+    /// (the cosine schedule's cap, 0.999) moves `abar` by 1.3e-5 relative ([`noise_levels`]).
     pub fn from_abar_diffusers(abar: f64) -> Self {
-        let abar32 = abar as f32;
-        Self::from_sigma_ratio(((1.0 - abar32) / abar32).sqrt() as f64)
+        Self::from_abar_f32(abar as f32)
     }
 
     /// Clean data: `alpha = 1`, `sigma = 0`, `lambda = +inf`.
@@ -99,9 +118,25 @@ pub enum FinalSigma {
 }
 
 /// The `K + 1` noise levels of a run over `timesteps` (descending, in `[0, T-1]`): one per step and
-/// the final one, each from `abar(tau)` as diffusers rounds it ([`NoiseLevel::from_abar_diffusers`]).
+/// the final one, each from diffusers' float32 `alphas_cumprod` ([`NoiseSchedule::abar_f32`],
+/// [`NoiseLevel::from_abar_f32`]). diffusers only steps on integer timesteps; a fractional `tau`
+/// (which it never sees) interpolates `log abar` of that table linearly, as
+/// [`NoiseSchedule::abar_continuous`] does for the exact one.
 pub fn noise_levels(schedule: &NoiseSchedule, timesteps: &[f64], final_sigma: FinalSigma) -> Result<Vec<NoiseLevel>> {
-    levels_with(schedule, timesteps, final_sigma, NoiseLevel::from_abar_diffusers)
+    let table = schedule.abar_f32();
+    let level_at = |tau: f64| {
+        let lo = tau.floor();
+        let frac = tau - lo;
+        let lo = lo as usize;
+        let abar = if frac == 0.0 || lo + 1 >= table.len() {
+            table[lo]
+        } else {
+            let (log_lo, log_hi) = (f64::from(table[lo]).ln(), f64::from(table[lo + 1]).ln());
+            (log_lo + (log_hi - log_lo) * frac).exp() as f32
+        };
+        NoiseLevel::from_abar_f32(abar)
+    };
+    levels_with(schedule, timesteps, final_sigma, &level_at)
 }
 
 /// [`noise_levels`] from the exact f64 `abar(tau)` ([`NoiseLevel::from_abar`]): the solver of the
@@ -111,14 +146,16 @@ pub fn exact_noise_levels(
     timesteps: &[f64],
     final_sigma: FinalSigma,
 ) -> Result<Vec<NoiseLevel>> {
-    levels_with(schedule, timesteps, final_sigma, NoiseLevel::from_abar)
+    levels_with(schedule, timesteps, final_sigma, &|tau| NoiseLevel::from_abar(schedule.abar_continuous(tau)))
 }
 
+/// The levels at `timesteps` and the final one; `level_at(tau)` is only called for a `tau` in
+/// `[0, T-1]`.
 fn levels_with(
     schedule: &NoiseSchedule,
     timesteps: &[f64],
     final_sigma: FinalSigma,
-    level_at: fn(f64) -> NoiseLevel,
+    level_at: &dyn Fn(f64) -> NoiseLevel,
 ) -> Result<Vec<NoiseLevel>> {
     if timesteps.is_empty() {
         return Err(Error::invalid("steps", "no sampling steps"));
@@ -135,10 +172,10 @@ fn levels_with(
             format!("must decrease strictly; step {i} has t = {} after {}", timesteps[i], timesteps[i - 1]),
         ));
     }
-    let mut levels: Vec<NoiseLevel> = timesteps.iter().map(|&t| level_at(schedule.abar_continuous(t))).collect();
+    let mut levels: Vec<NoiseLevel> = timesteps.iter().map(|&t| level_at(t)).collect();
     levels.push(match final_sigma {
         FinalSigma::Zero => NoiseLevel::clean(),
-        FinalSigma::SigmaMin => level_at(schedule.abar()[0]),
+        FinalSigma::SigmaMin => level_at(0.0),
     });
     Ok(levels)
 }
