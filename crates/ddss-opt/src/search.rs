@@ -446,12 +446,12 @@ fn validate(
     real: &Tensor,
     comm: &dyn Collective,
 ) -> Result<f64> {
-    match parts.teacher {
-        Some(teacher) => {
+    match (parts.validation_metric(), parts.teacher) {
+        (ValidationMetric::TeacherDistance, Some(teacher)) => {
             let noise = BatchNoise { batch: teacher.num_validation(), ..validation_noise(settings) };
             validation_teacher_distance(&parts.validation_objective(sampler, settings), noise, comm)
         }
-        None => validation_kid_sharded(&parts.objective(sampler, settings), settings, real, comm),
+        _ => validation_kid_sharded(&parts.objective(sampler, settings), settings, real, comm),
     }
 }
 
@@ -827,9 +827,9 @@ impl<'a> ObjectiveParts<'a> {
 
     /// What a search with these parts validates on.
     pub fn validation_metric(&self) -> ValidationMetric {
-        match self.teacher {
-            Some(_) => ValidationMetric::TeacherDistance,
-            None => ValidationMetric::Kid,
+        match self.teacher.map(Teacher::validation_metric) {
+            Some(crate::teacher::TeacherValidation::Distance) => ValidationMetric::TeacherDistance,
+            Some(crate::teacher::TeacherValidation::Kid) | None => ValidationMetric::Kid,
         }
     }
 }

@@ -141,6 +141,22 @@ pub struct Teacher {
     train_features: Option<Tensor>,
     validation_features: Option<Tensor>,
     device: Device,
+    /// What the best sampler is chosen by ([`TeacherValidation`]).
+    validation_metric: TeacherValidation,
+}
+
+/// What a search with a teacher validates on, and so chooses its best sampler by.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TeacherValidation {
+    /// The mean teacher distance of the validation pairs (the default): the sampler closest to
+    /// the teacher.
+    #[default]
+    Distance,
+    /// KID of `optim.validation_num` held-out samples against the real features, as without a
+    /// teacher: the sampler with the best sample quality, which may move past the teacher where
+    /// the model itself errs.
+    Kid,
 }
 
 impl std::fmt::Debug for Teacher {
@@ -199,7 +215,18 @@ impl Teacher {
             train_features,
             validation_features,
             device,
+            validation_metric: TeacherValidation::Distance,
         })
+    }
+
+    /// The same teacher, validated on `metric`.
+    pub fn validated_on(self, metric: TeacherValidation) -> Self {
+        Self { validation_metric: metric, ..self }
+    }
+
+    /// What the best sampler is chosen by.
+    pub fn validation_metric(&self) -> TeacherValidation {
+        self.validation_metric
     }
 
     /// How the teacher enters the loss.

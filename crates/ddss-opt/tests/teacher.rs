@@ -12,7 +12,7 @@ use ddss_opt::loss::{FeatureLoss, LossKind};
 use ddss_opt::objective::{BatchNoise, Objective};
 use ddss_opt::pair_cache::{self, CacheOutcome};
 use ddss_opt::search::{run_search, ObjectiveParts, SearchObserver};
-use ddss_opt::teacher::{Pairs, TeacherDistance, TeacherLoss};
+use ddss_opt::teacher::{Pairs, TeacherDistance, TeacherLoss, TeacherValidation};
 use ddss_opt::unroll::Remat;
 use ggdm_core::ggdm::{GgdmSampler, Learnable};
 use ggdm_core::noise::{NoiseSource, SeededNoise};
@@ -239,6 +239,37 @@ fn a_resumed_teacher_search_equals_an_uninterrupted_one() {
     let initial = tiny_sampler(Learnable::all());
     assert!(!straight.params.grid_logits.equal(&initial.params.grid_logits), "the search must move the sampler");
     let _ = std::fs::remove_dir_all(&base);
+}
+
+#[test]
+fn a_teacher_validated_on_kid_chooses_by_validation_kid() {
+    let dir = std::env::temp_dir().join(format!("ddss-teacher-validate-kid-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let model = tiny_unet(false, PredictionType::Epsilon);
+    let features = Projection::new();
+    let real = real_features();
+    let loss = FeatureLoss::new(LossKind::Kid, &real).expect("loss");
+    let teacher = tiny_teacher(LOSSES[4], &features).validated_on(TeacherValidation::Kid);
+    assert_eq!(teacher.validation_metric(), TeacherValidation::Kid);
+    let mut s = tiny_sampler(Learnable::all());
+    let parts = ObjectiveParts { teacher: Some(&teacher), ..cpu_parts(&model, &features, &loss) };
+    assert_eq!(parts.validation_metric().key(), "kid");
+    let outcome = run_search(&mut s, parts, &settings(4, 2), &real, &dir, false, &mut StopAt(4)).expect("search");
+    assert_eq!(outcome.validation_metric.key(), "kid");
+    let text = std::fs::read_to_string(dir.join("metrics.jsonl")).expect("metrics");
+    let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).expect("line")).collect();
+    for (i, line) in lines.iter().enumerate() {
+        assert!(line.get("validation_teacher_distance").is_none(), "{line}");
+        let validated = line.get("validation_kid").and_then(|v| v.as_f64());
+        assert_eq!(validated.is_some(), i % 2 == 1, "{line}");
+    }
+    // The training loss is still the hybrid teacher loss: the same first step as a search that
+    // validates on the distance.
+    let other = dir.join("distance");
+    std::fs::create_dir_all(&other).expect("dir");
+    let (_, distance_lines) = teacher_search(&other, 1, false);
+    assert_eq!(lines[0]["loss"].as_f64().map(f64::to_bits), distance_lines[0]["loss"].as_f64().map(f64::to_bits));
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The key of a test entry.

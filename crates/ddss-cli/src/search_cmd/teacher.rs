@@ -21,7 +21,7 @@ use crate::sample::{SamplerChoice, SAMPLER_NAMES};
 use anyhow::{bail, Context, Result};
 use ddss_opt::collective::Collective;
 use ddss_opt::pair_cache::{self, CacheOutcome};
-use ddss_opt::teacher::{initial_noise, Pairs, Teacher, TeacherDistance, TeacherLoss};
+use ddss_opt::teacher::{initial_noise, Pairs, Teacher, TeacherDistance, TeacherLoss, TeacherValidation};
 use fid_metrics::features::FeatureExtractor;
 use ggdm_core::grid::Spacing;
 use ggdm_core::model_dir::{LoadedModel, NetworkPrecision};
@@ -59,6 +59,12 @@ pub struct TeacherSection {
     /// Default 0: the teacher alone.
     #[serde(default)]
     pub kid_weight: f64,
+    /// What the best sampler is chosen by: `distance` (default: the mean teacher distance of the
+    /// validation pairs) or `kid` (KID of `[optim] validation_num` held-out samples, as without
+    /// a teacher: lets a hybrid loss keep a sampler that moved past the teacher where the model
+    /// itself errs).
+    #[serde(default)]
+    pub validate: TeacherValidation,
     /// Training pairs (default 256); each step's batch draws from them.
     #[serde(default = "default_pairs")]
     pub pairs: usize,
@@ -176,7 +182,7 @@ pub fn build(
     }
     let (train, validation) = (pairs.0?, pairs.1?);
     let loss = TeacherLoss { distance: section.distance, kid_weight: section.kid_weight };
-    Ok(Some(Teacher::new(loss, train, validation, extractor, device)?))
+    Ok(Some(Teacher::new(loss, train, validation, extractor, device)?.validated_on(section.validate)))
 }
 
 /// The samples of the deterministic solver `sampler` (`steps` steps, the `ddss-cli sample` grid)
@@ -203,6 +209,7 @@ pub fn cached_solver_samples(
         spacing: None,
         distance: TeacherDistance::L2,
         kid_weight: 0.0,
+        validate: TeacherValidation::Distance,
         pairs: count,
         validation_pairs: 1,
         seed,
