@@ -55,6 +55,7 @@ reference = "{data}"
 compare = ["ddim"]
 seed = 7
 grid_num = 4
+many_step = {{ steps = 0 }}
 "#,
             data = data.display(),
         );

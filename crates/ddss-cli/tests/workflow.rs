@@ -30,6 +30,7 @@ compare = ["ddim", "ddpm"]
 seed = 7
 grid_num = 4
 plot_steps = [2]
+many_step = {{ sampler = "unipc", steps = 20 }}
 "#,
             data = data.display(),
             classifier_b = repo("models/fmnist-classifier-b.safetensors"),
@@ -48,10 +49,21 @@ fn search_export_sample_and_table_on_the_shipped_model() {
     let run = dir.join("run");
 
     // search: sampler, grids, results at K and at the plot's extra K, the plot.
-    let out =
-        run_ok(bin().args(["--quiet", "search", "--device", "cpu", "--config"]).arg(&config).arg("--out").arg(&run));
+    let cache = dir.join("cache");
+    let out = run_ok(
+        bin()
+            .env("DDSS_CACHE", &cache)
+            .args(["--quiet", "search", "--device", "cpu", "--config"])
+            .arg(&config)
+            .arg("--out")
+            .arg(&run),
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("| sampler | steps | features |"), "{stdout}");
+    assert!(stdout.contains("| unipc (many-step reference) | 20 |"), "{stdout}");
+    assert!(stdout.contains("Reference: unipc at 20 steps") && stdout.contains("K = 3: learned FID"), "{stdout}");
+    let cached = std::fs::read_dir(cache.join("teacher")).expect("the reference samples are cached").count();
+    assert!(cached >= 1, "nothing in the cache");
     assert!(stdout.contains("run directory:"), "{stdout}");
     for file in [
         "config.toml",
@@ -72,8 +84,11 @@ fn search_export_sample_and_table_on_the_shipped_model() {
     }
     let rows = json(&run.join("results.json"));
     let rows = rows.as_array().expect("rows");
-    // (ddim, ddpm) x (K = 3, 2) + learned, each with two feature networks.
-    assert_eq!(rows.len(), 10, "{rows:?}");
+    // (ddim, ddpm) x (K = 3, 2) + learned + the many-step reference, each with two feature networks.
+    assert_eq!(rows.len(), 12, "{rows:?}");
+    let (reference, rows): (Vec<_>, Vec<_>) = rows.iter().partition(|r| r["reference"] == true);
+    assert_eq!(reference.len(), 2, "{reference:?}");
+    assert!(reference.iter().all(|r| r["sampler"] == "unipc" && r["steps"] == 20), "{reference:?}");
     for row in rows {
         assert!(row["fid"].as_f64().expect("fid").is_finite());
         let held_out = row["held_out"].as_bool().expect("held_out");
@@ -140,8 +155,10 @@ fn search_export_sample_and_table_on_the_shipped_model() {
         format!("learned-x={},learned-x={}", run.join("sampler.json").display(), run2.join("sampler.json").display());
     let out = run_ok(
         bin()
+            .env("DDSS_CACHE", &cache)
             .args(["--quiet", "table", "--device", "cpu", "--model", &repo("models/fashion-mnist-ddpm")])
             .args(["--samplers", "ddim,ddim@quadratic", "--steps", "2,3", "--learned", &learned])
+            .args(["--many-step", "unipc:20"])
             .args(["--features", &repo("models/fmnist-classifier-b.safetensors"), "--num", "8", "--batch", "4"])
             .arg("--ref")
             .arg(&data)
@@ -153,8 +170,9 @@ fn search_export_sample_and_table_on_the_shipped_model() {
     assert!(stdout.contains("| ddim@quadratic |"), "{stdout}");
     assert!(stdout.contains("| **learned-x** |"), "{stdout}");
     assert!(stdout.contains("best baseline"), "{stdout}");
+    assert!(stdout.contains("Reference: unipc at 20 steps"), "{stdout}");
     let rows = json(&table.join("results.json"));
-    assert_eq!(rows.as_array().expect("rows").len(), 6);
+    assert_eq!(rows.as_array().expect("rows").len(), 7, "six rows and the reference");
     assert!(table.join("table.md").is_file());
     assert!(table.join("fid_vs_steps.png").is_file());
     std::fs::remove_file(table.join("table.md")).unwrap();

@@ -171,6 +171,7 @@ batch = 4
 reference = "{data}"
 compare = []
 grid_num = 4
+many_step = {{ steps = 0 }}
 
 [output]
 device = "cpu"
