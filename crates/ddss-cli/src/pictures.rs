@@ -134,22 +134,24 @@ impl Curves {
         })
     }
 
-    /// One panel: `points` against the step, with a marker on every point when `markers`.
+    /// One panel under `caption`: `points` against the step (`y_desc` up), dotted when there
+    /// are few; on the validation panel the kept step is marked.
     fn draw_panel<DB: DrawingBackend>(
         &self,
         area: &DrawingArea<DB, Shift>,
         points: &[(f64, f64)],
-        label: &str,
+        (caption, y_desc): (&str, &str),
         colour: RGBColor,
-        markers: bool,
+        validation: bool,
     ) -> Result<()> {
         let max_step = self.loss.iter().chain(points).map(|p| p.0).fold(1.0, f64::max);
         let (lo, hi) = points.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), p| (lo.min(p.1), hi.max(p.1)));
         let pad = ((hi - lo) * 0.08).max(hi.abs().max(lo.abs()) * 0.02).max(1e-12);
         let mut chart = ChartBuilder::on(area)
+            .caption(caption, text(17.0))
             .margin(12)
             .x_label_area_size(45)
-            .y_label_area_size(95)
+            .y_label_area_size(85)
             .build_cartesian_2d(0.0..max_step * 1.02, (lo - pad)..(hi + pad))
             .map_err(drawing_error)?;
         chart
@@ -157,17 +159,19 @@ impl Curves {
             .bold_line_style(GRID_GREY)
             .light_line_style(TRANSPARENT)
             .x_desc("search step")
-            .y_desc(label)
-            .axis_desc_style(text(17.0))
+            .y_desc(y_desc)
+            .axis_desc_style(text(16.0))
             .label_style(text(14.0))
+            .x_label_formatter(&|v| format!("{v:.0}"))
+            .y_label_formatter(&|v| crate::plot::format_tick(*v))
             .draw()
             .map_err(drawing_error)?;
         chart.draw_series(LineSeries::new(points.iter().copied(), colour.stroke_width(2))).map_err(drawing_error)?;
-        if markers {
+        if validation || points.len() <= 100 {
             let dots = points.iter().map(|&p| Circle::new(p, 4, colour.filled()));
             chart.draw_series(dots).map_err(drawing_error)?;
         }
-        if let Some(best) = self.best_step.and_then(|b| points.iter().find(|p| p.0 == b)).filter(|_| markers) {
+        if let Some(best) = self.best_step.and_then(|b| points.iter().find(|p| p.0 == b)).filter(|_| validation) {
             let diamond =
                 EmptyElement::at(*best) + Polygon::new(vec![(0, -10), (10, 0), (0, 10), (-10, 0)], BLACK.filled());
             chart.draw_series(std::iter::once(diamond)).map_err(drawing_error)?;
@@ -186,14 +190,15 @@ impl Figure for Curves {
     fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Result<()> {
         let root = root.titled("search: loss and validation against the step", text(22.0)).map_err(drawing_error)?;
         let (top, bottom) = root.split_vertically(root.dim_in_pixel().1 / 2);
-        let loss_label = format!("loss: {}", self.loss_label);
-        self.draw_panel(&top, &self.loss, &loss_label, PALETTE[0], self.loss.len() <= 60)?;
+        let loss_caption = format!("training loss: {}", self.loss_label);
+        self.draw_panel(&top, &self.loss, (&loss_caption, "loss"), PALETTE[0], false)?;
         if self.validation.is_empty() {
             let note = "no validation in metrics.jsonl";
             bottom.draw_text(note, &text(18.0), (120, 100)).map_err(drawing_error)?;
             return Ok(());
         }
-        self.draw_panel(&bottom, &self.validation, &self.validation_label, PALETTE[1], true)
+        let caption = format!("{} (step 0: the start; the search keeps the best)", self.validation_label);
+        self.draw_panel(&bottom, &self.validation, (&caption, "validation"), PALETTE[1], true)
     }
 }
 
@@ -299,7 +304,7 @@ mod tests {
             assert!(count_colour(&image, colour) > 200, "{colour:?}");
         }
         let svg = crate::figure::render_svg(&curves).unwrap();
-        for label in ["loss: KID on fmnist-classifier-a", "validation KID", "search step", "kept"] {
+        for label in ["training loss: KID on fmnist-classifier-a", "validation KID", "search step", "kept"] {
             assert!(svg.contains(label), "the SVG lacks `{label}`");
         }
         std::fs::write(&metrics, "{\"loss\":1.0}\n").unwrap();
@@ -315,5 +320,37 @@ mod tests {
         });
         assert_eq!(loss_label(&loss), "l2 distance to unipc 100 steps + 0.1 x KID on inception");
         assert_eq!(loss_label(&serde_json::json!({"kind": {"mmd_rbf": {}}})), "MMD_RBF");
+    }
+
+    /// The start of the search that learned `learned`, from the `[sampler]` section of the
+    /// config its provenance holds.
+    fn start_of(learned: &GgdmSampler) -> GgdmSampler {
+        let section = &learned.provenance["config"]["sampler"];
+        let spacing: ggdm_core::grid::Spacing = serde_json::from_value(section["spacing"].clone()).unwrap();
+        let (scheduler, cpu) = (&learned.scheduler, tch::Device::Cpu);
+        let (steps, history, learn) = (learned.steps, learned.history, learned.learn);
+        match learned.base {
+            ggdm_core::ggdm::GgdmBase::Ddim => {
+                GgdmSampler::init_from_spacing(scheduler, steps, spacing, learned.eta, history, learn, cpu)
+            }
+            base => GgdmSampler::init_from_solver_spacing(base, scheduler, steps, spacing, history, learn, cpu),
+        }
+        .unwrap()
+        .with_query(learned.query)
+    }
+
+    /// Redraws the pictures of the run directory `DDSS_RENDER_DIR` (its sampler.json,
+    /// metrics.jsonl and, when there, results.json) into it, to look at them on a real search.
+    #[test]
+    #[ignore = "draws a real run directory named by DDSS_RENDER_DIR"]
+    fn render_a_run_directory() {
+        let dir = std::path::PathBuf::from(std::env::var("DDSS_RENDER_DIR").expect("DDSS_RENDER_DIR"));
+        let learned = GgdmSampler::load(&dir.join("sampler.json"), tch::Device::Cpu).unwrap();
+        let initial = SamplerChoice::Ggdm(Box::new(start_of(&learned)));
+        write_search_pictures(&dir, &initial, &learned).unwrap();
+        if let Ok(text) = std::fs::read_to_string(dir.join("results.json")) {
+            let rows: Vec<crate::search_cmd::ResultRow> = serde_json::from_str(&text).unwrap();
+            crate::table_cmd::write_plots(&rows, &dir, "render").unwrap();
+        }
     }
 }

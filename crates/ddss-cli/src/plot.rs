@@ -210,6 +210,13 @@ impl StepsPlot<'_> {
         (widest + LEGEND_LABEL_X as u32 + 24).max(160)
     }
 
+    /// How far series `i` is moved across (in `ln(steps)`) when series have error bars.
+    fn dodge(&self, i: usize) -> f64 {
+        let n = self.series.iter().filter(|s| !s.horizontal).count().max(1) as f64;
+        let width = self.axes.x_range.1 - self.axes.x_range.0;
+        (i as f64 - (n - 1.0) / 2.0) * width * 0.008
+    }
+
     fn draw_series<DB: DrawingBackend>(&self, chart: &mut StepsChart<'_, DB>, i: usize, s: &Series) -> Result<()> {
         let colour = PALETTE[i % PALETTE.len()];
         let axes = &self.axes;
@@ -222,21 +229,18 @@ impl StepsPlot<'_> {
         }
         let mut order: Vec<usize> = (0..s.points.len()).collect();
         order.sort_by_key(|&j| s.points[j].0);
-        let at = |j: usize| (axes.x(s.points[j].0), axes.y(s.points[j].1));
+        // Series with error bars are moved apart a little so their bars do not hide each other.
+        let dodge = if s.spread.is_empty() { 0.0 } else { self.dodge(i) };
+        let at = |j: usize| (axes.x(s.points[j].0) + dodge, axes.y(s.points[j].1));
         if !s.spread.is_empty() {
-            let bars = order.iter().map(|&j| {
-                let (k, v) = s.points[j];
-                let spread = s.spread[j].abs();
-                ErrorBar::new_vertical(
-                    axes.x(k),
-                    axes.y(v - spread),
-                    axes.y(v),
-                    axes.y(v + spread),
-                    colour.stroke_width(2),
-                    14,
-                )
-            });
-            chart.draw_series(bars).map_err(drawing_error)?;
+            let style = colour.stroke_width(2);
+            for &j in &order {
+                let (x, v, spread) = (at(j).0, s.points[j].1, s.spread[j].abs());
+                let (low, high) = ((x, axes.y(v - spread)), (x, axes.y(v + spread)));
+                let cap = |end| EmptyElement::at(end) + PathElement::new(vec![(-6, 0), (6, 0)], style);
+                chart.draw_series([PathElement::new(vec![low, high], style)]).map_err(drawing_error)?;
+                chart.draw_series([cap(low), cap(high)]).map_err(drawing_error)?;
+            }
         }
         if order.len() == 1 {
             let diamond = EmptyElement::at(at(order[0]))

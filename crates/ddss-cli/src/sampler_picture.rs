@@ -22,14 +22,13 @@ pub fn write(start: &GgdmSampler, learned: &GgdmSampler, path: &Path) -> Result<
             learned.steps
         );
     }
+    let history = format!("{:?}", learned.history).to_lowercase();
+    let query = format!("{:?}", learned.query).to_lowercase();
     let title = format!(
-        "learned sampler: K = {}, started from {} ({:?} history, {:?} query)",
+        "learned sampler: K = {}, started from {} ({history} history, {query} query)",
         learned.steps,
-        learned.base.name(),
-        learned.history,
-        learned.query
-    )
-    .to_lowercase();
+        learned.base.name()
+    );
     let picture = SamplerPicture { start: start.to_file().derived, learned: learned.to_file().derived, title };
     crate::figure::write_png(&picture, path)?;
     crate::figure::write_svg(&picture, &path.with_extension("svg"))
@@ -148,15 +147,18 @@ impl SamplerPicture {
             .label_style(text(13.0))
             .axis_desc_style(text(15.0))
             .x_label_formatter(&|v| format!("{v:.0}"))
+            .y_label_formatter(&|v| format!("{v:.0}"))
             .draw()
             .map_err(drawing_error)?;
-        for (points, colour, name) in [(&start, PALETTE[0], "start"), (&learned, PALETTE[1], "learned")] {
+        // The start as large rings under the learned dots, so both show where they agree.
+        for (points, colour, name, radius) in [(&start, PALETTE[0], "start", 8), (&learned, PALETTE[1], "learned", 4)] {
+            let style = if radius > 4 { colour.stroke_width(3) } else { colour.filled() };
             chart
                 .draw_series(LineSeries::new(points.iter().copied(), colour.stroke_width(2)))
                 .map_err(drawing_error)?
                 .label(name)
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(3)));
-            chart.draw_series(points.iter().map(|&p| Circle::new(p, 4, colour.filled()))).map_err(drawing_error)?;
+            chart.draw_series(points.iter().map(|&p| Circle::new(p, radius, style))).map_err(drawing_error)?;
         }
         chart
             .configure_series_labels()
@@ -203,14 +205,17 @@ impl Figure for SamplerPicture {
         let (grids, matrices) = root.split_vertically(340);
         self.draw_grids(&grids)?;
         let cells = matrices.split_evenly((2, 3));
-        let rows = [("u", &self.start.u, &self.learned.u), ("w", &self.start.w, &self.learned.w)];
+        let rows = [
+            ("u_ij (weight of x_j)", &self.start.u, &self.learned.u),
+            ("w_ij (weight of x0_hat_j)", &self.start.w, &self.learned.w),
+        ];
         for (r, (name, start, learned)) in rows.into_iter().enumerate() {
             let scale = largest(&[start, learned]);
             let change = difference(learned, start);
             let change_scale = largest(&[&change]);
             draw_heatmap(&cells[3 * r], start, scale, &format!("{name}, start"))?;
             draw_heatmap(&cells[3 * r + 1], learned, scale, &format!("{name}, learned"))?;
-            draw_heatmap(&cells[3 * r + 2], &change, change_scale, &format!("{name}, learned - start"))?;
+            draw_heatmap(&cells[3 * r + 2], &change, change_scale, &format!("{name}: learned - start"))?;
         }
         Ok(())
     }
@@ -262,7 +267,13 @@ mod tests {
             assert!(count > 100, "colour {colour:?} drawn on {count} pixels");
         }
         let svg = std::fs::read_to_string(path.with_extension("svg")).unwrap();
-        for label in ["timesteps tau_i", "u, start", "u, learned", "w, learned - start", "started from unipc"] {
+        for label in [
+            "timesteps tau_i",
+            "u_ij (weight of x_j), start",
+            "u_ij (weight of x_j), learned",
+            "w_ij (weight of x0_hat_j): learned - start",
+            "K = 6, started from unipc",
+        ] {
             assert!(svg.contains(label), "the SVG lacks `{label}`");
         }
         assert!(write(&start, &unipc(5), &path).is_err());

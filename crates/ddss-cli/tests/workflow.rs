@@ -60,13 +60,21 @@ fn search_export_sample_and_table_on_the_shipped_model() {
         "metrics.jsonl",
         "before.png",
         "after.png",
+        "before_after.png",
+        "curves.png",
+        "curves.svg",
+        "sampler.png",
+        "sampler.svg",
         "grid_ddim.png",
         "grid_ddpm.png",
         "grid_learned.png",
         "results.json",
         "fid_vs_steps.png",
+        "fid_vs_steps.svg",
         "fid_vs_steps_classifier-fmnist-classifier-a.png",
         "fid_vs_steps_classifier-fmnist-classifier-b.png",
+        "kid_vs_steps.png",
+        "kid_vs_steps.svg",
     ] {
         assert!(run.join(file).is_file(), "search did not write {file}");
     }
@@ -84,6 +92,19 @@ fn search_export_sample_and_table_on_the_shipped_model() {
     }
     let plot = image::open(run.join("fid_vs_steps.png")).expect("plot is a PNG");
     assert!(plot.width() >= 600 && plot.height() >= 400);
+    let svg = std::fs::read_to_string(run.join("fid_vs_steps.svg")).expect("svg");
+    for label in ["ddim", "ddpm", "learned", "sampling steps"] {
+        assert!(svg.contains(label), "fid_vs_steps.svg lacks `{label}`");
+    }
+    // Grids of 28 px samples have 84 px tiles: 2 x 2 tiles and 2 px gaps.
+    let after = image::open(run.join("after.png")).expect("after.png");
+    assert_eq!((after.width(), after.height()), (2 * 86 + 2, 2 * 86 + 2));
+    let pair = image::open(run.join("before_after.png")).expect("before_after.png");
+    assert!(pair.width() > 2 * after.width() && pair.height() > after.height());
+    for picture in ["curves.png", "sampler.png"] {
+        let image = image::open(run.join(picture)).expect(picture);
+        assert!(image.width() >= 800 && image.height() >= 600, "{picture}");
+    }
 
     // a second search into the same folder needs --resume.
     let err = run_err(bin().args(["search", "--device", "cpu", "--config"]).arg(&config).arg("--out").arg(&run));
@@ -131,7 +152,9 @@ fn search_export_sample_and_table_on_the_shipped_model() {
             .arg(&run2),
     );
     assert_eq!(json(&run2.join("sampler.json"))["steps"], 2);
-    assert!(run2.join("after.png").is_file());
+    for file in ["after.png", "before_after.png", "curves.png", "sampler.png"] {
+        assert!(run2.join(file).is_file(), "search --skip-eval did not write {file}");
+    }
     assert!(!run2.join("results.json").exists());
 
     // table: baselines at K = 2, 3 plus both learned samplers.
@@ -156,7 +179,9 @@ fn search_export_sample_and_table_on_the_shipped_model() {
     let rows = json(&table.join("results.json"));
     assert_eq!(rows.as_array().expect("rows").len(), 6);
     assert!(table.join("table.md").is_file());
-    assert!(table.join("fid_vs_steps.png").is_file());
+    for file in ["fid_vs_steps.png", "fid_vs_steps.svg", "kid_vs_steps.png", "kid_vs_steps.svg"] {
+        assert!(table.join(file).is_file(), "table did not write {file}");
+    }
     std::fs::remove_file(table.join("table.md")).unwrap();
     let out = run_ok(bin().args(["--quiet", "table", "--render", "--out"]).arg(&table));
     assert!(String::from_utf8_lossy(&out.stdout).contains("| **learned-x** |"));
