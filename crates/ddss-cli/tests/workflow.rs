@@ -80,8 +80,12 @@ fn search_export_sample_and_table_on_the_shipped_model() {
     }
     let rows = json(&run.join("results.json"));
     let rows = rows.as_array().expect("rows");
-    // (ddim, ddpm) x (K = 3, 2) + learned, each with two feature networks.
+    // (ddim, ddpm) x (K = 3, 2) + learned, each with two feature networks, and the many-step
+    // reference line (UniPC at 100 steps) on each.
+    let (references, rows): (Vec<_>, Vec<_>) = rows.iter().partition(|r| r["reference"] == true);
     assert_eq!(rows.len(), 10, "{rows:?}");
+    assert_eq!(references.len(), 2, "{references:?}");
+    assert!(references.iter().all(|r| r["sampler"] == "unipc" && r["steps"] == 100), "{references:?}");
     for row in rows {
         assert!(row["fid"].as_f64().expect("fid").is_finite());
         let held_out = row["held_out"].as_bool().expect("held_out");
@@ -177,7 +181,10 @@ fn search_export_sample_and_table_on_the_shipped_model() {
     assert!(stdout.contains("| **learned-x** |"), "{stdout}");
     assert!(stdout.contains("best baseline"), "{stdout}");
     let rows = json(&table.join("results.json"));
-    assert_eq!(rows.as_array().expect("rows").len(), 6);
+    // (ddim, ddim@quadratic) x (K = 2, 3) + two learned, and the many-step reference row.
+    let rows = rows.as_array().expect("rows");
+    assert_eq!(rows.len(), 7, "{rows:?}");
+    assert_eq!(rows.iter().filter(|r| r["reference"] == true).count(), 1, "{rows:?}");
     assert!(table.join("table.md").is_file());
     for file in ["fid_vs_steps.png", "fid_vs_steps.svg", "kid_vs_steps.png", "kid_vs_steps.svg"] {
         assert!(table.join(file).is_file(), "table did not write {file}");
