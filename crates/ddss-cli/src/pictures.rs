@@ -152,7 +152,7 @@ impl Curves {
             .margin(12)
             .x_label_area_size(45)
             .y_label_area_size(85)
-            .build_cartesian_2d(0.0..max_step * 1.02, (lo - pad)..(hi + pad))
+            .build_cartesian_2d(step_axis(max_step), (lo - pad)..(hi + pad))
             .map_err(drawing_error)?;
         chart
             .configure_mesh()
@@ -200,6 +200,13 @@ impl Figure for Curves {
         let caption = format!("{} (step 0: the start; the search keeps the best)", self.validation_label);
         self.draw_panel(&bottom, &self.validation, (&caption, "validation"), PALETTE[1], true)
     }
+}
+
+/// The step axis of [`Curves`]: `[0, max_step]` with ticks at whole steps only.
+fn step_axis(max_step: f64) -> crate::plot::Ticked {
+    let hi = max_step * 1.02;
+    let ticks = crate::plot::linear_ticks(0.0, max_step).into_iter().filter(|t| t.fract() == 0.0).collect();
+    crate::plot::Ticked { lo: 0.0, hi, ticks }
 }
 
 /// What the search minimised, from its config's `[loss]` (as `sampler.json`'s provenance holds
@@ -310,6 +317,13 @@ mod tests {
         std::fs::write(&metrics, "{\"loss\":1.0}\n").unwrap();
         assert!(Curves::read(&metrics, &provenance).unwrap_err().to_string().contains("line 1 has no step"));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_step_axis_ticks_whole_steps() {
+        assert_eq!(step_axis(4.0).ticks, vec![0.0, 1.0, 2.0, 3.0, 4.0]);
+        assert_eq!(step_axis(1.0).ticks, vec![0.0, 1.0]);
+        assert_eq!(step_axis(60.0).ticks, vec![0.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0]);
     }
 
     #[test]

@@ -86,7 +86,7 @@ fn log_ticks(lo: f64, hi: f64) -> Vec<f64> {
 }
 
 /// Tick values for a linear axis over `[lo, hi]` with a 1/2/5 step.
-fn linear_ticks(lo: f64, hi: f64) -> Vec<f64> {
+pub(crate) fn linear_ticks(lo: f64, hi: f64) -> Vec<f64> {
     let span = (hi - lo).max(f64::MIN_POSITIVE);
     let raw = span / 6.0;
     let magnitude = 10f64.powf(raw.log10().floor());
@@ -264,7 +264,7 @@ impl StepsPlot<'_> {
             let y = 60 + i as i32 * LEGEND_ROW;
             let style = colour.stroke_width(3);
             if s.horizontal {
-                for x in [8, 28, 48] {
+                for x in [4, 20, 36] {
                     area.draw(&PathElement::new(vec![(x, y), (x + 10, y)], style)).map_err(drawing_error)?;
                 }
             } else if s.points.len() == 1 {
