@@ -18,8 +18,15 @@ use std::path::Path;
 use tch::Tensor;
 
 /// Writes `curves.png` and `sampler.png` (each with an SVG) into `run_dir`, from its
-/// `metrics.jsonl` and the start and learned samplers; `initial` must be a GGDM sampler.
-pub fn write_search_pictures(run_dir: &Path, initial: &SamplerChoice, learned: &GgdmSampler) -> Result<()> {
+/// `metrics.jsonl` and the start (`initial`, a GGDM sampler) and learned samplers. A picture that
+/// cannot be drawn is a warning, not an error: the search's results are already saved.
+pub fn write_search_pictures(run_dir: &Path, initial: &SamplerChoice, learned: &GgdmSampler) {
+    if let Err(error) = try_write_search_pictures(run_dir, initial, learned) {
+        tracing::warn!("the pictures of {} were not all drawn: {error:#}", run_dir.display());
+    }
+}
+
+fn try_write_search_pictures(run_dir: &Path, initial: &SamplerChoice, learned: &GgdmSampler) -> Result<()> {
     let SamplerChoice::Ggdm(start) = initial else {
         anyhow::bail!("the start of a search is a GGDM sampler; cannot draw {}", run_dir.join("sampler.png").display())
     };
@@ -361,7 +368,7 @@ mod tests {
         let dir = std::path::PathBuf::from(std::env::var("DDSS_RENDER_DIR").expect("DDSS_RENDER_DIR"));
         let learned = GgdmSampler::load(&dir.join("sampler.json"), tch::Device::Cpu).unwrap();
         let initial = SamplerChoice::Ggdm(Box::new(start_of(&learned)));
-        write_search_pictures(&dir, &initial, &learned).unwrap();
+        try_write_search_pictures(&dir, &initial, &learned).unwrap();
         if let Ok(text) = std::fs::read_to_string(dir.join("results.json")) {
             let rows: Vec<crate::search_cmd::ResultRow> = serde_json::from_str(&text).unwrap();
             crate::table_cmd::write_plots(&rows, &dir, "render").unwrap();

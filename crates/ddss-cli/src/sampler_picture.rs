@@ -246,7 +246,7 @@ mod tests {
     fn samplers() -> (GgdmSampler, GgdmSampler) {
         let (start, mut learned) = (unipc(6), unipc(6));
         tch::no_grad(|| {
-            let _ = learned.params.grid_logits.copy_(&tch::Tensor::from_slice(&[0.3, -0.2, 0.1, 0.0, -0.1, 0.2]));
+            learned.params.grid_logits.copy_(&tch::Tensor::from_slice(&[0.3, -0.2, 0.1, 0.0, -0.1, 0.2]));
             let _ = learned.params.u_residual.fill_(0.05);
             let _ = learned.params.w_residual.fill_(-0.05);
         });

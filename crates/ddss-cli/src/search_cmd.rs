@@ -519,7 +519,7 @@ pub fn run(args: SearchArgs) -> Result<()> {
     sampler.provenance = provenance(&config, &outcome, search_seconds);
     if root {
         sampler.save(&run_dir.join("sampler.json"))?;
-        crate::pictures::write_search_pictures(&run_dir, &initial, &sampler)?;
+        crate::pictures::write_search_pictures(&run_dir, &initial, &sampler);
     }
     // Every rank evaluates the learned sampler; the other ranks take it from memory (the same
     // values `sampler.json` holds) rather than from a file rank 0 may still be writing.
