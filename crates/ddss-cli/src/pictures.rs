@@ -69,7 +69,9 @@ fn before_after(before: &RgbImage, after: &RgbImage, before_label: &str) -> Resu
     {
         let (w, h) = canvas.dimensions();
         let area = BitMapBackend::with_buffer(&mut canvas, (w, h)).into_drawing_area();
-        let size = (LABEL_BAND as f64 * 0.5).min(before.width().min(after.width()) as f64 / 10.0).max(11.0);
+        // Labels of 20 px, smaller where a narrow grid would not hold them.
+        let room = (before.width().min(after.width()) + PANEL_GAP / 2) as f64;
+        let size = (20.0 * room / crate::figure::text_width(before_label, 20.0).max(1) as f64).clamp(9.0, 20.0);
         let centred = text(size).pos(plotters::style::text_anchor::Pos::new(
             plotters::style::text_anchor::HPos::Center,
             plotters::style::text_anchor::VPos::Center,

@@ -2,7 +2,7 @@
 //! of real images, with one or more feature networks, and writes the comparison as
 //! `results.json` (the rows of a search's `results.json`), `table.md` (one Markdown table per
 //! feature network: samplers down, K across, and the learned sampler against the best baseline)
-//! and `fid_vs_steps*.png` plots.
+//! and the `fid_vs_steps*` and `kid_vs_steps*` plots (PNG and SVG, [`crate::plot`]).
 //!
 //! Every sampler draws the same noise (sample `i` uses the stream `(seed, i)`, as `ddss-cli sample`
 //! and `eval` do), samples are rounded to 8-bit levels, and each batch of samples is scored by all
@@ -64,7 +64,7 @@ pub struct TableArgs {
     /// Noise seed (sample i uses stream (seed, i)).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Output directory (results.json, table.md, fid_vs_steps*.png).
+    /// Output directory (results.json, table.md, fid_vs_steps*.png/.svg, kid_vs_steps*.png/.svg).
     #[arg(long)]
     pub out: PathBuf,
     /// auto | cpu | cuda | cuda:N.
