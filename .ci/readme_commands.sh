@@ -15,7 +15,8 @@ t0=$(date +%s)
 rm -rf runs/fashion_mnist
 cargo xtask search --config configs/fashion_mnist.toml --quiet
 echo "search and comparison: $(seconds "$t0") s (build included)"
-for f in sampler.json results.json metrics.jsonl before.png after.png fid_vs_steps.png grid_learned.png; do
+for f in sampler.json results.json metrics.jsonl before.png after.png before_after.png curves.png sampler.png \
+    fid_vs_steps.png fid_vs_steps.svg kid_vs_steps.png kid_vs_steps.svg grid_learned.png; do
     test -s "runs/fashion_mnist/$f" || { echo "missing runs/fashion_mnist/$f"; exit 1; }
 done
 # The acceptance check, on the held-out classifier (2,000 samples, the same noise for every
@@ -68,6 +69,8 @@ step "cargo xtask table (small)"
 t0=$(date +%s)
 cargo xtask table --num 200 --steps 5 --out "$SCRATCH/table"
 test -s "$SCRATCH/table/fid_vs_steps.png"
+test -s "$SCRATCH/table/fid_vs_steps.svg"
+test -s "$SCRATCH/table/kid_vs_steps.png"
 echo "table: $(seconds "$t0") s"
 
 step "ddss-cli export-inception --half"

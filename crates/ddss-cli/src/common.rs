@@ -148,29 +148,38 @@ fn to_uint8_nhwc(samples: &Tensor) -> Result<(Vec<u8>, [usize; 4])> {
     Ok((out, [size[0] as usize, size[2] as usize, size[3] as usize, size[1] as usize]))
 }
 
-/// Writes samples as one PNG grid (`columns` wide, 2-pixel gaps).
+/// The smallest side, in pixels, a tile of a sample grid is scaled up to.
+pub const MIN_TILE: usize = 84;
+
+/// The integer factor that brings a side of `side` pixels to at least [`MIN_TILE`] (1 for
+/// larger samples).
+pub fn tile_scale(side: usize) -> usize {
+    MIN_TILE.div_ceil(side.max(1)).max(1)
+}
+
+/// Writes samples as one PNG grid (`columns` wide, 2-pixel gaps), each sample scaled up by
+/// [`tile_scale`] with nearest neighbour (a 28 px sample becomes an 84 px tile) so a difference
+/// can be seen.
 pub fn write_grid(samples: &Tensor, columns: usize, path: &Path) -> Result<()> {
     let (bytes, [n, h, w, c]) = to_uint8_nhwc(samples)?;
+    let scale = tile_scale(h.min(w));
+    let (th, tw) = (h * scale, w * scale);
     let columns = columns.clamp(1, n.max(1));
     let rows = n.div_ceil(columns);
     let gap = 2;
-    let (gw, gh) = (columns * (w + gap) + gap, rows * (h + gap) + gap);
+    let (gw, gh) = (columns * (tw + gap) + gap, rows * (th + gap) + gap);
     let mut grid = image::RgbImage::from_pixel(gw as u32, gh as u32, image::Rgb([255, 255, 255]));
     for i in 0..n {
         let (r, col) = (i / columns, i % columns);
-        for y in 0..h {
-            for x in 0..w {
-                let base = ((i * h + y) * w + x) * c;
+        for y in 0..th {
+            for x in 0..tw {
+                let base = ((i * h + y / scale) * w + x / scale) * c;
                 let px = if c == 1 { [bytes[base]; 3] } else { [bytes[base], bytes[base + 1], bytes[base + 2]] };
-                grid.put_pixel((gap + col * (w + gap) + x) as u32, (gap + r * (h + gap) + y) as u32, image::Rgb(px));
+                grid.put_pixel((gap + col * (tw + gap) + x) as u32, (gap + r * (th + gap) + y) as u32, image::Rgb(px));
             }
         }
     }
-    let mut encoded = Vec::new();
-    grid.write_to(&mut std::io::Cursor::new(&mut encoded), image::ImageFormat::Png)
-        .with_context(|| format!("encoding {}", path.display()))?;
-    ggdm_core::io::write_atomic(path, &encoded)?;
-    Ok(())
+    crate::figure::encode_png(&grid, path)
 }
 
 /// Writes each sample as `DIR/000000.png`, ...

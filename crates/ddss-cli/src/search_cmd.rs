@@ -4,7 +4,8 @@
 //! A run directory holds `config.toml` (the resolved config), `checkpoint.safetensors`
 //! (resumable), `metrics.jsonl`, `sampler.json` (the learned sampler, best by validation KID, or
 //! with a `[loss] teacher` by the teacher distance of the validation pairs: [`teacher`]),
-//! PNG grids (`grid_<sampler>.png`, `before.png`, `after.png` on the same noise) and
+//! PNG grids (`grid_<sampler>.png`, `before.png`, `after.png` on the same noise, side by side in
+//! `before_after.png`), the pictures of [`crate::pictures`] (`curves.png`, `sampler.png`), and
 //! `results.json` (one row per sampler and feature set, with `held_out` telling whether the loss
 //! ever saw that feature network).
 //!
@@ -518,6 +519,7 @@ pub fn run(args: SearchArgs) -> Result<()> {
     sampler.provenance = provenance(&config, &outcome, search_seconds);
     if root {
         sampler.save(&run_dir.join("sampler.json"))?;
+        crate::pictures::write_search_pictures(&run_dir, &initial, &sampler);
     }
     // Every rank evaluates the learned sampler; the other ranks take it from memory (the same
     // values `sampler.json` holds) rather than from a file rank 0 may still be writing.
@@ -545,7 +547,7 @@ pub fn run(args: SearchArgs) -> Result<()> {
         if !root {
             return Ok(());
         }
-        write_grid(&after, grid_columns(config.eval.grid_num), &run_dir.join("after.png"))?;
+        crate::pictures::write_after(&after, grid_columns(config.eval.grid_num), &run_dir, config.sampler.init.name())?;
         println!(
             "run directory: {} ({:.0} s in total, search {:.0} s; comparison skipped)",
             run_dir.display(),
@@ -685,14 +687,12 @@ impl Comparison<'_> {
         EvalOptions { num: eval.num, batch: eval.batch, seed: eval.seed, quantize: true, device: self.device }
     }
 
-    /// `grid_<name>.png`, and for the learned sampler `after.png` too.
+    /// `grid_<name>.png`, and for the learned sampler `after.png` and `before_after.png` too.
     fn write_grids(&self, name: &str, grid: &Tensor) -> Result<()> {
         let columns = grid_columns(self.config.eval.grid_num);
         write_grid(grid, columns, &self.run_dir.join(format!("grid_{name}.png")))?;
         if name == "learned" {
-            let path = self.run_dir.join("grid_learned.png");
-            let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-            ggdm_core::io::write_atomic(&self.run_dir.join("after.png"), &bytes)?;
+            crate::pictures::write_after(grid, columns, self.run_dir, self.config.sampler.init.name())?;
         }
         Ok(())
     }

@@ -2,7 +2,7 @@
 //! of real images, with one or more feature networks, and writes the comparison as
 //! `results.json` (the rows of a search's `results.json`), `table.md` (one Markdown table per
 //! feature network: samplers down, K across, and the learned sampler against the best baseline)
-//! and `fid_vs_steps*.png` plots.
+//! and the `fid_vs_steps*` and `kid_vs_steps*` plots (PNG and SVG, [`crate::plot`]).
 //!
 //! Every sampler draws the same noise (sample `i` uses the stream `(seed, i)`, as `ddss-cli sample`
 //! and `eval` do), samples are rounded to 8-bit levels, and each batch of samples is scored by all
@@ -64,7 +64,7 @@ pub struct TableArgs {
     /// Noise seed (sample i uses stream (seed, i)).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Output directory (results.json, table.md, fid_vs_steps*.png).
+    /// Output directory (results.json, table.md, fid_vs_steps*.png/.svg, kid_vs_steps*.png/.svg).
     #[arg(long)]
     pub out: PathBuf,
     /// auto | cpu | cuda | cuda:N.
@@ -100,8 +100,78 @@ fn distinct<T: PartialEq + Clone>(items: impl Iterator<Item = T>) -> Vec<T> {
     out
 }
 
-/// Writes `fid_vs_steps_<features>.png` for every feature network in `rows`, and
-/// `fid_vs_steps.png` for the first held-out one (or the first one); returns the paths.
+/// A metric the plots draw against steps.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum PlotMetric {
+    Fid,
+    /// KID x 1e3 (as in the tables), with error bars of one standard deviation over subsets.
+    Kid,
+}
+
+impl PlotMetric {
+    fn stem(self) -> &'static str {
+        match self {
+            Self::Fid => "fid",
+            Self::Kid => "kid",
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Fid => "FID",
+            Self::Kid => "KID x1e3",
+        }
+    }
+
+    fn axis_label(self) -> &'static str {
+        match self {
+            Self::Fid => "FID",
+            Self::Kid => "KID x1e3 (bars: ±1 std over subsets)",
+        }
+    }
+
+    /// The row's value and its error bar (0 for FID, which has none).
+    fn of(self, row: &ResultRow) -> (f64, f64) {
+        match self {
+            Self::Fid => (row.fid, 0.0),
+            Self::Kid => (row.kid_mean * 1e3, row.kid_std * 1e3),
+        }
+    }
+}
+
+/// One series per sampler of `rows` (all of one feature network), then one reference line per
+/// many-step reference row.
+fn plot_series(rows: &[&ResultRow], metric: PlotMetric) -> Vec<Series> {
+    let samplers = distinct(rows.iter().filter(|r| !r.reference).map(|r| r.sampler.clone()));
+    let mut series: Vec<Series> = samplers
+        .iter()
+        .map(|name| {
+            let of_sampler: Vec<&&ResultRow> = rows.iter().filter(|r| &r.sampler == name && !r.reference).collect();
+            Series {
+                label: name.clone(),
+                points: of_sampler.iter().map(|r| (r.steps, metric.of(r).0)).collect(),
+                horizontal: false,
+                spread: if metric == PlotMetric::Kid {
+                    of_sampler.iter().map(|r| metric.of(r).1).collect()
+                } else {
+                    Vec::new()
+                },
+            }
+        })
+        .collect();
+    series.extend(rows.iter().filter(|r| r.reference).map(|r| Series {
+        label: format!("{} {} steps", r.sampler, r.steps),
+        points: vec![(r.steps, metric.of(r).0)],
+        horizontal: true,
+        spread: Vec::new(),
+    }));
+    series
+}
+
+/// Writes `fid_vs_steps_<features>.png` and `kid_vs_steps_<features>.png` (KID with error bars)
+/// for every feature network in `rows`, and `fid_vs_steps.png` and `kid_vs_steps.png` for the
+/// first held-out one (or the first one), each with an `.svg` of the same picture next to it;
+/// returns the paths.
 pub fn write_plots(rows: &[ResultRow], dir: &Path, title: &str) -> Result<Vec<PathBuf>> {
     let feature_sets = distinct(rows.iter().map(|r| r.features.clone()));
     let primary =
@@ -109,33 +179,19 @@ pub fn write_plots(rows: &[ResultRow], dir: &Path, title: &str) -> Result<Vec<Pa
     let mut written = Vec::new();
     for features in &feature_sets {
         let of_set: Vec<&ResultRow> = rows.iter().filter(|r| &r.features == features).collect();
-        let samplers = distinct(of_set.iter().filter(|r| !r.reference).map(|r| r.sampler.clone()));
-        let mut series: Vec<Series> = samplers
-            .iter()
-            .map(|name| Series {
-                label: name.clone(),
-                points: of_set
-                    .iter()
-                    .filter(|r| &r.sampler == name && !r.reference)
-                    .map(|r| (r.steps, r.fid))
-                    .collect(),
-                horizontal: false,
-            })
-            .collect();
-        series.extend(of_set.iter().filter(|r| r.reference).map(|r| Series {
-            label: format!("{} {} steps", r.sampler, r.steps),
-            points: vec![(r.steps, r.fid)],
-            horizontal: true,
-        }));
-        let num = rows.iter().find(|r| &r.features == features).map(|r| r.num).unwrap_or(0);
-        let title = format!("{title}: FID ({features}, {num} samples)");
-        let path = dir.join(format!("fid_vs_steps_{}.png", slug(features)));
-        plot_against_steps(&series, &title, "FID", &path)?;
-        written.push(path.clone());
-        if Some(features) == primary.as_ref() {
-            let main = dir.join("fid_vs_steps.png");
-            plot_against_steps(&series, &title, "FID", &main)?;
-            written.push(main);
+        let num = of_set.first().map(|r| r.num).unwrap_or(0);
+        for metric in [PlotMetric::Fid, PlotMetric::Kid] {
+            let series = plot_series(&of_set, metric);
+            let title = format!("{title}: {} ({features}, {num} samples)", metric.name());
+            let mut paths = vec![dir.join(format!("{}_vs_steps_{}.png", metric.stem(), slug(features)))];
+            if Some(features) == primary.as_ref() {
+                paths.push(dir.join(format!("{}_vs_steps.png", metric.stem())));
+            }
+            for path in paths {
+                plot_against_steps(&series, &title, metric.axis_label(), &path)?;
+                written.push(path.clone());
+                written.push(path.with_extension("svg"));
+            }
         }
     }
     Ok(written)

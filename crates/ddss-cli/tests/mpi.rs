@@ -146,7 +146,8 @@ fn two_ranks_search_like_one_process_and_resume_with_another_rank_count() {
     let (ra, rb) = (json(&one.join("results.json")), json(&two.join("results.json")));
     assert_eq!(ra.as_array().expect("rows").len(), 2);
     assert_close(&ra, &rb, 1e-9, "results");
-    for file in ["before.png", "after.png", "grid_ddim.png", "grid_learned.png", "checkpoint.safetensors"] {
+    let pictures = ["before.png", "after.png", "before_after.png", "curves.png", "sampler.png"];
+    for file in pictures.into_iter().chain(["grid_ddim.png", "grid_learned.png", "checkpoint.safetensors"]) {
         assert!(two.join(file).is_file(), "the 2-rank search did not write {file}");
     }
 

@@ -322,7 +322,8 @@ fn sample_without_arguments_samples_the_shipped_model_with_the_default_search_sa
         assert!(log.contains(needle), "stderr does not name `{needle}`:\n{log}");
     }
     let grid = image::open(dir.join("samples.png")).expect("a PNG grid");
-    assert_eq!((grid.width(), grid.height()), (8 * 30 + 2, 8 * 30 + 2), "64 samples of 28x28 with 2-pixel gaps");
+    // 28 px samples scaled up 3x to 84 px tiles.
+    assert_eq!((grid.width(), grid.height()), (8 * 86 + 2, 8 * 86 + 2), "64 samples of 84x84 with 2-pixel gaps");
 
     // Once the default search has run, its learned sampler is the default.
     let data = dir.join("images.idx");

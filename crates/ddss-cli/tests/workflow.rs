@@ -72,23 +72,32 @@ fn search_export_sample_and_table_on_the_shipped_model() {
         "metrics.jsonl",
         "before.png",
         "after.png",
+        "before_after.png",
+        "curves.png",
+        "curves.svg",
+        "sampler.png",
+        "sampler.svg",
         "grid_ddim.png",
         "grid_ddpm.png",
         "grid_learned.png",
         "results.json",
         "fid_vs_steps.png",
+        "fid_vs_steps.svg",
         "fid_vs_steps_classifier-fmnist-classifier-a.png",
         "fid_vs_steps_classifier-fmnist-classifier-b.png",
+        "kid_vs_steps.png",
+        "kid_vs_steps.svg",
     ] {
         assert!(run.join(file).is_file(), "search did not write {file}");
     }
     let rows = json(&run.join("results.json"));
     let rows = rows.as_array().expect("rows");
-    // (ddim, ddpm) x (K = 3, 2) + learned + the many-step reference, each with two feature networks.
-    assert_eq!(rows.len(), 12, "{rows:?}");
-    let (reference, rows): (Vec<_>, Vec<_>) = rows.iter().partition(|r| r["reference"] == true);
-    assert_eq!(reference.len(), 2, "{reference:?}");
-    assert!(reference.iter().all(|r| r["sampler"] == "unipc" && r["steps"] == 20), "{reference:?}");
+    // (ddim, ddpm) x (K = 3, 2) + learned, each with two feature networks, and the many-step
+    // reference line (UniPC at 20 steps) on each.
+    let (references, rows): (Vec<_>, Vec<_>) = rows.iter().partition(|r| r["reference"] == true);
+    assert_eq!(rows.len(), 10, "{rows:?}");
+    assert_eq!(references.len(), 2, "{references:?}");
+    assert!(references.iter().all(|r| r["sampler"] == "unipc" && r["steps"] == 20), "{references:?}");
     for row in rows {
         assert!(row["fid"].as_f64().expect("fid").is_finite());
         let held_out = row["held_out"].as_bool().expect("held_out");
@@ -99,6 +108,19 @@ fn search_export_sample_and_table_on_the_shipped_model() {
     }
     let plot = image::open(run.join("fid_vs_steps.png")).expect("plot is a PNG");
     assert!(plot.width() >= 600 && plot.height() >= 400);
+    let svg = std::fs::read_to_string(run.join("fid_vs_steps.svg")).expect("svg");
+    for label in ["ddim", "ddpm", "learned", "sampling steps"] {
+        assert!(svg.contains(label), "fid_vs_steps.svg lacks `{label}`");
+    }
+    // Grids of 28 px samples have 84 px tiles: 2 x 2 tiles and 2 px gaps.
+    let after = image::open(run.join("after.png")).expect("after.png");
+    assert_eq!((after.width(), after.height()), (2 * 86 + 2, 2 * 86 + 2));
+    let pair = image::open(run.join("before_after.png")).expect("before_after.png");
+    assert!(pair.width() > 2 * after.width() && pair.height() > after.height());
+    for picture in ["curves.png", "sampler.png"] {
+        let image = image::open(run.join(picture)).expect(picture);
+        assert!(image.width() >= 800 && image.height() >= 600, "{picture}");
+    }
 
     // a second search into the same folder needs --resume.
     let err = run_err(bin().args(["search", "--device", "cpu", "--config"]).arg(&config).arg("--out").arg(&run));
@@ -146,7 +168,9 @@ fn search_export_sample_and_table_on_the_shipped_model() {
             .arg(&run2),
     );
     assert_eq!(json(&run2.join("sampler.json"))["steps"], 2);
-    assert!(run2.join("after.png").is_file());
+    for file in ["after.png", "before_after.png", "curves.png", "sampler.png"] {
+        assert!(run2.join(file).is_file(), "search --skip-eval did not write {file}");
+    }
     assert!(!run2.join("results.json").exists());
 
     // table: baselines at K = 2, 3 plus both learned samplers.
@@ -172,9 +196,14 @@ fn search_export_sample_and_table_on_the_shipped_model() {
     assert!(stdout.contains("best baseline"), "{stdout}");
     assert!(stdout.contains("Reference: unipc at 20 steps"), "{stdout}");
     let rows = json(&table.join("results.json"));
-    assert_eq!(rows.as_array().expect("rows").len(), 7, "six rows and the reference");
+    // (ddim, ddim@quadratic) x (K = 2, 3) + two learned, and the many-step reference row.
+    let rows = rows.as_array().expect("rows");
+    assert_eq!(rows.len(), 7, "{rows:?}");
+    assert_eq!(rows.iter().filter(|r| r["reference"] == true).count(), 1, "{rows:?}");
     assert!(table.join("table.md").is_file());
-    assert!(table.join("fid_vs_steps.png").is_file());
+    for file in ["fid_vs_steps.png", "fid_vs_steps.svg", "kid_vs_steps.png", "kid_vs_steps.svg"] {
+        assert!(table.join(file).is_file(), "table did not write {file}");
+    }
     std::fs::remove_file(table.join("table.md")).unwrap();
     let out = run_ok(bin().args(["--quiet", "table", "--render", "--out"]).arg(&table));
     assert!(String::from_utf8_lossy(&out.stdout).contains("| **learned-x** |"));
