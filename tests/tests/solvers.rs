@@ -60,6 +60,49 @@ fn timesteps_equal_diffusers() {
     assert!(cases.len() >= 150, "{} cases", cases.len());
 }
 
+/// Runs one reference loop of a solver fixture (`solver_loops*.json`) with our solver on
+/// `schedule` and returns the max abs difference from diffusers' result.
+fn loop_case_difference(case: &serde_json::Value, schedule: &NoiseSchedule) -> f64 {
+    let shape = ints(&case["shape"]);
+    let grid = ints(&case["timesteps"]);
+    let spacing = Spacing::parse(case["spacing"].as_str().expect("spacing")).expect("spacing");
+    let k = case["steps"].as_u64().expect("K") as usize;
+    assert_eq!(grid, multistep_timesteps(1000, k, spacing, 0).expect("grid"));
+    let grid: Vec<f64> = grid.iter().map(|&t| t as f64).collect();
+    let prediction_type =
+        PredictionType::from_diffusers_name(case["prediction_type"].as_str().expect("pt")).expect("pt");
+    let model = SmoothDummy { prediction_type };
+    let order = case["order"].as_u64().expect("order") as usize;
+    let final_sigma = match case["final_sigmas_type"].as_str().unwrap_or("zero") {
+        "zero" => FinalSigma::Zero,
+        _ => FinalSigma::SigmaMin,
+    };
+    let x_init = tensor(&case["x_init"], &shape);
+    let result = match (case["solver"].as_str().expect("solver"), case["solver_type"].as_str().expect("type")) {
+        ("dpmsolver++", "midpoint") => {
+            let options = DpmSolverOptions { order, final_sigma, ..DpmSolverOptions::default() };
+            dpm_solver(&model, schedule, &grid, &x_init, &options, &mut |_| {})
+        }
+        ("unipc", variant) => {
+            let variant = if variant == "bh1" { UniPcVariant::Bh1 } else { UniPcVariant::Bh2 };
+            let options = UniPcOptions { order, variant, final_sigma, ..UniPcOptions::default() };
+            unipc(&model, schedule, &grid, &x_init, &options, &mut |_| {})
+        }
+        other => panic!("unexpected solver {other:?}"),
+    }
+    .expect("sampling");
+    (&result - tensor(&case["result"], &shape)).abs().max().double_value(&[])
+}
+
+/// A loop's description for failure messages.
+fn loop_label(case: &serde_json::Value) -> String {
+    ["solver", "order", "solver_type", "final_sigmas_type", "prediction_type", "spacing", "steps"]
+        .iter()
+        .map(|key| format!("{key} {}", case[*key]))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 #[test]
 fn full_loops_equal_diffusers() {
     let fixture = read_json("solver_loops.json");
@@ -67,48 +110,9 @@ fn full_loops_equal_diffusers() {
     let mut worst = 0.0f64;
     let loops = fixture["loops"].as_array().expect("list");
     for case in loops {
-        let shape = ints(&case["shape"]);
-        let grid = ints(&case["timesteps"]);
-        let spacing = Spacing::parse(case["spacing"].as_str().expect("spacing")).expect("spacing");
-        let k = case["steps"].as_u64().expect("K") as usize;
-        assert_eq!(grid, multistep_timesteps(1000, k, spacing, 0).expect("grid"));
-        let grid: Vec<f64> = grid.iter().map(|&t| t as f64).collect();
-        let prediction_type =
-            PredictionType::from_diffusers_name(case["prediction_type"].as_str().expect("pt")).expect("pt");
-        let model = SmoothDummy { prediction_type };
-        let order = case["order"].as_u64().expect("order") as usize;
-        let final_sigma = match case["final_sigmas_type"].as_str().expect("final") {
-            "zero" => FinalSigma::Zero,
-            _ => FinalSigma::SigmaMin,
-        };
-        let x_init = tensor(&case["x_init"], &shape);
-        let result = match (case["solver"].as_str().expect("solver"), case["solver_type"].as_str().expect("type")) {
-            ("dpmsolver++", "midpoint") => {
-                let options = DpmSolverOptions { order, final_sigma, ..DpmSolverOptions::default() };
-                dpm_solver(&model, &schedule, &grid, &x_init, &options, &mut |_| {})
-            }
-            ("unipc", variant) => {
-                let variant = if variant == "bh1" { UniPcVariant::Bh1 } else { UniPcVariant::Bh2 };
-                let options = UniPcOptions { order, variant, final_sigma, ..UniPcOptions::default() };
-                unipc(&model, &schedule, &grid, &x_init, &options, &mut |_| {})
-            }
-            other => panic!("unexpected solver {other:?}"),
-        }
-        .expect("sampling");
-        let expected = tensor(&case["result"], &shape);
-        let diff = (&result - &expected).abs().max().double_value(&[]);
+        let diff = loop_case_difference(case, &schedule);
         worst = worst.max(diff);
-        assert!(
-            diff <= 1e-5,
-            "{} order {} {} {} {} {} K={}: max |ours - diffusers| = {diff}",
-            case["solver"],
-            order,
-            case["solver_type"],
-            case["final_sigmas_type"],
-            case["prediction_type"],
-            case["spacing"],
-            k
-        );
+        assert!(diff <= 1e-5, "{}: max |ours - diffusers| = {diff}", loop_label(case));
     }
     assert!(loops.len() >= 100, "{} loops", loops.len());
     println!("{} loops, worst max abs difference {worst:e}", loops.len());
@@ -130,39 +134,9 @@ fn cosine_loops_equal_diffusers() {
     let loops = fixture["loops"].as_array().expect("list");
     for case in loops {
         assert_eq!(case["beta_schedule"], "squaredcos_cap_v2");
-        let shape = ints(&case["shape"]);
-        let grid = ints(&case["timesteps"]);
-        let spacing = Spacing::parse(case["spacing"].as_str().expect("spacing")).expect("spacing");
-        let k = case["steps"].as_u64().expect("K") as usize;
-        assert_eq!(grid, multistep_timesteps(1000, k, spacing, 0).expect("grid"));
-        let grid: Vec<f64> = grid.iter().map(|&t| t as f64).collect();
-        let prediction_type =
-            PredictionType::from_diffusers_name(case["prediction_type"].as_str().expect("pt")).expect("pt");
-        let model = SmoothDummy { prediction_type };
-        let order = case["order"].as_u64().expect("order") as usize;
-        let x_init = tensor(&case["x_init"], &shape);
-        let result = match (case["solver"].as_str().expect("solver"), case["solver_type"].as_str().expect("type")) {
-            ("dpmsolver++", "midpoint") => {
-                let options = DpmSolverOptions { order, ..DpmSolverOptions::default() };
-                dpm_solver(&model, &schedule, &grid, &x_init, &options, &mut |_| {})
-            }
-            ("unipc", "bh2") => {
-                let options = UniPcOptions { order, ..UniPcOptions::default() };
-                unipc(&model, &schedule, &grid, &x_init, &options, &mut |_| {})
-            }
-            other => panic!("unexpected solver {other:?}"),
-        }
-        .expect("sampling");
-        let diff = (&result - tensor(&case["result"], &shape)).abs().max().double_value(&[]);
+        let diff = loop_case_difference(case, &schedule);
         worst = worst.max(diff);
-        assert!(
-            diff <= 1e-5,
-            "cosine {} order {} {} {} K={k}: max |ours - diffusers| = {diff}",
-            case["solver"],
-            order,
-            case["prediction_type"],
-            case["spacing"],
-        );
+        assert!(diff <= 1e-5, "cosine {}: max |ours - diffusers| = {diff}", loop_label(case));
     }
     assert_eq!(loops.len(), 48);
     println!("{} cosine loops, worst max abs difference {worst:e}", loops.len());
