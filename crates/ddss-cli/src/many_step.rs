@@ -90,20 +90,8 @@ impl ManyStep {
         let mut rows = Vec::new();
         for (extractor, reference, held_out) in extractors {
             let features = features_of(&samples, *extractor, options)?;
-            let fid =
-                fid_metrics::fid::fid_from_features(&features.to_kind(Kind::Double), &reference.to_kind(Kind::Double))?;
-            let kid = fid_metrics::kid::kid(&features, reference, &fid_metrics::kid::KidOptions::default())?;
-            rows.push(ResultRow {
-                sampler: self.sampler.clone(),
-                steps: self.steps,
-                num: options.num,
-                features: extractor.name().to_string(),
-                held_out: *held_out,
-                fid,
-                kid_mean: kid.mean,
-                kid_std: kid.std,
-                reference: true,
-            });
+            let row = ResultRow::score(&self.sampler, self.steps, extractor.name(), *held_out, &features, reference)?;
+            rows.push(ResultRow { reference: true, ..row });
         }
         Ok(rows)
     }

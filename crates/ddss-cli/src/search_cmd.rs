@@ -269,6 +269,33 @@ pub struct ResultRow {
     pub reference: bool,
 }
 
+impl ResultRow {
+    /// The row of sampler `sampler` at `steps`: FID and KID of its `features` (one row per
+    /// sample) against the real images' `real` features of the network named `features_name`.
+    pub fn score(
+        sampler: &str,
+        steps: usize,
+        features_name: &str,
+        held_out: bool,
+        features: &Tensor,
+        real: &Tensor,
+    ) -> Result<Self> {
+        let fid = fid_metrics::fid::fid_from_features(&features.to_kind(Kind::Double), &real.to_kind(Kind::Double))?;
+        let kid = fid_metrics::kid::kid(features, real, &fid_metrics::kid::KidOptions::default())?;
+        Ok(Self {
+            sampler: sampler.to_string(),
+            steps,
+            num: features.size()[0] as usize,
+            features: features_name.to_string(),
+            held_out,
+            fid,
+            kid_mean: kid.mean,
+            kid_std: kid.std,
+            reference: false,
+        })
+    }
+}
+
 /// Reads the config of `args`, with its command-line overrides applied.
 fn load_config(args: &SearchArgs) -> Result<SearchConfig> {
     let path = &args.config;
@@ -662,7 +689,8 @@ impl Comparison<'_> {
                 self.write_grids(name, &grid)?;
             }
             for ((spec, extractor, reference), feats) in references.iter().zip(&features) {
-                rows.push(score(name, steps, config, spec, extractor.as_ref(), feats, reference)?);
+                let held_out = *spec != config.loss.features;
+                rows.push(ResultRow::score(name, steps, extractor.name(), held_out, feats, reference)?);
             }
         }
         if !self.comm.is_root() {
@@ -699,8 +727,9 @@ impl Comparison<'_> {
 
     /// Writes the plots and `results.json`, and prints the table and the verdict.
     fn report(&self, rows: &[ResultRow]) -> Result<()> {
-        let many_k = rows.iter().filter(|r| !r.reference).map(|r| r.steps).collect::<std::collections::BTreeSet<_>>();
-        if many_k.len() > 1 || rows.iter().any(|r| r.reference) {
+        let step_counts =
+            rows.iter().filter(|r| !r.reference).map(|r| r.steps).collect::<std::collections::BTreeSet<_>>();
+        if step_counts.len() > 1 || rows.iter().any(|r| r.reference) {
             for path in crate::table_cmd::write_plots(rows, self.run_dir, &model_title(&self.config.model.path))? {
                 tracing::info!("plot written to {}", path.display());
             }
@@ -711,31 +740,6 @@ impl Comparison<'_> {
         println!("{}", crate::table_cmd::verdicts(rows, true));
         Ok(())
     }
-}
-
-/// The row of sampler `name` at `steps` on one feature network.
-fn score(
-    name: &str,
-    steps: usize,
-    config: &SearchConfig,
-    spec: &str,
-    extractor: &dyn FeatureExtractor,
-    features: &Tensor,
-    reference: &Tensor,
-) -> Result<ResultRow> {
-    let fid = fid_metrics::fid::fid_from_features(&features.to_kind(Kind::Double), &reference.to_kind(Kind::Double))?;
-    let kid = fid_metrics::kid::kid(features, reference, &fid_metrics::kid::KidOptions::default())?;
-    Ok(ResultRow {
-        sampler: name.to_string(),
-        steps,
-        num: config.eval.num,
-        features: extractor.name().to_string(),
-        held_out: spec != config.loss.features,
-        fid,
-        kid_mean: kid.mean,
-        kid_std: kid.std,
-        reference: false,
-    })
 }
 
 /// `sampler.json`'s provenance: the config and what the search did (the validation metric as

@@ -19,7 +19,7 @@ use fid_metrics::features::{extract_features_batched, FeatureSpec};
 use fid_metrics::FeatureExtractor;
 use ggdm_core::ggdm::GgdmSampler;
 use std::path::{Path, PathBuf};
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 /// The arguments of `ddss-cli table`.
 #[derive(clap::Args, Debug)]
@@ -442,22 +442,11 @@ pub fn run(args: TableArgs, quiet: bool) -> Result<()> {
         })?;
         bar.finish_and_clear();
         for ((extractor, reference), feats) in extractors.iter().zip(&references).zip(&features) {
-            let fid =
-                fid_metrics::fid::fid_from_features(&feats.to_kind(Kind::Double), &reference.to_kind(Kind::Double))?;
-            let kid = fid_metrics::kid::kid(feats, reference, &fid_metrics::kid::KidOptions::default())?;
-            let name = extractor.name().to_string();
-            tracing::info!("{label} K={steps} {name}: FID {fid:.4}, KID {:.6}", kid.mean);
-            rows.push(ResultRow {
-                sampler: label.clone(),
-                steps,
-                num,
-                held_out: learned.as_ref().is_none_or(|s| !loss_used(s, &name)),
-                features: name,
-                fid,
-                kid_mean: kid.mean,
-                kid_std: kid.std,
-                reference: false,
-            });
+            let name = extractor.name();
+            let held_out = learned.as_ref().is_none_or(|s| !loss_used(s, name));
+            let row = ResultRow::score(label, steps, name, held_out, feats, reference)?;
+            tracing::info!("{label} K={steps} {name}: FID {:.4}, KID {:.6}", row.fid, row.kid_mean);
+            rows.push(row);
         }
         let results = args.out.join("results.json");
         ggdm_core::io::write_atomic(&results, serde_json::to_string_pretty(&rows)?.as_bytes())?;
