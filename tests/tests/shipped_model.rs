@@ -3,8 +3,8 @@
 //! `tests/scripts/gen_shipped_model_fixture.py`).
 
 use ddss_tests::fixture_path;
-use ggdm_core::model_dir::load_model_dir;
 use ggdm_core::PredictionType;
+use ggdm_nets::model_dir::load_model_dir;
 use std::path::PathBuf;
 use tch::{Device, Tensor};
 
@@ -36,7 +36,7 @@ fn shipped_model_is_small_enough_to_ship() {
 /// significant digits), gradients flow to the input, and a TorchScript model refuses bf16.
 #[test]
 fn bf16_network_calls_stay_close_to_f32() {
-    use ggdm_core::model_dir::{load_model_dir_with, NetworkPrecision};
+    use ggdm_nets::model_dir::{load_model_dir_with, NetworkPrecision};
     let f32_model = load_model_dir(&model_dir(), Device::Cpu).expect("f32");
     let bf16_model = load_model_dir_with(&model_dir(), Device::Cpu, NetworkPrecision::Bf16).expect("bf16");
     let io = Tensor::read_safetensors(fixture_path("shipped_model_io.safetensors")).expect("fixture");

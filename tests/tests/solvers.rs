@@ -9,8 +9,8 @@ use ddss_tests::read_json;
 use ggdm_core::grid::{multistep_timesteps, Spacing};
 use ggdm_core::scheduler_config::SchedulerConfig;
 use ggdm_core::solvers::{dpm_solver, unipc, DpmSolverOptions, FinalSigma, UniPcOptions, UniPcVariant};
-use ggdm_core::unet::{UNet2DModel, UNetDenoiser};
 use ggdm_core::{BetaSchedule, Denoiser, NoiseSchedule, PredictionType};
+use ggdm_nets::unet::{UNet2DModel, UNetDenoiser};
 use serde_json::Value;
 use tch::Tensor;
 

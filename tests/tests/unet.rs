@@ -10,8 +10,9 @@
 
 use ddss_tests::fixture_path;
 use ggdm_core::torchscript::{TorchScriptDenoiser, TorchScriptSidecar};
-use ggdm_core::unet::{UNet2DConfig, UNet2DModel, UNetDenoiser, WeightStorage, UNET_2D_CONFIG_KEYS};
 use ggdm_core::{Denoiser, PredictionType};
+use ggdm_nets::unet::{UNet2DConfig, UNet2DModel, UNetDenoiser, WeightStorage, UNET_2D_CONFIG_KEYS};
+use ggdm_nets::DifferentiableDenoiser;
 use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -653,7 +654,8 @@ fn taped_backward_equals_autograd_on_every_tiny_config() {
         for tau in [per_sample, Tensor::from_slice(&[333.25f64]), Tensor::from(87.5f64)] {
             let want_out = denoiser.forward(&x, &tau).expect("forward");
             let grad_out = Tensor::randn(want_out.size(), (Kind::Double, Device::Cpu));
-            let (want_x, want_tau) = ggdm_core::denoiser::eager_vjp(&denoiser, &x, &tau, &grad_out).expect("autograd");
+            let (want_x, want_tau) =
+                ggdm_nets::differentiable::eager_vjp(&denoiser, &x, &tau, &grad_out).expect("autograd");
             let (out, tape) = denoiser.forward_taped(&x, &tau).expect("taped forward").expect("the UNet records tapes");
             assert!(!out.requires_grad(), "{name}: the taped forward builds no autograd graph");
             assert!(max_abs_diff(&out, &want_out) < 1e-12, "{name}: taped output differs");
@@ -684,7 +686,7 @@ fn taped_backward_in_f32_and_bad_gradient_shapes() {
     let io = read_tensors(&unet_fixture(name).join("io.safetensors"));
     let (x, tau) = (tensor(&io, "x"), tensor(&io, "timesteps"));
     let grad_out = Tensor::randn(x.size(), (Kind::Float, Device::Cpu));
-    let (want_x, want_tau) = ggdm_core::denoiser::eager_vjp(&denoiser, x, tau, &grad_out).expect("autograd");
+    let (want_x, want_tau) = ggdm_nets::differentiable::eager_vjp(&denoiser, x, tau, &grad_out).expect("autograd");
     let (_, tape) = denoiser.forward_taped(x, tau).expect("taped").expect("tape");
     let (got_x, got_tau) = denoiser.backward_taped(tape, &grad_out).expect("taped backward");
     let rel = |a: &Tensor, b: &Tensor| max_abs_diff(a, b) / b.abs().max().double_value(&[]);

@@ -6,15 +6,16 @@
 //! convolutions on this machine's oneDNN kernels, which is not what another machine runs.
 //!
 //! `cargo xtask test-kernels` runs the numerics-sensitive test targets (the reference-fixture tests
-//! of ggdm-core, fid-metrics, ddss-opt and tests/) under the AVX2 and the unvectorised kernel sets;
+//! of ggdm-core, ggdm-nets, fid-metrics, ddss-opt and tests/) under the AVX2 and the unvectorised kernel sets;
 //! `cargo xtask test` says which kernels it runs with.
 
+use crate::util::{cargo, run_cmd};
 use anyhow::{bail, Result};
 use std::path::Path;
 use std::process::Command;
 
 /// The packages whose tests compare against committed reference numbers.
-const NUMERICS_PACKAGES: [&str; 4] = ["ggdm-core", "fid-metrics", "ddss-opt", "ddss-tests"];
+const NUMERICS_PACKAGES: [&str; 5] = ["ggdm-core", "ggdm-nets", "fid-metrics", "ddss-opt", "ddss-tests"];
 
 /// A kernel set another x86-64 machine would use: ATen's capability and the matching oneDNN ISA.
 #[derive(Debug, Clone, Copy)]
@@ -88,12 +89,12 @@ pub fn test_kernels(root: &Path, python: &Path, sets: &[KernelSet], extra: &[Str
             reported_capability(python, None)
         );
         let start = std::time::Instant::now();
-        let mut cmd = super::cargo();
+        let mut cmd = cargo();
         cmd.current_dir(root).arg("test");
         for package in NUMERICS_PACKAGES {
             cmd.args(["-p", package]);
         }
-        super::run_cmd(set.apply(cmd.args(extra)))?;
+        run_cmd(set.apply(cmd.args(extra)))?;
         println!("[test-kernels] {} kernels: passed in {:.0} s", set.aten, start.elapsed().as_secs_f64());
     }
     Ok(())

@@ -9,7 +9,9 @@
 //! search is reused, an interrupted one resumed), any other command is refused, so a table never
 //! mixes samplers learned by another config.
 
-use crate::{repo_root, resolve_config, run_cmd, setup, FASHION_MNIST_DIR};
+use crate::search::resolve_config;
+use crate::setup::setup;
+use crate::util::{repo_root, run_cmd, FASHION_MNIST_DIR};
 use anyhow::{bail, Context, Result};
 use std::path::Path;
 use std::process::Command;
@@ -81,7 +83,7 @@ impl TableOptions {
             "config: {}\nconfig text sha256: {}\nsteps: {}\nseeds: {}\nnum: {}\nsamplers: {}\nfeatures: {}\n\
              many-step: {}\ndevice: {}\n",
             config.display(),
-            crate::sha256_hex(text.as_bytes()),
+            crate::util::sha256_hex(text.as_bytes()),
             self.steps.join(","),
             self.seeds.join(","),
             self.num,
@@ -130,7 +132,7 @@ pub fn table(rest: &[String]) -> Result<()> {
     claim(&out, &options.record(&config)?)?;
     setup()?;
     println!("[table] building ddss-cli (release)");
-    run_cmd(crate::cargo().current_dir(&root).args(["build", "--release", "-p", "ddss-cli"]))?;
+    run_cmd(crate::util::cargo().current_dir(&root).args(["build", "--release", "-p", "ddss-cli"]))?;
     let bin = root.join("target").join("release").join("ddss-cli");
     let mut learned = Vec::new();
     for k in &options.steps {

@@ -18,7 +18,7 @@
 //! total - free) is read before the first run and after the last; the caching allocator keeps what
 //! it reserved, so the difference is the peak reserved by the runs (`memory_mib`; the PyTorch
 //! reference reports the same quantity). Next to it, from the caching allocator's counters
-//! ([`ggdm_core::memory`]), the peak bytes in tensors and the peak reserved, each above its value
+//! ([`ggdm_nets::memory`]), the peak bytes in tensors and the peak reserved, each above its value
 //! before the runs (`cuda_max_allocated_mib`, `cuda_max_reserved_mib`, as the reference's
 //! `torch.cuda.max_memory_allocated` and `max_memory_reserved`), and the peak bytes in tensors of
 //! the timed runs alone (`cuda_timed_max_allocated_mib`). With `--cuda-graphs`, also the device
@@ -34,13 +34,13 @@ use ddss_opt::objective::{BatchNoise, Objective};
 use ddss_opt::unroll::Remat;
 use fid_metrics::features::{open_extractor, FeatureExtractor};
 use fid_metrics::inception::{Inception, Precision};
-use ggdm_core::denoiser::Denoiser;
 use ggdm_core::ggdm::{GgdmSampler, History, Learnable};
 use ggdm_core::grid::Spacing;
-use ggdm_core::memory;
-use ggdm_core::model_dir::{Bf16Denoiser, ChannelsLastDenoiser, NetworkPrecision};
 use ggdm_core::scheduler_config::SchedulerConfig;
-use ggdm_core::unet::{UNet2DConfig, UNet2DModel, UNetDenoiser};
+use ggdm_nets::memory;
+use ggdm_nets::model_dir::{Bf16Denoiser, ChannelsLastDenoiser, NetworkPrecision};
+use ggdm_nets::unet::{UNet2DConfig, UNet2DModel, UNetDenoiser};
+use ggdm_nets::DifferentiableDenoiser;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
@@ -154,10 +154,10 @@ fn parse_remat(name: &str) -> Result<Remat> {
 }
 
 /// The network and its scheduler settings.
-fn open_model(args: &BenchArgs, device: Device) -> Result<(Box<dyn Denoiser>, SchedulerConfig)> {
+fn open_model(args: &BenchArgs, device: Device) -> Result<(Box<dyn DifferentiableDenoiser>, SchedulerConfig)> {
     let precision = NetworkPrecision::parse(&args.precision)?;
     let bf16 = precision == NetworkPrecision::Bf16;
-    let (denoiser, scheduler): (Box<dyn Denoiser>, SchedulerConfig) = match &args.unet_config {
+    let (denoiser, scheduler): (Box<dyn DifferentiableDenoiser>, SchedulerConfig) = match &args.unet_config {
         Some(config_path) => {
             let config = UNet2DConfig::from_json_file(config_path)
                 .with_context(|| format!("reading {}", config_path.display()))?;
@@ -175,8 +175,9 @@ fn open_model(args: &BenchArgs, device: Device) -> Result<(Box<dyn Denoiser>, Sc
                 Some(path) => SchedulerConfig::from_file(&path)?,
                 None => SchedulerConfig::default(),
             };
-            let denoiser: Box<dyn Denoiser> = Box::new(UNetDenoiser::new(model, scheduler.prediction_type));
-            let denoiser: Box<dyn Denoiser> =
+            let denoiser: Box<dyn DifferentiableDenoiser> =
+                Box::new(UNetDenoiser::new(model, scheduler.prediction_type));
+            let denoiser: Box<dyn DifferentiableDenoiser> =
                 if args.channels_last { Box::new(ChannelsLastDenoiser(denoiser)) } else { denoiser };
             (denoiser, scheduler)
         }
@@ -188,7 +189,7 @@ fn open_model(args: &BenchArgs, device: Device) -> Result<(Box<dyn Denoiser>, Sc
             return Ok((loaded.denoiser, loaded.scheduler));
         }
     };
-    let denoiser: Box<dyn Denoiser> = if bf16 { Box::new(Bf16Denoiser(denoiser)) } else { denoiser };
+    let denoiser: Box<dyn DifferentiableDenoiser> = if bf16 { Box::new(Bf16Denoiser(denoiser)) } else { denoiser };
     Ok((crate::common::graphed_if(denoiser, device, args.cuda_graphs)?, scheduler))
 }
 
@@ -382,7 +383,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         line["cuda_timed_max_allocated_mib"] = (mib(after.peak_allocated) - mib(before.allocated)).into();
         if args.cuda_graphs {
             // Replays use the graphs' pool without the allocator counting it as allocated.
-            if let Some(pool) = ggdm_core::cuda_graph::pool_memory(device) {
+            if let Some(pool) = ggdm_nets::cuda_graph::pool_memory(device) {
                 line["cuda_graph_pool_mib"] = mib(pool.reserved).into();
             }
         }

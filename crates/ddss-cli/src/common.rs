@@ -3,9 +3,9 @@
 
 use crate::progress::{Progress, Unit};
 use anyhow::{bail, Context, Result};
-use ggdm_core::cuda_graph::GraphedDenoiser;
-use ggdm_core::model_dir::{load_model_dir_with, LoadedModel, NetworkPrecision};
-use ggdm_core::Denoiser;
+use ggdm_nets::cuda_graph::GraphedDenoiser;
+use ggdm_nets::model_dir::{load_model_dir_with, LoadedModel, NetworkPrecision};
+use ggdm_nets::DifferentiableDenoiser;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
@@ -58,7 +58,11 @@ pub fn load_model(dir: &Path, device: Device, precision: NetworkPrecision, cuda_
 
 /// `denoiser` wrapped for CUDA-graph replay when `cuda_graphs` is asked for and `device` is a GPU
 /// (on the CPU it is returned as it is, with a note); an error when the build lacks the feature.
-pub fn graphed_if(denoiser: Box<dyn Denoiser>, device: Device, cuda_graphs: bool) -> Result<Box<dyn Denoiser>> {
+pub fn graphed_if(
+    denoiser: Box<dyn DifferentiableDenoiser>,
+    device: Device,
+    cuda_graphs: bool,
+) -> Result<Box<dyn DifferentiableDenoiser>> {
     if !cuda_graphs {
         return Ok(denoiser);
     }
@@ -70,7 +74,7 @@ pub fn graphed_if(denoiser: Box<dyn Denoiser>, device: Device, cuda_graphs: bool
 }
 
 /// How this process's C heap is set up, decided once: `"reuse"` (freed memory is kept for reuse,
-/// [`ggdm_core::memory::keep_freed_host_memory`]) or `"system"` (glibc's defaults: asked for
+/// [`ggdm_nets::memory::keep_freed_host_memory`]) or `"system"` (glibc's defaults: asked for
 /// with `DDSS_MALLOC=system`, or malloc's parameters set through the environment, or no
 /// `mallopt`). Called first thing in `main`, before any tensor exists.
 pub fn setup_host_memory() -> &'static str {
@@ -81,7 +85,7 @@ pub fn setup_host_memory() -> &'static str {
             Ok("reuse") | Err(_) => {}
             Ok(other) => tracing::warn!("DDSS_MALLOC={other}: expected `reuse` (the default) or `system`; using reuse"),
         }
-        if ggdm_core::memory::keep_freed_host_memory() {
+        if ggdm_nets::memory::keep_freed_host_memory() {
             "reuse"
         } else {
             "system"

@@ -14,7 +14,7 @@
 use anyhow::{bail, Context, Result};
 use clap::ValueEnum;
 use ggdm_core::ggdm::GgdmSampler;
-use ggdm_core::model_dir::load_model_dir;
+use ggdm_nets::model_dir::load_model_dir;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 

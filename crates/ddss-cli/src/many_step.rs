@@ -13,7 +13,7 @@ use crate::search_cmd::ResultRow;
 use anyhow::{bail, Context, Result};
 use fid_metrics::data::quantize_to_uint8_levels;
 use fid_metrics::FeatureExtractor;
-use ggdm_core::model_dir::{LoadedModel, NetworkPrecision};
+use ggdm_nets::model_dir::{LoadedModel, NetworkPrecision};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 

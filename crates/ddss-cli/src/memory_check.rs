@@ -10,11 +10,11 @@
 //! command keeps (the samples for a grid or `.npy`, the features for FID). A request refused here
 //! could not have run; one that passes may still need more (attention, the sampler's history,
 //! autograd), which libtorch then reports as an error. Available memory is
-//! [`ggdm_core::memory::available_bytes`]; where it cannot be read, only sizes that overflow are
+//! [`ggdm_nets::memory::available_bytes`]; where it cannot be read, only sizes that overflow are
 //! refused.
 
 use anyhow::{bail, Result};
-use ggdm_core::model_dir::LoadedModel;
+use ggdm_nets::model_dir::LoadedModel;
 use std::path::Path;
 use tch::Device;
 
@@ -104,7 +104,7 @@ pub fn check_request(model: &LoadedModel, shape: [i64; 3], device: Device, reque
         let host = if device == Device::Cpu { sample.host.checked_mul(n)? } else { 0 };
         network.checked_add(host)
     };
-    let available = ggdm_core::memory::available_bytes(device);
+    let available = ggdm_nets::memory::available_bytes(device);
     let fits = |need: Option<u64>| need.is_some_and(|need| available.is_none_or(|room| need <= room));
     let room = available.map_or_else(|| "an unknown amount".to_string(), bytes_text);
     if !fits(on_device(1)) {
@@ -170,7 +170,7 @@ fn check_kept(sample: SampleBytes, batch: u64, device: Device, request: &Request
     }
     let noise = if device == Device::Cpu { 0 } else { sample.host.saturating_mul(batch) };
     let need = request.kept_per_sample.checked_mul(request.num as u64).and_then(|kept| kept.checked_add(noise));
-    let available = ggdm_core::memory::available_bytes(Device::Cpu);
+    let available = ggdm_nets::memory::available_bytes(Device::Cpu);
     if need.is_some_and(|need| available.is_none_or(|room| need <= room)) {
         return Ok(());
     }

@@ -16,10 +16,10 @@ use anyhow::{bail, Context, Result};
 use ddss_opt::collective::{shard, Collective};
 use ggdm_core::ggdm::GgdmSampler;
 use ggdm_core::grid::Spacing;
-use ggdm_core::model_dir::LoadedModel;
 use ggdm_core::noise::{NoiseSource, PerSampleNoise};
 use ggdm_core::samplers::{ddim, ddpm, diffusers_steps, grid_steps, DdimOptions, DdpmOptions, Step};
 use ggdm_core::solvers::{dpm_solver, unipc, DpmSolverOptions, UniPcOptions};
+use ggdm_nets::model_dir::LoadedModel;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 

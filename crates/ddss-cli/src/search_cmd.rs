@@ -23,7 +23,7 @@ use ddss_opt::search::{run_search_with, ObjectiveParts, SearchObserver, SearchOu
 use fid_metrics::features::{extract_features_batched, open_extractor, FeatureExtractor};
 use ggdm_core::ggdm::{GgdmBase, GgdmSampler, History, Learnable, ModelIdentity, Query};
 use ggdm_core::grid::Spacing;
-use ggdm_core::model_dir::{LoadedModel, NetworkPrecision};
+use ggdm_nets::model_dir::{LoadedModel, NetworkPrecision};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Instant;

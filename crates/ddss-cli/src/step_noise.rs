@@ -14,8 +14,8 @@ use crate::sample::gather_samples;
 use anyhow::{bail, Context, Result};
 use ddss_opt::collective::Collective;
 use ggdm_core::ggdm::{tensor_to_vec, GgdmSampler};
-use ggdm_core::model_dir::LoadedModel;
 use ggdm_core::noise::NoiseSource;
+use ggdm_nets::model_dir::LoadedModel;
 use std::path::{Path, PathBuf};
 use tch::{Device, Tensor};
 

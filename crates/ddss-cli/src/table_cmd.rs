@@ -452,7 +452,7 @@ pub fn run(args: TableArgs, quiet: bool) -> Result<()> {
         ggdm_core::io::write_atomic(&results, serde_json::to_string_pretty(&rows)?.as_bytes())?;
     }
     if args.many_step.enabled() {
-        let precision = ggdm_core::model_dir::NetworkPrecision::parse(&args.network.precision)?;
+        let precision = ggdm_nets::model_dir::NetworkPrecision::parse(&args.network.precision)?;
         let with_reference: Vec<(&dyn FeatureExtractor, &Tensor, bool)> =
             extractor_refs.iter().zip(&references).map(|(e, r)| (*e, r, true)).collect();
         rows.extend(args.many_step.rows(&model, &options, precision, &with_reference, quiet)?);

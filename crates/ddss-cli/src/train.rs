@@ -13,7 +13,7 @@ use anyhow::{bail, Context, Result};
 use ddss_opt::optim::{clip_grad_norm, Adam, AdamConfig, LrSchedule};
 use ggdm_core::prediction::target_from;
 use ggdm_core::scheduler_config::SchedulerConfig;
-use ggdm_core::unet::{UNet2DConfig, UNet2DModel};
+use ggdm_nets::unet::{UNet2DConfig, UNet2DModel};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
@@ -182,7 +182,7 @@ fn check_training_data(config: &TrainConfig, size: &[i64], device: Device) -> Re
     let per_sample = sample.device.saturating_mul(3).saturating_add(sample.host);
     let batch = config.train.batch_size as u64;
     let need = per_sample.saturating_mul(batch);
-    if let Some(room) = ggdm_core::memory::available_bytes(device) {
+    if let Some(room) = ggdm_nets::memory::available_bytes(device) {
         if need > room {
             bail!(
                 "[train] batch_size = {batch}: a step on {}x{}x{} images needs at least {:.1} GiB on {device:?}, and \

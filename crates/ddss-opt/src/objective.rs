@@ -33,7 +33,7 @@ use crate::{Error, Result};
 use fid_metrics::features::FeatureExtractor;
 use ggdm_core::ggdm::GgdmSampler;
 use ggdm_core::noise::{NoiseSource, PerSampleNoise};
-use ggdm_core::Denoiser;
+use ggdm_nets::DifferentiableDenoiser;
 use tch::{Device, Kind, Tensor};
 
 /// Where the noise of one batch comes from: sample `i` uses stream `(seed, i)`.
@@ -82,7 +82,7 @@ pub struct Objective<'a> {
     /// The sampler being optimised.
     pub sampler: &'a GgdmSampler,
     /// The (frozen) diffusion model.
-    pub model: &'a dyn Denoiser,
+    pub model: &'a dyn DifferentiableDenoiser,
     /// The feature network of the loss.
     pub extractor: &'a dyn FeatureExtractor,
     /// The loss against real features.

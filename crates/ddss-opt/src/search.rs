@@ -768,7 +768,7 @@ fn stop_everywhere(local: bool, comm: &dyn Collective) -> Result<bool> {
 /// The parts of an [`Objective`] other than the sampler (which changes during the search).
 pub struct ObjectiveParts<'a> {
     /// The diffusion model.
-    pub model: &'a dyn ggdm_core::Denoiser,
+    pub model: &'a dyn ggdm_nets::DifferentiableDenoiser,
     /// The loss's feature network.
     pub extractor: &'a dyn fid_metrics::features::FeatureExtractor,
     /// The loss.

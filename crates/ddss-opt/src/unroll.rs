@@ -10,7 +10,7 @@
 //! * [`Remat::Budget`]: the first `stored_steps` network calls are kept from the forward pass (no
 //!   recompute), the rest are recomputed — the memory-budget middle ground;
 //! * [`Remat::MemoryBudget`]: the same, with the number of stored calls chosen from a byte budget.
-//!   Each forward pass measures the memory the first call keeps ([`ggdm_core::memory::live_bytes`]
+//!   Each forward pass measures the memory the first call keeps ([`ggdm_nets::memory::live_bytes`]
 //!   before and after it) and stores as many calls as fit (`floor(budget / per_call)`, at most
 //!   K); [`last_memory_plan`] reports the choice;
 //! * [`Remat::FreeMemory`]: the same, with the budget a share of the memory free at the start of
@@ -41,7 +41,7 @@
 
 use crate::Result;
 use ggdm_core::ggdm::{Coefficients, GgdmSampler};
-use ggdm_core::{CallTape, Denoiser};
+use ggdm_nets::{CallTape, DifferentiableDenoiser};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
@@ -63,13 +63,13 @@ pub enum Remat {
     /// Keep as many calls as fit in `mib` MiB (on top of what `Budget { stored_steps: 0 }` needs:
     /// per-call rematerialisation on tapes), recompute the rest. The memory one call keeps is
     /// measured on the first call of every forward pass: exactly on a CUDA device (the caching
-    /// allocator's counters), from the C heap's in-use bytes on the CPU ([`ggdm_core::memory::live_bytes`]).
+    /// allocator's counters), from the C heap's in-use bytes on the CPU ([`ggdm_nets::memory::live_bytes`]).
     MemoryBudget {
         /// The memory for stored activations, in MiB.
         mib: u64,
     },
     /// [`Self::MemoryBudget`] with the budget a share of the memory the device has free when each
-    /// forward pass starts ([`ggdm_core::memory::available_bytes`]: free device memory plus the
+    /// forward pass starts ([`ggdm_nets::memory::available_bytes`]: free device memory plus the
     /// caching allocator's unused cache on CUDA, `MemAvailable` or the cgroup limit's room on the
     /// CPU). The rest of the free memory is left for the loss and the reverse sweep; 50 is a safe
     /// start.
@@ -129,7 +129,7 @@ fn record_plan(plan: MemoryPlan) {
 
 /// Memory live on `device`, or an error naming the budget that needs it.
 fn measure_live(device: tch::Device) -> Result<u64> {
-    ggdm_core::memory::live_bytes(device).ok_or_else(|| {
+    ggdm_nets::memory::live_bytes(device).ok_or_else(|| {
         crate::Error::config(
             "remat",
             format!(
@@ -145,7 +145,7 @@ fn free_memory_budget(device: tch::Device, percent: u32) -> Result<u64> {
     if percent > 100 {
         return Err(crate::Error::config("remat", format!("free_memory percent = {percent}: expected 0 to 100")));
     }
-    let available = ggdm_core::memory::available_bytes(device).ok_or_else(|| {
+    let available = ggdm_nets::memory::available_bytes(device).ok_or_else(|| {
         crate::Error::config(
             "remat",
             format!(
@@ -204,7 +204,7 @@ enum Kept {
 
 /// Step `i`'s network call recorded on a tape, without autograd: `(x0_hat_i, output, tape)`, or
 /// `None` when the network records no tapes.
-fn taped_call<D: Denoiser + ?Sized>(
+fn taped_call<D: DifferentiableDenoiser + ?Sized>(
     sampler: &GgdmSampler,
     model: &D,
     leaves: &Coefficients,
@@ -272,7 +272,7 @@ fn vjp_scalar(y: &Tensor, g: &Tensor) -> Tensor {
 
 /// Runs the sampler from `x_init` with step noise `z`, keeping what `remat` needs for
 /// [`backward`].
-pub fn forward<D: Denoiser + ?Sized>(
+pub fn forward<D: DifferentiableDenoiser + ?Sized>(
     sampler: &GgdmSampler,
     model: &D,
     x_init: &Tensor,
@@ -374,14 +374,14 @@ pub fn forward<D: Denoiser + ?Sized>(
 /// The network step of the reverse sweep through the model's own [`Denoiser::vjp`]: the
 /// post-processing `x0_hat_i(x_i, output)` is differentiated with the forward pass's `output` as a
 /// leaf, the output's cotangent goes through `vjp` (a replayed CUDA graph for
-/// [`ggdm_core::cuda_graph::GraphedDenoiser`]), and the input cotangents are pushed into `x_i` and
+/// [`ggdm_nets::cuda_graph::GraphedDenoiser`]), and the input cotangents are pushed into `x_i` and
 /// the coefficient leaves. The same gradient as recomputing the call under autograd.
 ///
 /// `network_vjp(x_net, tau_net, grad_output)` is the network's backward step: [`Denoiser::vjp`],
 /// or [`Denoiser::backward_taped`] for a call kept on a tape.
 /// Returns the leaf made of the step input `x_i`, which holds its cotangent.
 #[allow(clippy::too_many_arguments)]
-fn backward_with_vjp<D: Denoiser + ?Sized>(
+fn backward_with_vjp<D: DifferentiableDenoiser + ?Sized>(
     sampler: &GgdmSampler,
     model: &D,
     leaves: &Coefficients,
@@ -427,7 +427,7 @@ fn backward_with_vjp<D: Denoiser + ?Sized>(
 /// Back-propagates `grad_output = dL/dx_out` through the sampler into its parameters
 /// (accumulating into their `.grad()`), recomputing network calls as the strategy says.
 /// Returns `dL/dx_init`.
-pub fn backward<D: Denoiser + ?Sized>(
+pub fn backward<D: DifferentiableDenoiser + ?Sized>(
     sampler: &GgdmSampler,
     model: &D,
     forward: Forward,

@@ -13,8 +13,8 @@ use ddss_opt::search::{run_search_with, NoObserver, ObjectiveParts};
 use ddss_opt::teacher::{TeacherDistance, TeacherLoss};
 use ddss_opt::unroll::Remat;
 use ggdm_core::ggdm::Learnable;
-use ggdm_core::unet::UNetDenoiser;
 use ggdm_core::PredictionType;
+use ggdm_nets::unet::UNetDenoiser;
 use std::sync::{Arc, Barrier, Mutex};
 use tch::{Kind, Tensor};
 

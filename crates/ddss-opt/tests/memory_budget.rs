@@ -24,7 +24,7 @@ fn memory_budget_measures_a_call_and_stores_what_fits() {
     let x_init = x_init.to_kind(Kind::Double);
     let z: Vec<Tensor> = z.iter().map(|t| t.to_kind(Kind::Double)).collect();
 
-    let live = || ggdm_core::memory::live_bytes(Device::Cpu).expect("live memory") as f64;
+    let live = || ggdm_nets::memory::live_bytes(Device::Cpu).expect("live memory") as f64;
     let before = live();
     let naive = forward(&s, &model, &x_init, &z, Remat::Naive).expect("naive");
     let naive_per_call = (live() - before) / 4.0;

@@ -13,8 +13,8 @@ use fid_metrics::features::FeatureExtractor;
 use ggdm_core::ggdm::{GgdmSampler, Learnable};
 use ggdm_core::noise::ListNoise;
 use ggdm_core::samplers::{ddim, grid_steps, DdimOptions};
-use ggdm_core::unet::UNetDenoiser;
 use ggdm_core::PredictionType;
+use ggdm_nets::unet::UNetDenoiser;
 use tch::{Device, Kind, Tensor};
 
 fn grads(s: &GgdmSampler) -> Vec<Tensor> {
@@ -296,6 +296,8 @@ impl ggdm_core::Denoiser for FaultyModel {
         self.inner.sample_shape()
     }
 }
+
+impl ggdm_nets::DifferentiableDenoiser for FaultyModel {}
 
 /// Features that become inf (or are scaled, to make gradients explode) during chosen steps.
 struct FaultyFeatures {

@@ -9,8 +9,9 @@ use ddss_opt::unroll::{backward, forward, MemoryPlan, Remat};
 use ggdm_core::ggdm::{GgdmSampler, History, Learnable, Query};
 use ggdm_core::grid::Spacing;
 use ggdm_core::noise::{NoiseSource, SeededNoise};
-use ggdm_core::unet::UNetDenoiser;
 use ggdm_core::{Denoiser, PredictionType};
+use ggdm_nets::unet::UNetDenoiser;
+use ggdm_nets::DifferentiableDenoiser;
 use tch::{Device, Kind, Tensor};
 
 fn tiny_model(prediction_type: PredictionType) -> UNetDenoiser {
@@ -61,11 +62,16 @@ fn zero_grads(s: &GgdmSampler) {
     }
 }
 
-fn gradients<D: Denoiser>(s: &GgdmSampler, model: &D, p: &Problem, remat: Remat) -> (Vec<Tensor>, Tensor) {
+fn gradients<D: DifferentiableDenoiser>(
+    s: &GgdmSampler,
+    model: &D,
+    p: &Problem,
+    remat: Remat,
+) -> (Vec<Tensor>, Tensor) {
     gradients_and_plan(s, model, p, remat).0
 }
 
-fn gradients_and_plan<D: Denoiser>(
+fn gradients_and_plan<D: DifferentiableDenoiser>(
     s: &GgdmSampler,
     model: &D,
     p: &Problem,
@@ -190,7 +196,7 @@ fn marginal_query_gradients_equal_naive_and_finite_differences() {
     }
 }
 
-/// A network that brings its own [`Denoiser::vjp`] (here the default, autograd through one call),
+/// A network that brings its own [`DifferentiableDenoiser::vjp`] (here the default, autograd through one call),
 /// as a CUDA-graphed network does: the unroll keeps the forward pass's outputs and sweeps back
 /// through `vjp` instead of recomputing the calls.
 struct OwnVjp(UNetDenoiser);
@@ -202,6 +208,9 @@ impl Denoiser for OwnVjp {
     fn prediction_type(&self) -> PredictionType {
         self.0.prediction_type()
     }
+}
+
+impl DifferentiableDenoiser for OwnVjp {
     fn has_vjp(&self) -> bool {
         true
     }
@@ -239,7 +248,7 @@ fn free_memory_budget_is_a_share_of_the_free_memory() {
     let mut noise = SeededNoise::new(4);
     let (x_init, z) = s.draw_noise(&mut noise, &[4, 1, 32, 32], Device::Cpu).expect("noise");
 
-    let free = ggdm_core::memory::available_bytes(Device::Cpu).expect("MemAvailable on Linux") as f64;
+    let free = ggdm_nets::memory::available_bytes(Device::Cpu).expect("MemAvailable on Linux") as f64;
     let fwd = forward(&s, &model, &x_init, &z, Remat::FreeMemory { percent: 100 }).expect("forward");
     let plan = fwd.memory_plan().expect("plan");
     drop(fwd);

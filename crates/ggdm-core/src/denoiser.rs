@@ -2,7 +2,9 @@
 //! prediction convention and the schedule it was trained with (DESIGN.md section 4).
 //!
 //! Implementations must not switch off gradients internally: the DDSS search differentiates
-//! through `forward` with respect to `x` and `tau`.
+//! through `forward` with respect to `x` and `tau`. What the search needs beyond `forward` (a
+//! network's own vector-Jacobian product, or a taped forward and backward pass) is the
+//! `DifferentiableDenoiser` extension trait of the `ggdm-nets` crate.
 
 use crate::prediction::PredictionType;
 use crate::Result;
@@ -21,76 +23,6 @@ pub trait Denoiser {
     fn sample_shape(&self) -> Option<[i64; 3]> {
         None
     }
-
-    /// Whether [`Self::vjp`] has its own implementation (a replayed CUDA graph). The unroll then
-    /// keeps each call's output from its forward pass and asks `vjp` for the backward step
-    /// instead of recomputing the call under autograd.
-    fn has_vjp(&self) -> bool {
-        false
-    }
-
-    /// `(dL/dx, dL/dtau)` of `L = sum(forward(x, tau) * grad_out)` for `x` and `tau` that do not
-    /// require grad; gradients of the network's own weights are not computed. The default runs
-    /// the call under autograd.
-    fn vjp(&self, x: &Tensor, tau: &Tensor, grad_out: &Tensor) -> Result<(Tensor, Tensor)> {
-        eager_vjp(self, x, tau, grad_out)
-    }
-
-    /// `forward(x, tau)` without autograd, plus a record of the call from which
-    /// [`Self::backward_taped`] computes the gradients [`Self::vjp`] would give, usually keeping
-    /// far less memory than autograd's graph of the call (the UNet keeps about a quarter). `None`:
-    /// this network records no tape (the default); keep the call's autograd graph instead.
-    fn forward_taped(&self, x: &Tensor, tau: &Tensor) -> Result<Option<(Tensor, CallTape)>> {
-        let _ = (x, tau);
-        Ok(None)
-    }
-
-    /// `(dL/dx, dL/dtau)` of `L = sum(output * grad_out)` for the call `tape` recorded (see
-    /// [`Self::forward_taped`]).
-    fn backward_taped(&self, tape: CallTape, grad_out: &Tensor) -> Result<(Tensor, Tensor)> {
-        let _ = (tape, grad_out);
-        Err(crate::Error::invalid("backward_taped", "this network records no tapes"))
-    }
-}
-
-/// A network call recorded by [`Denoiser::forward_taped`], opaque to everyone but the network that
-/// recorded it.
-pub struct CallTape(Box<dyn std::any::Any>);
-
-impl CallTape {
-    /// Wraps a network's own record.
-    pub fn new<T: 'static>(record: T) -> Self {
-        CallTape(Box::new(record))
-    }
-
-    /// The network's own record; an error when another kind of network recorded it.
-    pub fn downcast<T: 'static>(self) -> Result<T> {
-        self.0.downcast::<T>().map(|record| *record).map_err(|_| {
-            crate::Error::invalid("backward_taped", "the tape was recorded by a different kind of network")
-        })
-    }
-}
-
-impl std::fmt::Debug for CallTape {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("CallTape")
-    }
-}
-
-/// [`Denoiser::vjp`] by autograd through `model.forward`.
-pub fn eager_vjp<D: Denoiser + ?Sized>(
-    model: &D,
-    x: &Tensor,
-    tau: &Tensor,
-    grad_out: &Tensor,
-) -> Result<(Tensor, Tensor)> {
-    // An input the network ignores gets zeros.
-    let mut grads =
-        crate::autograd::vjp(&[x, tau], grad_out, |leaves| model.forward(&leaves[0], &leaves[1]))?.into_iter();
-    match (grads.next(), grads.next()) {
-        (Some(gx), Some(gtau)) => Ok((gx, gtau)),
-        _ => Err(crate::Error::invalid("vjp", "autograd returned fewer gradients than inputs")),
-    }
 }
 
 /// Forwards every [`Denoiser`] method through a pointer type to the network it points to.
@@ -105,18 +37,6 @@ macro_rules! forward_denoiser {
             }
             fn sample_shape(&self) -> Option<[i64; 3]> {
                 (**self).sample_shape()
-            }
-            fn has_vjp(&self) -> bool {
-                (**self).has_vjp()
-            }
-            fn vjp(&self, x: &Tensor, tau: &Tensor, grad_out: &Tensor) -> Result<(Tensor, Tensor)> {
-                (**self).vjp(x, tau, grad_out)
-            }
-            fn forward_taped(&self, x: &Tensor, tau: &Tensor) -> Result<Option<(Tensor, CallTape)>> {
-                (**self).forward_taped(x, tau)
-            }
-            fn backward_taped(&self, tape: CallTape, grad_out: &Tensor) -> Result<(Tensor, Tensor)> {
-                (**self).backward_taped(tape, grad_out)
             }
         }
     )*};

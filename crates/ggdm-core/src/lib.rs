@@ -2,7 +2,7 @@
 //!
 //! Everything needed to *sample* a pretrained diffusion model with a fast sampler, and nothing that
 //! optimises one: noise schedules and continuous `abar(tau)` ([`schedule`]), diffusers-exact
-//! timestep grids ([`grid`]), the [`Denoiser`] trait and model adapters ([`unet`], [`torchscript`]),
+//! timestep grids ([`grid`]), the [`Denoiser`] trait and the TorchScript model adapter ([`torchscript`]),
 //! the DDPM and DDIM baselines ([`samplers`]), the multistep solvers DPM-Solver++ and UniPC
 //! ([`solvers`]) and the GGDM sampler family with its serialisable parameters ([`ggdm`]). The math is DESIGN.md section 4.
 //!
@@ -10,8 +10,9 @@
 //!
 //! ## Sampling a model through the [`Denoiser`] trait
 //!
-//! Any network behind [`Denoiser`] (the native diffusers UNet, a TorchScript module, or here the
-//! closed-form denoiser of Gaussian data) is sampled with a baseline or a GGDM sampler:
+//! Any network behind [`Denoiser`] (the native diffusers UNet of the `ggdm-nets` crate, a
+//! TorchScript module, or here the closed-form denoiser of Gaussian data) is sampled with a
+//! baseline or a GGDM sampler:
 //!
 //! ```
 //! use ggdm_core::analytic::GaussianDataDenoiser;
@@ -39,15 +40,11 @@
 //! ```
 
 pub mod analytic;
-pub mod autograd;
-pub mod cuda_graph;
 pub mod denoiser;
 pub mod error;
 pub mod ggdm;
 pub mod grid;
 pub mod io;
-pub mod memory;
-pub mod model_dir;
 pub mod noise;
 pub mod prediction;
 pub mod samplers;
@@ -56,9 +53,8 @@ pub mod schedule;
 pub mod scheduler_config;
 pub mod solvers;
 pub mod torchscript;
-pub mod unet;
 
-pub use denoiser::{CallTape, Denoiser};
+pub use denoiser::Denoiser;
 pub use error::{Error, Result};
 pub use prediction::PredictionType;
 pub use schedule::{BetaSchedule, NoiseSchedule};

@@ -12,8 +12,8 @@ use fid_metrics::features::FeatureExtractor;
 use ggdm_core::ggdm::{GgdmSampler, History, Learnable};
 use ggdm_core::grid::Spacing;
 use ggdm_core::scheduler_config::SchedulerConfig;
-use ggdm_core::unet::{UNet2DConfig, UNet2DModel, UNetDenoiser};
 use ggdm_core::PredictionType;
+use ggdm_nets::unet::{UNet2DConfig, UNet2DModel, UNetDenoiser};
 use std::sync::Mutex;
 use tch::{Device, Kind, Tensor};
 
@@ -114,7 +114,7 @@ pub fn tiny_sampler(learn: Learnable) -> GgdmSampler {
 
 /// The search's parts for the [`TINY`] UNet's samples (one channel, 8x8) on the CPU.
 pub fn cpu_parts<'a>(
-    model: &'a dyn ggdm_core::Denoiser,
+    model: &'a dyn ggdm_nets::DifferentiableDenoiser,
     extractor: &'a dyn FeatureExtractor,
     loss: &'a FeatureLoss,
 ) -> ObjectiveParts<'a> {

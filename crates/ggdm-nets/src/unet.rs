@@ -15,7 +15,7 @@
 //! sample and to `tau` (through the time embedding), as the DDSS search requires.
 //!
 //! ```no_run
-//! use ggdm_core::unet::{UNet2DModel, UNetDenoiser};
+//! use ggdm_nets::unet::{UNet2DModel, UNetDenoiser};
 //! use ggdm_core::{Denoiser, PredictionType};
 //! # fn main() -> ggdm_core::Result<()> {
 //! let unet = UNet2DModel::load("checkpoints/ddpm-cifar10-32", tch::Device::Cpu)?;
@@ -35,7 +35,7 @@ mod tape;
 pub use checkpoint::{WeightStorage, CONFIG_FILE, WEIGHTS_FILE, WEIGHTS_FILE_FP16, WEIGHTS_FILE_PICKLE};
 pub use config::{SampleSize, UNet2DConfig, DIFFUSERS_REFERENCE_VERSION, UNET_2D_CLASS_NAME, UNET_2D_CONFIG_KEYS};
 
-use crate::denoiser::CallTape;
+use crate::differentiable::{CallTape, DifferentiableDenoiser};
 use crate::{Denoiser, Error, PredictionType, Result};
 use blocks::{
     pop_skip_grad, DownBlock, MidBlock, ResnetSettings, TimeProjection, TimeProjections, TimestepEmbedding, UpBlock,
@@ -563,6 +563,16 @@ impl Denoiser for UNetDenoiser {
         self.model.forward(x, tau)
     }
 
+    fn prediction_type(&self) -> PredictionType {
+        self.prediction_type
+    }
+
+    fn sample_shape(&self) -> Option<[i64; 3]> {
+        self.model.sample_shape()
+    }
+}
+
+impl DifferentiableDenoiser for UNetDenoiser {
     fn forward_taped(&self, x: &Tensor, tau: &Tensor) -> Result<Option<(Tensor, CallTape)>> {
         let (output, tape) = self.model.forward_taped(x, tau)?;
         Ok(Some((output, CallTape::new(tape))))
@@ -570,13 +580,5 @@ impl Denoiser for UNetDenoiser {
 
     fn backward_taped(&self, tape: CallTape, grad_out: &Tensor) -> Result<(Tensor, Tensor)> {
         self.model.backward_taped(tape.downcast::<UNetTape>()?, grad_out)
-    }
-
-    fn prediction_type(&self) -> PredictionType {
-        self.prediction_type
-    }
-
-    fn sample_shape(&self) -> Option<[i64; 3]> {
-        self.model.sample_shape()
     }
 }

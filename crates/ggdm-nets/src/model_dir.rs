@@ -5,10 +5,11 @@
 //! schedule and prediction type (DESIGN.md section 4: the checkpoint's scheduler config is
 //! honoured the way diffusers honours it).
 
-use crate::denoiser::{CallTape, Denoiser};
-use crate::scheduler_config::SchedulerConfig;
+use crate::differentiable::{CallTape, DifferentiableDenoiser};
 use crate::unet::UNetDenoiser;
 use crate::{Error, Result};
+use ggdm_core::scheduler_config::SchedulerConfig;
+use ggdm_core::Denoiser;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
@@ -39,13 +40,23 @@ impl NetworkPrecision {
 
 /// A network run in bf16: its input is cast to bf16 and its output back to the input's kind
 /// (gradients flow through both casts).
-pub struct Bf16Denoiser(pub Box<dyn Denoiser>);
+pub struct Bf16Denoiser(pub Box<dyn DifferentiableDenoiser>);
 
 impl Denoiser for Bf16Denoiser {
     fn forward(&self, x: &Tensor, tau: &Tensor) -> Result<Tensor> {
         Ok(self.0.forward(&x.f_to_kind(Kind::BFloat16)?, tau)?.f_to_kind(x.kind())?)
     }
 
+    fn prediction_type(&self) -> crate::PredictionType {
+        self.0.prediction_type()
+    }
+
+    fn sample_shape(&self) -> Option<[i64; 3]> {
+        self.0.sample_shape()
+    }
+}
+
+impl DifferentiableDenoiser for Bf16Denoiser {
     fn forward_taped(&self, x: &Tensor, tau: &Tensor) -> Result<Option<(Tensor, CallTape)>> {
         let Some((output, tape)) = self.0.forward_taped(&x.f_to_kind(Kind::BFloat16)?, tau)? else {
             return Ok(None);
@@ -57,14 +68,6 @@ impl Denoiser for Bf16Denoiser {
         let Converted { inner, input_kind } = tape.downcast::<Converted>()?;
         let (grad_x, grad_tau) = self.0.backward_taped(inner, &grad_out.f_to_kind(Kind::BFloat16)?)?;
         Ok((grad_x.f_to_kind(input_kind)?, grad_tau))
-    }
-
-    fn prediction_type(&self) -> crate::PredictionType {
-        self.0.prediction_type()
-    }
-
-    fn sample_shape(&self) -> Option<[i64; 3]> {
-        self.0.sample_shape()
     }
 }
 
@@ -82,23 +85,11 @@ pub fn to_channels_last(t: &Tensor) -> Result<Tensor> {
 /// A network run in channels-last memory format: each call's input is converted (the weights are
 /// converted once, with [`crate::unet::UNet2DModel::to_channels_last`]) and its output is returned
 /// contiguous again. Gradients flow through both conversions.
-pub struct ChannelsLastDenoiser(pub Box<dyn Denoiser>);
+pub struct ChannelsLastDenoiser(pub Box<dyn DifferentiableDenoiser>);
 
 impl Denoiser for ChannelsLastDenoiser {
     fn forward(&self, x: &Tensor, tau: &Tensor) -> Result<Tensor> {
         Ok(self.0.forward(&to_channels_last(x)?, tau)?.f_contiguous()?)
-    }
-
-    fn forward_taped(&self, x: &Tensor, tau: &Tensor) -> Result<Option<(Tensor, CallTape)>> {
-        let Some((output, tape)) = self.0.forward_taped(&to_channels_last(x)?, tau)? else {
-            return Ok(None);
-        };
-        Ok(Some((output.f_contiguous()?, tape)))
-    }
-
-    fn backward_taped(&self, tape: CallTape, grad_out: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (grad_x, grad_tau) = self.0.backward_taped(tape, &to_channels_last(grad_out)?)?;
-        Ok((grad_x.f_contiguous()?, grad_tau))
     }
 
     fn prediction_type(&self) -> crate::PredictionType {
@@ -110,10 +101,24 @@ impl Denoiser for ChannelsLastDenoiser {
     }
 }
 
+impl DifferentiableDenoiser for ChannelsLastDenoiser {
+    fn forward_taped(&self, x: &Tensor, tau: &Tensor) -> Result<Option<(Tensor, CallTape)>> {
+        let Some((output, tape)) = self.0.forward_taped(&to_channels_last(x)?, tau)? else {
+            return Ok(None);
+        };
+        Ok(Some((output.f_contiguous()?, tape)))
+    }
+
+    fn backward_taped(&self, tape: CallTape, grad_out: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (grad_x, grad_tau) = self.0.backward_taped(tape, &to_channels_last(grad_out)?)?;
+        Ok((grad_x.f_contiguous()?, grad_tau))
+    }
+}
+
 /// A model ready to sample.
 pub struct LoadedModel {
     /// The network.
-    pub denoiser: Box<dyn Denoiser>,
+    pub denoiser: Box<dyn DifferentiableDenoiser>,
     /// Its scheduler settings (diffusers' defaults when the folder has no scheduler config).
     pub scheduler: SchedulerConfig,
     /// The directory it came from.
@@ -170,14 +175,14 @@ pub fn load_model_dir_with(dir: &Path, device: Device, precision: NetworkPrecisi
             SchedulerConfig::default()
         }
     };
-    let denoiser: Box<dyn Denoiser> = if dir.join("model.pt").is_file() {
+    let denoiser: Box<dyn DifferentiableDenoiser> = if dir.join("model.pt").is_file() {
         if precision == NetworkPrecision::Bf16 {
             return Err(Error::invalid(
                 "precision",
                 format!("bf16 needs a diffusers model folder; {} is a TorchScript model", dir.display()),
             ));
         }
-        Box::new(crate::torchscript::TorchScriptDenoiser::load(dir.join("model.pt"), device)?)
+        Box::new(ggdm_core::torchscript::TorchScriptDenoiser::load(dir.join("model.pt"), device)?)
     } else {
         let mut unet = UNetDenoiser::load(dir, device)?.with_prediction_type(scheduler.prediction_type);
         match precision {

@@ -3,7 +3,7 @@
 //! allocated and dropped over and over reuse it (the heap reaches a steady size). Alone in its binary: it changes malloc's parameters for
 //! the whole process, and parallel tests' allocations would show in the heap's numbers.
 
-use ggdm_core::memory::{self, HeapInfo};
+use ggdm_nets::memory::{self, HeapInfo};
 use tch::{Device, Kind, Tensor};
 
 const BYTES: u64 = 16 << 20;

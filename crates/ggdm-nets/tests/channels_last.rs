@@ -1,9 +1,10 @@
 //! Channels-last network calls (`UNet2DModel::to_channels_last` + `ChannelsLastDenoiser`) give the
 //! outputs and input gradients of the default layout.
 
-use ggdm_core::model_dir::{to_channels_last, ChannelsLastDenoiser};
-use ggdm_core::unet::{UNet2DConfig, UNet2DModel, UNetDenoiser};
 use ggdm_core::{Denoiser, PredictionType};
+use ggdm_nets::model_dir::{to_channels_last, ChannelsLastDenoiser};
+use ggdm_nets::unet::{UNet2DConfig, UNet2DModel, UNetDenoiser};
+use ggdm_nets::DifferentiableDenoiser;
 use tch::{Device, Kind, Tensor};
 
 const SMALL: &str = r#"{
@@ -64,8 +65,8 @@ fn channels_last_calls_equal_the_default_layout() {
 #[test]
 fn wrapped_networks_record_tapes_and_match_autograd() {
     let _serial = serial();
-    use ggdm_core::denoiser::eager_vjp;
-    use ggdm_core::model_dir::Bf16Denoiser;
+    use ggdm_nets::differentiable::eager_vjp;
+    use ggdm_nets::model_dir::Bf16Denoiser;
     let x = Tensor::randn([2, 3, 8, 8], (Kind::Double, Device::Cpu));
     let tau = Tensor::from_slice(&[900.0f64, 15.5]);
     let g = Tensor::randn([2, 3, 8, 8], (Kind::Double, Device::Cpu));

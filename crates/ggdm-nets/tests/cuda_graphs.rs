@@ -2,15 +2,15 @@
 //! replayed forward calls and VJPs equal the eager calls on the same inputs, a replay with new
 //! inputs gives new results (no stale buffers), one graph is captured per call kind and shape,
 //! and calls that need autograd still carry their graph. Also the CUDA caching allocator's counters
-//! and the available device memory (`ggdm_core::memory`, which the memory-budget rematerialisation
+//! and the available device memory (`ggdm_nets::memory`, which the memory-budget rematerialisation
 //! and the benchmarks read), as this binary is the one `tools/gpu_bench.sh` runs on the GPU before
 //! its timings.
 #![cfg(feature = "cuda-graphs")]
 
-use ggdm_core::cuda_graph::GraphedDenoiser;
-use ggdm_core::denoiser::eager_vjp;
-use ggdm_core::unet::{UNet2DConfig, UNet2DModel, UNetDenoiser};
 use ggdm_core::{Denoiser, PredictionType, Result};
+use ggdm_nets::cuda_graph::GraphedDenoiser;
+use ggdm_nets::differentiable::{eager_vjp, DifferentiableDenoiser};
+use ggdm_nets::unet::{UNet2DConfig, UNet2DModel, UNetDenoiser};
 use tch::{Device, Kind, Tensor};
 
 const SMALL: &str = r#"{
@@ -83,8 +83,8 @@ fn replayed_calls_equal_eager_calls() -> Result<()> {
     // One forward graph and one VJP graph for this shape; a new batch size captures another.
     assert_eq!(graphed.captured_shapes(), 2);
     // Their shared pool holds device memory (at least the static outputs, which are allocated).
-    let pool = ggdm_core::cuda_graph::pool_memory(device).expect("the graphs' pool memory");
-    let stats = ggdm_core::memory::device_stats(device).expect("counters");
+    let pool = ggdm_nets::cuda_graph::pool_memory(device).expect("the graphs' pool memory");
+    let stats = ggdm_nets::memory::device_stats(device).expect("counters");
     let outputs = 2 * 4 * 3 * 16 * 16 * 4;
     assert!(pool.allocated >= outputs && pool.reserved >= pool.allocated, "{pool:?}");
     assert!(pool.reserved <= stats.reserved && pool.allocated <= stats.allocated, "{pool:?} within {stats:?}");
@@ -104,7 +104,7 @@ fn replayed_calls_equal_eager_calls() -> Result<()> {
 
 #[test]
 fn allocator_counters_follow_a_tensor() {
-    use ggdm_core::memory;
+    use ggdm_nets::memory;
     if !tch::Cuda::is_available() {
         eprintln!("no CUDA device: skipped");
         return;
@@ -147,7 +147,7 @@ fn taped_calls_equal_autograd_on_the_gpu() -> Result<()> {
     let (x, tau, g) = call_inputs(0.0);
     let want = tch::no_grad(|| eager.forward(&x, &tau))?;
     let (want_gx, want_gtau) = eager_vjp(&eager, &x, &tau, &g)?;
-    for (name, model) in [("eager", &eager as &dyn Denoiser), ("graphed", &graphed as &dyn Denoiser)] {
+    for (name, model) in [("eager", &eager as &dyn DifferentiableDenoiser), ("graphed", &graphed as &dyn DifferentiableDenoiser)] {
         let (out, tape) = model.forward_taped(&x, &tau)?.expect("the UNet records tapes");
         let e = relative_error(&out, &want);
         assert!(e < 1e-5, "{name}: taped forward differs by {e}");

@@ -202,9 +202,9 @@ pub(crate) fn save_var_store(var_store: &VarStore, path: &Path, storage: WeightS
     })
 }
 
-/// Writes a file atomically (see [`crate::io::write_atomic_with`]).
+/// Writes a file atomically (see [`ggdm_core::io::write_atomic_with`]).
 pub(crate) fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    crate::io::write_atomic_with(path, write)
+    ggdm_core::io::write_atomic_with(path, write)
 }
 
 #[cfg(test)]

@@ -19,8 +19,9 @@
 //! Building with the feature compiles `csrc/cuda_graph.cpp` against the libtorch headers and the
 //! CUDA runtime headers (`cargo xtask setup` installs them into the project's venv).
 
-use crate::denoiser::{eager_vjp, CallTape, Denoiser};
+use crate::differentiable::{eager_vjp, CallTape, DifferentiableDenoiser};
 use crate::{Error, PredictionType, Result};
+use ggdm_core::Denoiser;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use tch::{Device, Kind, Tensor};
@@ -203,7 +204,7 @@ struct Key {
 /// A [`Denoiser`] whose no-autograd CUDA calls are captured once per input shape and then replayed
 /// as CUDA graphs (see the module documentation).
 pub struct GraphedDenoiser {
-    inner: Box<dyn Denoiser>,
+    inner: Box<dyn DifferentiableDenoiser>,
     /// `None`: capturing this shape failed or is not possible; run it eagerly.
     graphs: RefCell<HashMap<Key, Option<Captured>>>,
     /// The memory pool every capture of this denoiser shares (made at the first capture).
@@ -217,7 +218,7 @@ const WARMUP_CALLS: usize = 3;
 
 impl GraphedDenoiser {
     /// Wraps `inner`. Fails when this build lacks the `cuda-graphs` feature.
-    pub fn new(inner: Box<dyn Denoiser>) -> Result<Self> {
+    pub fn new(inner: Box<dyn DifferentiableDenoiser>) -> Result<Self> {
         if !AVAILABLE {
             return Err(Error::invalid(
                 "cuda_graphs",
@@ -348,7 +349,9 @@ impl Denoiser for GraphedDenoiser {
     fn sample_shape(&self) -> Option<[i64; 3]> {
         self.inner.sample_shape()
     }
+}
 
+impl DifferentiableDenoiser for GraphedDenoiser {
     fn has_vjp(&self) -> bool {
         true
     }

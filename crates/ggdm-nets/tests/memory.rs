@@ -2,7 +2,7 @@
 //! rematerialisation relies on) and the absence of device counters on the CPU. The measurements
 //! run in one test, one after the other: a parallel test's allocations would show in them.
 
-use ggdm_core::memory;
+use ggdm_nets::memory;
 use tch::{Device, Kind, Tensor};
 
 /// `measure` grows by `bytes` (within `tolerance`, relative) while a tensor of that size lives, and
