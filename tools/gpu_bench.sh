@@ -44,7 +44,7 @@ if [ "${1:-}" = "prepare" ]; then
     cargo build --release -p ddss-cli --features cuda-graphs
     # The CUDA-graph test (replayed calls equal eager ones), run there before the timings.
     PY="${PYTHON:-$HOME/.cache/ddss-rs/torch-2.11.0/bin/python}"
-    test_bin=$(cargo test --release -p ggdm-core --features cuda-graphs --test cuda_graphs --no-run \
+    test_bin=$(cargo test --release -p ggdm-nets --features cuda-graphs --test cuda_graphs --no-run \
         --message-format=json 2>/dev/null | "$PY" tools/cargo_executable.py cuda_graphs)
     mkdir -p .whl
     cp "$test_bin" .whl/cuda_graphs-test

@@ -243,119 +243,54 @@ impl SchedulerConfig {
     /// Interprets a parsed `scheduler_config.json` object.
     pub fn from_json_map(map: &Map<String, Value>) -> Result<Self> {
         let mut cfg = SchedulerConfig::default();
-        let mut beta_start = 1e-4;
-        let mut beta_end = 0.02;
-        let mut schedule_name = "linear".to_string();
-        let mut lambda_min_clipped = f64::NEG_INFINITY;
-        let as_f64 =
-            |key: &str, v: &Value| v.as_f64().ok_or_else(|| Error::invalid(key, format!("expected a number, got {v}")));
-        let as_bool = |key: &str, v: &Value| {
-            v.as_bool().ok_or_else(|| Error::invalid(key, format!("expected true/false, got {v}")))
-        };
-        let as_str = |key: &str, v: &Value| {
-            v.as_str().map(str::to_string).ok_or_else(|| Error::invalid(key, format!("expected a string, got {v}")))
-        };
-        let as_usize = |key: &str, v: &Value| {
-            v.as_u64()
-                .map(|n| n as usize)
-                .ok_or_else(|| Error::invalid(key, format!("expected a non-negative integer, got {v}")))
-        };
+        let mut betas = BetaKeys::default();
         for (key, v) in map {
-            match key.as_str() {
-                "num_train_timesteps" => cfg.num_train_timesteps = as_usize(key, v)?,
-                "beta_start" => beta_start = as_f64(key, v)?,
-                "beta_end" => beta_end = as_f64(key, v)?,
-                "beta_schedule" => schedule_name = as_str(key, v)?,
-                "trained_betas" => {
-                    if !v.is_null() {
-                        let list =
-                            v.as_array().ok_or_else(|| Error::invalid(key, "expected a list of numbers or null"))?;
-                        cfg.trained_betas = Some(list.iter().map(|b| as_f64(key, b)).collect::<Result<Vec<_>>>()?);
-                    }
-                }
-                "prediction_type" => cfg.prediction_type = PredictionType::from_diffusers_name(&as_str(key, v)?)?,
-                "clip_sample" => cfg.clip_sample = as_bool(key, v)?,
-                "clip_sample_range" => cfg.clip_sample_range = as_f64(key, v)?,
-                // DPMSolverMultistepScheduler's default `null` (no learned variance) reads as
-                // DDPMScheduler reads it: the posterior variance, fixed_small.
-                "variance_type" if v.is_null() => cfg.variance_type = VarianceType::FixedSmall,
-                "variance_type" => {
-                    cfg.variance_type = match as_str(key, v)?.as_str() {
-                        "fixed_small" => VarianceType::FixedSmall,
-                        "fixed_small_log" => VarianceType::FixedSmallLog,
-                        "fixed_large" => VarianceType::FixedLarge,
-                        other => {
-                            return Err(Error::invalid(
-                                key,
-                                format!("`{other}` is not supported (fixed_small, fixed_small_log, fixed_large)"),
-                            ))
-                        }
-                    }
-                }
-                "timestep_spacing" => cfg.timestep_spacing = Spacing::parse(&as_str(key, v)?)?,
-                "steps_offset" => cfg.steps_offset = as_usize(key, v)?,
-                "set_alpha_to_one" => cfg.set_alpha_to_one = as_bool(key, v)?,
-                "thresholding" => {
-                    if as_bool(key, v)? {
-                        return Err(Error::invalid(key, "dynamic thresholding is not supported"));
-                    }
-                }
-                "rescale_betas_zero_snr" => {
-                    if as_bool(key, v)? {
-                        return Err(Error::invalid(key, "zero-terminal-SNR rescaling is not supported"));
-                    }
-                }
-                "use_lu_lambdas" => cfg.use_lu_lambdas = as_bool(key, v)?,
-                "use_karras_sigmas" => {
-                    if as_bool(key, v)? {
-                        return Err(Error::invalid(
-                            key,
-                            "Karras sigmas are not supported (use_lu_lambdas: true, or --spacing logsnr, gives \
-                             DPM-Solver's log-SNR-uniform grid)",
-                        ));
-                    }
-                }
-                k if UNSUPPORTED_SWITCHES.iter().any(|(name, _)| *name == k) => {
-                    if as_bool(key, v)? {
-                        let (_, why) = UNSUPPORTED_SWITCHES.iter().find(|(name, _)| *name == k).expect("listed");
-                        return Err(Error::invalid(key, *why));
-                    }
-                }
-                "lambda_min_clipped" => lambda_min_clipped = lambda_min_clipped_value(v)?,
-                "clip_sample_range_max" => {}
-                // The learned sampler of the Python package's GGDMScheduler (`ddss-cli export
-                // --format diffusers-scheduler`): the keys around it are the model's settings,
-                // which is all a model needs; the sampler itself is read with `--sampler`.
-                "sampler" => {
-                    if !v.is_object() {
-                        return Err(Error::invalid(key, format!("expected a sampler.json object, got {v}")));
-                    }
-                }
-                k if IGNORED_KEYS.contains(&k) => {
-                    tracing::debug!("scheduler_config.json: ignoring `{k}` (not used by DDPM/DDIM)")
-                }
-                other => {
-                    return Err(Error::invalid(
-                        other,
-                        "unknown scheduler_config.json key (not a DDPMScheduler/DDIMScheduler setting)",
-                    ))
-                }
+            if !betas.read(key, v)? && !cfg.read_setting(key, v)? {
+                check_other_key(key, v)?;
             }
         }
-        cfg.beta_schedule = match schedule_name.as_str() {
-            "linear" => BetaSchedule::Linear { beta_start, beta_end },
-            "scaled_linear" => BetaSchedule::ScaledLinear { beta_start, beta_end },
-            "squaredcos_cap_v2" => BetaSchedule::SquaredCosCapV2,
-            other => {
-                return Err(Error::invalid(
-                    "beta_schedule",
-                    format!("`{other}` (expected linear, scaled_linear or squaredcos_cap_v2)"),
-                ))
-            }
-        };
+        cfg.beta_schedule = betas.schedule()?;
         cfg.validate()?;
-        check_lambda_min_clipped(&cfg, lambda_min_clipped)?;
+        check_lambda_min_clipped(&cfg, betas.lambda_min_clipped)?;
         Ok(cfg)
+    }
+
+    /// Reads `key` into this config when it is one of its settings; `false` when it is not.
+    fn read_setting(&mut self, key: &str, v: &Value) -> Result<bool> {
+        match key {
+            "num_train_timesteps" => self.num_train_timesteps = as_usize(key, v)?,
+            "trained_betas" => {
+                if !v.is_null() {
+                    let list = v.as_array().ok_or_else(|| Error::invalid(key, "expected a list of numbers or null"))?;
+                    self.trained_betas = Some(list.iter().map(|b| as_f64(key, b)).collect::<Result<Vec<_>>>()?);
+                }
+            }
+            "prediction_type" => self.prediction_type = PredictionType::from_diffusers_name(&as_str(key, v)?)?,
+            "clip_sample" => self.clip_sample = as_bool(key, v)?,
+            "clip_sample_range" => self.clip_sample_range = as_f64(key, v)?,
+            // DPMSolverMultistepScheduler's default `null` (no learned variance) reads as
+            // DDPMScheduler reads it: the posterior variance, fixed_small.
+            "variance_type" if v.is_null() => self.variance_type = VarianceType::FixedSmall,
+            "variance_type" => {
+                self.variance_type = match as_str(key, v)?.as_str() {
+                    "fixed_small" => VarianceType::FixedSmall,
+                    "fixed_small_log" => VarianceType::FixedSmallLog,
+                    "fixed_large" => VarianceType::FixedLarge,
+                    other => {
+                        return Err(Error::invalid(
+                            key,
+                            format!("`{other}` is not supported (fixed_small, fixed_small_log, fixed_large)"),
+                        ))
+                    }
+                }
+            }
+            "timestep_spacing" => self.timestep_spacing = Spacing::parse(&as_str(key, v)?)?,
+            "steps_offset" => self.steps_offset = as_usize(key, v)?,
+            "set_alpha_to_one" => self.set_alpha_to_one = as_bool(key, v)?,
+            "use_lu_lambdas" => self.use_lu_lambdas = as_bool(key, v)?,
+            _ => return Ok(false),
+        }
+        Ok(true)
     }
 
     /// Range checks.
@@ -468,6 +403,119 @@ impl SchedulerConfig {
         }
         json
     }
+}
+
+/// The keys that define the beta schedule, read before the schedule is built from them.
+struct BetaKeys {
+    beta_start: f64,
+    beta_end: f64,
+    schedule_name: String,
+    lambda_min_clipped: f64,
+}
+
+impl Default for BetaKeys {
+    fn default() -> Self {
+        Self { beta_start: 1e-4, beta_end: 0.02, schedule_name: "linear".into(), lambda_min_clipped: f64::NEG_INFINITY }
+    }
+}
+
+impl BetaKeys {
+    /// Reads `key` when it is one of these; `false` when it is not.
+    fn read(&mut self, key: &str, v: &Value) -> Result<bool> {
+        match key {
+            "beta_start" => self.beta_start = as_f64(key, v)?,
+            "beta_end" => self.beta_end = as_f64(key, v)?,
+            "beta_schedule" => self.schedule_name = as_str(key, v)?,
+            "lambda_min_clipped" => self.lambda_min_clipped = lambda_min_clipped_value(v)?,
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// The schedule the keys name.
+    fn schedule(&self) -> Result<BetaSchedule> {
+        let (beta_start, beta_end) = (self.beta_start, self.beta_end);
+        Ok(match self.schedule_name.as_str() {
+            "linear" => BetaSchedule::Linear { beta_start, beta_end },
+            "scaled_linear" => BetaSchedule::ScaledLinear { beta_start, beta_end },
+            "squaredcos_cap_v2" => BetaSchedule::SquaredCosCapV2,
+            other => {
+                return Err(Error::invalid(
+                    "beta_schedule",
+                    format!("`{other}` (expected linear, scaled_linear or squaredcos_cap_v2)"),
+                ))
+            }
+        })
+    }
+}
+
+/// A key that is no setting of ours: a switch that must be off, a key of another scheduler that
+/// DDPM/DDIM ignore, the embedded learned sampler, or an error naming the unknown key.
+fn check_other_key(key: &str, v: &Value) -> Result<()> {
+    match key {
+        "thresholding" => {
+            if as_bool(key, v)? {
+                return Err(Error::invalid(key, "dynamic thresholding is not supported"));
+            }
+        }
+        "rescale_betas_zero_snr" => {
+            if as_bool(key, v)? {
+                return Err(Error::invalid(key, "zero-terminal-SNR rescaling is not supported"));
+            }
+        }
+        "use_karras_sigmas" => {
+            if as_bool(key, v)? {
+                return Err(Error::invalid(
+                    key,
+                    "Karras sigmas are not supported (use_lu_lambdas: true, or --spacing logsnr, gives \
+                     DPM-Solver's log-SNR-uniform grid)",
+                ));
+            }
+        }
+        k if UNSUPPORTED_SWITCHES.iter().any(|(name, _)| *name == k) => {
+            if as_bool(key, v)? {
+                let (_, why) = UNSUPPORTED_SWITCHES.iter().find(|(name, _)| *name == k).expect("listed");
+                return Err(Error::invalid(key, *why));
+            }
+        }
+        "clip_sample_range_max" => {}
+        // The learned sampler of the Python package's GGDMScheduler (`ddss-cli export
+        // --format diffusers-scheduler`): the keys around it are the model's settings,
+        // which is all a model needs; the sampler itself is read with `--sampler`.
+        "sampler" => {
+            if !v.is_object() {
+                return Err(Error::invalid(key, format!("expected a sampler.json object, got {v}")));
+            }
+        }
+        k if IGNORED_KEYS.contains(&k) => {
+            tracing::debug!("scheduler_config.json: ignoring `{k}` (not used by DDPM/DDIM)")
+        }
+        other => {
+            return Err(Error::invalid(
+                other,
+                "unknown scheduler_config.json key (not a DDPMScheduler/DDIMScheduler setting)",
+            ))
+        }
+    }
+    Ok(())
+}
+
+fn as_f64(key: &str, v: &Value) -> Result<f64> {
+    v.as_f64().ok_or_else(|| Error::invalid(key, format!("expected a number, got {v}")))
+}
+
+fn as_bool(key: &str, v: &Value) -> Result<bool> {
+    v.as_bool().ok_or_else(|| Error::invalid(key, format!("expected true/false, got {v}")))
+}
+
+fn as_str(key: &str, v: &Value) -> Result<String> {
+    v.as_str().map(str::to_string).ok_or_else(|| Error::invalid(key, format!("expected a string, got {v}")))
+}
+
+fn as_usize(key: &str, v: &Value) -> Result<usize> {
+    v.as_u64()
+        .map(|n| n as usize)
+        .ok_or_else(|| Error::invalid(key, format!("expected a non-negative integer, got {v}")))
 }
 
 #[cfg(test)]

@@ -424,8 +424,51 @@ impl UNet2DConfig {
         self.architecture().map(|_| ())
     }
 
-    /// Validates and resolves the config into the typed architecture the builder uses.
+    /// Validates and resolves the config into the typed architecture the builder uses. The checks
+    /// run in a fixed order (shapes, blocks, time embedding, layers, normalisation, conditioning),
+    /// so a config with several faults always reports the same first one.
     pub(crate) fn architecture(&self) -> Result<Architecture> {
+        self.check_shapes()?;
+        let (down_levels, up_levels) = self.levels()?;
+        let mid_block = self.mid_block()?;
+        let (time_embedding, time_embed_dim) = self.time_embedding()?;
+        let (downsample, upsample, activation) = self.layers()?;
+        let time_conditioning = self.normalisation_and_conditioning()?;
+        let mid_attention_groups = match (self.attn_norm_num_groups, time_conditioning) {
+            (Some(groups), _) => Some(groups),
+            (None, TimeConditioning::Add) => Some(self.norm_num_groups),
+            (None, TimeConditioning::ScaleShift) => None,
+        };
+        Ok(Architecture {
+            in_channels: self.in_channels,
+            out_channels: self.out_channels,
+            center_input_sample: self.center_input_sample,
+            time_embedding,
+            time_embed_dim,
+            freq_shift: self.freq_shift,
+            flip_sin_to_cos: self.flip_sin_to_cos,
+            down_levels,
+            up_levels,
+            mid_block,
+            block_out_channels: self.block_out_channels.clone(),
+            layers_per_block: self.layers_per_block,
+            mid_block_scale_factor: self.mid_block_scale_factor,
+            downsample_padding: self.downsample_padding,
+            downsample,
+            upsample,
+            dropout: self.dropout,
+            activation,
+            attention_head_dim: self.attention_head_dim,
+            norm_num_groups: self.norm_num_groups,
+            mid_attention_groups,
+            norm_eps: self.norm_eps,
+            time_conditioning,
+            add_attention: self.add_attention,
+        })
+    }
+
+    /// The class name, the channel counts, the sample size and the per-level list lengths.
+    fn check_shapes(&self) -> Result<()> {
         if let Some(class_name) = &self.class_name {
             if class_name != UNET_2D_CLASS_NAME {
                 return Err(unsupported(
@@ -460,6 +503,11 @@ impl UNet2DConfig {
                 format!("{} entries, but block_out_channels has {levels}", self.up_block_types.len()),
             ));
         }
+        Ok(())
+    }
+
+    /// The kind (plain or with attention) of each down and up level.
+    fn levels(&self) -> Result<(Vec<LevelKind>, Vec<LevelKind>)> {
         let down_levels = self
             .down_block_types
             .iter()
@@ -486,7 +534,12 @@ impl UNet2DConfig {
                 )),
             })
             .collect::<Result<Vec<_>>>()?;
-        let mid_block = match self.mid_block_type.as_deref() {
+        Ok((down_levels, up_levels))
+    }
+
+    /// Whether the network has a mid block.
+    fn mid_block(&self) -> Result<bool> {
+        Ok(match self.mid_block_type.as_deref() {
             None => false,
             Some("UNetMidBlock2D") => true,
             Some(other) => {
@@ -495,7 +548,11 @@ impl UNet2DConfig {
                     format!("`{other}` is not supported (supported: UNetMidBlock2D or null)"),
                 ))
             }
-        };
+        })
+    }
+
+    /// The timestep embedding's kind and width.
+    fn time_embedding(&self) -> Result<(TimeEmbeddingKind, i64)> {
         let time_embedding = match self.time_embedding_type.as_str() {
             "positional" => TimeEmbeddingKind::Positional,
             "fourier" => TimeEmbeddingKind::Fourier,
@@ -526,6 +583,12 @@ impl UNet2DConfig {
                 format!("{} equals half the embedding width, which divides by zero", self.freq_shift),
             ));
         }
+        Ok((time_embedding, time_embed_dim))
+    }
+
+    /// The ResNet layers: their count, the mid block's scale, the resampling kinds, dropout and
+    /// the activation function.
+    fn layers(&self) -> Result<(ResampleKind, ResampleKind, Activation)> {
         positive("layers_per_block", self.layers_per_block)?;
         if !self.mid_block_scale_factor.is_finite() || self.mid_block_scale_factor == 0.0 {
             return Err(unsupported(
@@ -558,6 +621,12 @@ impl UNet2DConfig {
                 ))
             }
         };
+        Ok((downsample, upsample, activation))
+    }
+
+    /// Attention heads, group norms, and the time conditioning of the ResNet blocks; class
+    /// conditioning is refused.
+    fn normalisation_and_conditioning(&self) -> Result<TimeConditioning> {
         if let Some(dim) = self.attention_head_dim {
             positive("attention_head_dim", dim)?;
         }
@@ -590,37 +659,7 @@ impl UNet2DConfig {
                 format!("{classes}: class-conditional models are not supported (must be null)"),
             ));
         }
-        let mid_attention_groups = match (self.attn_norm_num_groups, time_conditioning) {
-            (Some(groups), _) => Some(groups),
-            (None, TimeConditioning::Add) => Some(self.norm_num_groups),
-            (None, TimeConditioning::ScaleShift) => None,
-        };
-        Ok(Architecture {
-            in_channels: self.in_channels,
-            out_channels: self.out_channels,
-            center_input_sample: self.center_input_sample,
-            time_embedding,
-            time_embed_dim,
-            freq_shift: self.freq_shift,
-            flip_sin_to_cos: self.flip_sin_to_cos,
-            down_levels,
-            up_levels,
-            mid_block,
-            block_out_channels: self.block_out_channels.clone(),
-            layers_per_block: self.layers_per_block,
-            mid_block_scale_factor: self.mid_block_scale_factor,
-            downsample_padding: self.downsample_padding,
-            downsample,
-            upsample,
-            dropout: self.dropout,
-            activation,
-            attention_head_dim: self.attention_head_dim,
-            norm_num_groups: self.norm_num_groups,
-            mid_attention_groups,
-            norm_eps: self.norm_eps,
-            time_conditioning,
-            add_attention: self.add_attention,
-        })
+        Ok(time_conditioning)
     }
 }
 
