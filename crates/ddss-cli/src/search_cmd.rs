@@ -515,7 +515,7 @@ pub fn run(args: SearchArgs) -> Result<()> {
     }
     .with_query(config.sampler.query);
     sampler.model = ModelIdentity { name: config.model.path.display().to_string(), sample_shape: Some(shape) };
-    let initial = SamplerChoice::Ggdm(Box::new(GgdmSampler::from_file(sampler.to_file(), device)?));
+    let initial = SamplerChoice::Ggdm(Box::new(sampler.try_clone()?));
     let grid_options = EvalOptions {
         num: config.eval.grid_num,
         batch: config.eval.batch,
@@ -554,7 +554,7 @@ pub fn run(args: SearchArgs) -> Result<()> {
         if root {
             Ok(GgdmSampler::load(&run_dir.join("sampler.json"), device)?)
         } else {
-            Ok(GgdmSampler::from_file(sampler.to_file(), device)?)
+            Ok(sampler.try_clone()?)
         }
     };
     tracing::info!(
