@@ -11,7 +11,7 @@
 
 use crate::common::{parse_device, progress_images, NetworkArgs};
 use crate::memory_check::{check_request, Request};
-use crate::sample::{ModelSamplerArgs, SamplerChoice};
+use crate::sample::ModelSamplerArgs;
 use anyhow::{bail, Context, Result};
 use ddss_opt::collective::{shard, Collective, SingleProcess};
 use fid_metrics::data::{load_idx_images_with, load_images_with, quantize_to_uint8_levels, ReadOptions};
@@ -20,6 +20,7 @@ use fid_metrics::kid::{kid, KidOptions};
 use fid_metrics::stats::{npz_keys, read_features_npz, read_npz_array, FEATURES_KEY, MU_KEY, SIGMA_KEY};
 use fid_metrics::{FeatureExtractor, FeatureStats};
 use ggdm_core::noise::{NoiseSource, PerSampleNoise};
+use ggdm_core::registry::SamplerChoice;
 use ggdm_nets::model_dir::LoadedModel;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -534,7 +535,7 @@ pub fn sample_features_sharded(
         let len = options.batch.min(end - first);
         let mut noise = PerSampleNoise::new(options.seed, first as u64, len);
         let x_init = noise.next(&[len as i64, shape[0], shape[1], shape[2]], device)?;
-        let mut samples = choice.run(model, &x_init, &mut noise)?;
+        let mut samples = crate::sample::run_batch(choice, model, &x_init, &mut noise)?;
         if options.quantize {
             samples = quantize_to_uint8_levels(&samples)?;
         }

@@ -8,9 +8,9 @@
 //!   ([`crate::sampler_picture`]).
 
 use crate::figure::{drawing_error, text, Figure, GRID_GREY, PALETTE};
-use crate::sample::SamplerChoice;
 use anyhow::{Context, Result};
 use ggdm_core::ggdm::GgdmSampler;
+use ggdm_core::registry::SamplerChoice;
 use image::RgbImage;
 use plotters::coord::Shift;
 use plotters::prelude::*;

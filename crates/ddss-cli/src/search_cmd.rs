@@ -15,14 +15,14 @@
 
 use crate::common::{parse_device, progress, progress_steps, write_grid};
 use crate::metrics_cmd::{sample_features_sharded, EvalOptions};
-use crate::sample::{SamplerChoice, SAMPLER_NAMES};
 use anyhow::{bail, Context, Result};
 use ddss_opt::collective::Collective;
 use ddss_opt::loss::{FeatureLoss, LossKind};
 use ddss_opt::search::{run_search_with, ObjectiveParts, SearchObserver, SearchOutcome, SearchSettings, StepRecord};
 use fid_metrics::features::{extract_features_batched, open_extractor, FeatureExtractor};
-use ggdm_core::ggdm::{GgdmBase, GgdmSampler, History, Learnable, ModelIdentity, Query};
-use ggdm_core::grid::Spacing;
+use ggdm_core::ggdm::{GgdmBase, GgdmSampler, History, ModelIdentity};
+use ggdm_core::registry::{SamplerChoice, SAMPLER_NAMES};
+use ggdm_core::sampler_config::SamplerSection;
 use ggdm_nets::model_dir::{LoadedModel, NetworkPrecision};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -96,42 +96,6 @@ pub struct DataSection {
     /// What to tell a user whose data is missing.
     #[serde(default)]
     pub hint: Option<String>,
-}
-
-/// `[sampler]`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SamplerSection {
-    /// Number of steps K.
-    pub steps: usize,
-    /// The start solver the search starts from, and whose coefficients at the current grid the
-    /// learned residuals are added to: `ddim` (DDIM(eta) on the DDIM grid of `spacing`, the
-    /// default), or on the multistep solvers' grid of `spacing` `dpmpp2m` / `dpmpp3m`
-    /// (DPM-Solver++(2M) / (3M)) or `unipc` / `unipc3` (UniPC bh2 of order 2 / 3 with the UniC
-    /// corrector, as `ddss-cli sample --sampler unipc` runs it); the solvers need `eta = 0` and
-    /// `history = "full"`.
-    #[serde(default)]
-    pub init: GgdmBase,
-    /// DDIM eta of the initialisation (and of the `ddim` baseline).
-    #[serde(default)]
-    pub eta: f64,
-    /// Grid the search starts from (also the DDIM/DDPM baselines' grid).
-    #[serde(default = "default_spacing")]
-    pub spacing: Spacing,
-    /// History depth.
-    #[serde(default)]
-    pub history: History,
-    /// `grid` (the model is queried at the grid's times; default) or `marginal` (paper-faithful
-    /// GGDM: predictions use the marginal the learned coefficients imply).
-    #[serde(default)]
-    pub query: Query,
-    /// Learnable parts.
-    #[serde(default)]
-    pub learn: Learnable,
-}
-
-fn default_spacing() -> Spacing {
-    Spacing::Trailing
 }
 
 /// `[loss]`: without a teacher the loss is `kind` (KID by default) on the features of
@@ -631,7 +595,7 @@ impl Comparison<'_> {
             for name in &config.eval.compare {
                 let spacing = Some(config.sampler.spacing.name());
                 let choice =
-                    SamplerChoice::from_args(name, Some(steps), config.sampler.eta, spacing, self.model, self.device)?;
+                    crate::sample::choose(name, Some(steps), config.sampler.eta, spacing, self.model, self.device)?;
                 samplers.push((name.clone(), choice));
             }
         }

@@ -11,13 +11,13 @@
 use crate::common::{parse_device, progress_images};
 use crate::metrics_cmd::{check_eval_memory, load_image_source, sample_features_multi, EvalOptions};
 use crate::plot::{plot_against_steps, Series};
-use crate::sample::SamplerChoice;
 use crate::search_cmd::ResultRow;
 use anyhow::{bail, Context, Result};
 use fid_metrics::data::ReadOptions;
 use fid_metrics::features::{extract_features_batched, FeatureSpec};
 use fid_metrics::FeatureExtractor;
 use ggdm_core::ggdm::GgdmSampler;
+use ggdm_core::registry::SamplerChoice;
 use std::path::{Path, PathBuf};
 use tch::Tensor;
 
@@ -377,7 +377,7 @@ pub fn run(args: TableArgs, quiet: bool) -> Result<()> {
                 Some((name, spacing)) => (name, Some(spacing)),
                 None => (spec.as_str(), None),
             };
-            let choice = SamplerChoice::from_args(name, Some(k), 0.0, spacing, &model, device)
+            let choice = crate::sample::choose(name, Some(k), 0.0, spacing, &model, device)
                 .with_context(|| format!("--samplers {spec}"))?;
             entries.push((spec.clone(), choice, None));
         }
