@@ -20,8 +20,8 @@ use ddss_opt::collective::Collective;
 use ddss_opt::loss::{FeatureLoss, LossKind};
 use ddss_opt::search::{run_search_with, ObjectiveParts, SearchObserver, SearchOutcome, SearchSettings, StepRecord};
 use fid_metrics::features::{extract_features_batched, open_extractor, FeatureExtractor};
-use ggdm_core::ggdm::{GgdmBase, GgdmSampler, History, ModelIdentity};
-use ggdm_core::registry::{SamplerChoice, SAMPLER_NAMES};
+use ggdm_core::ggdm::{GgdmSampler, ModelIdentity};
+use ggdm_core::registry::{is_sampler_name, SamplerChoice, SAMPLER_NAMES};
 use ggdm_core::sampler_config::SamplerSection;
 use ggdm_nets::model_dir::{LoadedModel, NetworkPrecision};
 use serde::{Deserialize, Serialize};
@@ -158,6 +158,25 @@ pub struct EvalSection {
     pub plot_steps: Vec<usize>,
 }
 
+impl EvalSection {
+    /// Range checks naming the key; `compare` names built-in samplers or `sampler.json` files.
+    fn validate(&self) -> Result<()> {
+        if self.num < 2 || self.batch == 0 {
+            bail!("[eval] num must be >= 2 and batch >= 1");
+        }
+        if self.plot_steps.contains(&0) {
+            bail!("[eval] plot_steps contains 0: step counts must be >= 1");
+        }
+        if let Some(name) = self.compare.iter().find(|n| !is_sampler_name(n)) {
+            bail!(
+                "[eval] compare: unknown sampler `{name}`; expected one of {} or the path of a sampler.json",
+                SAMPLER_NAMES.join(", ")
+            );
+        }
+        Ok(())
+    }
+}
+
 fn default_eval_batch() -> usize {
     250
 }
@@ -287,36 +306,9 @@ fn parse_config_with_steps(text: &str, path: &Path, steps: Option<usize>) -> Res
     if let Some(k) = steps {
         config.sampler.steps = k;
     }
-    if config.sampler.steps == 0 {
-        bail!("{}: [sampler] steps = 0: need at least 1", path.display());
-    }
-    if !(config.sampler.eta >= 0.0) {
-        bail!("{}: [sampler] eta = {}: must be >= 0", path.display(), config.sampler.eta);
-    }
-    if config.sampler.init != GgdmBase::Ddim && (config.sampler.eta != 0.0 || config.sampler.history != History::Full) {
-        bail!(
-            "{}: [sampler] init = \"{}\" needs eta = 0 and history = \"full\" (got eta = {}, history = {:?})",
-            path.display(),
-            config.sampler.init.name(),
-            config.sampler.eta,
-            config.sampler.history
-        );
-    }
-    if config.eval.num < 2 || config.eval.batch == 0 {
-        bail!("{}: [eval] num must be >= 2 and batch >= 1", path.display());
-    }
-    if config.eval.plot_steps.contains(&0) {
-        bail!("{}: [eval] plot_steps contains 0: step counts must be >= 1", path.display());
-    }
-    if let Some(name) =
-        config.eval.compare.iter().find(|n| !SAMPLER_NAMES.contains(&n.as_str()) && !n.ends_with(".json"))
-    {
-        bail!(
-            "{}: [eval] compare: unknown sampler `{name}`; expected one of {} or the path of a sampler.json",
-            path.display(),
-            SAMPLER_NAMES.join(", ")
-        );
-    }
+    let in_file = |e: anyhow::Error| anyhow::anyhow!("{}: {e:#}", path.display());
+    config.sampler.validate().map_err(|e| in_file(e.into()))?;
+    config.eval.validate().map_err(in_file)?;
     config.optim.validate().with_context(|| format!("{}: invalid [optim]", path.display()))?;
     if let Some(teacher) = &config.loss.teacher {
         teacher.validate().with_context(|| format!("{}: invalid [loss] teacher", path.display()))?;
@@ -457,27 +449,7 @@ pub fn run(args: SearchArgs) -> Result<()> {
     let loss = FeatureLoss::new(config.loss.kind, &real.to_device(device))?;
     let teacher = teacher::build(&config, &model, loss_extractor.as_ref(), device, quiet, comm)?;
 
-    let mut sampler = match config.sampler.init {
-        GgdmBase::Ddim => GgdmSampler::init_from_spacing(
-            &model.scheduler,
-            config.sampler.steps,
-            config.sampler.spacing,
-            config.sampler.eta,
-            config.sampler.history,
-            config.sampler.learn,
-            device,
-        )?,
-        solver => GgdmSampler::init_from_solver_spacing(
-            solver,
-            &model.scheduler,
-            config.sampler.steps,
-            config.sampler.spacing,
-            config.sampler.history,
-            config.sampler.learn,
-            device,
-        )?,
-    }
-    .with_query(config.sampler.query);
+    let mut sampler = config.sampler.init_sampler(&model.scheduler, device)?;
     sampler.model = ModelIdentity { name: config.model.path.display().to_string(), sample_shape: Some(shape) };
     let initial = SamplerChoice::Ggdm(Box::new(sampler.try_clone()?));
     let grid_options = EvalOptions {

@@ -17,7 +17,7 @@ use fid_metrics::data::ReadOptions;
 use fid_metrics::features::{extract_features_batched, FeatureSpec};
 use fid_metrics::FeatureExtractor;
 use ggdm_core::ggdm::GgdmSampler;
-use ggdm_core::registry::SamplerChoice;
+use ggdm_core::registry::{split_spacing, SamplerChoice};
 use std::path::{Path, PathBuf};
 use tch::Tensor;
 
@@ -373,10 +373,7 @@ pub fn run(args: TableArgs, quiet: bool) -> Result<()> {
     let mut entries: Vec<(String, SamplerChoice, Option<GgdmSampler>)> = Vec::new();
     for &k in &args.steps {
         for spec in &args.samplers {
-            let (name, spacing) = match spec.split_once('@') {
-                Some((name, spacing)) => (name, Some(spacing)),
-                None => (spec.as_str(), None),
-            };
+            let (name, spacing) = split_spacing(spec);
             let choice = crate::sample::choose(name, Some(k), 0.0, spacing, &model, device)
                 .with_context(|| format!("--samplers {spec}"))?;
             entries.push((spec.clone(), choice, None));

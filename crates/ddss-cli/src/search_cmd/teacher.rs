@@ -24,7 +24,7 @@ use ddss_opt::teacher::{initial_noise, Pairs, Teacher, TeacherDistance, TeacherL
 use fid_metrics::features::FeatureExtractor;
 use ggdm_core::grid::Spacing;
 use ggdm_core::noise::PerSampleNoise;
-use ggdm_core::registry::{SamplerChoice, SAMPLER_NAMES};
+use ggdm_core::registry::{is_sampler_name, SamplerChoice, SAMPLER_NAMES};
 use ggdm_nets::model_dir::{LoadedModel, NetworkPrecision};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -107,7 +107,7 @@ impl TeacherSection {
                  ddim (eta = 0), dpmpp2m, dpmpp3m, unipc or unipc3"
             );
         }
-        if !SAMPLER_NAMES.contains(&name) && !name.ends_with(".json") {
+        if !is_sampler_name(name) {
             bail!(
                 "[loss] teacher.sampler = \"{name}\": unknown sampler; expected one of {} (not ddpm) or the path \
                  of a sampler.json",
