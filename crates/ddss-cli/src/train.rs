@@ -119,17 +119,43 @@ impl TrainConfig {
 }
 
 /// The arguments of `ddss-cli train`.
+#[derive(clap::Args, Debug)]
 pub struct TrainArgs {
+    /// Training images: an IDX(.gz) file, a folder of images (bmp, jpg, jpeg, pgm, png, ppm,
+    /// tif, tiff, webp; other files are skipped), or a folder holding
+    /// train-images-idx3-ubyte.gz (e.g. /usr/share/datasets/fashion-mnist).
+    #[arg(long)]
     pub data: PathBuf,
-    /// Also read the images of `data`'s subfolders.
+    /// Also read the images of --data's subfolders (symlinked ones included), depth first in
+    /// name order.
+    #[arg(long)]
     pub recursive: bool,
+    /// Output model directory (config.json, diffusion_pytorch_model.safetensors,
+    /// scheduler_config.json, checkpoint/, metrics.jsonl).
+    #[arg(long)]
     pub out: PathBuf,
+    /// Training config (TOML with [model], [train], [scheduler]); default:
+    /// configs/train_fashion_mnist.toml (built in).
+    #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Number of optimiser steps (overrides [train] steps).
+    #[arg(long)]
     pub steps: Option<u64>,
+    /// auto | cpu | cuda | cuda:N.
+    #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Continue from OUT/checkpoint/state.safetensors with OUT/train_config.toml.
+    #[arg(long)]
     pub resume: bool,
+    /// Stop (with a checkpoint) after this many minutes; continue later with --resume.
+    #[arg(long)]
     pub max_minutes: Option<f64>,
+    /// Stop (with a checkpoint) after this step while keeping the learning-rate schedule of
+    /// --steps; continue later with --resume.
+    #[arg(long)]
     pub stop_at_step: Option<u64>,
+    /// Set from the global --quiet.
+    #[arg(skip)]
     pub quiet: bool,
 }
 
