@@ -147,7 +147,9 @@ fn taped_calls_equal_autograd_on_the_gpu() -> Result<()> {
     let (x, tau, g) = call_inputs(0.0);
     let want = tch::no_grad(|| eager.forward(&x, &tau))?;
     let (want_gx, want_gtau) = eager_vjp(&eager, &x, &tau, &g)?;
-    for (name, model) in [("eager", &eager as &dyn DifferentiableDenoiser), ("graphed", &graphed as &dyn DifferentiableDenoiser)] {
+    for (name, model) in
+        [("eager", &eager as &dyn DifferentiableDenoiser), ("graphed", &graphed as &dyn DifferentiableDenoiser)]
+    {
         let (out, tape) = model.forward_taped(&x, &tau)?.expect("the UNet records tapes");
         let e = relative_error(&out, &want);
         assert!(e < 1e-5, "{name}: taped forward differs by {e}");
