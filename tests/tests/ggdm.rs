@@ -175,6 +175,34 @@ fn sampler_json_round_trips_bit_exactly() {
 }
 
 #[test]
+fn try_clone_equals_the_file_round_trip_and_shares_no_tensor() {
+    let mut sampler = trained_solver_sampler(GgdmBase::Unipc, PredictionType::Epsilon).with_query(Query::Marginal);
+    sampler.provenance = serde_json::json!({ "note": "kept" });
+    let copy = sampler.try_clone().expect("clone");
+    let reloaded = GgdmSampler::from_file(sampler.to_file(), Device::Cpu).expect("from_file");
+    assert_eq!(copy.to_file(), reloaded.to_file());
+    for (((name, a), (_, b)), (_, c)) in
+        sampler.params.named().into_iter().zip(copy.params.named()).zip(reloaded.params.named())
+    {
+        assert!(a.equal(b) && b.equal(c), "{name} differs");
+        assert_eq!(b.requires_grad(), c.requires_grad(), "{name}: requires_grad");
+    }
+    // Changing the copy leaves the original alone.
+    let before = sampler.params.u_residual.detach().copy();
+    tch::no_grad(|| {
+        let _ = copy.params.u_residual.shallow_clone().fill_(7.0);
+    });
+    assert!(sampler.params.u_residual.equal(&before));
+    let cfg = config(PredictionType::Epsilon);
+    let model = GaussianDataDenoiser::new(&cfg.schedule().expect("schedule"), 0.0, 1.0, [1, 4, 4]);
+    let (x, z) = sampler.draw_noise(&mut SeededNoise::new(2), &[2, 1, 4, 4], Device::Cpu).expect("noise");
+    let a = tch::no_grad(|| sampler.sample(&model, &x, &z)).expect("sample");
+    let fresh = sampler.try_clone().expect("clone");
+    let b = tch::no_grad(|| fresh.sample(&model, &x, &z)).expect("sample");
+    assert!(a.equal(&b));
+}
+
+#[test]
 fn bad_sampler_files_give_clear_errors() {
     let text = serde_json::to_string(&trained_sampler().to_file()).expect("json");
     let cases: Vec<(String, &str)> = vec![

@@ -231,105 +231,132 @@ fn save_noise(path: &Path, noise: BatchNoise, shape: [i64; 3], steps: usize, rea
     Ok(())
 }
 
-/// Runs `ddss-cli bench-unroll`.
-pub fn run(args: BenchArgs) -> Result<()> {
-    let device = parse_device(&args.device)?;
-    if args.repeat == 0 {
-        bail!("--repeat must be at least 1");
-    }
-    if args.feature_chunk == Some(0) {
-        bail!("--feature-chunk must be at least 1");
-    }
-    crate::common::cudnn_benchmark_if(device, args.cudnn_benchmark);
-    let (model, scheduler) = open_model(&args, device)?;
-    let shape = model.sample_shape().context("the model does not fix its sample size")?;
+/// One run of a workload, returning what it computed (loss and gradient norms, or nothing).
+type Workload = Box<dyn FnMut() -> Result<serde_json::Value>>;
+
+/// The `step` workload: one DDSS objective evaluation of `sampler` with its exact gradient, KID
+/// on `--features` against a fixed random set of reference features. Adds `state_batch_mib` to
+/// `extra`.
+fn step_workload(
+    args: &BenchArgs,
+    sampler: GgdmSampler,
+    model: Box<dyn DifferentiableDenoiser>,
+    shape: [i64; 3],
+    device: Device,
+    extra: &mut serde_json::Map<String, serde_json::Value>,
+) -> Result<Workload> {
     let batch = args.batch;
-    let sampler = GgdmSampler::init_from_spacing(
-        &scheduler,
-        args.steps,
-        Spacing::Trailing,
-        0.0,
-        History::Full,
-        Learnable::default(),
-        device,
-    )?;
-    let mut extra = serde_json::Map::new();
-    // One run of the workload, returning what it computed (loss and gradient norms, or nothing).
-    let mut run_once: Box<dyn FnMut() -> Result<serde_json::Value>> = match args.what.as_str() {
-        "step" => {
-            let remat = parse_remat(&args.remat)?;
-            let extractor = open_features(&args.features, device)?;
-            // One f32 batch of states: what each further step adds to per-call rematerialisation
-            // (its input, its prediction and its noise are kept, and the reverse sweep holds the
-            // cotangents of its input and prediction; with CUDA graphs its output is kept too).
-            let state_bytes = batch as f64 * (shape[0] * shape[1] * shape[2]) as f64 * 4.0;
-            extra.insert("state_batch_mib".into(), (state_bytes / f64::from(1 << 20)).into());
-            // Reference features: a fixed random set is enough to time the loss and its gradient.
-            tch::manual_seed(0);
-            let real = Tensor::randn([256, extractor.dim() as i64], (Kind::Float, Device::Cpu)).abs().to_device(device);
-            let loss = FeatureLoss::new(LossKind::Kid, &real)?;
-            let noise = BatchNoise { seed: 0, batch };
-            if let Some(path) = &args.save_noise {
-                save_noise(path, noise, shape, args.steps, &real)?;
+    let feature_chunk = args.feature_chunk;
+    let remat = parse_remat(&args.remat)?;
+    let extractor = open_features(&args.features, device)?;
+    // One f32 batch of states: what each further step adds to per-call rematerialisation
+    // (its input, its prediction and its noise are kept, and the reverse sweep holds the
+    // cotangents of its input and prediction; with CUDA graphs its output is kept too).
+    let state_bytes = batch as f64 * (shape[0] * shape[1] * shape[2]) as f64 * 4.0;
+    extra.insert("state_batch_mib".into(), (state_bytes / f64::from(1 << 20)).into());
+    // Reference features: a fixed random set is enough to time the loss and its gradient.
+    tch::manual_seed(0);
+    let real = Tensor::randn([256, extractor.dim() as i64], (Kind::Float, Device::Cpu)).abs().to_device(device);
+    let loss = FeatureLoss::new(LossKind::Kid, &real)?;
+    let noise = BatchNoise { seed: 0, batch };
+    if let Some(path) = &args.save_noise {
+        save_noise(path, noise, shape, args.steps, &real)?;
+    }
+    Ok(Box::new(move || {
+        let objective = Objective {
+            sampler: &sampler,
+            model: model.as_ref(),
+            extractor: extractor.as_ref(),
+            loss: &loss,
+            remat,
+            micro_batch: batch,
+            feature_chunk,
+            sample_shape: shape,
+            device,
+            state_kind: Kind::Float,
+            teacher: None,
+        };
+        for p in sampler.trainable() {
+            let mut g = p.grad();
+            if g.defined() {
+                let _ = g.zero_();
             }
-            Box::new(move || {
-                let objective = Objective {
-                    sampler: &sampler,
-                    model: model.as_ref(),
-                    extractor: extractor.as_ref(),
-                    loss: &loss,
-                    remat,
-                    micro_batch: batch,
-                    feature_chunk: args.feature_chunk,
-                    sample_shape: shape,
-                    device,
-                    state_kind: Kind::Float,
-                    teacher: None,
-                };
-                for p in sampler.trainable() {
-                    let mut g = p.grad();
-                    if g.defined() {
-                        let _ = g.zero_();
-                    }
-                }
-                let loss = objective.loss_and_grad(noise)?;
-                let mut norms = serde_json::Map::new();
-                for (name, p) in sampler.params.named() {
-                    let g = p.grad();
-                    if g.defined() {
-                        norms.insert(name.into(), g.norm().double_value(&[]).into());
-                    }
-                }
-                Ok(serde_json::json!({ "loss": loss, "grad_norms": norms }))
-            })
         }
-        "sample" => Box::new(move || {
-            let full = [batch as i64, shape[0], shape[1], shape[2]];
-            tch::no_grad(|| -> Result<()> {
-                let x_init = Tensor::randn(full, (Kind::Float, device));
-                let z: Vec<Tensor> = (0..sampler.steps).map(|_| Tensor::randn(full, (Kind::Float, device))).collect();
-                let _ = sampler.sample(model.as_ref(), &x_init, &z)?;
-                Ok(())
-            })?;
-            Ok(serde_json::Value::Null)
-        }),
-        "features" => {
-            let extractor = open_features(&args.features, device)?;
-            extra.insert("feature_dim".into(), extractor.dim().into());
-            Box::new(move || {
-                let x = Tensor::rand([batch as i64, shape[0], shape[1], shape[2]], (Kind::Float, device)) * 2.0 - 1.0;
-                let _ = tch::no_grad(|| extractor.features(&x))?;
-                Ok(serde_json::Value::Null)
-            })
+        let loss = objective.loss_and_grad(noise)?;
+        let mut norms = serde_json::Map::new();
+        for (name, p) in sampler.params.named() {
+            let g = p.grad();
+            if g.defined() {
+                norms.insert(name.into(), g.norm().double_value(&[]).into());
+            }
         }
-        other => bail!("--what {other}: expected step, sample or features"),
-    };
+        Ok(serde_json::json!({ "loss": loss, "grad_norms": norms }))
+    }))
+}
+
+/// The `sample` workload: `sampler` on a batch of random noise, without autograd.
+fn sample_workload(
+    sampler: GgdmSampler,
+    model: Box<dyn DifferentiableDenoiser>,
+    batch: usize,
+    shape: [i64; 3],
+    device: Device,
+) -> Workload {
+    Box::new(move || {
+        let full = [batch as i64, shape[0], shape[1], shape[2]];
+        tch::no_grad(|| -> Result<()> {
+            let x_init = Tensor::randn(full, (Kind::Float, device));
+            let z: Vec<Tensor> = (0..sampler.steps).map(|_| Tensor::randn(full, (Kind::Float, device))).collect();
+            let _ = sampler.sample(model.as_ref(), &x_init, &z)?;
+            Ok(())
+        })?;
+        Ok(serde_json::Value::Null)
+    })
+}
+
+/// The `features` workload: the feature network on a batch of random samples, without autograd.
+/// Adds `feature_dim` to `extra`.
+fn features_workload(
+    args: &BenchArgs,
+    shape: [i64; 3],
+    device: Device,
+    extra: &mut serde_json::Map<String, serde_json::Value>,
+) -> Result<Workload> {
+    let batch = args.batch;
+    let extractor = open_features(&args.features, device)?;
+    extra.insert("feature_dim".into(), extractor.dim().into());
+    Ok(Box::new(move || {
+        let x = Tensor::rand([batch as i64, shape[0], shape[1], shape[2]], (Kind::Float, device)) * 2.0 - 1.0;
+        let _ = tch::no_grad(|| extractor.features(&x))?;
+        Ok(serde_json::Value::Null)
+    }))
+}
+
+/// Time and memory of a workload's runs.
+struct Measurement {
+    /// What the last run computed.
+    value: serde_json::Value,
+    /// Seconds of each timed run.
+    times: Vec<f64>,
+    /// Resident memory before the first run and its peak after the last, in MiB.
+    rss_before: f64,
+    peak_rss: f64,
+    /// Device memory in use before the first run, in MiB (GPU only).
+    cuda_before: Option<f64>,
+    /// The caching allocator's counters before the first run and at the end of the warm-up (GPU
+    /// only).
+    allocator_before: Option<memory::DeviceMemory>,
+    warmup_peak: Option<memory::DeviceMemory>,
+}
+
+/// Runs the workload `warmup` times, then `repeat` times timed, reading memory around them.
+fn measure(run_once: &mut Workload, warmup: usize, repeat: usize, device: Device) -> Result<Measurement> {
     let (_, rss_before) = memory_mib();
     let cuda_before = cuda_used_mib(device);
     // The caching allocator's own counters (what the reference reports as max_memory_allocated).
     let allocator_before = memory::reset_peak(device).then(|| memory::device_stats(device)).flatten();
     let mut value = serde_json::Value::Null;
-    for _ in 0..args.warmup {
+    for _ in 0..warmup {
         value = run_once()?;
         synchronize(device);
     }
@@ -338,44 +365,23 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if warmup_peak.is_some() {
         memory::reset_peak(device);
     }
-    let mut times = Vec::with_capacity(args.repeat);
-    for _ in 0..args.repeat {
+    let mut times = Vec::with_capacity(repeat);
+    for _ in 0..repeat {
         let started = Instant::now();
         value = run_once()?;
         synchronize(device);
         times.push(started.elapsed().as_secs_f64());
     }
-    let seconds = median(times.clone());
-    let (peak, _) = memory_mib();
-    let mut line = serde_json::json!({
-        "side": "ours",
-        "model": model_name(&args),
-        "what": args.what,
-        "steps": args.steps,
-        "batch": batch,
-        "remat": if args.what == "step" { args.remat.clone() } else { "-".to_string() },
-        "features": args.features,
-        "precision": args.precision,
-        "cuda_graphs": args.cuda_graphs,
-        "channels_last": args.channels_last,
-        "cudnn_benchmark": args.cudnn_benchmark,
-        "host_malloc": crate::common::setup_host_memory(),
-        "feature_chunk": args.feature_chunk,
-        "random_weights": args.unet_config.is_some() || args.features == "inception-random",
-        "device": format!("{device:?}"),
-        "seconds": seconds,
-        "times": times,
-        "images_per_second": batch as f64 / seconds,
-        "loss": value["loss"],
-        "grad_norms": value["grad_norms"],
-        "rss_before_mib": rss_before,
-        "peak_rss_mib": peak,
-        "step_extra_mib": peak - rss_before,
-    });
+    let (peak_rss, _) = memory_mib();
+    Ok(Measurement { value, times, rss_before, peak_rss, cuda_before, allocator_before, warmup_peak })
+}
+
+/// Adds the caching allocator's peaks (and with `--cuda-graphs` the graphs' pool) to `line`.
+fn add_allocator_fields(line: &mut serde_json::Value, args: &BenchArgs, m: &Measurement, device: Device) {
     let mib = |bytes: u64| bytes as f64 / f64::from(1 << 20);
-    if let (Some(before), Some(after)) = (allocator_before, memory::device_stats(device)) {
+    if let (Some(before), Some(after)) = (m.allocator_before, memory::device_stats(device)) {
         // The whole run's peaks: the larger of the warm-up's and the timed runs'.
-        let warm = warmup_peak.unwrap_or(after);
+        let warm = m.warmup_peak.unwrap_or(after);
         let peak_allocated = warm.peak_allocated.max(after.peak_allocated);
         let peak_reserved = warm.peak_reserved.max(after.peak_reserved);
         line["cuda_max_allocated_mib"] = (mib(peak_allocated) - mib(before.allocated)).into();
@@ -388,11 +394,49 @@ pub fn run(args: BenchArgs) -> Result<()> {
             }
         }
     }
+}
+
+/// Adds the memory plan of the step's unroll (calls stored, bytes per call) to `line`.
+fn add_plan_fields(line: &mut serde_json::Value, args: &BenchArgs) {
+    let mib = |bytes: u64| bytes as f64 / f64::from(1 << 20);
     if let Some(plan) = ddss_opt::unroll::last_memory_plan().filter(|_| args.what == "step") {
         line["stored_steps"] = plan.stored_steps.into();
         line["call_activation_mib"] = mib(plan.call_bytes).into();
     }
-    if let (Some(before), Some(after)) = (cuda_before, cuda_used_mib(device)) {
+}
+
+/// The JSON line of the measurement: the setting, the times and the memory.
+fn report_line(args: &BenchArgs, m: &Measurement, device: Device) -> serde_json::Value {
+    let seconds = median(m.times.clone());
+    let (peak, rss_before) = (m.peak_rss, m.rss_before);
+    let mut line = serde_json::json!({
+        "side": "ours",
+        "model": model_name(args),
+        "what": args.what,
+        "steps": args.steps,
+        "batch": args.batch,
+        "remat": if args.what == "step" { args.remat.clone() } else { "-".to_string() },
+        "features": args.features,
+        "precision": args.precision,
+        "cuda_graphs": args.cuda_graphs,
+        "channels_last": args.channels_last,
+        "cudnn_benchmark": args.cudnn_benchmark,
+        "host_malloc": crate::common::setup_host_memory(),
+        "feature_chunk": args.feature_chunk,
+        "random_weights": args.unet_config.is_some() || args.features == "inception-random",
+        "device": format!("{device:?}"),
+        "seconds": seconds,
+        "times": m.times,
+        "images_per_second": args.batch as f64 / seconds,
+        "loss": m.value["loss"],
+        "grad_norms": m.value["grad_norms"],
+        "rss_before_mib": rss_before,
+        "peak_rss_mib": peak,
+        "step_extra_mib": peak - rss_before,
+    });
+    add_allocator_fields(&mut line, args, m, device);
+    add_plan_fields(&mut line, args);
+    if let (Some(before), Some(after)) = (m.cuda_before, cuda_used_mib(device)) {
         line["cuda_reserved_mib"] = (after - before).into();
         line["memory_mib"] = (after - before).into();
         line["memory_kind"] = "cuda reserved growth".into();
@@ -400,6 +444,39 @@ pub fn run(args: BenchArgs) -> Result<()> {
         line["memory_mib"] = (peak - rss_before).into();
         line["memory_kind"] = "peak RSS - RSS before".into();
     }
+    line
+}
+
+/// Runs `ddss-cli bench-unroll`.
+pub fn run(args: BenchArgs) -> Result<()> {
+    let device = parse_device(&args.device)?;
+    if args.repeat == 0 {
+        bail!("--repeat must be at least 1");
+    }
+    if args.feature_chunk == Some(0) {
+        bail!("--feature-chunk must be at least 1");
+    }
+    crate::common::cudnn_benchmark_if(device, args.cudnn_benchmark);
+    let (model, scheduler) = open_model(&args, device)?;
+    let shape = model.sample_shape().context("the model does not fix its sample size")?;
+    let sampler = GgdmSampler::init_from_spacing(
+        &scheduler,
+        args.steps,
+        Spacing::Trailing,
+        0.0,
+        History::Full,
+        Learnable::default(),
+        device,
+    )?;
+    let mut extra = serde_json::Map::new();
+    let mut run_once = match args.what.as_str() {
+        "step" => step_workload(&args, sampler, model, shape, device, &mut extra)?,
+        "sample" => sample_workload(sampler, model, args.batch, shape, device),
+        "features" => features_workload(&args, shape, device, &mut extra)?,
+        other => bail!("--what {other}: expected step, sample or features"),
+    };
+    let measurement = measure(&mut run_once, args.warmup, args.repeat, device)?;
+    let mut line = report_line(&args, &measurement, device);
     if let Some(map) = line.as_object_mut() {
         map.extend(extra);
     }

@@ -14,17 +14,42 @@ use std::path::{Path, PathBuf};
 const EVAL_BATCH: usize = 500;
 
 /// The arguments of `ddss-cli train-classifier`.
+#[derive(clap::Args, Debug)]
 pub struct TrainClassifierArgs {
+    /// Data set folder holding train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz,
+    /// t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz (e.g.
+    /// /usr/share/datasets/fashion-mnist).
+    #[arg(long)]
     pub data: PathBuf,
+    /// Output weights file; must end in .safetensors (the sidecar gets the same name with .json).
+    #[arg(long)]
     pub out: PathBuf,
+    /// Architecture: a (search loss, 128-d features) or b (evaluation, 256-d features).
+    #[arg(long)]
     pub arch: String,
+    /// Seed of initialisation, shuffling and augmentation.
+    #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Passes over the training set.
+    #[arg(long, default_value_t = 4)]
     pub epochs: usize,
+    /// Mini-batch size.
+    #[arg(long, default_value_t = 128)]
     pub batch: usize,
+    /// Peak Adam learning rate (cosine decay to 0).
+    #[arg(long, default_value_t = 2e-3)]
     pub lr: f64,
+    /// Turn off the random horizontal flips.
+    #[arg(long)]
     pub no_augment: bool,
+    /// Train on the first N training images only (default: all).
+    #[arg(long)]
     pub num: Option<usize>,
+    /// auto | cpu | cuda | cuda:N.
+    #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Set from the global --quiet.
+    #[arg(skip)]
     pub quiet: bool,
 }
 

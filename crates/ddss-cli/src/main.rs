@@ -39,41 +39,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Train a DDPM (UNet2DModel, simple loss, EMA) and write it in diffusers layout.
-    Train {
-        /// Training images: an IDX(.gz) file, a folder of images (bmp, jpg, jpeg, pgm, png, ppm,
-        /// tif, tiff, webp; other files are skipped), or a folder holding
-        /// train-images-idx3-ubyte.gz (e.g. /usr/share/datasets/fashion-mnist).
-        #[arg(long)]
-        data: PathBuf,
-        /// Also read the images of --data's subfolders (symlinked ones included), depth first in
-        /// name order.
-        #[arg(long)]
-        recursive: bool,
-        /// Output model directory (config.json, diffusion_pytorch_model.safetensors,
-        /// scheduler_config.json, checkpoint/, metrics.jsonl).
-        #[arg(long)]
-        out: PathBuf,
-        /// Training config (TOML with [model], [train], [scheduler]); default:
-        /// configs/train_fashion_mnist.toml (built in).
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// Number of optimiser steps (overrides [train] steps).
-        #[arg(long)]
-        steps: Option<u64>,
-        /// auto | cpu | cuda | cuda:N.
-        #[arg(long, default_value = "auto")]
-        device: String,
-        /// Continue from OUT/checkpoint/state.safetensors with OUT/train_config.toml.
-        #[arg(long)]
-        resume: bool,
-        /// Stop (with a checkpoint) after this many minutes; continue later with --resume.
-        #[arg(long)]
-        max_minutes: Option<f64>,
-        /// Stop (with a checkpoint) after this step while keeping the learning-rate schedule of
-        /// --steps; continue later with --resume.
-        #[arg(long)]
-        stop_at_step: Option<u64>,
-    },
+    Train(train::TrainArgs),
     /// Draw samples from a model with DDPM, DDIM, DPM-Solver++, UniPC or a learned sampler.
     Sample(sample::SampleArgs),
     /// Train a small domain classifier whose features serve as `--features FILE.safetensors`.
@@ -86,40 +52,7 @@ enum Command {
     /// GroupNorm + global average pooling) for held-out evaluation. Adam with a cosine learning-rate
     /// decay, seeded shuffling and random horizontal flips; the same seed gives the same network on
     /// the same machine.
-    TrainClassifier {
-        /// Data set folder holding train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz,
-        /// t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz (e.g.
-        /// /usr/share/datasets/fashion-mnist).
-        #[arg(long)]
-        data: PathBuf,
-        /// Output weights file; must end in .safetensors (the sidecar gets the same name with .json).
-        #[arg(long)]
-        out: PathBuf,
-        /// Architecture: a (search loss, 128-d features) or b (evaluation, 256-d features).
-        #[arg(long)]
-        arch: String,
-        /// Seed of initialisation, shuffling and augmentation.
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// Passes over the training set.
-        #[arg(long, default_value_t = 4)]
-        epochs: usize,
-        /// Mini-batch size.
-        #[arg(long, default_value_t = 128)]
-        batch: usize,
-        /// Peak Adam learning rate (cosine decay to 0).
-        #[arg(long, default_value_t = 2e-3)]
-        lr: f64,
-        /// Turn off the random horizontal flips.
-        #[arg(long)]
-        no_augment: bool,
-        /// Train on the first N training images only (default: all).
-        #[arg(long)]
-        num: Option<usize>,
-        /// auto | cpu | cuda | cuda:N.
-        #[arg(long, default_value = "auto")]
-        device: String,
-    },
+    TrainClassifier(classifier_cmd::TrainClassifierArgs),
     /// Compute feature statistics of images and write them as a pytorch-fid `.npz`.
     ///
     /// Writes `mu` (float64 [d]) and `sigma` (float64 [d, d], unbiased covariance) exactly as
@@ -129,35 +62,7 @@ enum Command {
     /// `bytes(np.load(f)["feature_set"]).decode()`), so that `fid` and `eval` refuse to compare
     /// different feature sets. pytorch-fid ignores the extra keys: it reads only
     /// `np.load(f)["mu"]` and `["sigma"]`.
-    Stats {
-        /// Images: a folder of images (the files pytorch-fid reads: extensions bmp, jpg, jpeg, pgm,
-        /// png, ppm, tif, tiff, webp, in any case, in file-name order; other files are skipped), an
-        /// IDX(.gz) image file, a float32 N x C x H x W .npy of samples in [-1, 1], or a data set
-        /// folder holding train-images-idx3-ubyte.gz (its training images).
-        path: PathBuf,
-        /// Output statistics file (.npz).
-        #[arg(long)]
-        out: PathBuf,
-        /// Feature set: inception (the FID Inception; DDSS_INCEPTION overrides where its weights
-        /// are found) or the path of a domain classifier .safetensors (its .json sidecar next to
-        /// it).
-        #[arg(long, default_value = "inception")]
-        features: String,
-        /// Use only the first N images of PATH (in file-name order for folders, file order for
-        /// IDX/.npy); default: all.
-        #[arg(long)]
-        num: Option<usize>,
-        /// Also read the images of PATH's subfolders (symlinked ones included), depth first in
-        /// name order; pytorch-fid reads none.
-        #[arg(long)]
-        recursive: bool,
-        /// Images per network batch.
-        #[arg(long, default_value_t = 50)]
-        batch: usize,
-        /// auto | cpu | cuda | cuda:N.
-        #[arg(long, default_value = "auto")]
-        device: String,
-    },
+    Stats(metrics_cmd::StatsArgs),
     /// Print FID and KID between two image sources or statistics files.
     ///
     /// Each PATH is an image source (as for `stats`) or a `.npz` statistics file: pytorch-fid's
@@ -166,33 +71,7 @@ enum Command {
     /// subsets of min(1000, N1, N2) rows) needs the features of both sides and is `null` / n/a when
     /// a side has only mu/sigma. Both sides must have the same feature dimension. With --json,
     /// stdout is exactly one JSON object: {"fid", "kid_mean", "kid_std", "features"}.
-    Fid {
-        /// First image source or .npz.
-        path1: PathBuf,
-        /// Second image source or .npz.
-        path2: PathBuf,
-        /// Feature set for image sources: inception (the default) or the path of a classifier
-        /// .safetensors. Statistics files written by `stats` record their feature set, and a
-        /// different one on the other side (or here) is an error.
-        #[arg(long)]
-        features: Option<String>,
-        /// Use only the first N images of each image source (.npz files are used as they are).
-        #[arg(long)]
-        num: Option<usize>,
-        /// Also read the images of the image folders' subfolders (symlinked ones included), depth
-        /// first in name order; pytorch-fid reads none.
-        #[arg(long)]
-        recursive: bool,
-        /// Images per network batch.
-        #[arg(long, default_value_t = 50)]
-        batch: usize,
-        /// Print one JSON object instead of text.
-        #[arg(long)]
-        json: bool,
-        /// auto | cpu | cuda | cuda:N.
-        #[arg(long, default_value = "auto")]
-        device: String,
-    },
+    Fid(metrics_cmd::FidArgs),
     /// Sample a model and score the samples (FID, KID) against reference statistics.
     ///
     /// Draws --num samples exactly as `ddss-cli sample` does with the same --sampler, --steps,
@@ -213,44 +92,52 @@ enum Command {
     /// safetensors file that `--features inception` loads through DDSS_INCEPTION; --half stores
     /// them as fp16 (about 44 MB instead of 87 MB; upcast to f32 on load, so features differ from
     /// the full-precision network by about 1e-3 relative).
-    ExportInception {
-        /// Output .safetensors file.
-        #[arg(long)]
-        out: PathBuf,
-        /// Store fp16 instead of f32.
-        #[arg(long)]
-        half: bool,
-    },
+    ExportInception(ExportInceptionArgs),
     /// Time a DDSS objective evaluation (forward, loss, exact gradient), sampling or feature
     /// extraction and report its memory as one JSON line (used by `cargo xtask bench`).
     BenchUnroll(bench_cmd::BenchArgs),
     /// Print the timestep grid a spacing gives (diffusers' `timestep_spacing` semantics).
-    Timesteps {
-        /// Number of sampling steps K.
-        #[arg(long)]
-        steps: usize,
-        /// leading | trailing | linspace | quadratic | logsnr (log-SNR-uniform; depends on the
-        /// noise schedule).
-        #[arg(long, default_value = "leading")]
-        spacing: String,
-        /// Number of training timesteps T.
-        #[arg(long, default_value_t = 1000)]
-        num_train_timesteps: usize,
-        /// diffusers' `steps_offset` (applies to leading spacing).
-        #[arg(long, default_value_t = 0)]
-        steps_offset: usize,
-        /// A scheduler_config.json giving T, steps_offset and the noise schedule (which logsnr
-        /// needs); without it, DDPM's linear betas 1e-4..0.02 over --num-train-timesteps.
-        #[arg(long, conflicts_with_all = ["num_train_timesteps", "steps_offset"])]
-        scheduler_config: Option<PathBuf>,
-        /// The list of diffusers' multistep solvers (DPMSolverMultistepScheduler,
-        /// UniPCMultistepScheduler; used by dpmpp*/unipc*) instead of DDIM/DDPM's.
-        #[arg(long)]
-        multistep: bool,
-    },
+    Timesteps(TimestepsArgs),
     /// Write a learned sampler in another format: the diffusers timestep list, the JSON file, a
     /// diffusers scheduler folder or a whole DDPMPipeline folder (for the Python package in python/).
     Export(export_cmd::ExportArgs),
+}
+
+/// The arguments of `ddss-cli export-inception`.
+#[derive(clap::Args, Debug)]
+struct ExportInceptionArgs {
+    /// Output .safetensors file.
+    #[arg(long)]
+    out: PathBuf,
+    /// Store fp16 instead of f32.
+    #[arg(long)]
+    half: bool,
+}
+
+/// The arguments of `ddss-cli timesteps`.
+#[derive(clap::Args, Debug)]
+struct TimestepsArgs {
+    /// Number of sampling steps K.
+    #[arg(long)]
+    steps: usize,
+    /// leading | trailing | linspace | quadratic | logsnr (log-SNR-uniform; depends on the
+    /// noise schedule).
+    #[arg(long, default_value = "leading")]
+    spacing: String,
+    /// Number of training timesteps T.
+    #[arg(long, default_value_t = 1000)]
+    num_train_timesteps: usize,
+    /// diffusers' `steps_offset` (applies to leading spacing).
+    #[arg(long, default_value_t = 0)]
+    steps_offset: usize,
+    /// A scheduler_config.json giving T, steps_offset and the noise schedule (which logsnr
+    /// needs); without it, DDPM's linear betas 1e-4..0.02 over --num-train-timesteps.
+    #[arg(long, conflicts_with_all = ["num_train_timesteps", "steps_offset"])]
+    scheduler_config: Option<PathBuf>,
+    /// The list of diffusers' multistep solvers (DPMSolverMultistepScheduler,
+    /// UniPCMultistepScheduler; used by dpmpp*/unipc*) instead of DDIM/DDPM's.
+    #[arg(long)]
+    multistep: bool,
 }
 
 fn main() -> ExitCode {
@@ -300,92 +187,48 @@ fn report(err: anyhow::Error) -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    let quiet = cli.quiet;
     match cli.command {
-        Command::Train { data, recursive, out, config, steps, device, resume, max_minutes, stop_at_step } => {
-            train::run(train::TrainArgs {
-                data,
-                recursive,
-                out,
-                config,
-                steps,
-                device,
-                resume,
-                max_minutes,
-                stop_at_step,
-                quiet: cli.quiet,
-            })?
-        }
-        Command::Sample(mut args) => {
-            args.quiet = cli.quiet;
-            sample::run(args)?
-        }
-        Command::TrainClassifier { data, out, arch, seed, epochs, batch, lr, no_augment, num, device } => {
-            classifier_cmd::run(classifier_cmd::TrainClassifierArgs {
-                data,
-                out,
-                arch,
-                seed,
-                epochs,
-                batch,
-                lr,
-                no_augment,
-                num,
-                device,
-                quiet: cli.quiet,
-            })?
-        }
-        Command::Stats { path, out, features, num, recursive, batch, device } => {
-            metrics_cmd::run_stats(metrics_cmd::StatsArgs {
-                path,
-                out,
-                features,
-                num,
-                recursive,
-                batch,
-                device,
-                quiet: cli.quiet,
-            })?
-        }
-        Command::Fid { path1, path2, features, num, recursive, batch, json, device } => {
-            metrics_cmd::run_fid(metrics_cmd::FidArgs {
-                path1,
-                path2,
-                features,
-                num,
-                recursive,
-                batch,
-                json,
-                device,
-                quiet: cli.quiet,
-            })?
-        }
-        Command::Eval(mut args) => {
-            args.quiet = cli.quiet;
-            metrics_cmd::run_eval(args)?
-        }
-        Command::Timesteps { steps, spacing, num_train_timesteps, steps_offset, scheduler_config, multistep } => {
-            let spacing = Spacing::parse(&spacing)?;
-            let scheduler = match scheduler_config {
-                Some(path) => SchedulerConfig::from_file(&path)?,
-                None => SchedulerConfig { num_train_timesteps, steps_offset, ..SchedulerConfig::default() },
-            };
-            let grid = if multistep {
-                scheduler.multistep_timesteps(steps, spacing)?
-            } else {
-                scheduler.timesteps(steps, spacing)?
-            };
-            println!("{}", serde_json::to_string(&grid)?);
-        }
-        Command::Search(args) => search_cmd::run(search_cmd::SearchArgs { quiet: cli.quiet, ..args })?,
-        Command::Table(args) => table_cmd::run(args, cli.quiet)?,
-        Command::ExportInception { out, half } => {
-            let path = fid_metrics::inception::default_weights_path()?;
-            let net = fid_metrics::Inception::load(&path, tch::Device::Cpu)?;
-            net.export_safetensors(&out, half).with_context(|| format!("writing {}", out.display()))?;
-            println!("{} -> {} ({})", path.display(), out.display(), if half { "fp16" } else { "f32" });
-        }
-        Command::BenchUnroll(args) => bench_cmd::run(args)?,
-        Command::Export(args) => export_cmd::run(args)?,
+        Command::Train(args) => train::run(train::TrainArgs { quiet, ..args }),
+        Command::Sample(args) => sample::run(sample::SampleArgs { quiet, ..args }),
+        Command::TrainClassifier(args) => classifier_cmd::run(classifier_cmd::TrainClassifierArgs { quiet, ..args }),
+        Command::Stats(args) => metrics_cmd::run_stats(metrics_cmd::StatsArgs { quiet, ..args }),
+        Command::Fid(args) => metrics_cmd::run_fid(metrics_cmd::FidArgs { quiet, ..args }),
+        Command::Eval(args) => metrics_cmd::run_eval(metrics_cmd::EvalArgs { quiet, ..args }),
+        Command::Timesteps(args) => timesteps(args),
+        Command::Search(args) => search_cmd::run(search_cmd::SearchArgs { quiet, ..args }),
+        Command::Table(args) => table_cmd::run(args, quiet),
+        Command::ExportInception(args) => export_inception(args),
+        Command::BenchUnroll(args) => bench_cmd::run(args),
+        Command::Export(args) => export_cmd::run(args),
     }
+}
+
+/// Runs `ddss-cli timesteps`.
+fn timesteps(args: TimestepsArgs) -> Result<()> {
+    let spacing = Spacing::parse(&args.spacing)?;
+    let scheduler = match args.scheduler_config {
+        Some(path) => SchedulerConfig::from_file(&path)?,
+        None => SchedulerConfig {
+            num_train_timesteps: args.num_train_timesteps,
+            steps_offset: args.steps_offset,
+            ..SchedulerConfig::default()
+        },
+    };
+    let grid = if args.multistep {
+        scheduler.multistep_timesteps(args.steps, spacing)?
+    } else {
+        scheduler.timesteps(args.steps, spacing)?
+    };
+    println!("{}", serde_json::to_string(&grid)?);
+    Ok(())
+}
+
+/// Runs `ddss-cli export-inception`.
+fn export_inception(args: ExportInceptionArgs) -> Result<()> {
+    let path = fid_metrics::inception::default_weights_path()?;
+    let net = fid_metrics::Inception::load(&path, tch::Device::Cpu)?;
+    net.export_safetensors(&args.out, args.half).with_context(|| format!("writing {}", args.out.display()))?;
+    println!("{} -> {} ({})", path.display(), args.out.display(), if args.half { "fp16" } else { "f32" });
     Ok(())
 }

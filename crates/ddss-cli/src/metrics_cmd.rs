@@ -11,7 +11,7 @@
 
 use crate::common::{parse_device, progress_images, NetworkArgs};
 use crate::memory_check::{check_request, Request};
-use crate::sample::{ModelSamplerArgs, SamplerChoice};
+use crate::sample::ModelSamplerArgs;
 use anyhow::{bail, Context, Result};
 use ddss_opt::collective::{shard, Collective, SingleProcess};
 use fid_metrics::data::{load_idx_images_with, load_images_with, quantize_to_uint8_levels, ReadOptions};
@@ -20,6 +20,7 @@ use fid_metrics::kid::{kid, KidOptions};
 use fid_metrics::stats::{npz_keys, read_features_npz, read_npz_array, FEATURES_KEY, MU_KEY, SIGMA_KEY};
 use fid_metrics::{FeatureExtractor, FeatureStats};
 use ggdm_core::noise::{NoiseSource, PerSampleNoise};
+use ggdm_core::registry::SamplerChoice;
 use ggdm_nets::model_dir::LoadedModel;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -266,14 +267,37 @@ fn kid_if_possible(a: &FeatureSummary, b: &FeatureSummary) -> Result<Option<fid_
 }
 
 /// The arguments of `ddss-cli stats`.
+#[derive(clap::Args, Debug)]
 pub struct StatsArgs {
+    /// Images: a folder of images (the files pytorch-fid reads: extensions bmp, jpg, jpeg, pgm,
+    /// png, ppm, tif, tiff, webp, in any case, in file-name order; other files are skipped), an
+    /// IDX(.gz) image file, a float32 N x C x H x W .npy of samples in [-1, 1], or a data set
+    /// folder holding train-images-idx3-ubyte.gz (its training images).
     pub path: PathBuf,
+    /// Output statistics file (.npz).
+    #[arg(long)]
     pub out: PathBuf,
+    /// Feature set: inception (the FID Inception; DDSS_INCEPTION overrides where its weights
+    /// are found) or the path of a domain classifier .safetensors (its .json sidecar next to
+    /// it).
+    #[arg(long, default_value = "inception")]
     pub features: String,
+    /// Use only the first N images of PATH (in file-name order for folders, file order for
+    /// IDX/.npy); default: all.
+    #[arg(long)]
     pub num: Option<usize>,
+    /// Also read the images of PATH's subfolders (symlinked ones included), depth first in
+    /// name order; pytorch-fid reads none.
+    #[arg(long)]
     pub recursive: bool,
+    /// Images per network batch.
+    #[arg(long, default_value_t = 50)]
     pub batch: usize,
+    /// auto | cpu | cuda | cuda:N.
+    #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Set from the global --quiet.
+    #[arg(skip)]
     pub quiet: bool,
 }
 
@@ -315,15 +339,35 @@ pub fn run_stats(args: StatsArgs) -> Result<()> {
 }
 
 /// The arguments of `ddss-cli fid`.
+#[derive(clap::Args, Debug)]
 pub struct FidArgs {
+    /// First image source or .npz.
     pub path1: PathBuf,
+    /// Second image source or .npz.
     pub path2: PathBuf,
+    /// Feature set for image sources: inception (the default) or the path of a classifier
+    /// .safetensors. Statistics files written by `stats` record their feature set, and a
+    /// different one on the other side (or here) is an error.
+    #[arg(long)]
     pub features: Option<String>,
+    /// Use only the first N images of each image source (.npz files are used as they are).
+    #[arg(long)]
     pub num: Option<usize>,
+    /// Also read the images of the image folders' subfolders (symlinked ones included), depth
+    /// first in name order; pytorch-fid reads none.
+    #[arg(long)]
     pub recursive: bool,
+    /// Images per network batch.
+    #[arg(long, default_value_t = 50)]
     pub batch: usize,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
     pub json: bool,
+    /// auto | cpu | cuda | cuda:N.
+    #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Set from the global --quiet.
+    #[arg(skip)]
     pub quiet: bool,
 }
 
@@ -534,7 +578,7 @@ pub fn sample_features_sharded(
         let len = options.batch.min(end - first);
         let mut noise = PerSampleNoise::new(options.seed, first as u64, len);
         let x_init = noise.next(&[len as i64, shape[0], shape[1], shape[2]], device)?;
-        let mut samples = choice.run(model, &x_init, &mut noise)?;
+        let mut samples = crate::sample::run_batch(choice, model, &x_init, &mut noise)?;
         if options.quantize {
             samples = quantize_to_uint8_levels(&samples)?;
         }

@@ -8,9 +8,9 @@
 //!   ([`crate::sampler_picture`]).
 
 use crate::figure::{drawing_error, text, Figure, GRID_GREY, PALETTE};
-use crate::sample::SamplerChoice;
 use anyhow::{Context, Result};
 use ggdm_core::ggdm::GgdmSampler;
+use ggdm_core::registry::SamplerChoice;
 use image::RgbImage;
 use plotters::coord::Shift;
 use plotters::prelude::*;
@@ -348,18 +348,9 @@ mod tests {
     /// The start of the search that learned `learned`, from the `[sampler]` section of the
     /// config its provenance holds.
     fn start_of(learned: &GgdmSampler) -> GgdmSampler {
-        let section = &learned.provenance["config"]["sampler"];
-        let spacing: ggdm_core::grid::Spacing = serde_json::from_value(section["spacing"].clone()).unwrap();
-        let (scheduler, cpu) = (&learned.scheduler, tch::Device::Cpu);
-        let (steps, history, learn) = (learned.steps, learned.history, learned.learn);
-        match learned.base {
-            ggdm_core::ggdm::GgdmBase::Ddim => {
-                GgdmSampler::init_from_spacing(scheduler, steps, spacing, learned.eta, history, learn, cpu)
-            }
-            base => GgdmSampler::init_from_solver_spacing(base, scheduler, steps, spacing, history, learn, cpu),
-        }
-        .unwrap()
-        .with_query(learned.query)
+        let section = learned.provenance["config"]["sampler"].clone();
+        let section: ggdm_core::sampler_config::SamplerSection = serde_json::from_value(section).unwrap();
+        section.init_sampler(&learned.scheduler, tch::Device::Cpu).unwrap()
     }
 
     /// Redraws the pictures of the run directory `DDSS_RENDER_DIR` (its sampler.json,

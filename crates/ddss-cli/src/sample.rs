@@ -14,11 +14,8 @@ use crate::memory_check::{check_request, Request};
 use crate::step_noise::StepNoise;
 use anyhow::{bail, Context, Result};
 use ddss_opt::collective::{shard, Collective};
-use ggdm_core::ggdm::GgdmSampler;
-use ggdm_core::grid::Spacing;
 use ggdm_core::noise::{NoiseSource, PerSampleNoise};
-use ggdm_core::samplers::{ddim, ddpm, diffusers_steps, grid_steps, DdimOptions, DdpmOptions, Step};
-use ggdm_core::solvers::{dpm_solver, unipc, DpmSolverOptions, UniPcOptions};
+use ggdm_core::registry::{SamplerChoice, SAMPLER_NAMES};
 use ggdm_nets::model_dir::LoadedModel;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
@@ -120,147 +117,31 @@ impl ModelSamplerArgs {
         device: Device,
     ) -> Result<(LoadedModel, SamplerChoice)> {
         let model = network.load(self.model_dir()?, device)?;
-        let choice =
-            SamplerChoice::from_args(self.sampler_name()?, steps, self.eta, self.spacing.as_deref(), &model, device)?;
+        let choice = choose(self.sampler_name()?, steps, self.eta, self.spacing.as_deref(), &model, device)?;
         Ok((model, choice))
     }
 }
 
-/// A sampler chosen on the command line, ready to run batches.
-pub enum SamplerChoice {
-    /// DDIM(eta) with diffusers' step rule (to the next grid entry on a `logsnr` grid, which
-    /// diffusers' DDIM does not have).
-    Ddim { steps: Vec<Step>, options: DdimOptions },
-    /// DDPM ancestral.
-    Ddpm { grid: Vec<i64>, options: DdpmOptions },
-    /// DPM-Solver++ (multistep, diffusers' `DPMSolverMultistepScheduler` defaults).
-    DpmSolver { grid: Vec<i64>, options: DpmSolverOptions },
-    /// UniPC (diffusers' `UniPCMultistepScheduler` defaults, bh2).
-    UniPc { grid: Vec<i64>, options: UniPcOptions },
-    /// A GGDM sampler from `sampler.json`.
-    Ggdm(Box<GgdmSampler>),
+/// [`SamplerChoice::from_args`] for `model`.
+pub fn choose(
+    name: &str,
+    steps: Option<usize>,
+    eta: f64,
+    spacing: Option<&str>,
+    model: &LoadedModel,
+    device: Device,
+) -> Result<SamplerChoice> {
+    Ok(SamplerChoice::from_args(name, steps, eta, spacing, &model.scheduler, model.sample_shape(), device)?)
 }
 
-/// The built-in sampler names `--sampler` and a search config's `[eval] compare` accept.
-pub const SAMPLER_NAMES: &[&str] = &["ddim", "ddim-noclip", "ddpm", "dpmpp2m", "dpmpp3m", "unipc", "unipc3"];
-
-/// Steps of DPM-Solver++ and UniPC when `--steps` is not given (what diffusers' pipelines are
-/// usually run with).
-const SOLVER_DEFAULT_STEPS: usize = 20;
-
-impl SamplerChoice {
-    /// Parses `--sampler` (one of [`SAMPLER_NAMES`] or a `sampler.json`) with `--steps`, `--eta`,
-    /// `--spacing`. DDIM and DDPM default to the model's `timestep_spacing`; DPM-Solver++ and UniPC
-    /// place their steps as diffusers' multistep schedulers do, by default with their own default
-    /// spacing, `linspace` (`logsnr` when the scheduler config sets `use_lu_lambdas`).
-    pub fn from_args(
-        name: &str,
-        steps: Option<usize>,
-        eta: f64,
-        spacing: Option<&str>,
-        model: &LoadedModel,
-        device: Device,
-    ) -> Result<Self> {
-        let scheduler = &model.scheduler;
-        let requested_spacing = spacing.map(Spacing::parse).transpose()?;
-        let spacing = requested_spacing.unwrap_or(scheduler.timestep_spacing);
-        let grid_for = |k: usize| scheduler.timesteps(k, spacing);
-        let solver_grid = || {
-            let spacing = requested_spacing.unwrap_or(scheduler.multistep_spacing());
-            scheduler.multistep_timesteps(steps.unwrap_or(SOLVER_DEFAULT_STEPS), spacing)
-        };
-        if !(eta >= 0.0) {
-            bail!("--eta {eta}: must be >= 0");
-        }
-        match name {
-            "ddim" | "ddim-noclip" => Ok(SamplerChoice::Ddim {
-                steps: ddim_steps(&grid_for(steps.unwrap_or(50))?, spacing, scheduler.num_train_timesteps),
-                options: DdimOptions {
-                    eta,
-                    clip: if name == "ddim" { scheduler.clip() } else { None },
-                    use_clipped_model_output: false,
-                },
-            }),
-            "ddpm" => Ok(SamplerChoice::Ddpm {
-                grid: grid_for(steps.unwrap_or(scheduler.num_train_timesteps))?,
-                options: DdpmOptions { variance_type: scheduler.variance_type, clip: scheduler.clip() },
-            }),
-            "dpmpp2m" | "dpmpp3m" => Ok(SamplerChoice::DpmSolver {
-                grid: solver_grid()?,
-                options: DpmSolverOptions { order: if name == "dpmpp3m" { 3 } else { 2 }, ..Default::default() },
-            }),
-            "unipc" | "unipc3" => Ok(SamplerChoice::UniPc {
-                grid: solver_grid()?,
-                options: UniPcOptions { order: if name == "unipc3" { 3 } else { 2 }, ..Default::default() },
-            }),
-            path if path.ends_with(".json") => {
-                let sampler = GgdmSampler::load(path.as_ref(), device)?;
-                sampler.check_compatible(scheduler, model.sample_shape())?;
-                if let Some(k) = steps {
-                    if k != sampler.steps {
-                        bail!("--steps {k}: {path} is a {}-step sampler", sampler.steps);
-                    }
-                }
-                Ok(SamplerChoice::Ggdm(Box::new(sampler)))
-            }
-            other => bail!(
-                "--sampler {other}: unknown sampler; expected one of {} or the path of a sampler.json",
-                SAMPLER_NAMES.join(", ")
-            ),
-        }
-    }
-
-    /// Network evaluations per sample.
-    pub fn steps(&self) -> usize {
-        match self {
-            SamplerChoice::Ddim { steps, .. } => steps.len(),
-            SamplerChoice::Ddpm { grid, .. }
-            | SamplerChoice::DpmSolver { grid, .. }
-            | SamplerChoice::UniPc { grid, .. } => grid.len(),
-            SamplerChoice::Ggdm(s) => s.steps,
-        }
-    }
-
-    /// Samples one batch starting from `x_init`, drawing step noise from `noise`.
-    pub fn run(&self, model: &LoadedModel, x_init: &Tensor, noise: &mut dyn NoiseSource) -> Result<Tensor> {
-        let schedule = model.scheduler.schedule()?;
-        let denoiser = model.denoiser.as_ref();
-        tch::no_grad(|| -> Result<Tensor> {
-            Ok(match self {
-                SamplerChoice::Ddim { steps, options } => {
-                    ddim(denoiser, &schedule, steps, x_init, options, noise, &mut |_| {})?
-                }
-                SamplerChoice::Ddpm { grid, options } => {
-                    let grid: Vec<f64> = grid.iter().map(|&t| t as f64).collect();
-                    ddpm(denoiser, &schedule, &grid_steps(&grid), x_init, options, noise, &mut |_| {})?
-                }
-                SamplerChoice::DpmSolver { grid, options } => {
-                    let grid: Vec<f64> = grid.iter().map(|&t| t as f64).collect();
-                    dpm_solver(denoiser, &schedule, &grid, x_init, options, &mut |_| {})?
-                }
-                SamplerChoice::UniPc { grid, options } => {
-                    let grid: Vec<f64> = grid.iter().map(|&t| t as f64).collect();
-                    unipc(denoiser, &schedule, &grid, x_init, options, &mut |_| {})?
-                }
-                SamplerChoice::Ggdm(sampler) => {
-                    let shape = x_init.size();
-                    let z = (0..sampler.steps)
-                        .map(|_| noise.next(&shape, x_init.device()))
-                        .collect::<Result<Vec<_>, _>>()?;
-                    sampler.sample(denoiser, x_init, &z)?
-                }
-            })
-        })
-    }
-}
-
-/// DDIM's steps over `grid`: diffusers' rule (`t - T // K`) for its own spacings, the next grid
-/// entry on a `logsnr` grid.
-fn ddim_steps(grid: &[i64], spacing: Spacing, num_train_timesteps: usize) -> Vec<Step> {
-    match spacing {
-        Spacing::LogSnr => grid_steps(&grid.iter().map(|&t| t as f64).collect::<Vec<_>>()),
-        _ => diffusers_steps(grid, num_train_timesteps),
-    }
+/// [`SamplerChoice::run`] on `model`: one batch from `x_init`, step noise from `noise`.
+pub fn run_batch(
+    choice: &SamplerChoice,
+    model: &LoadedModel,
+    x_init: &Tensor,
+    noise: &mut dyn NoiseSource,
+) -> Result<Tensor> {
+    Ok(choice.run(model.denoiser.as_ref(), &model.scheduler, x_init, noise)?)
 }
 
 /// The shipped model, relative to the repository root.
@@ -369,7 +250,7 @@ pub fn run(args: SampleArgs) -> Result<()> {
         };
         let samples = match (&mut step_noise, &choice) {
             (Some(io), SamplerChoice::Ggdm(sampler)) => io.run_batch(sampler, &model, &x_init, &mut noise, first)?,
-            _ => choice.run(&model, &x_init, &mut noise)?,
+            _ => run_batch(&choice, &model, &x_init, &mut noise)?,
         };
         let samples = samples.f_to_device(Device::Cpu)?;
         if let Some(dir) = &outputs.dir {

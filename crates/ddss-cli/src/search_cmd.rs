@@ -15,14 +15,14 @@
 
 use crate::common::{parse_device, progress, progress_steps, write_grid};
 use crate::metrics_cmd::{sample_features_sharded, EvalOptions};
-use crate::sample::{SamplerChoice, SAMPLER_NAMES};
 use anyhow::{bail, Context, Result};
 use ddss_opt::collective::Collective;
 use ddss_opt::loss::{FeatureLoss, LossKind};
 use ddss_opt::search::{run_search_with, ObjectiveParts, SearchObserver, SearchOutcome, SearchSettings, StepRecord};
 use fid_metrics::features::{extract_features_batched, open_extractor, FeatureExtractor};
-use ggdm_core::ggdm::{GgdmBase, GgdmSampler, History, Learnable, ModelIdentity, Query};
-use ggdm_core::grid::Spacing;
+use ggdm_core::ggdm::{GgdmSampler, ModelIdentity};
+use ggdm_core::registry::{is_sampler_name, SamplerChoice, SAMPLER_NAMES};
+use ggdm_core::sampler_config::SamplerSection;
 use ggdm_nets::model_dir::{LoadedModel, NetworkPrecision};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -98,42 +98,6 @@ pub struct DataSection {
     pub hint: Option<String>,
 }
 
-/// `[sampler]`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SamplerSection {
-    /// Number of steps K.
-    pub steps: usize,
-    /// The start solver the search starts from, and whose coefficients at the current grid the
-    /// learned residuals are added to: `ddim` (DDIM(eta) on the DDIM grid of `spacing`, the
-    /// default), or on the multistep solvers' grid of `spacing` `dpmpp2m` / `dpmpp3m`
-    /// (DPM-Solver++(2M) / (3M)) or `unipc` / `unipc3` (UniPC bh2 of order 2 / 3 with the UniC
-    /// corrector, as `ddss-cli sample --sampler unipc` runs it); the solvers need `eta = 0` and
-    /// `history = "full"`.
-    #[serde(default)]
-    pub init: GgdmBase,
-    /// DDIM eta of the initialisation (and of the `ddim` baseline).
-    #[serde(default)]
-    pub eta: f64,
-    /// Grid the search starts from (also the DDIM/DDPM baselines' grid).
-    #[serde(default = "default_spacing")]
-    pub spacing: Spacing,
-    /// History depth.
-    #[serde(default)]
-    pub history: History,
-    /// `grid` (the model is queried at the grid's times; default) or `marginal` (paper-faithful
-    /// GGDM: predictions use the marginal the learned coefficients imply).
-    #[serde(default)]
-    pub query: Query,
-    /// Learnable parts.
-    #[serde(default)]
-    pub learn: Learnable,
-}
-
-fn default_spacing() -> Spacing {
-    Spacing::Trailing
-}
-
 /// `[loss]`: without a teacher the loss is `kind` (KID by default) on the features of
 /// `features`; with one it is `mean teacher distance + kid_weight * KID` ([`teacher`]).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -192,6 +156,25 @@ pub struct EvalSection {
     /// (`fid_vs_steps.png`); the learned sampler appears at its own K.
     #[serde(default)]
     pub plot_steps: Vec<usize>,
+}
+
+impl EvalSection {
+    /// Range checks naming the key; `compare` names built-in samplers or `sampler.json` files.
+    fn validate(&self) -> Result<()> {
+        if self.num < 2 || self.batch == 0 {
+            bail!("[eval] num must be >= 2 and batch >= 1");
+        }
+        if self.plot_steps.contains(&0) {
+            bail!("[eval] plot_steps contains 0: step counts must be >= 1");
+        }
+        if let Some(name) = self.compare.iter().find(|n| !is_sampler_name(n)) {
+            bail!(
+                "[eval] compare: unknown sampler `{name}`; expected one of {} or the path of a sampler.json",
+                SAMPLER_NAMES.join(", ")
+            );
+        }
+        Ok(())
+    }
 }
 
 fn default_eval_batch() -> usize {
@@ -323,36 +306,9 @@ fn parse_config_with_steps(text: &str, path: &Path, steps: Option<usize>) -> Res
     if let Some(k) = steps {
         config.sampler.steps = k;
     }
-    if config.sampler.steps == 0 {
-        bail!("{}: [sampler] steps = 0: need at least 1", path.display());
-    }
-    if !(config.sampler.eta >= 0.0) {
-        bail!("{}: [sampler] eta = {}: must be >= 0", path.display(), config.sampler.eta);
-    }
-    if config.sampler.init != GgdmBase::Ddim && (config.sampler.eta != 0.0 || config.sampler.history != History::Full) {
-        bail!(
-            "{}: [sampler] init = \"{}\" needs eta = 0 and history = \"full\" (got eta = {}, history = {:?})",
-            path.display(),
-            config.sampler.init.name(),
-            config.sampler.eta,
-            config.sampler.history
-        );
-    }
-    if config.eval.num < 2 || config.eval.batch == 0 {
-        bail!("{}: [eval] num must be >= 2 and batch >= 1", path.display());
-    }
-    if config.eval.plot_steps.contains(&0) {
-        bail!("{}: [eval] plot_steps contains 0: step counts must be >= 1", path.display());
-    }
-    if let Some(name) =
-        config.eval.compare.iter().find(|n| !SAMPLER_NAMES.contains(&n.as_str()) && !n.ends_with(".json"))
-    {
-        bail!(
-            "{}: [eval] compare: unknown sampler `{name}`; expected one of {} or the path of a sampler.json",
-            path.display(),
-            SAMPLER_NAMES.join(", ")
-        );
-    }
+    let in_file = |e: anyhow::Error| anyhow::anyhow!("{}: {e:#}", path.display());
+    config.sampler.validate().map_err(|e| in_file(e.into()))?;
+    config.eval.validate().map_err(in_file)?;
     config.optim.validate().with_context(|| format!("{}: invalid [optim]", path.display()))?;
     if let Some(teacher) = &config.loss.teacher {
         teacher.validate().with_context(|| format!("{}: invalid [loss] teacher", path.display()))?;
@@ -430,10 +386,10 @@ impl SearchObserver for BarObserver {
     }
 }
 
-/// Runs `ddss-cli search`.
-pub fn run(args: SearchArgs) -> Result<()> {
-    let started = Instant::now();
-    let config = load_config(&args)?;
+/// The config of `args` and its run directory, checked before any work: `--resume` needs a
+/// checkpoint and a fresh run none, and the model, the data and the reference must exist.
+fn load(args: &SearchArgs) -> Result<(SearchConfig, PathBuf)> {
+    let config = load_config(args)?;
     let stem = args.config.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "search".into());
     let run_dir = args.out.clone().or(config.output.dir.clone()).unwrap_or_else(|| PathBuf::from("runs").join(&stem));
     let checkpoint = ddss_opt::search::checkpoint_path(&run_dir);
@@ -455,6 +411,43 @@ pub fn run(args: SearchArgs) -> Result<()> {
     if !config.eval.reference.exists() {
         return Err(missing("[eval] reference data", &config.eval.reference, &config.data.hint));
     }
+    Ok((config, run_dir))
+}
+
+/// Creates the run directory; on rank 0 also takes its lock (held until the returned guard drops),
+/// removes a killed run's temporary files and writes the resolved `config.toml`.
+fn open_run_dir(run_dir: &Path, config: &SearchConfig, root: bool) -> Result<Option<RunLock>> {
+    std::fs::create_dir_all(run_dir).with_context(|| format!("creating run directory {}", run_dir.display()))?;
+    // Rank 0 alone owns the run directory (lock, leftovers, outputs).
+    let lock = if root { Some(RunLock::acquire(run_dir)?) } else { None };
+    if root {
+        remove_stale_temporaries(run_dir);
+        ggdm_core::io::write_atomic(&run_dir.join("config.toml"), toml::to_string_pretty(config)?.as_bytes())?;
+    }
+    Ok(lock)
+}
+
+/// Loads `[model]` on `device`, with its sample shape, after checking that the search fits in
+/// memory ([`crate::memory_check::check_search`]).
+fn load_model(config: &SearchConfig, device: Device, comm: &dyn Collective) -> Result<(LoadedModel, [i64; 3])> {
+    crate::common::cudnn_benchmark_if(device, config.model.cudnn_benchmark);
+    let model =
+        crate::common::load_model(&config.model.path, device, config.model.precision, config.model.cuda_graphs)?;
+    let shape = model.sample_shape().context("the model does not fix its sample size (sample_size in config.json)")?;
+    crate::memory_check::check_search(&model, shape, device, config)?;
+    tracing::info!(
+        "model {} ({:?} samples) on {device:?}{}",
+        config.model.path.display(),
+        shape,
+        crate::dist::ranks_note(comm)
+    );
+    Ok((model, shape))
+}
+
+/// Runs `ddss-cli search`.
+pub fn run(args: SearchArgs) -> Result<()> {
+    let started = Instant::now();
+    let (config, run_dir) = load(&args)?;
     let device_name = args.device.clone().or(config.output.device.clone()).unwrap_or_else(|| "auto".into());
     let comm = crate::dist::world();
     let comm = comm.as_ref();
@@ -465,127 +458,27 @@ pub fn run(args: SearchArgs) -> Result<()> {
         ddss_opt::collective::check_shardable("optim.batch_size", config.optim.batch_size, comm.size())
             .with_context(|| format!("{}: invalid [optim] for {} ranks", args.config.display(), comm.size()))?;
     }
-    std::fs::create_dir_all(&run_dir).with_context(|| format!("creating run directory {}", run_dir.display()))?;
-    // Rank 0 alone owns the run directory (lock, leftovers, outputs).
-    let _lock = if root { Some(RunLock::acquire(&run_dir)?) } else { None };
-    if root {
-        remove_stale_temporaries(&run_dir);
-        ggdm_core::io::write_atomic(&run_dir.join("config.toml"), toml::to_string_pretty(&config)?.as_bytes())?;
-    }
-
-    crate::common::cudnn_benchmark_if(device, config.model.cudnn_benchmark);
-    let model =
-        crate::common::load_model(&config.model.path, device, config.model.precision, config.model.cuda_graphs)?;
-    let shape = model.sample_shape().context("the model does not fix its sample size (sample_size in config.json)")?;
-    crate::memory_check::check_search(&model, shape, device, &config)?;
-    tracing::info!(
-        "model {} ({:?} samples) on {device:?}{}",
-        config.model.path.display(),
-        shape,
-        crate::dist::ranks_note(comm)
-    );
-
-    // The loss: real features of the training data with the loss's feature network.
-    let loss_extractor = open_extractor(&config.loss.features, device)?;
-    let real_images = load_real_images(&config.data.path, config.data.num, config.data.recursive)?;
-    let real = features_batched(loss_extractor.as_ref(), &real_images, config.eval.batch, quiet, "real features")?;
-    drop(real_images);
-    let loss = FeatureLoss::new(config.loss.kind, &real.to_device(device))?;
-    let teacher = teacher::build(&config, &model, loss_extractor.as_ref(), device, quiet, comm)?;
-
-    let mut sampler = match config.sampler.init {
-        GgdmBase::Ddim => GgdmSampler::init_from_spacing(
-            &model.scheduler,
-            config.sampler.steps,
-            config.sampler.spacing,
-            config.sampler.eta,
-            config.sampler.history,
-            config.sampler.learn,
-            device,
-        )?,
-        solver => GgdmSampler::init_from_solver_spacing(
-            solver,
-            &model.scheduler,
-            config.sampler.steps,
-            config.sampler.spacing,
-            config.sampler.history,
-            config.sampler.learn,
-            device,
-        )?,
-    }
-    .with_query(config.sampler.query);
-    sampler.model = ModelIdentity { name: config.model.path.display().to_string(), sample_shape: Some(shape) };
-    let initial = SamplerChoice::Ggdm(Box::new(GgdmSampler::from_file(sampler.to_file(), device)?));
-    let grid_options = EvalOptions {
-        num: config.eval.grid_num,
-        batch: config.eval.batch,
-        seed: config.eval.seed,
-        quantize: true,
-        device,
-    };
-    let (_, before) =
-        sample_features_sharded(&model, &initial, &grid_options, &[], config.eval.grid_num, &mut |_, _| {}, comm)?;
-    if root {
-        write_grid(&before, grid_columns(config.eval.grid_num), &run_dir.join("before.png"))?;
-    }
-
-    let parts = ObjectiveParts {
-        model: model.denoiser.as_ref(),
-        extractor: loss_extractor.as_ref(),
-        loss: &loss,
-        sample_shape: shape,
-        device,
-        teacher: teacher.as_ref(),
-    };
-    let mut observer = BarObserver { bar: progress_steps(config.optim.steps, quiet, "search") };
-    let search_started = Instant::now();
-    let outcome =
-        run_search_with(&mut sampler, parts, &config.optim, &real, &run_dir, args.resume, &mut observer, comm)?;
-    observer.bar.finish_and_clear();
-    let search_seconds = search_started.elapsed().as_secs_f64();
-    sampler.provenance = provenance(&config, &outcome, search_seconds);
-    if root {
-        sampler.save(&run_dir.join("sampler.json"))?;
-        crate::pictures::write_search_pictures(&run_dir, &initial, &sampler);
-    }
-    // Every rank evaluates the learned sampler; the other ranks take it from memory (the same
-    // values `sampler.json` holds) rather than from a file rank 0 may still be writing.
-    let learned_sampler = |device: Device| -> Result<GgdmSampler> {
-        if root {
-            Ok(GgdmSampler::load(&run_dir.join("sampler.json"), device)?)
-        } else {
-            Ok(GgdmSampler::from_file(sampler.to_file(), device)?)
-        }
-    };
-    tracing::info!(
-        "search: validation {} {:.5} -> {:.5} (best at step {}), {:.0} s; sampler written to {}",
-        outcome.validation_metric.label(),
-        outcome.initial_validation,
-        outcome.best_validation,
-        outcome.best_step,
-        search_seconds,
-        run_dir.join("sampler.json").display()
-    );
-
+    let _lock = open_run_dir(&run_dir, &config, root)?;
+    let (model, shape) = load_model(&config, device, comm)?;
+    let search = Search { config: &config, model: &model, run_dir: &run_dir, device, quiet, comm };
+    let (sampler, search_seconds) = search.run(shape, args.resume)?;
+    // Every rank evaluates the learned sampler: rank 0 reads it back from `sampler.json`, the
+    // other ranks copy it from memory (the same values) rather than read a file rank 0 may still
+    // be writing.
+    let learned = if root { GgdmSampler::load(&run_dir.join("sampler.json"), device)? } else { sampler.try_clone()? };
     if args.skip_eval {
-        let learned = SamplerChoice::Ggdm(Box::new(learned_sampler(device)?));
-        let (_, after) =
-            sample_features_sharded(&model, &learned, &grid_options, &[], config.eval.grid_num, &mut |_, _| {}, comm)?;
-        if !root {
-            return Ok(());
+        search.write_after(learned)?;
+        if root {
+            println!(
+                "run directory: {} ({:.0} s in total, search {:.0} s; comparison skipped)",
+                run_dir.display(),
+                started.elapsed().as_secs_f64(),
+                search_seconds
+            );
         }
-        crate::pictures::write_after(&after, grid_columns(config.eval.grid_num), &run_dir, config.sampler.init.name())?;
-        println!(
-            "run directory: {} ({:.0} s in total, search {:.0} s; comparison skipped)",
-            run_dir.display(),
-            started.elapsed().as_secs_f64(),
-            search_seconds
-        );
         return Ok(());
     }
-
-    let learned = learned_sampler(device)?;
-    let comparison = Comparison { config: &config, model: &model, run_dir: &run_dir, device, quiet, comm };
+    let comparison = search.comparison();
     let Some(rows) = comparison.run(learned)? else { return Ok(()) };
     comparison.report(&rows)?;
     println!(
@@ -595,6 +488,131 @@ pub fn run(args: SearchArgs) -> Result<()> {
         search_seconds
     );
     Ok(())
+}
+
+/// The search itself: the loss on `[data]`, the start sampler, the optimisation, and
+/// `sampler.json` with the pictures of the start and the learned sampler.
+struct Search<'a> {
+    config: &'a SearchConfig,
+    model: &'a LoadedModel,
+    run_dir: &'a Path,
+    device: Device,
+    quiet: bool,
+    comm: &'a dyn Collective,
+}
+
+/// The loss of a search: the feature network, the real features of `[data]`, the feature loss
+/// on them and the teacher of `[loss] teacher` (if any).
+struct SearchLoss {
+    extractor: Box<dyn FeatureExtractor>,
+    real: Tensor,
+    loss: FeatureLoss,
+    teacher: Option<ddss_opt::teacher::Teacher>,
+}
+
+impl Search<'_> {
+    /// The loss: real features of the training data with the loss's feature network, and the
+    /// teacher's pairs.
+    fn loss(&self) -> Result<SearchLoss> {
+        let (config, device) = (self.config, self.device);
+        let extractor = open_extractor(&config.loss.features, device)?;
+        let real_images = load_real_images(&config.data.path, config.data.num, config.data.recursive)?;
+        let real = features_batched(extractor.as_ref(), &real_images, config.eval.batch, self.quiet, "real features")?;
+        drop(real_images);
+        let loss = FeatureLoss::new(config.loss.kind, &real.to_device(device))?;
+        let teacher = teacher::build(config, self.model, extractor.as_ref(), device, self.quiet, self.comm)?;
+        Ok(SearchLoss { extractor, real, loss, teacher })
+    }
+
+    /// The noise and batching of the PNG grids (`[eval] grid_num` samples on the evaluation noise).
+    fn grid_options(&self) -> EvalOptions {
+        let eval = &self.config.eval;
+        EvalOptions { num: eval.grid_num, batch: eval.batch, seed: eval.seed, quantize: true, device: self.device }
+    }
+
+    /// The grid of `choice` (the samples split across the ranks).
+    fn grid(&self, choice: &SamplerChoice) -> Result<Tensor> {
+        let num = self.config.eval.grid_num;
+        let (_, grid) =
+            sample_features_sharded(self.model, choice, &self.grid_options(), &[], num, &mut |_, _| {}, self.comm)?;
+        Ok(grid)
+    }
+
+    /// Learns the sampler (continuing from the checkpoint when `resume`) for samples of `shape`;
+    /// rank 0 writes `before.png`, `sampler.json` and the pictures of the start and the learned
+    /// sampler. Returns the learned sampler and the seconds the optimisation took.
+    fn run(&self, shape: [i64; 3], resume: bool) -> Result<(GgdmSampler, f64)> {
+        let (config, device, root) = (self.config, self.device, self.comm.is_root());
+        let loss = self.loss()?;
+        let mut sampler = config.sampler.init_sampler(&self.model.scheduler, device)?;
+        sampler.model = ModelIdentity { name: config.model.path.display().to_string(), sample_shape: Some(shape) };
+        let initial = SamplerChoice::Ggdm(Box::new(sampler.try_clone()?));
+        let before = self.grid(&initial)?;
+        if root {
+            write_grid(&before, grid_columns(config.eval.grid_num), &self.run_dir.join("before.png"))?;
+        }
+        let parts = ObjectiveParts {
+            model: self.model.denoiser.as_ref(),
+            extractor: loss.extractor.as_ref(),
+            loss: &loss.loss,
+            sample_shape: shape,
+            device,
+            teacher: loss.teacher.as_ref(),
+        };
+        let mut observer = BarObserver { bar: progress_steps(config.optim.steps, self.quiet, "search") };
+        let search_started = Instant::now();
+        let outcome = run_search_with(
+            &mut sampler,
+            parts,
+            &config.optim,
+            &loss.real,
+            self.run_dir,
+            resume,
+            &mut observer,
+            self.comm,
+        )?;
+        observer.bar.finish_and_clear();
+        let seconds = search_started.elapsed().as_secs_f64();
+        sampler.provenance = provenance(config, &outcome, seconds);
+        let path = self.run_dir.join("sampler.json");
+        if root {
+            sampler.save(&path)?;
+            crate::pictures::write_search_pictures(self.run_dir, &initial, &sampler);
+        }
+        tracing::info!(
+            "search: validation {} {:.5} -> {:.5} (best at step {}), {:.0} s; sampler written to {}",
+            outcome.validation_metric.label(),
+            outcome.initial_validation,
+            outcome.best_validation,
+            outcome.best_step,
+            seconds,
+            path.display()
+        );
+        Ok((sampler, seconds))
+    }
+
+    /// Without the comparison (`--skip-eval`): samples the learned sampler's grid and, on rank 0,
+    /// writes `after.png` and `before_after.png`.
+    fn write_after(&self, learned: GgdmSampler) -> Result<()> {
+        let after = self.grid(&SamplerChoice::Ggdm(Box::new(learned)))?;
+        if self.comm.is_root() {
+            let columns = grid_columns(self.config.eval.grid_num);
+            crate::pictures::write_after(&after, columns, self.run_dir, self.config.sampler.init.name())?;
+        }
+        Ok(())
+    }
+
+    /// The comparison of the learned sampler with the baselines, in the same run.
+    fn comparison(&self) -> Comparison<'_> {
+        Comparison {
+            config: self.config,
+            model: self.model,
+            run_dir: self.run_dir,
+            device: self.device,
+            quiet: self.quiet,
+            comm: self.comm,
+        }
+    }
 }
 
 /// The comparison on held-out noise: every baseline at K and at each `[eval] plot_steps`, the
@@ -631,7 +649,7 @@ impl Comparison<'_> {
             for name in &config.eval.compare {
                 let spacing = Some(config.sampler.spacing.name());
                 let choice =
-                    SamplerChoice::from_args(name, Some(steps), config.sampler.eta, spacing, self.model, self.device)?;
+                    crate::sample::choose(name, Some(steps), config.sampler.eta, spacing, self.model, self.device)?;
                 samplers.push((name.clone(), choice));
             }
         }

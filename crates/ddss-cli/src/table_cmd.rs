@@ -11,15 +11,16 @@
 use crate::common::{parse_device, progress_images};
 use crate::metrics_cmd::{check_eval_memory, load_image_source, sample_features_multi, EvalOptions};
 use crate::plot::{plot_against_steps, Series};
-use crate::sample::SamplerChoice;
 use crate::search_cmd::ResultRow;
 use anyhow::{bail, Context, Result};
 use fid_metrics::data::ReadOptions;
 use fid_metrics::features::{extract_features_batched, FeatureSpec};
 use fid_metrics::FeatureExtractor;
 use ggdm_core::ggdm::GgdmSampler;
+use ggdm_core::registry::{split_spacing, SamplerChoice};
+use ggdm_nets::model_dir::LoadedModel;
 use std::path::{Path, PathBuf};
-use tch::Tensor;
+use tch::{Device, Tensor};
 
 /// The arguments of `ddss-cli table`.
 #[derive(clap::Args, Debug)]
@@ -331,18 +332,20 @@ fn print_written(out: &Path, tables: &str, plots: &[PathBuf]) {
     );
 }
 
-/// Runs `ddss-cli table`.
-pub fn run(args: TableArgs, quiet: bool) -> Result<()> {
-    if args.render {
-        let path = args.out.join("results.json");
-        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-        let rows: Vec<ResultRow> =
-            serde_json::from_str(&text).with_context(|| format!("{}: not a list of result rows", path.display()))?;
-        let title = args.model.as_ref().and_then(|m| m.file_name()).map(|s| s.to_string_lossy().to_string());
-        let (tables, plots) = render(&rows, &args.out, &title.unwrap_or_else(|| "results".into()))?;
-        print_written(&args.out, &tables, &plots);
-        return Ok(());
-    }
+/// `--render`: redraws table.md and the plots in `--out` from its results.json.
+fn render_only(args: &TableArgs) -> Result<()> {
+    let path = args.out.join("results.json");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let rows: Vec<ResultRow> =
+        serde_json::from_str(&text).with_context(|| format!("{}: not a list of result rows", path.display()))?;
+    let title = args.model.as_ref().and_then(|m| m.file_name()).map(|s| s.to_string_lossy().to_string());
+    let (tables, plots) = render(&rows, &args.out, &title.unwrap_or_else(|| "results".into()))?;
+    print_written(&args.out, &tables, &plots);
+    Ok(())
+}
+
+/// `--model`, `--ref` and `--num`, after the checks of the arguments that need no model.
+fn check_args(args: &TableArgs) -> Result<(PathBuf, PathBuf, usize)> {
     let (Some(model_dir), Some(reference), Some(num)) = (args.model.clone(), args.reference.clone(), args.num) else {
         bail!("--model, --ref and --num are required (unless --render)");
     };
@@ -358,28 +361,27 @@ pub fn run(args: TableArgs, quiet: bool) -> Result<()> {
     if args.samplers.is_empty() && args.learned.is_empty() {
         bail!("nothing to compare: give --samplers and/or --learned");
     }
-    let specs = args
-        .features
-        .iter()
-        .map(|f| FeatureSpec::parse(f).with_context(|| format!("--features {f}")))
-        .collect::<Result<Vec<_>>>()?;
-    let device = parse_device(&args.device)?;
-    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
-    let model = args.network.load(&model_dir, device)?;
-    let options = EvalOptions { num, batch: args.batch, seed: args.seed, quantize: true, device };
-    // The sample size and --batch before the reference features are computed; --num with them.
-    check_eval_memory(&model, &options, 0, ["--batch", "--num"])?;
+    Ok((model_dir, reference, num))
+}
 
-    let mut entries: Vec<(String, SamplerChoice, Option<GgdmSampler>)> = Vec::new();
+/// A row label of the table with its sampler; for a learned sampler also the sampler itself
+/// (its provenance tells which feature network its loss used).
+struct Entry {
+    label: String,
+    choice: SamplerChoice,
+    learned: Option<GgdmSampler>,
+}
+
+/// The baselines of `--samplers` at every `--steps`, then the learned samplers of `--learned`
+/// (a label that two samplers of one K share gets the run folder's name appended).
+fn entries(args: &TableArgs, model: &LoadedModel, device: Device) -> Result<Vec<Entry>> {
+    let mut entries = Vec::new();
     for &k in &args.steps {
         for spec in &args.samplers {
-            let (name, spacing) = match spec.split_once('@') {
-                Some((name, spacing)) => (name, Some(spacing)),
-                None => (spec.as_str(), None),
-            };
-            let choice = SamplerChoice::from_args(name, Some(k), 0.0, spacing, &model, device)
+            let (name, spacing) = split_spacing(spec);
+            let choice = crate::sample::choose(name, Some(k), 0.0, spacing, model, device)
                 .with_context(|| format!("--samplers {spec}"))?;
-            entries.push((spec.clone(), choice, None));
+            entries.push(Entry { label: spec.clone(), choice, learned: None });
         }
     }
     let mut learned_entries: Vec<(String, PathBuf, GgdmSampler)> = Vec::new();
@@ -395,7 +397,7 @@ pub fn run(args: TableArgs, quiet: bool) -> Result<()> {
         learned_entries.push((label, path, sampler));
     }
     for (label, path, sampler) in learned_entries {
-        let clash = entries.iter().any(|(other, choice, _)| *other == label && choice.steps() == sampler.steps);
+        let clash = entries.iter().any(|other| other.label == label && other.choice.steps() == sampler.steps);
         let label = if clash {
             let run = path.parent().and_then(|p| p.file_name()).map(|s| s.to_string_lossy().to_string());
             format!("{label}:{}", run.unwrap_or_else(|| path.display().to_string()))
@@ -403,8 +405,91 @@ pub fn run(args: TableArgs, quiet: bool) -> Result<()> {
             label
         };
         let choice = SamplerChoice::Ggdm(Box::new(GgdmSampler::load(&path, device)?));
-        entries.push((label, choice, Some(sampler)));
+        entries.push(Entry { label, choice, learned: Some(sampler) });
     }
+    Ok(entries)
+}
+
+/// The feature networks of `--features`, each with the features of the real images `real`.
+fn reference_features(
+    specs: &[FeatureSpec],
+    real: &Tensor,
+    batch: usize,
+    device: Device,
+    quiet: bool,
+) -> Result<Vec<(Box<dyn FeatureExtractor>, Tensor)>> {
+    let mut references = Vec::new();
+    for spec in specs {
+        let extractor = spec.open(device)?;
+        let bar = progress_images(real.size()[0] as u64, quiet, &format!("reference {}", extractor.name()));
+        let feats = extract_features_batched(&crate::search_cmd::DynExtractor(extractor.as_ref()), real, batch, {
+            let bar = bar.clone();
+            move |done, _| bar.set_position(done as u64)
+        })?;
+        bar.finish_and_clear();
+        references.push((extractor, feats));
+    }
+    Ok(references)
+}
+
+/// Writes `rows` as `OUT/results.json`.
+fn write_results(out: &Path, rows: &[ResultRow]) -> Result<()> {
+    let results = out.join("results.json");
+    ggdm_core::io::write_atomic(&results, serde_json::to_string_pretty(rows)?.as_bytes())?;
+    Ok(())
+}
+
+/// What the samplers are scored with: the model, the noise and batching, and each feature
+/// network with the real images' features.
+struct Scoring<'a> {
+    model: &'a LoadedModel,
+    options: EvalOptions,
+    extractors: Vec<&'a dyn FeatureExtractor>,
+    references: Vec<&'a Tensor>,
+    quiet: bool,
+}
+
+impl Scoring<'_> {
+    /// The rows of `entry` (one per feature network). A network is held out unless it is the one
+    /// the learned sampler's loss used.
+    fn rows(&self, entry: &Entry) -> Result<Vec<ResultRow>> {
+        let (label, steps) = (&entry.label, entry.choice.steps());
+        let bar = progress_images(self.options.num as u64, self.quiet, &format!("{label} K={steps}"));
+        let (features, _) =
+            sample_features_multi(self.model, &entry.choice, &self.options, &self.extractors, 0, &mut |done, _| {
+                bar.set_position(done as u64)
+            })?;
+        bar.finish_and_clear();
+        let mut rows = Vec::new();
+        for ((extractor, reference), feats) in self.extractors.iter().zip(&self.references).zip(&features) {
+            let name = extractor.name();
+            let held_out = entry.learned.as_ref().is_none_or(|s| !loss_used(s, name));
+            let row = ResultRow::score(label, steps, name, held_out, feats, reference)?;
+            tracing::info!("{label} K={steps} {name}: FID {:.4}, KID {:.6}", row.fid, row.kid_mean);
+            rows.push(row);
+        }
+        Ok(rows)
+    }
+}
+
+/// Runs `ddss-cli table`.
+pub fn run(args: TableArgs, quiet: bool) -> Result<()> {
+    if args.render {
+        return render_only(&args);
+    }
+    let (model_dir, reference, num) = check_args(&args)?;
+    let specs = args
+        .features
+        .iter()
+        .map(|f| FeatureSpec::parse(f).with_context(|| format!("--features {f}")))
+        .collect::<Result<Vec<_>>>()?;
+    let device = parse_device(&args.device)?;
+    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    let model = args.network.load(&model_dir, device)?;
+    let options = EvalOptions { num, batch: args.batch, seed: args.seed, quantize: true, device };
+    // The sample size and --batch before the reference features are computed; --num with them.
+    check_eval_memory(&model, &options, 0, ["--batch", "--num"])?;
+    let entries = entries(&args, &model, device)?;
 
     let ref_num = args.ref_num.unwrap_or(num);
     let read = ReadOptions { recursive: args.recursive, limit: Some(ref_num) };
@@ -414,50 +499,30 @@ pub fn run(args: TableArgs, quiet: bool) -> Result<()> {
             bail!("--ref {}: images are {:?}, the model samples {:?}", reference.display(), &real.size()[1..], shape);
         }
     }
-    let mut extractors = Vec::new();
-    let mut references = Vec::new();
-    for spec in &specs {
-        let extractor = spec.open(device)?;
-        let bar = progress_images(real.size()[0] as u64, quiet, &format!("reference {}", extractor.name()));
-        let feats =
-            extract_features_batched(&crate::search_cmd::DynExtractor(extractor.as_ref()), &real, args.batch, {
-                let bar = bar.clone();
-                move |done, _| bar.set_position(done as u64)
-            })?;
-        bar.finish_and_clear();
-        references.push(feats);
-        extractors.push(extractor);
-    }
-    let extractor_refs: Vec<&dyn FeatureExtractor> = extractors.iter().map(|e| e.as_ref()).collect();
-    check_eval_memory(&model, &options, extractor_refs.iter().map(|e| e.dim()).sum(), ["--batch", "--num"])?;
+    let references = reference_features(&specs, &real, args.batch, device, quiet)?;
+    let scoring = Scoring {
+        model: &model,
+        options,
+        extractors: references.iter().map(|(e, _)| e.as_ref()).collect(),
+        references: references.iter().map(|(_, r)| r).collect(),
+        quiet,
+    };
+    let feature_dims = scoring.extractors.iter().map(|e| e.dim()).sum();
+    check_eval_memory(&model, &scoring.options, feature_dims, ["--batch", "--num"])?;
     let mut rows = Vec::new();
     // Learned samplers first: if the run is stopped, results.json (rewritten after every
     // sampler) already holds them.
-    let (learned_first, baselines): (Vec<_>, Vec<_>) = entries.iter().partition(|e| e.2.is_some());
-    for (label, choice, learned) in learned_first.into_iter().chain(baselines) {
-        let steps = choice.steps();
-        let bar = progress_images(num as u64, quiet, &format!("{label} K={steps}"));
-        let (features, _) = sample_features_multi(&model, choice, &options, &extractor_refs, 0, &mut |done, _| {
-            bar.set_position(done as u64)
-        })?;
-        bar.finish_and_clear();
-        for ((extractor, reference), feats) in extractors.iter().zip(&references).zip(&features) {
-            let name = extractor.name();
-            let held_out = learned.as_ref().is_none_or(|s| !loss_used(s, name));
-            let row = ResultRow::score(label, steps, name, held_out, feats, reference)?;
-            tracing::info!("{label} K={steps} {name}: FID {:.4}, KID {:.6}", row.fid, row.kid_mean);
-            rows.push(row);
-        }
-        let results = args.out.join("results.json");
-        ggdm_core::io::write_atomic(&results, serde_json::to_string_pretty(&rows)?.as_bytes())?;
+    let (learned_first, baselines): (Vec<_>, Vec<_>) = entries.iter().partition(|e| e.learned.is_some());
+    for entry in learned_first.into_iter().chain(baselines) {
+        rows.extend(scoring.rows(entry)?);
+        write_results(&args.out, &rows)?;
     }
     if args.many_step.enabled() {
         let precision = ggdm_nets::model_dir::NetworkPrecision::parse(&args.network.precision)?;
         let with_reference: Vec<(&dyn FeatureExtractor, &Tensor, bool)> =
-            extractor_refs.iter().zip(&references).map(|(e, r)| (*e, r, true)).collect();
-        rows.extend(args.many_step.rows(&model, &options, precision, &with_reference, quiet)?);
-        let results = args.out.join("results.json");
-        ggdm_core::io::write_atomic(&results, serde_json::to_string_pretty(&rows)?.as_bytes())?;
+            scoring.extractors.iter().zip(&scoring.references).map(|(e, r)| (*e, *r, true)).collect();
+        rows.extend(args.many_step.rows(&model, &scoring.options, precision, &with_reference, quiet)?);
+        write_results(&args.out, &rows)?;
     }
     let title = model_dir.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "model".into());
     let (tables, plots) = render(&rows, &args.out, &title)?;

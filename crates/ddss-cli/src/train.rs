@@ -119,17 +119,43 @@ impl TrainConfig {
 }
 
 /// The arguments of `ddss-cli train`.
+#[derive(clap::Args, Debug)]
 pub struct TrainArgs {
+    /// Training images: an IDX(.gz) file, a folder of images (bmp, jpg, jpeg, pgm, png, ppm,
+    /// tif, tiff, webp; other files are skipped), or a folder holding
+    /// train-images-idx3-ubyte.gz (e.g. /usr/share/datasets/fashion-mnist).
+    #[arg(long)]
     pub data: PathBuf,
-    /// Also read the images of `data`'s subfolders.
+    /// Also read the images of --data's subfolders (symlinked ones included), depth first in
+    /// name order.
+    #[arg(long)]
     pub recursive: bool,
+    /// Output model directory (config.json, diffusion_pytorch_model.safetensors,
+    /// scheduler_config.json, checkpoint/, metrics.jsonl).
+    #[arg(long)]
     pub out: PathBuf,
+    /// Training config (TOML with [model], [train], [scheduler]); default:
+    /// configs/train_fashion_mnist.toml (built in).
+    #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Number of optimiser steps (overrides [train] steps).
+    #[arg(long)]
     pub steps: Option<u64>,
+    /// auto | cpu | cuda | cuda:N.
+    #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Continue from OUT/checkpoint/state.safetensors with OUT/train_config.toml.
+    #[arg(long)]
     pub resume: bool,
+    /// Stop (with a checkpoint) after this many minutes; continue later with --resume.
+    #[arg(long)]
     pub max_minutes: Option<f64>,
+    /// Stop (with a checkpoint) after this step while keeping the learning-rate schedule of
+    /// --steps; continue later with --resume.
+    #[arg(long)]
     pub stop_at_step: Option<u64>,
+    /// Set from the global --quiet.
+    #[arg(skip)]
     pub quiet: bool,
 }
 
@@ -205,13 +231,11 @@ fn sorted_variables(model: &UNet2DModel) -> Vec<(String, Tensor)> {
     vars
 }
 
-/// Runs `ddss-cli train`.
-pub fn run(args: TrainArgs) -> Result<()> {
-    let device = parse_device(&args.device)?;
-    std::fs::create_dir_all(&args.out).with_context(|| format!("creating output directory {}", args.out.display()))?;
-    let resolved_path = args.out.join("train_config.toml");
+/// The training config of a run: `OUT/train_config.toml` when resuming from it, else `--config`
+/// or the built-in default; `--steps` applied, checked.
+fn resolve_config(args: &TrainArgs, resolved_path: &Path) -> Result<TrainConfig> {
     let text = match (&args.config, args.resume && resolved_path.is_file()) {
-        (_, true) => std::fs::read_to_string(&resolved_path)?,
+        (_, true) => std::fs::read_to_string(resolved_path)?,
         (Some(path), false) => {
             std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?
         }
@@ -222,40 +246,113 @@ pub fn run(args: TrainArgs) -> Result<()> {
         config.train.steps = steps;
     }
     config.validate()?;
-    let scheduler = config.scheduler_config()?;
-    let schedule = scheduler.schedule()?;
-    ggdm_core::io::write_atomic(&resolved_path, toml::to_string_pretty(&config)?.as_bytes())?;
+    Ok(config)
+}
 
-    let images = load_training_images(&args.data, args.recursive)?;
-    let (shape, n_images) = check_training_data(&config, &images.size(), device)?;
-    tracing::info!("training data: {} images of shape {:?} from {}", n_images, shape, args.data.display());
-    let images = images.to_device(device);
+/// The network being trained and its EMA copy, with their parameters in name order.
+struct Weights {
+    model: UNet2DModel,
+    ema: UNet2DModel,
+    params: Vec<Tensor>,
+    ema_params: Vec<Tensor>,
+}
 
-    // The initial weights come from libtorch's generator: seed it so a run is reproducible.
-    tch::manual_seed(config.train.seed as i64);
-    let model = UNet2DModel::new(config.model.clone(), device)?;
-    let ema = UNet2DModel::new(config.model.clone(), device)?;
-    let params: Vec<Tensor> = sorted_variables(&model).into_iter().map(|(_, t)| t).collect();
-    let ema_params: Vec<Tensor> = sorted_variables(&ema).into_iter().map(|(_, t)| t).collect();
-    tch::no_grad(|| {
-        for (e, p) in ema_params.iter().zip(&params) {
-            let _ = e.set_requires_grad(false);
-            let mut e = e.shallow_clone();
-            e.copy_(p);
+impl Weights {
+    /// A new network and its EMA copy (equal to it, outside autograd); libtorch's generator,
+    /// which gives the initial weights, is seeded with `[train] seed` so a run is reproducible.
+    fn new(config: &TrainConfig, device: Device) -> Result<Self> {
+        tch::manual_seed(config.train.seed as i64);
+        let model = UNet2DModel::new(config.model.clone(), device)?;
+        let ema = UNet2DModel::new(config.model.clone(), device)?;
+        let params: Vec<Tensor> = sorted_variables(&model).into_iter().map(|(_, t)| t).collect();
+        let ema_params: Vec<Tensor> = sorted_variables(&ema).into_iter().map(|(_, t)| t).collect();
+        tch::no_grad(|| {
+            for (e, p) in ema_params.iter().zip(&params) {
+                let _ = e.set_requires_grad(false);
+                let mut e = e.shallow_clone();
+                e.copy_(p);
+            }
+        });
+        tracing::info!("model: {} parameters on {:?}", model.num_parameters(), device);
+        Ok(Self { model, ema, params, ema_params })
+    }
+
+    /// `(prefix, network, its parameters)` for the network (`model`) and the EMA (`ema`).
+    fn networks(&self) -> [(&'static str, &UNet2DModel, &Vec<Tensor>); 2] {
+        [("model", &self.model, &self.params), ("ema", &self.ema, &self.ema_params)]
+    }
+
+    /// Moves the EMA weights toward the network's: `ema = decay * ema + (1 - decay) * model`.
+    fn update_ema(&self, decay: f64) {
+        tch::no_grad(|| {
+            for (e, p) in self.ema_params.iter().zip(&self.params) {
+                let mut e = e.shallow_clone();
+                let _ = e.g_mul_scalar_(decay);
+                let _ = e.g_add_(&(p * (1.0 - decay)));
+            }
+        });
+    }
+}
+
+/// What changes from step to step: the step count, the optimiser and the random stream of data
+/// order, timesteps, noise and flips.
+struct TrainState {
+    step: u64,
+    adam: Adam,
+    rng: ChaCha8Rng,
+}
+
+/// Where a run's state goes: `OUT/checkpoint/state.safetensors` (weights, EMA, Adam moments,
+/// step, random stream position), and the model itself in OUT (EMA weights and
+/// `scheduler_config.json`).
+struct Checkpoint<'a> {
+    out: &'a Path,
+    dir: PathBuf,
+    state_path: PathBuf,
+    scheduler: &'a SchedulerConfig,
+}
+
+impl<'a> Checkpoint<'a> {
+    fn new(out: &'a Path, scheduler: &'a SchedulerConfig) -> Self {
+        let dir = out.join("checkpoint");
+        let state_path = dir.join(STATE_FILE);
+        Self { out, dir, state_path, scheduler }
+    }
+
+    /// Writes the checkpoint (atomically) and the model.
+    fn save(&self, weights: &Weights, state: &TrainState) -> Result<()> {
+        std::fs::create_dir_all(&self.dir)?;
+        let mut named: Vec<(String, Tensor)> = Vec::new();
+        for (prefix, model, _) in weights.networks() {
+            for (name, t) in sorted_variables(model) {
+                named.push((format!("{prefix}.{name}"), t.detach().to_device(Device::Cpu)));
+            }
         }
-    });
-    tracing::info!("model: {} parameters on {:?}", model.num_parameters(), device);
-    let mut adam = Adam::new(&params, config.train.adam);
-    let mut rng = ChaCha8Rng::seed_from_u64(config.train.seed);
-    let mut start_step = 0u64;
+        for (name, t) in state.adam.state() {
+            named.push((name, t.detach().to_device(Device::Cpu)));
+        }
+        named.push(("meta.step".into(), Tensor::from_slice(&[state.step as i64])));
+        let pos = state.rng.get_word_pos();
+        named.push(("meta.rng_word_pos".into(), Tensor::from_slice(&[(pos >> 64) as u64 as i64, pos as u64 as i64])));
+        ggdm_core::io::write_atomic_with(&self.state_path, |tmp| {
+            Tensor::write_safetensors(&named, tmp)
+                .map_err(|e| ggdm_core::Error::format(tmp, format!("cannot write the checkpoint: {e}")))
+        })?;
+        weights.ema.save(self.out)?;
+        ggdm_core::io::write_atomic(
+            &self.out.join("scheduler_config.json"),
+            serde_json::to_string_pretty(&self.scheduler.to_diffusers_json())?.as_bytes(),
+        )?;
+        Ok(())
+    }
 
-    let checkpoint_dir = args.out.join("checkpoint");
-    let state_path = checkpoint_dir.join(STATE_FILE);
-    if args.resume {
+    /// Reads the checkpoint into `weights` and `state` (`--resume`).
+    fn resume(&self, weights: &Weights, state: &mut TrainState, device: Device) -> Result<()> {
+        let state_path = &self.state_path;
         if !state_path.is_file() {
             bail!("--resume: no checkpoint at {} (start without --resume)", state_path.display());
         }
-        let named = Tensor::read_safetensors(&state_path)
+        let named = Tensor::read_safetensors(state_path)
             .with_context(|| format!("reading checkpoint {}", state_path.display()))?;
         let find = |name: &str| {
             named
@@ -265,7 +362,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
                 .with_context(|| format!("checkpoint {} lacks `{name}`", state_path.display()))
         };
         tch::no_grad(|| -> Result<()> {
-            for (prefix, list, model) in [("model", &params, &model), ("ema", &ema_params, &ema)] {
+            for (prefix, model, list) in weights.networks() {
                 for ((name, _), t) in sorted_variables(model).iter().zip(list.iter()) {
                     let saved = find(&format!("{prefix}.{name}"))?;
                     if saved.size() != t.size() {
@@ -286,7 +383,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
             .filter(|(n, _)| n.starts_with("adam."))
             .map(|(n, t)| (n.clone(), t.to_device(device)))
             .collect();
-        adam.load_state(&adam_state)?;
+        state.adam.load_state(&adam_state)?;
         let meta = |name: &str, len: usize| -> Result<Vec<i64>> {
             let t = find(name)?;
             let values =
@@ -299,131 +396,204 @@ pub fn run(args: TrainArgs) -> Result<()> {
                 )
             })
         };
-        start_step = u64::try_from(meta("meta.step", 1)?[0])
+        state.step = u64::try_from(meta("meta.step", 1)?[0])
             .with_context(|| format!("checkpoint {}: negative `meta.step`", state_path.display()))?;
         let pos = meta("meta.rng_word_pos", 2)?;
         let word_pos = ((pos[0] as u64 as u128) << 64) | (pos[1] as u64 as u128);
-        rng.set_word_pos(word_pos);
-        tracing::info!("resumed from step {start_step} ({})", state_path.display());
+        state.rng.set_word_pos(word_pos);
+        tracing::info!("resumed from step {} ({})", state.step, state_path.display());
+        Ok(())
+    }
+}
+
+/// The mean training loss since the last log line, and `metrics.jsonl`, where each log line
+/// goes.
+struct LossLog {
+    path: PathBuf,
+    sum: Tensor,
+    count: u64,
+    device: Device,
+}
+
+impl LossLog {
+    /// Opens `OUT/metrics.jsonl`: when resuming, the lines after `start_step` (and a line torn by
+    /// a kill) are dropped, to be replaced by this run's; otherwise an old file is removed.
+    fn open(out: &Path, resume: bool, start_step: u64, device: Device) -> Result<Self> {
+        let path = out.join("metrics.jsonl");
+        if resume {
+            ggdm_core::io::truncate_jsonl(&path, "step", start_step)?;
+        } else if path.is_file() {
+            std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+        }
+        Ok(Self { path, sum: Tensor::zeros([], (Kind::Float, device)), count: 0, device })
     }
 
-    let total = config.train.steps;
-    if start_step >= total {
-        tracing::info!("already trained for {start_step} >= {total} steps; exporting");
+    fn add(&mut self, loss: &Tensor) {
+        self.sum += loss.detach();
+        self.count += 1;
     }
-    let sqrt_abar: Vec<f64> = schedule.abar().iter().map(|a| a.sqrt()).collect();
-    let sqrt_abar = Tensor::from_slice(&sqrt_abar).to_kind(Kind::Float).to_device(device);
-    let abar_table = Tensor::from_slice(schedule.abar()).to_kind(Kind::Float).to_device(device);
-    let t_count = schedule.num_train_timesteps() as i64;
-    let batch = config.train.batch_size;
-    let numel_per_image = (shape[0] * shape[1] * shape[2]) as usize;
-    let bar = progress_steps(total, args.quiet, "train");
-    bar.resume_from(start_step);
-    let started = Instant::now();
-    let metrics_path = args.out.join("metrics.jsonl");
-    if args.resume {
-        // Lines written after the checkpoint (and a line torn by a kill) are replaced by this run's.
-        ggdm_core::io::truncate_jsonl(&metrics_path, "step", start_step)?;
-    } else if metrics_path.is_file() {
-        std::fs::remove_file(&metrics_path).with_context(|| format!("removing {}", metrics_path.display()))?;
+
+    /// Appends the line of `step` (mean loss, `lr`, seconds since the start) and starts a new
+    /// mean, which it returns; a non-finite mean is an error naming the last checkpoint.
+    fn write(&mut self, step: u64, lr: f64, elapsed_s: f64, checkpoint: &Path) -> Result<f64> {
+        let mean_loss = self.sum.double_value(&[]) / self.count.max(1) as f64;
+        if !mean_loss.is_finite() {
+            bail!(
+                "training loss became {mean_loss} at step {step}; lower [train.lr] or enable grad_clip (last \
+                 checkpoint: {})",
+                checkpoint.display()
+            );
+        }
+        let line = serde_json::json!({"step": step, "loss": mean_loss, "lr": lr, "elapsed_s": elapsed_s});
+        ggdm_core::io::append_line(&self.path, &line.to_string())?;
+        self.sum = Tensor::zeros([], (Kind::Float, self.device));
+        self.count = 0;
+        Ok(mean_loss)
     }
-    let mut loss_acc = Tensor::zeros([], (Kind::Float, device));
-    let mut loss_count = 0u64;
-    let mut step = start_step;
-    let save = |step: u64, rng: &ChaCha8Rng, adam: &Adam| -> Result<()> {
-        std::fs::create_dir_all(&checkpoint_dir)?;
-        let mut named: Vec<(String, Tensor)> = Vec::new();
-        for (prefix, model) in [("model", &model), ("ema", &ema)] {
-            for (name, t) in sorted_variables(model) {
-                named.push((format!("{prefix}.{name}"), t.detach().to_device(Device::Cpu)));
-            }
-        }
-        for (name, t) in adam.state() {
-            named.push((name, t.detach().to_device(Device::Cpu)));
-        }
-        named.push(("meta.step".into(), Tensor::from_slice(&[step as i64])));
-        let pos = rng.get_word_pos();
-        named.push(("meta.rng_word_pos".into(), Tensor::from_slice(&[(pos >> 64) as u64 as i64, pos as u64 as i64])));
-        ggdm_core::io::write_atomic_with(&state_path, |tmp| {
-            Tensor::write_safetensors(&named, tmp)
-                .map_err(|e| ggdm_core::Error::format(tmp, format!("cannot write the checkpoint: {e}")))
-        })?;
-        ema.save(&args.out)?;
-        ggdm_core::io::write_atomic(
-            &args.out.join("scheduler_config.json"),
-            serde_json::to_string_pretty(&scheduler.to_diffusers_json())?.as_bytes(),
-        )?;
-        Ok(())
-    };
-    while step < total {
-        let lr = config.train.lr.at(step, total);
-        let idx: Vec<i64> = (0..batch).map(|_| rng.gen_range(0..n_images)).collect();
+}
+
+/// A training run: the settings, the data, the networks and where the state goes.
+struct Training<'a> {
+    args: &'a TrainArgs,
+    config: &'a TrainConfig,
+    scheduler: &'a SchedulerConfig,
+    /// The training images, on the device.
+    images: Tensor,
+    n_images: i64,
+    shape: [i64; 3],
+    /// `sqrt(abar_t)` and `abar_t` of every training timestep t, on the device.
+    sqrt_abar: Tensor,
+    abar: Tensor,
+    weights: Weights,
+    checkpoint: Checkpoint<'a>,
+    device: Device,
+}
+
+impl Training<'_> {
+    /// One optimiser step at learning rate `lr`: a batch of images, timesteps, noise and flips
+    /// drawn from `state.rng` (in that order), the simple loss, clipping, Adam and the EMA
+    /// update (its decay warmed up by `state.step`). Returns the loss; `state.step` is left as is.
+    fn step(&self, state: &mut TrainState, lr: f64) -> Result<Tensor> {
+        let (device, shape, batch) = (self.device, self.shape, self.config.train.batch_size);
+        let numel_per_image = (shape[0] * shape[1] * shape[2]) as usize;
+        let t_count = self.abar.size()[0];
+        let rng = &mut state.rng;
+        let idx: Vec<i64> = (0..batch).map(|_| rng.gen_range(0..self.n_images)).collect();
         let ts: Vec<i64> = (0..batch).map(|_| rng.gen_range(0..t_count)).collect();
         let noise: Vec<f32> = (0..batch * numel_per_image).map(|_| rng.sample(StandardNormal)).collect();
-        let flips: Vec<bool> = (0..batch).map(|_| config.train.random_flip && rng.gen_bool(0.5)).collect();
+        let flips: Vec<bool> = (0..batch).map(|_| self.config.train.random_flip && rng.gen_bool(0.5)).collect();
         let idx = Tensor::from_slice(&idx).to_device(device);
         let ts = Tensor::from_slice(&ts).to_device(device);
         let eps = Tensor::from_slice(&noise).reshape([batch as i64, shape[0], shape[1], shape[2]]).to_device(device);
-        let mut x0 = images.index_select(0, &idx);
+        let mut x0 = self.images.index_select(0, &idx);
         if flips.iter().any(|&f| f) {
             let mask: Vec<f32> = flips.iter().map(|&f| if f { 1.0 } else { 0.0 }).collect();
             let mask = Tensor::from_slice(&mask).to_device(device).reshape([-1, 1, 1, 1]);
             x0 = x0.flip([3]) * &mask + x0 * (mask.ones_like() - &mask);
         }
-        let a = sqrt_abar.index_select(0, &ts).reshape([-1, 1, 1, 1]);
-        let abar = abar_table.index_select(0, &ts).reshape([-1, 1, 1, 1]);
+        let a = self.sqrt_abar.index_select(0, &ts).reshape([-1, 1, 1, 1]);
+        let abar = self.abar.index_select(0, &ts).reshape([-1, 1, 1, 1]);
         let x_t = &x0 * &a + &eps * (abar.ones_like() - &abar).sqrt();
-        let output = model.forward_t(&x_t, &ts.to_kind(Kind::Float), true)?;
-        let target = target_from(scheduler.prediction_type, &x0, &eps, &abar);
+        let output = self.weights.model.forward_t(&x_t, &ts.to_kind(Kind::Float), true)?;
+        let target = target_from(self.scheduler.prediction_type, &x0, &eps, &abar);
         let loss = (output - target).square().mean(Kind::Float);
-        for p in &params {
+        let params = &self.weights.params;
+        for p in params {
             let mut g = p.grad();
             if g.defined() {
                 let _ = g.zero_();
             }
         }
         loss.backward();
-        let _ = clip_grad_norm(&params, config.train.grad_clip);
-        adam.step(&params, lr);
-        let decay = config.train.ema_decay.min((1.0 + step as f64) / (10.0 + step as f64));
-        tch::no_grad(|| {
-            for (e, p) in ema_params.iter().zip(&params) {
-                let mut e = e.shallow_clone();
-                let _ = e.g_mul_scalar_(decay);
-                let _ = e.g_add_(&(p * (1.0 - decay)));
-            }
-        });
-        loss_acc += loss.detach();
-        loss_count += 1;
-        step += 1;
-        let out_of_time = args.max_minutes.is_some_and(|m| started.elapsed().as_secs_f64() > m * 60.0)
-            || args.stop_at_step.is_some_and(|s| step >= s);
-        if step.is_multiple_of(config.train.log_every) || step == total || out_of_time {
-            let mean_loss = loss_acc.double_value(&[]) / loss_count.max(1) as f64;
-            if !mean_loss.is_finite() {
-                bail!("training loss became {mean_loss} at step {step}; lower [train.lr] or enable grad_clip (last checkpoint: {})", state_path.display());
-            }
-            bar.set_message(format!("loss {mean_loss:.4} lr {lr:.2e}"));
-            let line = serde_json::json!({"step": step, "loss": mean_loss, "lr": lr, "elapsed_s": started.elapsed().as_secs_f64()});
-            ggdm_core::io::append_line(&metrics_path, &line.to_string())?;
-            loss_acc = Tensor::zeros([], (Kind::Float, device));
-            loss_count = 0;
-        }
-        bar.inc(1);
-        if step.is_multiple_of(config.train.checkpoint_every) || step == total || out_of_time {
-            save(step, &rng, &adam)?;
-        }
-        if out_of_time {
-            tracing::info!(
-                "stopping at step {step} (--max-minutes / --stop-at-step); checkpoint written, continue with --resume"
-            );
-            break;
-        }
+        let _ = clip_grad_norm(params, self.config.train.grad_clip);
+        state.adam.step(params, lr);
+        let step = state.step;
+        self.weights.update_ema(self.config.train.ema_decay.min((1.0 + step as f64) / (10.0 + step as f64)));
+        Ok(loss)
     }
-    if step == start_step {
-        save(step, &rng, &adam)?;
+
+    /// Trains from `state.step` to `[train] steps`, or until `--max-minutes` / `--stop-at-step`,
+    /// logging every `[train] log_every` steps and checkpointing every `checkpoint_every` steps,
+    /// at the end and when stopped.
+    fn run(&self, mut state: TrainState) -> Result<()> {
+        let (train, args) = (&self.config.train, self.args);
+        let (start_step, total) = (state.step, train.steps);
+        if start_step >= total {
+            tracing::info!("already trained for {start_step} >= {total} steps; exporting");
+        }
+        let bar = progress_steps(total, args.quiet, "train");
+        bar.resume_from(start_step);
+        let started = Instant::now();
+        let mut log = LossLog::open(&args.out, args.resume, start_step, self.device)?;
+        while state.step < total {
+            let lr = train.lr.at(state.step, total);
+            let loss = self.step(&mut state, lr)?;
+            log.add(&loss);
+            state.step += 1;
+            let step = state.step;
+            let out_of_time = args.max_minutes.is_some_and(|m| started.elapsed().as_secs_f64() > m * 60.0)
+                || args.stop_at_step.is_some_and(|s| step >= s);
+            if step.is_multiple_of(train.log_every) || step == total || out_of_time {
+                let mean_loss = log.write(step, lr, started.elapsed().as_secs_f64(), &self.checkpoint.state_path)?;
+                bar.set_message(format!("loss {mean_loss:.4} lr {lr:.2e}"));
+            }
+            bar.inc(1);
+            if step.is_multiple_of(train.checkpoint_every) || step == total || out_of_time {
+                self.checkpoint.save(&self.weights, &state)?;
+            }
+            if out_of_time {
+                tracing::info!(
+                    "stopping at step {step} (--max-minutes / --stop-at-step); checkpoint written, continue with \
+                     --resume"
+                );
+                break;
+            }
+        }
+        if state.step == start_step {
+            self.checkpoint.save(&self.weights, &state)?;
+        }
+        bar.finish();
+        Ok(())
     }
-    bar.finish();
+}
+
+/// Runs `ddss-cli train`.
+pub fn run(args: TrainArgs) -> Result<()> {
+    let device = parse_device(&args.device)?;
+    std::fs::create_dir_all(&args.out).with_context(|| format!("creating output directory {}", args.out.display()))?;
+    let resolved_path = args.out.join("train_config.toml");
+    let config = resolve_config(&args, &resolved_path)?;
+    let scheduler = config.scheduler_config()?;
+    let schedule = scheduler.schedule()?;
+    ggdm_core::io::write_atomic(&resolved_path, toml::to_string_pretty(&config)?.as_bytes())?;
+
+    let images = load_training_images(&args.data, args.recursive)?;
+    let (shape, n_images) = check_training_data(&config, &images.size(), device)?;
+    tracing::info!("training data: {} images of shape {:?} from {}", n_images, shape, args.data.display());
+    let images = images.to_device(device);
+
+    let weights = Weights::new(&config, device)?;
+    let adam = Adam::new(&weights.params, config.train.adam);
+    let mut state = TrainState { step: 0, adam, rng: ChaCha8Rng::seed_from_u64(config.train.seed) };
+    let checkpoint = Checkpoint::new(&args.out, &scheduler);
+    if args.resume {
+        checkpoint.resume(&weights, &mut state, device)?;
+    }
+    let sqrt_abar: Vec<f64> = schedule.abar().iter().map(|a| a.sqrt()).collect();
+    let training = Training {
+        args: &args,
+        config: &config,
+        scheduler: &scheduler,
+        images,
+        n_images,
+        shape,
+        sqrt_abar: Tensor::from_slice(&sqrt_abar).to_kind(Kind::Float).to_device(device),
+        abar: Tensor::from_slice(schedule.abar()).to_kind(Kind::Float).to_device(device),
+        weights,
+        checkpoint,
+        device,
+    };
+    training.run(state)?;
     tracing::info!("model written to {} (EMA weights, diffusers layout)", args.out.display());
     Ok(())
 }

@@ -40,23 +40,16 @@ many_step = {{ sampler = "unipc", steps = 20 }}
     path
 }
 
-#[test]
-fn search_export_sample_and_table_on_the_shipped_model() {
-    let dir = temp_dir("workflow");
-    let data = dir.join("images.idx");
-    write_idx_28(&data, 32);
-    let config = search_config(&dir, &data);
-    let run = dir.join("run");
-
-    // search: sampler, grids, results at K and at the plot's extra K, the plot.
-    let cache = dir.join("cache");
+/// `search` into `run`: the table, the verdict and the many-step reference on stdout, the
+/// reference samples in the cache, and the run directory's files.
+fn search_writes_the_run_directory(config: &Path, run: &Path, cache: &Path) {
     let out = run_ok(
         bin()
-            .env("DDSS_CACHE", &cache)
+            .env("DDSS_CACHE", cache)
             .args(["--quiet", "search", "--device", "cpu", "--config"])
-            .arg(&config)
+            .arg(config)
             .arg("--out")
-            .arg(&run),
+            .arg(run),
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("| sampler | steps | features |"), "{stdout}");
@@ -90,6 +83,11 @@ fn search_export_sample_and_table_on_the_shipped_model() {
     ] {
         assert!(run.join(file).is_file(), "search did not write {file}");
     }
+}
+
+/// The search's results.json: results at K and at the plot's extra K, and the many-step
+/// reference line, with the held-out network marked.
+fn search_results_cover_every_sampler_and_step_count(run: &Path) {
     let rows = json(&run.join("results.json"));
     let rows = rows.as_array().expect("rows");
     // (ddim, ddpm) x (K = 3, 2) + learned, each with two feature networks, and the many-step
@@ -106,6 +104,10 @@ fn search_export_sample_and_table_on_the_shipped_model() {
         let steps = row["steps"].as_u64().expect("steps");
         assert!(steps == 3 || (steps == 2 && row["sampler"] != "learned"), "{row}");
     }
+}
+
+/// The search's pictures: the plot (PNG and SVG), the grids and the curves.
+fn search_pictures_have_their_sizes(run: &Path) {
     let plot = image::open(run.join("fid_vs_steps.png")).expect("plot is a PNG");
     assert!(plot.width() >= 600 && plot.height() >= 400);
     let svg = std::fs::read_to_string(run.join("fid_vs_steps.svg")).expect("svg");
@@ -121,19 +123,20 @@ fn search_export_sample_and_table_on_the_shipped_model() {
         let image = image::open(run.join(picture)).expect(picture);
         assert!(image.width() >= 800 && image.height() >= 600, "{picture}");
     }
+}
 
-    // a second search into the same folder needs --resume.
-    let err = run_err(bin().args(["search", "--device", "cpu", "--config"]).arg(&config).arg("--out").arg(&run));
-    assert!(err.contains("--resume"), "{err}");
-
-    // export: the learned grid as diffusers integer timesteps.
+/// `export` of the learned sampler: its grid as diffusers integer timesteps.
+fn export_lists_the_learned_grid(run: &Path) {
     let out = run_ok(bin().args(["export", "--sampler"]).arg(run.join("sampler.json")));
     let list = String::from_utf8_lossy(&out.stdout);
     let parsed: Vec<i64> = serde_json::from_str(list.trim()).expect("an integer list");
     assert_eq!(parsed.len(), 3);
     assert!(parsed.windows(2).all(|w| w[0] > w[1]), "{parsed:?}");
+}
 
-    // sample with the learned sampler.
+/// `sample` with the learned sampler, with bf16 network calls, and a clear error for an unknown
+/// precision.
+fn sample_with_the_learned_sampler(dir: &Path, run: &Path) {
     let npy = dir.join("samples.npy");
     run_ok(
         bin()
@@ -143,7 +146,6 @@ fn search_export_sample_and_table_on_the_shipped_model() {
             .arg(&npy),
     );
     assert!(npy.is_file());
-    // bf16 network calls, and a clear error for an unknown precision.
     run_ok(
         bin()
             .args(["--quiet", "sample", "--device", "cpu", "--model", &repo("models/fashion-mnist-ddpm")])
@@ -157,37 +159,43 @@ fn search_export_sample_and_table_on_the_shipped_model() {
             .arg(dir.join("fp8.npy")),
     );
     assert!(err.contains("fp8"), "{err}");
+}
 
-    // search --steps K --skip-eval: only the sampler and the grids.
-    let run2 = dir.join("run2");
+/// `search --steps K --skip-eval` into `run2`: only the sampler and the grids.
+fn search_skip_eval_writes_only_the_sampler_and_grids(config: &Path, run2: &Path) {
     run_ok(
         bin()
             .args(["--quiet", "search", "--device", "cpu", "--steps", "2", "--skip-eval", "--config"])
-            .arg(&config)
+            .arg(config)
             .arg("--out")
-            .arg(&run2),
+            .arg(run2),
     );
     assert_eq!(json(&run2.join("sampler.json"))["steps"], 2);
     for file in ["after.png", "before_after.png", "curves.png", "sampler.png"] {
         assert!(run2.join(file).is_file(), "search --skip-eval did not write {file}");
     }
     assert!(!run2.join("results.json").exists());
+}
 
-    // table: baselines at K = 2, 3 plus both learned samplers.
-    let table = dir.join("table");
-    let learned =
-        format!("learned-x={},learned-x={}", run.join("sampler.json").display(), run2.join("sampler.json").display());
+/// `table` into `table`: baselines at K = 2, 3 plus the learned samplers of `run` and `run2`,
+/// then `--render` of its results.json.
+fn table_compares_baselines_and_learned_samplers(data: &Path, cache: &Path, runs: [&Path; 2], table: &Path) {
+    let learned = format!(
+        "learned-x={},learned-x={}",
+        runs[0].join("sampler.json").display(),
+        runs[1].join("sampler.json").display()
+    );
     let out = run_ok(
         bin()
-            .env("DDSS_CACHE", &cache)
+            .env("DDSS_CACHE", cache)
             .args(["--quiet", "table", "--device", "cpu", "--model", &repo("models/fashion-mnist-ddpm")])
             .args(["--samplers", "ddim,ddim@quadratic", "--steps", "2,3", "--learned", &learned])
             .args(["--many-step", "unipc:20"])
             .args(["--features", &repo("models/fmnist-classifier-b.safetensors"), "--num", "8", "--batch", "4"])
             .arg("--ref")
-            .arg(&data)
+            .arg(data)
             .arg("--out")
-            .arg(&table),
+            .arg(table),
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("| sampler | K = 2 | K = 3 |"), "{stdout}");
@@ -205,9 +213,35 @@ fn search_export_sample_and_table_on_the_shipped_model() {
         assert!(table.join(file).is_file(), "table did not write {file}");
     }
     std::fs::remove_file(table.join("table.md")).unwrap();
-    let out = run_ok(bin().args(["--quiet", "table", "--render", "--out"]).arg(&table));
+    let out = run_ok(bin().args(["--quiet", "table", "--render", "--out"]).arg(table));
     assert!(String::from_utf8_lossy(&out.stdout).contains("| **learned-x** |"));
     assert!(table.join("table.md").is_file());
+}
+
+#[test]
+fn search_export_sample_and_table_on_the_shipped_model() {
+    let dir = temp_dir("workflow");
+    let data = dir.join("images.idx");
+    write_idx_28(&data, 32);
+    let config = search_config(&dir, &data);
+    let run = dir.join("run");
+
+    // search: sampler, grids, results at K and at the plot's extra K, the plot.
+    let cache = dir.join("cache");
+    search_writes_the_run_directory(&config, &run, &cache);
+    search_results_cover_every_sampler_and_step_count(&run);
+    search_pictures_have_their_sizes(&run);
+
+    // a second search into the same folder needs --resume.
+    let err = run_err(bin().args(["search", "--device", "cpu", "--config"]).arg(&config).arg("--out").arg(&run));
+    assert!(err.contains("--resume"), "{err}");
+
+    export_lists_the_learned_grid(&run);
+    sample_with_the_learned_sampler(&dir, &run);
+    let run2 = dir.join("run2");
+    search_skip_eval_writes_only_the_sampler_and_grids(&config, &run2);
+    let table = dir.join("table");
+    table_compares_baselines_and_learned_samplers(&data, &cache, [&run, &run2], &table);
 
     // table input errors name the culprit.
     let err = run_err(

@@ -136,6 +136,7 @@ impl From<ggdm_core::Error> for Error {
             ggdm_core::Error::Io { path, source } => Error::Io { path, source },
             ggdm_core::Error::Format { path, msg } => Error::Format { path, msg },
             ggdm_core::Error::Invalid { what, msg } => Error::Invalid { what, msg },
+            ggdm_core::Error::Config(msg) => Error::Invalid { what: "setting".into(), msg },
             ggdm_core::Error::Shape { what, expected, got } => Error::Shape { what, expected, got },
             ggdm_core::Error::Torch(e) => Error::Torch(e),
         }

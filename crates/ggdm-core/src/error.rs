@@ -8,6 +8,10 @@ pub enum Error {
     /// A configuration value is out of range or inconsistent (`what` names the key).
     #[error("invalid {what}: {msg}")]
     Invalid { what: String, msg: String },
+    /// A setting (a configuration key or a command-line option, named at the start of the
+    /// message) is unknown, out of range or inconsistent; the message is shown as it is.
+    #[error("{0}")]
+    Config(String),
     /// A file could not be read or written.
     #[error("{path}: {source}")]
     Io {
@@ -30,6 +34,11 @@ impl Error {
     /// Shorthand for [`Error::Invalid`].
     pub fn invalid(what: impl Into<String>, msg: impl Into<String>) -> Self {
         Error::Invalid { what: what.into(), msg: msg.into() }
+    }
+
+    /// Shorthand for [`Error::Config`].
+    pub fn config(msg: impl Into<String>) -> Self {
+        Error::Config(msg.into())
     }
 
     /// Shorthand for [`Error::Format`].

@@ -1066,6 +1066,40 @@ impl GgdmSampler {
             None => Err(Error::format("sampler.json", "missing or non-integer `version`")),
         }
     }
+
+    /// A deep copy on the same device: the same settings, provenance and parameter values in
+    /// new tensors (detached from any graph; the parts enabled in [`Learnable`] require grad,
+    /// as in a freshly loaded sampler). Equal to a round trip through [`Self::to_file`] and
+    /// [`Self::from_file`] without the conversions.
+    pub fn try_clone(&self) -> Result<Self> {
+        let copy = |t: &Tensor| t.f_detach_copy();
+        let params = GgdmParams {
+            grid_logits: copy(&self.params.grid_logits)?,
+            u_residual: copy(&self.params.u_residual)?,
+            w_residual: copy(&self.params.w_residual)?,
+            sigma_residual: copy(&self.params.sigma_residual)?,
+            p_residual: copy(&self.params.p_residual)?,
+            q_residual: copy(&self.params.q_residual)?,
+        };
+        let sampler = Self {
+            steps: self.steps,
+            base: self.base,
+            eta: self.eta,
+            history: self.history,
+            query: self.query,
+            learn: self.learn,
+            scheduler: self.scheduler.clone(),
+            model: self.model.clone(),
+            tau_max: self.tau_max,
+            tau_end: self.tau_end,
+            params,
+            provenance: self.provenance.clone(),
+            schedule: self.schedule.clone(),
+            log_abar_table: copy(&self.log_abar_table)?,
+        };
+        sampler.set_requires_grad();
+        Ok(sampler)
+    }
 }
 
 /// The versions [`GgdmSampler::from_json`] reads, for messages.

@@ -4,7 +4,9 @@
 //! optimises one: noise schedules and continuous `abar(tau)` ([`schedule`]), diffusers-exact
 //! timestep grids ([`grid`]), the [`Denoiser`] trait and the TorchScript model adapter ([`torchscript`]),
 //! the DDPM and DDIM baselines ([`samplers`]), the multistep solvers DPM-Solver++ and UniPC
-//! ([`solvers`]) and the GGDM sampler family with its serialisable parameters ([`ggdm`]). The math is DESIGN.md section 4.
+//! ([`solvers`]), the GGDM sampler family with its serialisable parameters ([`ggdm`]), the
+//! `[sampler]` configuration a search starts from ([`sampler_config`]) and the samplers a name
+//! selects ([`registry`]). The math is DESIGN.md section 4.
 //!
 //! Scalar schedule math is `f64`; tensors appear only where values are batched or learnable.
 //!
@@ -47,6 +49,8 @@ pub mod grid;
 pub mod io;
 pub mod noise;
 pub mod prediction;
+pub mod registry;
+pub mod sampler_config;
 pub mod samplers;
 pub mod scalar;
 pub mod schedule;

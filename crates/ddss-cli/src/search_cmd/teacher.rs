@@ -17,7 +17,6 @@
 //! losses share them; `--resume` reads them back.
 
 use super::SearchConfig;
-use crate::sample::{SamplerChoice, SAMPLER_NAMES};
 use anyhow::{bail, Context, Result};
 use ddss_opt::collective::Collective;
 use ddss_opt::pair_cache::{self, CacheOutcome};
@@ -25,6 +24,7 @@ use ddss_opt::teacher::{initial_noise, Pairs, Teacher, TeacherDistance, TeacherL
 use fid_metrics::features::FeatureExtractor;
 use ggdm_core::grid::Spacing;
 use ggdm_core::noise::PerSampleNoise;
+use ggdm_core::registry::{is_sampler_name, SamplerChoice, SAMPLER_NAMES};
 use ggdm_nets::model_dir::{LoadedModel, NetworkPrecision};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -107,7 +107,7 @@ impl TeacherSection {
                  ddim (eta = 0), dpmpp2m, dpmpp3m, unipc or unipc3"
             );
         }
-        if !SAMPLER_NAMES.contains(&name) && !name.ends_with(".json") {
+        if !is_sampler_name(name) {
             bail!(
                 "[loss] teacher.sampler = \"{name}\": unknown sampler; expected one of {} (not ddpm) or the path \
                  of a sampler.json",
@@ -242,7 +242,7 @@ fn barrier(comm: &dyn Collective) -> Result<()> {
 
 /// The teacher as `ddss-cli sample` sets it up; a `sampler.json` must have no noise.
 fn teacher_choice(section: &TeacherSection, model: &LoadedModel, device: Device) -> Result<SamplerChoice> {
-    let choice = SamplerChoice::from_args(
+    let choice = crate::sample::choose(
         &section.sampler,
         Some(section.steps),
         section.eta,
@@ -393,7 +393,8 @@ impl TeacherRun<'_> {
             let index = first + start as u64;
             let x_init = initial_noise(self.section.seed, index, n, shape)?;
             let mut step_noise = PerSampleNoise::new(self.section.seed, index, n);
-            let out = self.choice.run(self.model, &x_init.to_device(self.device), &mut step_noise)?;
+            let out =
+                crate::sample::run_batch(self.choice, self.model, &x_init.to_device(self.device), &mut step_noise)?;
             samples.push(out.to_device(Device::Cpu).to_kind(Kind::Float));
             noise.push(x_init);
             bar.inc(n as u64);
