@@ -227,44 +227,6 @@ fn leaf(t: &Tensor) -> Tensor {
     t.detach().copy().set_requires_grad(true)
 }
 
-fn leaf_coefficients(c: &Coefficients) -> Coefficients {
-    Coefficients {
-        tau: leaf(&c.tau),
-        abar: leaf(&c.abar),
-        u: leaf(&c.u),
-        w: leaf(&c.w),
-        sigma: leaf(&c.sigma),
-        p: leaf(&c.p),
-        q: leaf(&c.q),
-        pred_scale: leaf(&c.pred_scale),
-        sqrt_one_minus_abar: leaf(&c.sqrt_one_minus_abar),
-        p_rel: leaf(&c.p_rel),
-        q_rel: leaf(&c.q_rel),
-        query_tau: leaf(&c.query_tau),
-        query_abar: leaf(&c.query_abar),
-        input_scale: leaf(&c.input_scale),
-    }
-}
-
-fn coefficient_pairs<'a>(c: &'a Coefficients, l: &'a Coefficients) -> [(&'a Tensor, &'a Tensor); 14] {
-    [
-        (&c.tau, &l.tau),
-        (&c.abar, &l.abar),
-        (&c.u, &l.u),
-        (&c.w, &l.w),
-        (&c.sigma, &l.sigma),
-        (&c.p, &l.p),
-        (&c.q, &l.q),
-        (&c.pred_scale, &l.pred_scale),
-        (&c.sqrt_one_minus_abar, &l.sqrt_one_minus_abar),
-        (&c.p_rel, &l.p_rel),
-        (&c.q_rel, &l.q_rel),
-        (&c.query_tau, &l.query_tau),
-        (&c.query_abar, &l.query_abar),
-        (&c.input_scale, &l.input_scale),
-    ]
-}
-
 /// `sum(y * g)` over all elements, in f64 (the scalar whose gradient is the VJP with `g`).
 fn vjp_scalar(y: &Tensor, g: &Tensor) -> Tensor {
     (y * g.detach()).sum(Kind::Double)
@@ -299,7 +261,7 @@ pub fn forward<D: DifferentiableDenoiser + ?Sized>(
         _ => (0, None),
     };
     let coeffs = sampler.coefficients();
-    let leaves = leaf_coefficients(&coeffs);
+    let leaves = coeffs.map(leaf);
     let kind = x_init.kind();
     let mut states = vec![x_init.detach()];
     let mut x0_hats = Vec::with_capacity(k);
@@ -509,7 +471,7 @@ pub fn backward<D: DifferentiableDenoiser + ?Sized>(
             }
             // Carry the coefficient gradients into the sampler parameters.
             let mut terms = Vec::new();
-            for (graph, leaf) in coefficient_pairs(&coeffs, &leaves) {
+            for ((_, graph), (_, leaf)) in coeffs.named().into_iter().zip(leaves.named()) {
                 let g = leaf.grad();
                 if g.defined() && graph.requires_grad() {
                     terms.push(vjp_scalar(graph, &g));

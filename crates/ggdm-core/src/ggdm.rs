@@ -280,37 +280,63 @@ impl GgdmParams {
     }
 }
 
-/// All step coefficients for one evaluation of the sampler (differentiable in the parameters).
-#[derive(Debug)]
-pub struct Coefficients {
+/// Declares [`Coefficients`] and the methods that visit every field, from one list of fields: a
+/// coefficient added to the list is mapped and listed by them too.
+macro_rules! coefficients {
+    ($($(#[$doc:meta])* $name:ident,)*) => {
+        /// All step coefficients for one evaluation of the sampler (differentiable in the
+        /// parameters).
+        #[derive(Debug)]
+        pub struct Coefficients {
+            $($(#[$doc])* pub $name: Tensor,)*
+        }
+
+        impl Coefficients {
+            /// The number of coefficient tensors.
+            pub const COUNT: usize = [$(stringify!($name)),*].len();
+
+            /// `(field name, tensor)` for every coefficient, in declaration order.
+            pub fn named(&self) -> [(&'static str, &Tensor); Self::COUNT] {
+                [$((stringify!($name), &self.$name)),*]
+            }
+
+            /// The coefficients with `f` applied to every tensor (in declaration order).
+            pub fn map(&self, mut f: impl FnMut(&Tensor) -> Tensor) -> Coefficients {
+                Coefficients { $($name: f(&self.$name)),* }
+            }
+        }
+    };
+}
+
+coefficients! {
     /// `[K]` continuous timesteps `tau_1 > ... > tau_K`.
-    pub tau: Tensor,
+    tau,
     /// `[K + 1]` `abar(tau_i)`, the last entry the clean point's.
-    pub abar: Tensor,
+    abar,
     /// `[K, K]` state coefficients (lower triangular).
-    pub u: Tensor,
+    u,
     /// `[K, K]` prediction coefficients (lower triangular).
-    pub w: Tensor,
+    w,
     /// `[K]` noise scales.
-    pub sigma: Tensor,
+    sigma,
     /// `[K]` `x0_hat` coefficient on `x_i` (`p = pred_scale * p_unit`).
-    pub p: Tensor,
+    p,
     /// `[K]` `x0_hat` coefficient on `eps_i` (`q = pred_scale * q_unit`).
-    pub q: Tensor,
+    q,
     /// `[K]` `1 / sqrt(abar_i)` (`1 / a_i`, the marginal's signal scale, for [`Query::Marginal`]).
-    pub pred_scale: Tensor,
+    pred_scale,
     /// `[K]` `sqrt(1 - abar_i)` (`sqrt(v_i)`, the marginal's noise scale, for [`Query::Marginal`]).
-    pub sqrt_one_minus_abar: Tensor,
+    sqrt_one_minus_abar,
     /// `[K]` `1 + p_residual` (exactly 1 at DDIM initialisation).
-    pub p_rel: Tensor,
+    p_rel,
     /// `[K]` `1 + q_residual`.
-    pub q_rel: Tensor,
+    q_rel,
     /// `[K]` where the model is queried (`tau` for [`Query::Grid`]).
-    pub query_tau: Tensor,
+    query_tau,
     /// `[K]` `abar(query_tau)`.
-    pub query_abar: Tensor,
+    query_abar,
     /// `[K]` the factor the model's input is scaled by (1 for [`Query::Grid`]).
-    pub input_scale: Tensor,
+    input_scale,
 }
 
 /// `sqrt(x)` that is 0 with zero gradient for `x <= 0` (avoids an infinite gradient at 0).
