@@ -18,7 +18,7 @@ use crate::optim::{clip_grad_norm, Adam, AdamConfig, LrSchedule};
 use crate::teacher::Teacher;
 use crate::unroll::Remat;
 use crate::{Error, Result};
-use ggdm_core::ggdm::{GgdmParams, GgdmSampler};
+use ggdm_core::ggdm::{GgdmParams, GgdmSampler, LearnablePart};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -92,12 +92,13 @@ impl Default for LrScales {
 }
 
 impl LrScales {
-    fn of(&self, part: &str) -> f64 {
+    /// The multiplier of `part`.
+    pub fn of(&self, part: LearnablePart) -> f64 {
         match part {
-            "timesteps" => self.timesteps,
-            "coefficients" => self.coefficients,
-            "sigma" => self.sigma,
-            _ => self.prediction,
+            LearnablePart::Timesteps => self.timesteps,
+            LearnablePart::Coefficients => self.coefficients,
+            LearnablePart::Sigma => self.sigma,
+            LearnablePart::Prediction => self.prediction,
         }
     }
 }
@@ -139,15 +140,10 @@ impl SearchSettings {
             }
         }
         self.lr.validate().map_err(|e| prefix("optim.lr", e))?;
-        let scales = self.lr_scale;
-        for (name, v) in [
-            ("timesteps", scales.timesteps),
-            ("coefficients", scales.coefficients),
-            ("sigma", scales.sigma),
-            ("prediction", scales.prediction),
-        ] {
+        for part in LearnablePart::ALL {
+            let v = self.lr_scale.of(part);
             if !(v >= 0.0) || !v.is_finite() {
-                return Err(Error::config(format!("optim.lr_scale.{name}"), format!("{v} (must be >= 0)")));
+                return Err(Error::config(format!("optim.lr_scale.{}", part.name()), format!("{v} (must be >= 0)")));
             }
         }
         self.adam.validate().map_err(|e| prefix("optim.adam", e))?;
@@ -559,7 +555,8 @@ pub fn run_search_with(
             event = Some(format!("non-finite gradient norm {grad_norm}"));
         }
         if event.is_none() {
-            let scales: Vec<f64> = sampler.trainable_parts().iter().map(|p| settings.lr_scale.of(p)).collect();
+            let scales: Vec<f64> =
+                sampler.trainable_parts().iter().map(|&(part, _)| settings.lr_scale.of(part)).collect();
             progress.adam.step_scaled(&params, lr, &scales);
             if !all_finite(&sampler.params) {
                 event = Some("parameters became non-finite after the update".into());

@@ -115,6 +115,47 @@ impl Learnable {
     pub fn all() -> Self {
         Self { timesteps: true, coefficients: true, sigma: true, prediction: true }
     }
+
+    /// Whether `part` is learnable.
+    pub fn contains(&self, part: LearnablePart) -> bool {
+        match part {
+            LearnablePart::Timesteps => self.timesteps,
+            LearnablePart::Coefficients => self.coefficients,
+            LearnablePart::Sigma => self.sigma,
+            LearnablePart::Prediction => self.prediction,
+        }
+    }
+}
+
+/// A part of the sampler that [`Learnable`] switches on or off; each parameter tensor belongs to
+/// one ([`GgdmParams::entries`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LearnablePart {
+    /// The timestep logits.
+    Timesteps,
+    /// The residuals of `u` and `w`.
+    Coefficients,
+    /// The residual of `sigma`.
+    Sigma,
+    /// The residuals of `p` and `q`.
+    Prediction,
+}
+
+impl LearnablePart {
+    /// Every part, in the order of [`Learnable`]'s fields.
+    pub const ALL: [LearnablePart; 4] =
+        [LearnablePart::Timesteps, LearnablePart::Coefficients, LearnablePart::Sigma, LearnablePart::Prediction];
+
+    /// The name in configs and files (the field of [`Learnable`], and of a search's
+    /// `optim.lr_scale`).
+    pub fn name(self) -> &'static str {
+        match self {
+            LearnablePart::Timesteps => "timesteps",
+            LearnablePart::Coefficients => "coefficients",
+            LearnablePart::Sigma => "sigma",
+            LearnablePart::Prediction => "prediction",
+        }
+    }
 }
 
 /// The start solver of a GGDM sampler (`[sampler] init` of a search config, `base` of
@@ -255,16 +296,22 @@ impl GgdmParams {
         }
     }
 
-    /// `(name, tensor)` for every parameter, in a fixed order.
-    pub fn named(&self) -> [(&'static str, &Tensor); 6] {
+    /// `(name, part, tensor)` for every parameter, in a fixed order: the name in checkpoints and
+    /// `sampler.json`, and the [`LearnablePart`] that makes the tensor learnable.
+    pub fn entries(&self) -> [(&'static str, LearnablePart, &Tensor); 6] {
         [
-            ("grid_logits", &self.grid_logits),
-            ("u_residual", &self.u_residual),
-            ("w_residual", &self.w_residual),
-            ("sigma_residual", &self.sigma_residual),
-            ("p_residual", &self.p_residual),
-            ("q_residual", &self.q_residual),
+            ("grid_logits", LearnablePart::Timesteps, &self.grid_logits),
+            ("u_residual", LearnablePart::Coefficients, &self.u_residual),
+            ("w_residual", LearnablePart::Coefficients, &self.w_residual),
+            ("sigma_residual", LearnablePart::Sigma, &self.sigma_residual),
+            ("p_residual", LearnablePart::Prediction, &self.p_residual),
+            ("q_residual", LearnablePart::Prediction, &self.q_residual),
         ]
+    }
+
+    /// `(name, tensor)` for every parameter, in the order of [`Self::entries`].
+    pub fn named(&self) -> [(&'static str, &Tensor); 6] {
+        self.entries().map(|(name, _, t)| (name, t))
     }
 
     fn deep_clone(&self) -> Self {
@@ -510,57 +557,24 @@ impl GgdmSampler {
 
     /// Marks the enabled parts as requiring grad (and the others as not).
     pub fn set_requires_grad(&self) {
-        let flags = [
-            self.learn.timesteps,
-            self.learn.coefficients,
-            self.learn.coefficients,
-            self.learn.sigma,
-            self.learn.prediction,
-            self.learn.prediction,
-        ];
-        for ((_, t), on) in self.params.named().into_iter().zip(flags) {
-            let _ = t.set_requires_grad(on);
+        for (_, part, t) in self.params.entries() {
+            let _ = t.set_requires_grad(self.learn.contains(part));
         }
     }
 
-    /// The learnable part (`timesteps`, `coefficients`, `sigma`, `prediction`) of each tensor
-    /// [`Self::trainable`] returns, in the same order.
-    pub fn trainable_parts(&self) -> Vec<&'static str> {
-        let mut out = Vec::new();
-        if self.learn.timesteps {
-            out.push("timesteps");
-        }
-        if self.learn.coefficients {
-            out.extend(["coefficients", "coefficients"]);
-        }
-        if self.learn.sigma {
-            out.push("sigma");
-        }
-        if self.learn.prediction {
-            out.extend(["prediction", "prediction"]);
-        }
-        out
+    /// The parameters an optimiser should update (those enabled in [`Learnable`]), each with its
+    /// part, in the order of [`GgdmParams::entries`].
+    pub fn trainable_parts(&self) -> Vec<(LearnablePart, Tensor)> {
+        let entries = self.params.entries().into_iter();
+        entries
+            .filter(|&(_, part, _)| self.learn.contains(part))
+            .map(|(_, part, t)| (part, t.shallow_clone()))
+            .collect()
     }
 
-    /// The parameters an optimiser should update (those enabled in [`Learnable`]).
+    /// The tensors of [`Self::trainable_parts`].
     pub fn trainable(&self) -> Vec<Tensor> {
-        let p = &self.params;
-        let mut out = Vec::new();
-        if self.learn.timesteps {
-            out.push(p.grid_logits.shallow_clone());
-        }
-        if self.learn.coefficients {
-            out.push(p.u_residual.shallow_clone());
-            out.push(p.w_residual.shallow_clone());
-        }
-        if self.learn.sigma {
-            out.push(p.sigma_residual.shallow_clone());
-        }
-        if self.learn.prediction {
-            out.push(p.p_residual.shallow_clone());
-            out.push(p.q_residual.shallow_clone());
-        }
-        out
+        self.trainable_parts().into_iter().map(|(_, t)| t).collect()
     }
 
     /// `abar` at continuous times (differentiable).
