@@ -110,7 +110,7 @@ pub struct Objective<'a> {
 }
 
 fn features_of(extractor: &dyn FeatureExtractor, x: &Tensor) -> Result<Tensor> {
-    extractor.features(x).map_err(|e| Error::config("features", e.to_string()))
+    Ok(extractor.features(x)?)
 }
 
 /// The sum of the parts of a loss that are present (the feature terms and the distance term).

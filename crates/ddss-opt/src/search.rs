@@ -333,8 +333,7 @@ fn validation_features(objective: &Objective, noise: BatchNoise, range: std::ops
     while first < range.end {
         let count = objective.micro_batch.min(range.end - first);
         let samples = objective.generate_range(noise, first..first + count)?;
-        let features = tch::no_grad(|| objective.extractor.features(&samples.to_device(objective.extractor.device())))
-            .map_err(|e| Error::config("features", e.to_string()))?;
+        let features = tch::no_grad(|| objective.extractor.features(&samples.to_device(objective.extractor.device())))?;
         chunks.push(features.to_device(Device::Cpu));
         first += count;
     }
@@ -391,9 +390,7 @@ pub fn validation_teacher_distance(objective: &Objective, noise: BatchNoise, com
             Some(d) => Ok(d),
             None => {
                 let extractor = objective.extractor;
-                let features = extractor
-                    .features(&samples.to_device(extractor.device()))
-                    .map_err(|e| Error::config("features", e.to_string()))?;
+                let features = extractor.features(&samples.to_device(extractor.device()))?;
                 teacher.feature_distance_sum(&features, first, objective.loss.scale())
             }
         })?;
