@@ -269,6 +269,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             let real = Tensor::randn([256, extractor.dim() as i64], (Kind::Float, Device::Cpu)).abs().to_device(device);
             let loss = FeatureLoss::new(LossKind::Kid, &real)?;
             let noise = BatchNoise { seed: 0, batch };
+            let mut last_plan = None;
             if let Some(path) = &args.save_noise {
                 save_noise(path, noise, shape, args.steps, &real)?;
             }
@@ -292,7 +293,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
                         let _ = g.zero_();
                     }
                 }
-                let loss = objective.loss_and_grad(noise)?;
+                let evaluation = objective.loss_and_grad(noise)?;
+                if let Some(plan) = evaluation.memory_plan {
+                    plan.log_if_changed(&mut last_plan);
+                }
                 let mut norms = serde_json::Map::new();
                 for (name, p) in sampler.params.named() {
                     let g = p.grad();
@@ -300,7 +304,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
                         norms.insert(name.into(), g.norm().double_value(&[]).into());
                     }
                 }
-                Ok(serde_json::json!({ "loss": loss, "grad_norms": norms }))
+                let plan = evaluation.memory_plan.map(|p| {
+                    let call_mib = p.call_bytes as f64 / f64::from(1 << 20);
+                    serde_json::json!({ "stored_steps": p.stored_steps, "call_activation_mib": call_mib })
+                });
+                Ok(serde_json::json!({ "loss": evaluation.loss, "grad_norms": norms, "memory_plan": plan }))
             })
         }
         "sample" => Box::new(move || {
@@ -388,9 +396,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
             }
         }
     }
-    if let Some(plan) = ddss_opt::unroll::last_memory_plan().filter(|_| args.what == "step") {
-        line["stored_steps"] = plan.stored_steps.into();
-        line["call_activation_mib"] = mib(plan.call_bytes).into();
+    if let Some(plan) = value.get("memory_plan").filter(|p| !p.is_null()) {
+        line["stored_steps"] = plan["stored_steps"].clone();
+        line["call_activation_mib"] = plan["call_activation_mib"].clone();
     }
     if let (Some(before), Some(after)) = (cuda_before, cuda_used_mib(device)) {
         line["cuda_reserved_mib"] = (after - before).into();

@@ -28,7 +28,7 @@
 use crate::collective::{check_shardable, shard, Collective, CommVolume};
 use crate::loss::FeatureLoss;
 use crate::teacher::TeacherBatch;
-use crate::unroll::{self, Remat};
+use crate::unroll::{self, MemoryPlan, Remat};
 use crate::{Error, Result};
 use fid_metrics::features::FeatureExtractor;
 use ggdm_core::ggdm::GgdmSampler;
@@ -109,6 +109,17 @@ pub struct Objective<'a> {
     pub teacher: Option<TeacherBatch>,
 }
 
+/// What one evaluation of the objective returns besides the gradient, which it accumulates into
+/// the sampler parameters' `.grad()`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Evaluation {
+    /// The loss value.
+    pub loss: f64,
+    /// What the evaluation's last unroll chose ([`unroll::Forward::memory_plan`]); `None` unless
+    /// the strategy is [`Remat::MemoryBudget`] or [`Remat::FreeMemory`].
+    pub memory_plan: Option<MemoryPlan>,
+}
+
 fn features_of(extractor: &dyn FeatureExtractor, x: &Tensor) -> Result<Tensor> {
     Ok(extractor.features(x)?)
 }
@@ -125,7 +136,7 @@ impl Objective<'_> {
     }
 
     /// The loss value and, accumulated into the sampler parameters' `.grad()`, its exact gradient.
-    pub fn loss_and_grad(&self, noise: BatchNoise) -> Result<f64> {
+    pub fn loss_and_grad(&self, noise: BatchNoise) -> Result<Evaluation> {
         self.check_batch(&noise)?;
         if self.micro_batch >= noise.batch {
             return self.single_pass(&noise);
@@ -133,8 +144,8 @@ impl Objective<'_> {
         // Pass 1: all features without autograd, the loss's feature terms and dL/dfeatures.
         let pass = self.feature_pass(&noise, 0..noise.batch, None)?;
         // Pass 2: each micro-batch with the unroll, pushing back its slice of dL/dfeatures.
-        let distance = self.backprop_range(&noise, 0..noise.batch, pass.grad.as_ref())?;
-        scalar(total([pass.terms, distance]))
+        let (distance, memory_plan) = self.backprop_range(&noise, 0..noise.batch, pass.grad.as_ref())?;
+        Ok(Evaluation { loss: scalar(total([pass.terms, distance]))?, memory_plan })
     }
 
     /// The batch must hold at least 2 samples (KID's minimum), and as many as the teacher's pairs.
@@ -184,9 +195,10 @@ impl Objective<'_> {
     }
 
     /// The loss and its gradient with the whole batch in one micro-batch.
-    fn single_pass(&self, noise: &BatchNoise) -> Result<f64> {
+    fn single_pass(&self, noise: &BatchNoise) -> Result<Evaluation> {
         let (x_init, z) = self.draw(noise, 0, noise.batch)?;
         let fwd = unroll::forward(self.sampler, self.model, &x_init, &z, self.remat)?;
+        let memory_plan = fwd.memory_plan();
         let chunked = self.feature_chunk.is_some_and(|c| c < noise.batch);
         let (loss, grad_x) = if chunked && self.uses_features() {
             let features = tch::no_grad(|| features_of(self.extractor, &fwd.output))?;
@@ -212,7 +224,7 @@ impl Objective<'_> {
         let grad_x = grad_x.ok_or_else(|| Error::config("loss", "the loss has no term"))?;
         let _ = unroll::backward(self.sampler, self.model, fwd, &grad_x)?;
         // Read last: reading the value waits for the device, which would stall the sweep's launches.
-        scalar(loss)
+        Ok(Evaluation { loss: scalar(loss)?, memory_plan })
     }
 
     /// Adds the gradient of the teacher's pixel-distance term of samples `first ..` (the rows of
@@ -280,19 +292,22 @@ impl Objective<'_> {
     /// Pass 2: re-runs samples `range` with the unroll, micro-batch by micro-batch (as in pass 1),
     /// and back-propagates their rows of `grad_features` (indexed by global sample; `None` when
     /// the loss has no feature term) and their teacher-distance term into the sampler parameters.
-    /// Returns the sum of their distance terms (`None` without a pixel distance).
+    /// Returns the sum of their distance terms (`None` without a pixel distance) and the memory
+    /// plan of the last micro-batch's unroll.
     fn backprop_range(
         &self,
         noise: &BatchNoise,
         range: std::ops::Range<usize>,
         grad_features: Option<&Tensor>,
-    ) -> Result<Option<Tensor>> {
+    ) -> Result<(Option<Tensor>, Option<MemoryPlan>)> {
         let mut distance = None;
+        let mut memory_plan = None;
         let mut first = range.start;
         while first < range.end {
             let count = self.micro_batch.min(range.end - first);
             let (x_init, z) = self.draw(noise, first, count)?;
             let fwd = unroll::forward(self.sampler, self.model, &x_init, &z, self.remat)?;
+            memory_plan = fwd.memory_plan();
             let grad_x = match grad_features {
                 Some(g) => Some(self.features_vjp(&fwd.output, &g.narrow(0, first as i64, count as i64))?),
                 None => None,
@@ -303,7 +318,7 @@ impl Objective<'_> {
             let _ = unroll::backward(self.sampler, self.model, fwd, &grad_x)?;
             first += count;
         }
-        Ok(distance)
+        Ok((distance, memory_plan))
     }
 
     /// `dL/dx` for samples `x` whose features have the cotangent `grad_features`, back-propagated
@@ -352,8 +367,9 @@ impl Objective<'_> {
     /// returns the same loss and holds the same full-batch gradient afterwards. Rank `r` takes
     /// the contiguous samples [`shard`]`(batch, r, size)` in micro-batches, so the result equals
     /// one process with `micro_batch = batch / size` (when that divides evenly) up to the order
-    /// of the final gradient sum. Also returns the bytes communicated.
-    pub fn loss_and_grad_sharded(&self, noise: BatchNoise, comm: &dyn Collective) -> Result<(f64, CommVolume)> {
+    /// of the final gradient sum. Also returns the bytes communicated. The memory plan is this
+    /// rank's.
+    pub fn loss_and_grad_sharded(&self, noise: BatchNoise, comm: &dyn Collective) -> Result<(Evaluation, CommVolume)> {
         if comm.size() <= 1 {
             return Ok((self.loss_and_grad(noise)?, CommVolume::default()));
         }
@@ -364,7 +380,7 @@ impl Objective<'_> {
         let pass = self.feature_pass(&noise, range.clone(), Some(comm))?;
         let mut loss = pass.terms.as_ref().map(|v| v.double_value(&[]));
         // Pass 2: this rank's micro-batches with the unroll; the distance terms summed over the ranks.
-        let distance = self.backprop_range(&noise, range, pass.grad.as_ref())?;
+        let (distance, memory_plan) = self.backprop_range(&noise, range, pass.grad.as_ref())?;
         if self.teacher.as_ref().is_some_and(TeacherBatch::uses_pixel_distance) {
             let mut sum = [distance.map_or(0.0, |d| d.double_value(&[]))];
             comm.all_reduce_sum_f64(&mut sum)?;
@@ -372,7 +388,8 @@ impl Objective<'_> {
         }
         let loss = loss.ok_or_else(|| Error::config("loss", "the loss has no term"))?;
         let reduced = all_reduce_grads(&self.sampler.trainable(), comm)?;
-        Ok((loss, CommVolume { gathered: pass.gathered_bytes, reduced: reduced as u64 * 8 }))
+        let volume = CommVolume { gathered: pass.gathered_bytes, reduced: reduced as u64 * 8 };
+        Ok((Evaluation { loss, memory_plan }, volume))
     }
 }
 

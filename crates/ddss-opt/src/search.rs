@@ -508,6 +508,7 @@ pub fn run_search_with(
     };
     let mut consecutive_faults = 0u32;
     let mut logged_volume = false;
+    let mut last_plan = None;
     let mut clipped_steps = 0u64;
     while progress.step < settings.steps {
         let step = progress.step;
@@ -536,11 +537,12 @@ pub fn run_search_with(
         } else {
             (objective.loss_and_grad(step_noise(settings, step)), None)
         };
-        let (loss, fault) = match loss {
-            Ok(v) if v.is_finite() => (v, None),
-            Ok(v) => (v, Some(format!("non-finite loss {v}"))),
-            Err(e) => return Err(e),
-        };
+        let evaluation = loss?;
+        if let Some(plan) = evaluation.memory_plan {
+            plan.log_if_changed(&mut last_plan);
+        }
+        let loss = evaluation.loss;
+        let fault = (!loss.is_finite()).then(|| format!("non-finite loss {loss}"));
         let grad_norm = clip_grad_norm(&params, settings.grad_clip);
         let clipped = event_free_clip(fault.is_none(), grad_norm, settings.grad_clip);
         if clipped {
@@ -572,12 +574,7 @@ pub fn run_search_with(
             event: None,
             elapsed_s: started.elapsed().as_secs_f64(),
             comm_bytes,
-            stored_calls: match settings.remat {
-                Remat::MemoryBudget { .. } | Remat::FreeMemory { .. } => {
-                    crate::unroll::last_memory_plan().map(|p| p.stored_steps)
-                }
-                _ => None,
-            },
+            stored_calls: evaluation.memory_plan.map(|p| p.stored_steps),
         };
         if let Some(what) = event {
             sampler.restore(&before)?;

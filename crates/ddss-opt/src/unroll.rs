@@ -12,7 +12,7 @@
 //! * [`Remat::MemoryBudget`]: the same, with the number of stored calls chosen from a byte budget.
 //!   Each forward pass measures the memory the first call keeps ([`ggdm_nets::memory::live_bytes`]
 //!   before and after it) and stores as many calls as fit (`floor(budget / per_call)`, at most
-//!   K); [`last_memory_plan`] reports the choice;
+//!   K); [`Forward::memory_plan`] reports the choice;
 //! * [`Remat::FreeMemory`]: the same, with the budget a share of the memory free at the start of
 //!   each forward pass.
 //!
@@ -79,7 +79,7 @@ pub enum Remat {
     },
 }
 
-/// What a [`Remat::MemoryBudget`] forward pass chose.
+/// What a [`Remat::MemoryBudget`] or [`Remat::FreeMemory`] forward pass chose.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemoryPlan {
     /// The budget, in bytes.
@@ -92,39 +92,32 @@ pub struct MemoryPlan {
     pub steps: usize,
 }
 
-thread_local! {
-    static LAST_PLAN: std::cell::Cell<Option<MemoryPlan>> = const { std::cell::Cell::new(None) };
-}
-
-/// The choice of the most recent [`Remat::MemoryBudget`] or [`Remat::FreeMemory`] forward pass on
-/// this thread ([`Forward::memory_plan`] is that of one pass), for callers that see only the loss
-/// (the search's step records, the benchmark).
-pub fn last_memory_plan() -> Option<MemoryPlan> {
-    LAST_PLAN.get()
-}
-
-/// Records `plan`, logging it when the choice (or the budget, by more than a tenth: a share of
-/// the free memory moves a little from pass to pass) differs from the previous one on this thread.
-fn record_plan(plan: MemoryPlan) {
-    let last = LAST_PLAN.get();
-    let changed = last.is_none_or(|p| {
-        (p.stored_steps, p.steps) != (plan.stored_steps, plan.steps)
-            || p.budget_bytes.abs_diff(plan.budget_bytes) > p.budget_bytes.max(plan.budget_bytes) / 10
-    });
-    if changed {
-        let mib = |b: u64| b as f64 / f64::from(1 << 20);
-        let choice = match (plan.stored_steps, plan.steps) {
-            (0, k) => format!("storing none of {k} calls, recomputing each"),
-            (s, k) if s == k => format!("storing all {k} calls, recomputing none"),
-            (s, k) => format!("storing {s} of {k} calls, recomputing the rest"),
-        };
-        tracing::info!(
-            "memory budget {:.0} MiB: one network call keeps {:.1} MiB of activations; {choice}",
-            mib(plan.budget_bytes),
-            mib(plan.call_bytes),
-        );
+impl MemoryPlan {
+    /// Whether this is another choice than `previous`: another number of stored calls, or a budget
+    /// more than a tenth away (a share of the free memory moves a little from pass to pass).
+    pub fn differs_from(&self, previous: &MemoryPlan) -> bool {
+        (previous.stored_steps, previous.steps) != (self.stored_steps, self.steps)
+            || previous.budget_bytes.abs_diff(self.budget_bytes) > previous.budget_bytes.max(self.budget_bytes) / 10
     }
-    LAST_PLAN.set(Some(plan));
+
+    /// Logs the plan when there is no `last` one or it [differs](Self::differs_from) from it, and
+    /// makes it the `last`: a run logs its plan once, and again when the choice changes.
+    pub fn log_if_changed(self, last: &mut Option<MemoryPlan>) {
+        if last.is_none_or(|p| self.differs_from(&p)) {
+            let mib = |b: u64| b as f64 / f64::from(1 << 20);
+            let choice = match (self.stored_steps, self.steps) {
+                (0, k) => format!("storing none of {k} calls, recomputing each"),
+                (s, k) if s == k => format!("storing all {k} calls, recomputing none"),
+                (s, k) => format!("storing {s} of {k} calls, recomputing the rest"),
+            };
+            tracing::info!(
+                "memory budget {:.0} MiB: one network call keeps {:.1} MiB of activations; {choice}",
+                mib(self.budget_bytes),
+                mib(self.call_bytes),
+            );
+        }
+        *last = Some(self);
+    }
 }
 
 /// Memory live on `device`, or an error naming the budget that needs it.
@@ -166,7 +159,8 @@ pub struct Forward {
 }
 
 impl Forward {
-    /// What a [`Remat::MemoryBudget`] pass chose (`None` for the other strategies).
+    /// What a [`Remat::MemoryBudget`] or [`Remat::FreeMemory`] pass chose (`None` for the other
+    /// strategies).
     pub fn memory_plan(&self) -> Option<MemoryPlan> {
         self.plan
     }
@@ -286,9 +280,7 @@ pub fn forward<D: DifferentiableDenoiser + ?Sized>(
                 // At least a page, so that a measurement lost in the noise cannot divide by zero.
                 let call_bytes = measure_live(x_init.device())?.saturating_sub(before).max(4096);
                 stored_steps = usize::try_from(budget / call_bytes).unwrap_or(usize::MAX).min(k);
-                let chosen = MemoryPlan { budget_bytes: budget, call_bytes, stored_steps, steps: k };
-                record_plan(chosen);
-                plan = Some(chosen);
+                plan = Some(MemoryPlan { budget_bytes: budget, call_bytes, stored_steps, steps: k });
             }
             if i < stored_steps {
                 stored.push(Some(kept));
