@@ -75,6 +75,15 @@ impl BatchNoise {
         let (x_init, z) = self.draw(first, count, shape, steps, device)?;
         Ok((x_init.to_kind(kind), z.into_iter().map(|t| t.to_kind(kind)).collect()))
     }
+
+    /// Checks that the batch suits the loss split over `ranks` ranks: at least 2 samples (KID's
+    /// minimum), and one for every rank ([`check_shardable`]).
+    pub fn check(&self, ranks: usize) -> Result<()> {
+        if self.batch < 2 {
+            return Err(Error::config("batch_size", format!("{} (KID needs at least 2 samples)", self.batch)));
+        }
+        check_shardable("batch_size", self.batch, ranks)
+    }
 }
 
 /// Everything one objective evaluation needs.
@@ -137,7 +146,7 @@ impl Objective<'_> {
 
     /// The loss value and, accumulated into the sampler parameters' `.grad()`, its exact gradient.
     pub fn loss_and_grad(&self, noise: BatchNoise) -> Result<Evaluation> {
-        self.check_batch(&noise)?;
+        self.check_batch(&noise, 1)?;
         if self.micro_batch >= noise.batch {
             return self.single_pass(&noise);
         }
@@ -148,11 +157,10 @@ impl Objective<'_> {
         Ok(Evaluation { loss: scalar(total([pass.terms, distance]))?, memory_plan })
     }
 
-    /// The batch must hold at least 2 samples (KID's minimum), and as many as the teacher's pairs.
-    fn check_batch(&self, noise: &BatchNoise) -> Result<()> {
-        if noise.batch < 2 {
-            return Err(Error::config("batch_size", format!("{} (KID needs at least 2 samples)", noise.batch)));
-        }
+    /// The batch must suit `ranks` ranks ([`BatchNoise::check`]) and hold as many samples as the
+    /// teacher's pairs.
+    fn check_batch(&self, noise: &BatchNoise, ranks: usize) -> Result<()> {
+        noise.check(ranks)?;
         match &self.teacher {
             Some(t) if t.len() != noise.batch => Err(Error::config(
                 "batch_size",
@@ -373,8 +381,7 @@ impl Objective<'_> {
         if comm.size() <= 1 {
             return Ok((self.loss_and_grad(noise)?, CommVolume::default()));
         }
-        self.check_batch(&noise)?;
-        check_shardable("batch_size", noise.batch, comm.size())?;
+        self.check_batch(&noise, comm.size())?;
         let range = shard(noise.batch, comm.rank(), comm.size());
         // Pass 1: this rank's features without autograd, then everyone's.
         let pass = self.feature_pass(&noise, range.clone(), Some(comm))?;

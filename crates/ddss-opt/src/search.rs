@@ -12,7 +12,7 @@
 //! same steps, and rank 0 alone writes `metrics.jsonl` and the checkpoint. The checkpoint holds
 //! no per-rank state, so a run can be resumed with any number of ranks.
 
-use crate::collective::{check_shardable, shard, Collective, SingleProcess};
+use crate::collective::{shard, Collective, SingleProcess};
 use crate::objective::{BatchNoise, Objective};
 use crate::optim::{clip_grad_norm, Adam, AdamConfig, LrSchedule};
 use crate::teacher::Teacher;
@@ -119,9 +119,7 @@ impl SearchSettings {
         if self.steps == 0 {
             return Err(Error::config("optim.steps", "0 (need at least 1)"));
         }
-        if self.batch_size < 2 {
-            return Err(Error::config("optim.batch_size", format!("{} (KID needs at least 2)", self.batch_size)));
-        }
+        check_step_batch(self, 1)?;
         if self.micro_batch == Some(0) {
             return Err(Error::config("optim.micro_batch", "0 (need at least 1)"));
         }
@@ -479,10 +477,8 @@ pub fn run_search_with(
     comm: &dyn Collective,
 ) -> Result<SearchOutcome> {
     settings.validate()?;
+    check_step_batch(settings, comm.size())?;
     let parallel = comm.size() > 1;
-    if parallel {
-        check_shardable("optim.batch_size", settings.batch_size, comm.size())?;
-    }
     let root = comm.is_root();
     if sampler.trainable().is_empty() {
         tracing::warn!("no part of the sampler is learnable: the search only measures it");
@@ -625,6 +621,12 @@ pub fn run_search_with(
         faults: progress.faults,
         clipped: clipped_steps,
     })
+}
+
+/// Checks the batch of every training step ([`BatchNoise::check`]) for `ranks` ranks, naming
+/// `optim.batch_size`.
+fn check_step_batch(settings: &SearchSettings, ranks: usize) -> Result<()> {
+    step_noise(settings, 0).check(ranks).map_err(|e| prefix("optim", e))
 }
 
 /// What a search carries from step to step and keeps in its checkpoint.
