@@ -205,7 +205,9 @@ pub struct StepRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub comm_bytes: Option<u64>,
     /// Network calls whose activations the step stored (the rest were recomputed), as a
-    /// memory-budget rematerialisation chose them; only with `remat = { memory_budget = ... }`.
+    /// memory-budget rematerialisation chose them (its last unroll's
+    /// [`MemoryPlan::stored_steps`]); only with `remat = { memory_budget = ... }` or
+    /// `{ free_memory = ... }`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stored_calls: Option<usize>,
 }
