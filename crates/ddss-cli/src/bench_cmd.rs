@@ -259,6 +259,7 @@ fn step_workload(
     let real = Tensor::randn([256, extractor.dim() as i64], (Kind::Float, Device::Cpu)).abs().to_device(device);
     let loss = FeatureLoss::new(LossKind::Kid, &real)?;
     let noise = BatchNoise { seed: 0, batch };
+    let mut last_plan = None;
     if let Some(path) = &args.save_noise {
         save_noise(path, noise, shape, args.steps, &real)?;
     }
@@ -282,7 +283,10 @@ fn step_workload(
                 let _ = g.zero_();
             }
         }
-        let loss = objective.loss_and_grad(noise)?;
+        let evaluation = objective.loss_and_grad(noise)?;
+        if let Some(plan) = evaluation.memory_plan {
+            plan.log_if_changed(&mut last_plan);
+        }
         let mut norms = serde_json::Map::new();
         for (name, p) in sampler.params.named() {
             let g = p.grad();
@@ -290,7 +294,11 @@ fn step_workload(
                 norms.insert(name.into(), g.norm().double_value(&[]).into());
             }
         }
-        Ok(serde_json::json!({ "loss": loss, "grad_norms": norms }))
+        let plan = evaluation.memory_plan.map(|p| {
+            let call_mib = p.call_bytes as f64 / f64::from(1 << 20);
+            serde_json::json!({ "stored_steps": p.stored_steps, "call_activation_mib": call_mib })
+        });
+        Ok(serde_json::json!({ "loss": evaluation.loss, "grad_norms": norms, "memory_plan": plan }))
     }))
 }
 
@@ -396,12 +404,12 @@ fn add_allocator_fields(line: &mut serde_json::Value, args: &BenchArgs, m: &Meas
     }
 }
 
-/// Adds the memory plan of the step's unroll (calls stored, bytes per call) to `line`.
-fn add_plan_fields(line: &mut serde_json::Value, args: &BenchArgs) {
-    let mib = |bytes: u64| bytes as f64 / f64::from(1 << 20);
-    if let Some(plan) = ddss_opt::unroll::last_memory_plan().filter(|_| args.what == "step") {
-        line["stored_steps"] = plan.stored_steps.into();
-        line["call_activation_mib"] = mib(plan.call_bytes).into();
+/// Adds the memory plan of the step's unroll (calls stored, MiB per call), which the step workload
+/// returns with its value, to `line`.
+fn add_plan_fields(line: &mut serde_json::Value, value: &serde_json::Value) {
+    if let Some(plan) = value.get("memory_plan").filter(|p| !p.is_null()) {
+        line["stored_steps"] = plan["stored_steps"].clone();
+        line["call_activation_mib"] = plan["call_activation_mib"].clone();
     }
 }
 
@@ -435,7 +443,7 @@ fn report_line(args: &BenchArgs, m: &Measurement, device: Device) -> serde_json:
         "step_extra_mib": peak - rss_before,
     });
     add_allocator_fields(&mut line, args, m, device);
-    add_plan_fields(&mut line, args);
+    add_plan_fields(&mut line, &m.value);
     if let (Some(before), Some(after)) = (m.cuda_before, cuda_used_mib(device)) {
         line["cuda_reserved_mib"] = (after - before).into();
         line["memory_mib"] = (after - before).into();

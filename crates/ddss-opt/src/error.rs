@@ -20,6 +20,10 @@ pub enum Error {
     /// From the sampler library.
     #[error(transparent)]
     Core(#[from] ggdm_core::Error),
+    /// The feature network of the loss or of validation failed (out of memory, a wrongly shaped
+    /// input, ...).
+    #[error("the feature network failed: {0}")]
+    Features(#[from] fid_metrics::Error),
     /// From libtorch.
     #[error("torch: {0}")]
     Torch(#[from] tch::TchError),
@@ -34,3 +38,14 @@ impl Error {
 
 /// `Result` with [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_feature_network_error_says_the_feature_network_failed() {
+        let e = Error::from(fid_metrics::Error::invalid("input", "CUDA out of memory"));
+        assert_eq!(e.to_string(), "the feature network failed: invalid input: CUDA out of memory");
+    }
+}

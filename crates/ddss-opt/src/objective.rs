@@ -28,7 +28,7 @@
 use crate::collective::{check_shardable, shard, Collective, CommVolume};
 use crate::loss::FeatureLoss;
 use crate::teacher::TeacherBatch;
-use crate::unroll::{self, Remat};
+use crate::unroll::{self, MemoryPlan, Remat};
 use crate::{Error, Result};
 use fid_metrics::features::FeatureExtractor;
 use ggdm_core::ggdm::GgdmSampler;
@@ -75,6 +75,15 @@ impl BatchNoise {
         let (x_init, z) = self.draw(first, count, shape, steps, device)?;
         Ok((x_init.to_kind(kind), z.into_iter().map(|t| t.to_kind(kind)).collect()))
     }
+
+    /// Checks that the batch suits the loss split over `ranks` ranks: at least 2 samples (KID's
+    /// minimum), and one for every rank ([`check_shardable`]).
+    pub fn check(&self, ranks: usize) -> Result<()> {
+        if self.batch < 2 {
+            return Err(Error::config("batch_size", format!("{} (KID needs at least 2 samples)", self.batch)));
+        }
+        check_shardable("batch_size", self.batch, ranks)
+    }
 }
 
 /// Everything one objective evaluation needs.
@@ -109,8 +118,19 @@ pub struct Objective<'a> {
     pub teacher: Option<TeacherBatch>,
 }
 
+/// What one evaluation of the objective returns besides the gradient, which it accumulates into
+/// the sampler parameters' `.grad()`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Evaluation {
+    /// The loss value.
+    pub loss: f64,
+    /// What the evaluation's last unroll chose ([`unroll::Forward::memory_plan`]); `None` unless
+    /// the strategy is [`Remat::MemoryBudget`] or [`Remat::FreeMemory`].
+    pub memory_plan: Option<MemoryPlan>,
+}
+
 fn features_of(extractor: &dyn FeatureExtractor, x: &Tensor) -> Result<Tensor> {
-    extractor.features(x).map_err(|e| Error::config("features", e.to_string()))
+    Ok(extractor.features(x)?)
 }
 
 /// The sum of the parts of a loss that are present (the feature terms and the distance term).
@@ -125,23 +145,22 @@ impl Objective<'_> {
     }
 
     /// The loss value and, accumulated into the sampler parameters' `.grad()`, its exact gradient.
-    pub fn loss_and_grad(&self, noise: BatchNoise) -> Result<f64> {
-        self.check_batch(&noise)?;
+    pub fn loss_and_grad(&self, noise: BatchNoise) -> Result<Evaluation> {
+        self.check_batch(&noise, 1)?;
         if self.micro_batch >= noise.batch {
             return self.single_pass(&noise);
         }
         // Pass 1: all features without autograd, the loss's feature terms and dL/dfeatures.
         let pass = self.feature_pass(&noise, 0..noise.batch, None)?;
         // Pass 2: each micro-batch with the unroll, pushing back its slice of dL/dfeatures.
-        let distance = self.backprop_range(&noise, 0..noise.batch, pass.grad.as_ref())?;
-        scalar(total([pass.terms, distance]))
+        let (distance, memory_plan) = self.backprop_range(&noise, 0..noise.batch, pass.grad.as_ref())?;
+        Ok(Evaluation { loss: scalar(total([pass.terms, distance]))?, memory_plan })
     }
 
-    /// The batch must hold at least 2 samples (KID's minimum), and as many as the teacher's pairs.
-    fn check_batch(&self, noise: &BatchNoise) -> Result<()> {
-        if noise.batch < 2 {
-            return Err(Error::config("batch_size", format!("{} (KID needs at least 2 samples)", noise.batch)));
-        }
+    /// The batch must suit `ranks` ranks ([`BatchNoise::check`]) and hold as many samples as the
+    /// teacher's pairs.
+    fn check_batch(&self, noise: &BatchNoise, ranks: usize) -> Result<()> {
+        noise.check(ranks)?;
         match &self.teacher {
             Some(t) if t.len() != noise.batch => Err(Error::config(
                 "batch_size",
@@ -184,9 +203,10 @@ impl Objective<'_> {
     }
 
     /// The loss and its gradient with the whole batch in one micro-batch.
-    fn single_pass(&self, noise: &BatchNoise) -> Result<f64> {
+    fn single_pass(&self, noise: &BatchNoise) -> Result<Evaluation> {
         let (x_init, z) = self.draw(noise, 0, noise.batch)?;
         let fwd = unroll::forward(self.sampler, self.model, &x_init, &z, self.remat)?;
+        let memory_plan = fwd.memory_plan();
         let chunked = self.feature_chunk.is_some_and(|c| c < noise.batch);
         let (loss, grad_x) = if chunked && self.uses_features() {
             let features = tch::no_grad(|| features_of(self.extractor, &fwd.output))?;
@@ -212,7 +232,7 @@ impl Objective<'_> {
         let grad_x = grad_x.ok_or_else(|| Error::config("loss", "the loss has no term"))?;
         let _ = unroll::backward(self.sampler, self.model, fwd, &grad_x)?;
         // Read last: reading the value waits for the device, which would stall the sweep's launches.
-        scalar(loss)
+        Ok(Evaluation { loss: scalar(loss)?, memory_plan })
     }
 
     /// Adds the gradient of the teacher's pixel-distance term of samples `first ..` (the rows of
@@ -280,19 +300,22 @@ impl Objective<'_> {
     /// Pass 2: re-runs samples `range` with the unroll, micro-batch by micro-batch (as in pass 1),
     /// and back-propagates their rows of `grad_features` (indexed by global sample; `None` when
     /// the loss has no feature term) and their teacher-distance term into the sampler parameters.
-    /// Returns the sum of their distance terms (`None` without a pixel distance).
+    /// Returns the sum of their distance terms (`None` without a pixel distance) and the memory
+    /// plan of the last micro-batch's unroll.
     fn backprop_range(
         &self,
         noise: &BatchNoise,
         range: std::ops::Range<usize>,
         grad_features: Option<&Tensor>,
-    ) -> Result<Option<Tensor>> {
+    ) -> Result<(Option<Tensor>, Option<MemoryPlan>)> {
         let mut distance = None;
+        let mut memory_plan = None;
         let mut first = range.start;
         while first < range.end {
             let count = self.micro_batch.min(range.end - first);
             let (x_init, z) = self.draw(noise, first, count)?;
             let fwd = unroll::forward(self.sampler, self.model, &x_init, &z, self.remat)?;
+            memory_plan = fwd.memory_plan();
             let grad_x = match grad_features {
                 Some(g) => Some(self.features_vjp(&fwd.output, &g.narrow(0, first as i64, count as i64))?),
                 None => None,
@@ -303,7 +326,7 @@ impl Objective<'_> {
             let _ = unroll::backward(self.sampler, self.model, fwd, &grad_x)?;
             first += count;
         }
-        Ok(distance)
+        Ok((distance, memory_plan))
     }
 
     /// `dL/dx` for samples `x` whose features have the cotangent `grad_features`, back-propagated
@@ -352,19 +375,19 @@ impl Objective<'_> {
     /// returns the same loss and holds the same full-batch gradient afterwards. Rank `r` takes
     /// the contiguous samples [`shard`]`(batch, r, size)` in micro-batches, so the result equals
     /// one process with `micro_batch = batch / size` (when that divides evenly) up to the order
-    /// of the final gradient sum. Also returns the bytes communicated.
-    pub fn loss_and_grad_sharded(&self, noise: BatchNoise, comm: &dyn Collective) -> Result<(f64, CommVolume)> {
+    /// of the final gradient sum. Also returns the bytes communicated. The memory plan is this
+    /// rank's.
+    pub fn loss_and_grad_sharded(&self, noise: BatchNoise, comm: &dyn Collective) -> Result<(Evaluation, CommVolume)> {
         if comm.size() <= 1 {
             return Ok((self.loss_and_grad(noise)?, CommVolume::default()));
         }
-        self.check_batch(&noise)?;
-        check_shardable("batch_size", noise.batch, comm.size())?;
+        self.check_batch(&noise, comm.size())?;
         let range = shard(noise.batch, comm.rank(), comm.size());
         // Pass 1: this rank's features without autograd, then everyone's.
         let pass = self.feature_pass(&noise, range.clone(), Some(comm))?;
         let mut loss = pass.terms.as_ref().map(|v| v.double_value(&[]));
         // Pass 2: this rank's micro-batches with the unroll; the distance terms summed over the ranks.
-        let distance = self.backprop_range(&noise, range, pass.grad.as_ref())?;
+        let (distance, memory_plan) = self.backprop_range(&noise, range, pass.grad.as_ref())?;
         if self.teacher.as_ref().is_some_and(TeacherBatch::uses_pixel_distance) {
             let mut sum = [distance.map_or(0.0, |d| d.double_value(&[]))];
             comm.all_reduce_sum_f64(&mut sum)?;
@@ -372,7 +395,8 @@ impl Objective<'_> {
         }
         let loss = loss.ok_or_else(|| Error::config("loss", "the loss has no term"))?;
         let reduced = all_reduce_grads(&self.sampler.trainable(), comm)?;
-        Ok((loss, CommVolume { gathered: pass.gathered_bytes, reduced: reduced as u64 * 8 }))
+        let volume = CommVolume { gathered: pass.gathered_bytes, reduced: reduced as u64 * 8 };
+        Ok((Evaluation { loss, memory_plan }, volume))
     }
 }
 

@@ -12,13 +12,13 @@
 //! same steps, and rank 0 alone writes `metrics.jsonl` and the checkpoint. The checkpoint holds
 //! no per-rank state, so a run can be resumed with any number of ranks.
 
-use crate::collective::{check_shardable, shard, Collective, SingleProcess};
-use crate::objective::{BatchNoise, Objective};
+use crate::collective::{shard, Collective, SingleProcess};
+use crate::objective::{BatchNoise, Evaluation, Objective};
 use crate::optim::{clip_grad_norm, Adam, AdamConfig, LrSchedule};
 use crate::teacher::Teacher;
-use crate::unroll::Remat;
+use crate::unroll::{MemoryPlan, Remat};
 use crate::{Error, Result};
-use ggdm_core::ggdm::{GgdmParams, GgdmSampler};
+use ggdm_core::ggdm::{GgdmParams, GgdmSampler, LearnablePart};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -92,12 +92,13 @@ impl Default for LrScales {
 }
 
 impl LrScales {
-    fn of(&self, part: &str) -> f64 {
+    /// The multiplier of `part`.
+    pub fn of(&self, part: LearnablePart) -> f64 {
         match part {
-            "timesteps" => self.timesteps,
-            "coefficients" => self.coefficients,
-            "sigma" => self.sigma,
-            _ => self.prediction,
+            LearnablePart::Timesteps => self.timesteps,
+            LearnablePart::Coefficients => self.coefficients,
+            LearnablePart::Sigma => self.sigma,
+            LearnablePart::Prediction => self.prediction,
         }
     }
 }
@@ -118,9 +119,7 @@ impl SearchSettings {
         if self.steps == 0 {
             return Err(Error::config("optim.steps", "0 (need at least 1)"));
         }
-        if self.batch_size < 2 {
-            return Err(Error::config("optim.batch_size", format!("{} (KID needs at least 2)", self.batch_size)));
-        }
+        check_step_batch(self, 1)?;
         if self.micro_batch == Some(0) {
             return Err(Error::config("optim.micro_batch", "0 (need at least 1)"));
         }
@@ -139,15 +138,10 @@ impl SearchSettings {
             }
         }
         self.lr.validate().map_err(|e| prefix("optim.lr", e))?;
-        let scales = self.lr_scale;
-        for (name, v) in [
-            ("timesteps", scales.timesteps),
-            ("coefficients", scales.coefficients),
-            ("sigma", scales.sigma),
-            ("prediction", scales.prediction),
-        ] {
+        for part in LearnablePart::ALL {
+            let v = self.lr_scale.of(part);
             if !(v >= 0.0) || !v.is_finite() {
-                return Err(Error::config(format!("optim.lr_scale.{name}"), format!("{v} (must be >= 0)")));
+                return Err(Error::config(format!("optim.lr_scale.{}", part.name()), format!("{v} (must be >= 0)")));
             }
         }
         self.adam.validate().map_err(|e| prefix("optim.adam", e))?;
@@ -211,7 +205,9 @@ pub struct StepRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub comm_bytes: Option<u64>,
     /// Network calls whose activations the step stored (the rest were recomputed), as a
-    /// memory-budget rematerialisation chose them; only with `remat = { memory_budget = ... }`.
+    /// memory-budget rematerialisation chose them (its last unroll's
+    /// [`MemoryPlan::stored_steps`]); only with `remat = { memory_budget = ... }` or
+    /// `{ free_memory = ... }`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stored_calls: Option<usize>,
 }
@@ -337,8 +333,7 @@ fn validation_features(objective: &Objective, noise: BatchNoise, range: std::ops
     while first < range.end {
         let count = objective.micro_batch.min(range.end - first);
         let samples = objective.generate_range(noise, first..first + count)?;
-        let features = tch::no_grad(|| objective.extractor.features(&samples.to_device(objective.extractor.device())))
-            .map_err(|e| Error::config("features", e.to_string()))?;
+        let features = tch::no_grad(|| objective.extractor.features(&samples.to_device(objective.extractor.device())))?;
         chunks.push(features.to_device(Device::Cpu));
         first += count;
     }
@@ -395,9 +390,7 @@ pub fn validation_teacher_distance(objective: &Objective, noise: BatchNoise, com
             Some(d) => Ok(d),
             None => {
                 let extractor = objective.extractor;
-                let features = extractor
-                    .features(&samples.to_device(extractor.device()))
-                    .map_err(|e| Error::config("features", e.to_string()))?;
+                let features = extractor.features(&samples.to_device(extractor.device()))?;
                 teacher.feature_distance_sum(&features, first, objective.loss.scale())
             }
         })?;
@@ -486,139 +479,17 @@ pub fn run_search_with(
     comm: &dyn Collective,
 ) -> Result<SearchOutcome> {
     settings.validate()?;
-    let parallel = comm.size() > 1;
-    if parallel {
-        check_shardable("optim.batch_size", settings.batch_size, comm.size())?;
-    }
-    let root = comm.is_root();
+    check_step_batch(settings, comm.size())?;
     if sampler.trainable().is_empty() {
         tracing::warn!("no part of the sampler is learnable: the search only measures it");
     }
-    let metric = objective_parts.validation_metric();
-    let metrics_path = run_dir.join(METRICS_FILE);
-    let checkpoint_path = run_dir.join(CHECKPOINT_FILE);
-    let started = Instant::now();
-    let mut progress = if resume {
-        let progress = Progress::resume(sampler, settings, &checkpoint_path)?;
-        if root {
-            truncate_metrics(&metrics_path, progress.step)?;
-        }
-        tracing::info!("resumed from step {} ({})", progress.step, checkpoint_path.display());
-        progress
-    } else {
-        let initial = validate(&objective_parts, sampler, settings, real, comm)?;
-        if root {
-            let _ = std::fs::remove_file(&metrics_path);
-        }
-        tracing::info!("validation {} at initialisation: {initial:.6}", metric.label());
-        Progress::start(sampler, settings, initial)
-    };
-    let mut consecutive_faults = 0u32;
-    let mut logged_volume = false;
-    let mut clipped_steps = 0u64;
+    let mut run = SearchRun::new(objective_parts, settings, real, run_dir, comm);
+    let mut progress = run.begin(sampler, resume)?;
     while progress.step < settings.steps {
-        let step = progress.step;
-        let params = sampler.trainable();
-        let lr = settings.lr.at(step, settings.steps);
-        let before = sampler.snapshot();
-        zero_grads(&params);
-        let objective = objective_parts.training_objective(sampler, settings, step);
-        let (loss, comm_bytes) = if parallel {
-            match objective.loss_and_grad_sharded(step_noise(settings, step), comm) {
-                Ok((v, volume)) => {
-                    if comm_bytes_unlogged(&mut logged_volume) {
-                        tracing::info!(
-                            "communication per step across {} ranks: {} bytes ({} all-gathered features, {} \
-                             all-reduced gradients; independent of the image size)",
-                            comm.size(),
-                            volume.total(),
-                            volume.gathered,
-                            volume.reduced
-                        );
-                    }
-                    (Ok(v), Some(volume.total()))
-                }
-                Err(e) => (Err(e), None),
-            }
-        } else {
-            (objective.loss_and_grad(step_noise(settings, step)), None)
-        };
-        let (loss, fault) = match loss {
-            Ok(v) if v.is_finite() => (v, None),
-            Ok(v) => (v, Some(format!("non-finite loss {v}"))),
-            Err(e) => return Err(e),
-        };
-        let grad_norm = clip_grad_norm(&params, settings.grad_clip);
-        let clipped = event_free_clip(fault.is_none(), grad_norm, settings.grad_clip);
-        if clipped {
-            clipped_steps += 1;
-            tracing::debug!("step {}: gradient norm {grad_norm:.4e} clipped to {:?}", step + 1, settings.grad_clip);
-        }
-        let mut event = fault;
-        if event.is_none() && !grad_norm.is_finite() {
-            event = Some(format!("non-finite gradient norm {grad_norm}"));
-        }
-        if event.is_none() {
-            let scales: Vec<f64> = sampler.trainable_parts().iter().map(|p| settings.lr_scale.of(p)).collect();
-            progress.adam.step_scaled(&params, lr, &scales);
-            if !all_finite(&sampler.params) {
-                event = Some("parameters became non-finite after the update".into());
-            }
-        }
-        progress.step += 1;
-        let step = progress.step;
-        let mut record = StepRecord {
-            step,
-            loss,
-            grad_norm,
-            clipped,
-            lr,
-            validation_kid: None,
-            validation_teacher_distance: None,
-            event: None,
-            elapsed_s: started.elapsed().as_secs_f64(),
-            comm_bytes,
-            stored_calls: match settings.remat {
-                Remat::MemoryBudget { .. } | Remat::FreeMemory { .. } => {
-                    crate::unroll::last_memory_plan().map(|p| p.stored_steps)
-                }
-                _ => None,
-            },
-        };
-        if let Some(what) = event {
-            sampler.restore(&before)?;
-            zero_grads(&sampler.trainable());
-            consecutive_faults += 1;
-            progress.faults += 1;
-            tracing::warn!("step {step} rejected ({what}); restored the last good parameters");
-            record.event = Some(format!("rejected: {what}; restored the last good parameters"));
-            if consecutive_faults > settings.max_faults {
-                if root {
-                    append_metrics(&metrics_path, &record)?;
-                }
-                return Err(Error::Numerical(format!(
-                    "{consecutive_faults} consecutive steps were rejected (last: {what}). The sampler \
-                     diverges: lower optim.lr, set optim.grad_clip, or check the model and the features \
-                     for NaNs. The last good parameters are in {}",
-                    checkpoint_path.display()
-                )));
-            }
-        } else {
-            consecutive_faults = 0;
-        }
-        let validate_now =
-            (settings.validate_every > 0 && step.is_multiple_of(settings.validate_every)) || step == settings.steps;
-        if validate_now {
-            let value = validate(&objective_parts, sampler, settings, real, comm)?;
-            progress.record_validation(sampler, metric, value, &mut record);
-        }
-        if root {
-            append_metrics(&metrics_path, &record)?;
-        }
-        observer.on_step(&record);
-        if root && (step.is_multiple_of(settings.checkpoint_every) || step == settings.steps) {
-            progress.write_checkpoint(run_dir, sampler)?;
-        }
+        let mut record = run.step(sampler, &mut progress)?;
+        run.validate_if_due(sampler, &mut progress, &mut record)?;
+        run.record_step(sampler, &progress, &record, observer)?;
+        let step = record.step;
         if step < settings.steps && stop_everywhere(observer.should_stop(step), comm)? {
             tracing::info!("stopped at step {step}; continue with --resume");
             break;
@@ -626,14 +497,238 @@ pub fn run_search_with(
     }
     sampler.restore(&progress.best_params)?;
     Ok(SearchOutcome {
-        validation_metric: metric,
+        validation_metric: run.metric,
         initial_validation: progress.initial,
         best_validation: progress.best,
         best_step: progress.best_step,
         steps: progress.step,
         faults: progress.faults,
-        clipped: clipped_steps,
+        clipped: run.clipped_steps,
     })
+}
+
+/// Checks the batch of every training step ([`BatchNoise::check`]) for `ranks` ranks, naming
+/// `optim.batch_size`.
+fn check_step_batch(settings: &SearchSettings, ranks: usize) -> Result<()> {
+    step_noise(settings, 0).check(ranks).map_err(|e| prefix("optim", e))
+}
+
+/// One run of [`run_search_with`]: what it was given, its files, and what it counts from step to
+/// step besides the checkpointed [`Progress`].
+struct SearchRun<'r, 'a> {
+    parts: ObjectiveParts<'a>,
+    settings: &'r SearchSettings,
+    real: &'r Tensor,
+    run_dir: &'r Path,
+    comm: &'r dyn Collective,
+    metric: ValidationMetric,
+    metrics_path: PathBuf,
+    checkpoint_path: PathBuf,
+    started: Instant,
+    /// Rejected steps in a row.
+    consecutive_faults: u32,
+    /// Steps whose gradient was clipped (this run or resumption).
+    clipped_steps: u64,
+    /// Whether the communication volume per step has been logged.
+    logged_volume: bool,
+    /// The last memory plan logged ([`MemoryPlan::log_if_changed`]).
+    last_plan: Option<MemoryPlan>,
+}
+
+impl<'r, 'a> SearchRun<'r, 'a> {
+    fn new(
+        parts: ObjectiveParts<'a>,
+        settings: &'r SearchSettings,
+        real: &'r Tensor,
+        run_dir: &'r Path,
+        comm: &'r dyn Collective,
+    ) -> Self {
+        Self {
+            metric: parts.validation_metric(),
+            parts,
+            settings,
+            real,
+            run_dir,
+            comm,
+            metrics_path: run_dir.join(METRICS_FILE),
+            checkpoint_path: run_dir.join(CHECKPOINT_FILE),
+            started: Instant::now(),
+            consecutive_faults: 0,
+            clipped_steps: 0,
+            logged_volume: false,
+            last_plan: None,
+        }
+    }
+
+    /// Where the run starts: the checkpoint's progress when resuming (`metrics.jsonl` cut back to
+    /// it), else a new search from the validated initial sampler (`metrics.jsonl` removed).
+    fn begin(&self, sampler: &mut GgdmSampler, resume: bool) -> Result<Progress> {
+        let root = self.comm.is_root();
+        if resume {
+            let progress = Progress::resume(sampler, self.settings, &self.checkpoint_path)?;
+            if root {
+                truncate_metrics(&self.metrics_path, progress.step)?;
+            }
+            tracing::info!("resumed from step {} ({})", progress.step, self.checkpoint_path.display());
+            return Ok(progress);
+        }
+        let initial = self.validate(sampler)?;
+        if root {
+            let _ = std::fs::remove_file(&self.metrics_path);
+        }
+        tracing::info!("validation {} at initialisation: {initial:.6}", self.metric.label());
+        Ok(Progress::start(sampler, self.settings, initial))
+    }
+
+    /// The validation metric of the sampler's current parameters (every rank gets the same value).
+    fn validate(&self, sampler: &GgdmSampler) -> Result<f64> {
+        validate(&self.parts, sampler, self.settings, self.real, self.comm)
+    }
+
+    /// Takes step `progress.step + 1`: the gradient of its batch, clipping, and the Adam update,
+    /// or, when the loss, the gradient or the updated parameters are not finite, the step's
+    /// rejection ([`Self::reject`]). Returns its record, not yet validated.
+    fn step(&mut self, sampler: &mut GgdmSampler, progress: &mut Progress) -> Result<StepRecord> {
+        let settings = self.settings;
+        let step = progress.step;
+        let trainable = sampler.trainable_parts();
+        let params: Vec<Tensor> = trainable.iter().map(|(_, t)| t.shallow_clone()).collect();
+        let lr = settings.lr.at(step, settings.steps);
+        let before = sampler.snapshot();
+        zero_grads(&params);
+        let (evaluation, comm_bytes) = self.gradient(sampler, step)?;
+        let loss = evaluation.loss;
+        let mut event = (!loss.is_finite()).then(|| format!("non-finite loss {loss}"));
+        let grad_norm = clip_grad_norm(&params, settings.grad_clip);
+        let clipped = event_free_clip(event.is_none(), grad_norm, settings.grad_clip);
+        if clipped {
+            self.clipped_steps += 1;
+            tracing::debug!("step {}: gradient norm {grad_norm:.4e} clipped to {:?}", step + 1, settings.grad_clip);
+        }
+        if event.is_none() && !grad_norm.is_finite() {
+            event = Some(format!("non-finite gradient norm {grad_norm}"));
+        }
+        if event.is_none() {
+            let scales: Vec<f64> = trainable.iter().map(|&(part, _)| settings.lr_scale.of(part)).collect();
+            progress.adam.step_scaled(&params, lr, &scales);
+            if !all_finite(&sampler.params) {
+                event = Some("parameters became non-finite after the update".into());
+            }
+        }
+        progress.step += 1;
+        let mut record = StepRecord {
+            step: progress.step,
+            loss,
+            grad_norm,
+            clipped,
+            lr,
+            validation_kid: None,
+            validation_teacher_distance: None,
+            event: None,
+            elapsed_s: self.started.elapsed().as_secs_f64(),
+            comm_bytes,
+            stored_calls: evaluation.memory_plan.map(|p| p.stored_steps),
+        };
+        match event {
+            Some(what) => self.reject(sampler, progress, &before, &mut record, &what)?,
+            None => self.consecutive_faults = 0,
+        }
+        Ok(record)
+    }
+
+    /// The loss of training step `step` (0-based), its gradient accumulated into the sampler
+    /// parameters, over the ranks of a data-parallel run; also the bytes that run communicated.
+    /// Logs the communication volume once, and the memory plan when it changes.
+    fn gradient(&mut self, sampler: &GgdmSampler, step: u64) -> Result<(Evaluation, Option<u64>)> {
+        let objective = self.parts.training_objective(sampler, self.settings, step);
+        let noise = step_noise(self.settings, step);
+        let comm = self.comm;
+        let (evaluation, comm_bytes) = if comm.size() > 1 {
+            let (evaluation, volume) = objective.loss_and_grad_sharded(noise, comm)?;
+            if comm_bytes_unlogged(&mut self.logged_volume) {
+                tracing::info!(
+                    "communication per step across {} ranks: {} bytes ({} all-gathered features, {} all-reduced \
+                     gradients; independent of the image size)",
+                    comm.size(),
+                    volume.total(),
+                    volume.gathered,
+                    volume.reduced
+                );
+            }
+            (evaluation, Some(volume.total()))
+        } else {
+            (objective.loss_and_grad(noise)?, None)
+        };
+        if let Some(plan) = evaluation.memory_plan {
+            plan.log_if_changed(&mut self.last_plan);
+        }
+        Ok((evaluation, comm_bytes))
+    }
+
+    /// Rejects the step of `record` (for the reason `what`): restores the parameters from
+    /// `before` it and notes the rejection in the record. More than `optim.max_faults` rejected
+    /// steps in a row end the run with an error, after the record is written.
+    fn reject(
+        &mut self,
+        sampler: &mut GgdmSampler,
+        progress: &mut Progress,
+        before: &GgdmParams,
+        record: &mut StepRecord,
+        what: &str,
+    ) -> Result<()> {
+        sampler.restore(before)?;
+        zero_grads(&sampler.trainable());
+        self.consecutive_faults += 1;
+        progress.faults += 1;
+        tracing::warn!("step {} rejected ({what}); restored the last good parameters", record.step);
+        record.event = Some(format!("rejected: {what}; restored the last good parameters"));
+        if self.consecutive_faults > self.settings.max_faults {
+            if self.comm.is_root() {
+                append_metrics(&self.metrics_path, record)?;
+            }
+            return Err(Error::Numerical(format!(
+                "{} consecutive steps were rejected (last: {what}). The sampler diverges: lower optim.lr, set \
+                 optim.grad_clip, or check the model and the features for NaNs. The last good parameters are in {}",
+                self.consecutive_faults,
+                self.checkpoint_path.display()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Validates the sampler after the step of `record` when `optim.validate_every` (or the last
+    /// step) says so, recording the value and keeping the best sampler in `progress`.
+    fn validate_if_due(&self, sampler: &GgdmSampler, progress: &mut Progress, record: &mut StepRecord) -> Result<()> {
+        let (step, settings) = (record.step, self.settings);
+        let due =
+            (settings.validate_every > 0 && step.is_multiple_of(settings.validate_every)) || step == settings.steps;
+        if due {
+            let value = self.validate(sampler)?;
+            progress.record_validation(sampler, self.metric, value, record);
+        }
+        Ok(())
+    }
+
+    /// Records a finished step: its line of `metrics.jsonl` (rank 0), the observer's
+    /// [`SearchObserver::on_step`], and the checkpoint when one is due (rank 0).
+    fn record_step(
+        &self,
+        sampler: &GgdmSampler,
+        progress: &Progress,
+        record: &StepRecord,
+        observer: &mut dyn SearchObserver,
+    ) -> Result<()> {
+        let root = self.comm.is_root();
+        if root {
+            append_metrics(&self.metrics_path, record)?;
+        }
+        observer.on_step(record);
+        let (step, settings) = (record.step, self.settings);
+        if root && (step.is_multiple_of(settings.checkpoint_every) || step == settings.steps) {
+            progress.write_checkpoint(self.run_dir, sampler)?;
+        }
+        Ok(())
+    }
 }
 
 /// What a search carries from step to step and keeps in its checkpoint.

@@ -200,8 +200,7 @@ impl Teacher {
             for start in (0..pairs.len()).step_by(FEATURE_BATCH) {
                 let len = FEATURE_BATCH.min(pairs.len() - start) as i64;
                 let x = pairs.target.narrow(0, start as i64, len).to_device(extractor.device());
-                let f =
-                    tch::no_grad(|| extractor.features(&x)).map_err(|e| Error::config("features", e.to_string()))?;
+                let f = tch::no_grad(|| extractor.features(&x))?;
                 chunks.push(f.to_device(device));
             }
             Ok(Some(Tensor::cat(&chunks, 0)))

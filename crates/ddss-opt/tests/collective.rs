@@ -92,7 +92,8 @@ fn loss_and_grad(comm: &dyn Collective, micro_batch: usize, teacher: Option<Teac
         teacher: teacher.as_ref().map(|t| t.training_batch(3, 0, 10)),
         ..f64_objective(&parts, &s, Remat::PerCall, micro_batch, None)
     };
-    let (value, volume) = objective.loss_and_grad_sharded(BatchNoise { seed: 5, batch: 10 }, comm).expect("objective");
+    let (evaluation, volume) =
+        objective.loss_and_grad_sharded(BatchNoise { seed: 5, batch: 10 }, comm).expect("objective");
     if comm.size() > 1 {
         let uses_features = teacher.as_ref().is_none_or(|t| t.loss().kid_weight > 0.0);
         assert_eq!(volume.gathered, if uses_features { 10 * 12 * 8 } else { 0 }, "f64 features");
@@ -104,7 +105,7 @@ fn loss_and_grad(comm: &dyn Collective, micro_batch: usize, teacher: Option<Teac
         .iter()
         .flat_map(|t| Vec::<f64>::try_from(&t.grad().to_kind(Kind::Double).reshape([-1])).expect("grad"))
         .collect();
-    (value, grads)
+    (evaluation.loss, grads)
 }
 
 #[test]

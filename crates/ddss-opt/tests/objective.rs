@@ -53,7 +53,7 @@ fn two_pass_and_chunked_gradients_equal_single_pass() {
             zero(&s);
             let parts = cpu_parts(&model, &features, &loss);
             let objective = f64_objective(&parts, &s, remat, micro_batch, feature_chunk);
-            let value = objective.loss_and_grad(noise).expect("objective");
+            let value = objective.loss_and_grad(noise).expect("objective").loss;
             results.push((value, grads(&s)));
         }
         let (v0, g0) = &results[0];
@@ -78,7 +78,7 @@ fn ggdm_at_init_gives_the_ddim_loss() {
     let noise = BatchNoise { seed: 11, batch: 8 };
     let parts = cpu_parts(&model, &features, &loss);
     let objective = f64_objective(&parts, &s, Remat::PerCall, 8, None);
-    let ggdm_loss = objective.loss_and_grad(noise).expect("objective");
+    let ggdm_loss = objective.loss_and_grad(noise).expect("objective").loss;
     let (x_init, z) = noise.draw_as(0, 8, [1, 8, 8], 4, Device::Cpu, Kind::Double).expect("noise");
     let grid = [999.0, 749.0, 499.0, 249.0];
     let options = DdimOptions { eta: 0.3, clip: None, use_clipped_model_output: false };

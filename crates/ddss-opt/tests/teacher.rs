@@ -81,7 +81,7 @@ fn teacher_loss_gradients_equal_central_finite_differences() {
         // Two micro-batches: the two-pass scheme where the loss has feature terms.
         let objective = || teacher_objective(&parts, &s, Remat::PerCall, 3, None);
         zero_grads(&s);
-        let value = objective().loss_and_grad(NOISE).expect("objective");
+        let value = objective().loss_and_grad(NOISE).expect("objective").loss;
         assert!(value.is_finite() && value > 0.0, "{teacher_loss:?}: loss {value}");
         let analytic = grads(&s);
         // Entries of every parameter: grid logits, u and w residuals (with history terms), sigma, p, q.
@@ -93,9 +93,9 @@ fn teacher_loss_gradients_equal_central_finite_differences() {
             let set = |v: f64| set_entry(t, index, v);
             let original = t.double_value(index);
             set(original + h);
-            let plus = objective().loss_and_grad(NOISE).expect("objective");
+            let plus = objective().loss_and_grad(NOISE).expect("objective").loss;
             set(original - h);
-            let minus = objective().loss_and_grad(NOISE).expect("objective");
+            let minus = objective().loss_and_grad(NOISE).expect("objective").loss;
             set(original);
             let fd = (plus - minus) / (2.0 * h);
             let exact = analytic[param].double_value(index);
@@ -127,7 +127,8 @@ fn teacher_gradients_are_the_same_in_one_pass_two_passes_and_feature_chunks() {
             zero_grads(&s);
             let value = teacher_objective(&parts, &s, remat, micro_batch, feature_chunk)
                 .loss_and_grad(NOISE)
-                .expect("objective");
+                .expect("objective")
+                .loss;
             results.push((value, grads(&s)));
         }
         let (v0, g0) = &results[0];
@@ -151,7 +152,7 @@ fn the_pure_distance_loss_is_the_mean_distance_to_the_teacher_from_the_pairs_noi
     let s = tiny_sampler(Learnable::all());
     let parts = ObjectiveParts { teacher: Some(&teacher), ..cpu_parts(&model, &features, &loss) };
     let objective = teacher_objective(&parts, &s, Remat::PerCall, 6, None);
-    let value = objective.loss_and_grad(NOISE).expect("objective");
+    let value = objective.loss_and_grad(NOISE).expect("objective").loss;
     // By hand: the batch's pair noise, the stream's step noise, the mean squared error per pixel.
     let batch = teacher.training_batch(3, 0, 6);
     let (_, z) = NOISE.draw_as(0, 6, [1, 8, 8], 4, Device::Cpu, Kind::Double).expect("noise");

@@ -115,6 +115,47 @@ impl Learnable {
     pub fn all() -> Self {
         Self { timesteps: true, coefficients: true, sigma: true, prediction: true }
     }
+
+    /// Whether `part` is learnable.
+    pub fn contains(&self, part: LearnablePart) -> bool {
+        match part {
+            LearnablePart::Timesteps => self.timesteps,
+            LearnablePart::Coefficients => self.coefficients,
+            LearnablePart::Sigma => self.sigma,
+            LearnablePart::Prediction => self.prediction,
+        }
+    }
+}
+
+/// A part of the sampler that [`Learnable`] switches on or off; each parameter tensor belongs to
+/// one ([`GgdmParams::entries`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LearnablePart {
+    /// The timestep logits.
+    Timesteps,
+    /// The residuals of `u` and `w`.
+    Coefficients,
+    /// The residual of `sigma`.
+    Sigma,
+    /// The residuals of `p` and `q`.
+    Prediction,
+}
+
+impl LearnablePart {
+    /// Every part, in the order of [`Learnable`]'s fields.
+    pub const ALL: [LearnablePart; 4] =
+        [LearnablePart::Timesteps, LearnablePart::Coefficients, LearnablePart::Sigma, LearnablePart::Prediction];
+
+    /// The name in configs and files (the field of [`Learnable`], and of a search's
+    /// `optim.lr_scale`).
+    pub fn name(self) -> &'static str {
+        match self {
+            LearnablePart::Timesteps => "timesteps",
+            LearnablePart::Coefficients => "coefficients",
+            LearnablePart::Sigma => "sigma",
+            LearnablePart::Prediction => "prediction",
+        }
+    }
 }
 
 /// The start solver of a GGDM sampler (`[sampler] init` of a search config, `base` of
@@ -255,16 +296,22 @@ impl GgdmParams {
         }
     }
 
-    /// `(name, tensor)` for every parameter, in a fixed order.
-    pub fn named(&self) -> [(&'static str, &Tensor); 6] {
+    /// `(name, part, tensor)` for every parameter, in a fixed order: the name in checkpoints and
+    /// `sampler.json`, and the [`LearnablePart`] that makes the tensor learnable.
+    pub fn entries(&self) -> [(&'static str, LearnablePart, &Tensor); 6] {
         [
-            ("grid_logits", &self.grid_logits),
-            ("u_residual", &self.u_residual),
-            ("w_residual", &self.w_residual),
-            ("sigma_residual", &self.sigma_residual),
-            ("p_residual", &self.p_residual),
-            ("q_residual", &self.q_residual),
+            ("grid_logits", LearnablePart::Timesteps, &self.grid_logits),
+            ("u_residual", LearnablePart::Coefficients, &self.u_residual),
+            ("w_residual", LearnablePart::Coefficients, &self.w_residual),
+            ("sigma_residual", LearnablePart::Sigma, &self.sigma_residual),
+            ("p_residual", LearnablePart::Prediction, &self.p_residual),
+            ("q_residual", LearnablePart::Prediction, &self.q_residual),
         ]
+    }
+
+    /// `(name, tensor)` for every parameter, in the order of [`Self::entries`].
+    pub fn named(&self) -> [(&'static str, &Tensor); 6] {
+        self.entries().map(|(name, _, t)| (name, t))
     }
 
     fn deep_clone(&self) -> Self {
@@ -280,37 +327,63 @@ impl GgdmParams {
     }
 }
 
-/// All step coefficients for one evaluation of the sampler (differentiable in the parameters).
-#[derive(Debug)]
-pub struct Coefficients {
+/// Declares [`Coefficients`] and the methods that visit every field, from one list of fields: a
+/// coefficient added to the list is mapped and listed by them too.
+macro_rules! coefficients {
+    ($($(#[$doc:meta])* $name:ident,)*) => {
+        /// All step coefficients for one evaluation of the sampler (differentiable in the
+        /// parameters).
+        #[derive(Debug)]
+        pub struct Coefficients {
+            $($(#[$doc])* pub $name: Tensor,)*
+        }
+
+        impl Coefficients {
+            /// The number of coefficient tensors.
+            pub const COUNT: usize = [$(stringify!($name)),*].len();
+
+            /// `(field name, tensor)` for every coefficient, in declaration order.
+            pub fn named(&self) -> [(&'static str, &Tensor); Self::COUNT] {
+                [$((stringify!($name), &self.$name)),*]
+            }
+
+            /// The coefficients with `f` applied to every tensor (in declaration order).
+            pub fn map(&self, mut f: impl FnMut(&Tensor) -> Tensor) -> Coefficients {
+                Coefficients { $($name: f(&self.$name)),* }
+            }
+        }
+    };
+}
+
+coefficients! {
     /// `[K]` continuous timesteps `tau_1 > ... > tau_K`.
-    pub tau: Tensor,
+    tau,
     /// `[K + 1]` `abar(tau_i)`, the last entry the clean point's.
-    pub abar: Tensor,
+    abar,
     /// `[K, K]` state coefficients (lower triangular).
-    pub u: Tensor,
+    u,
     /// `[K, K]` prediction coefficients (lower triangular).
-    pub w: Tensor,
+    w,
     /// `[K]` noise scales.
-    pub sigma: Tensor,
+    sigma,
     /// `[K]` `x0_hat` coefficient on `x_i` (`p = pred_scale * p_unit`).
-    pub p: Tensor,
+    p,
     /// `[K]` `x0_hat` coefficient on `eps_i` (`q = pred_scale * q_unit`).
-    pub q: Tensor,
+    q,
     /// `[K]` `1 / sqrt(abar_i)` (`1 / a_i`, the marginal's signal scale, for [`Query::Marginal`]).
-    pub pred_scale: Tensor,
+    pred_scale,
     /// `[K]` `sqrt(1 - abar_i)` (`sqrt(v_i)`, the marginal's noise scale, for [`Query::Marginal`]).
-    pub sqrt_one_minus_abar: Tensor,
+    sqrt_one_minus_abar,
     /// `[K]` `1 + p_residual` (exactly 1 at DDIM initialisation).
-    pub p_rel: Tensor,
+    p_rel,
     /// `[K]` `1 + q_residual`.
-    pub q_rel: Tensor,
+    q_rel,
     /// `[K]` where the model is queried (`tau` for [`Query::Grid`]).
-    pub query_tau: Tensor,
+    query_tau,
     /// `[K]` `abar(query_tau)`.
-    pub query_abar: Tensor,
+    query_abar,
     /// `[K]` the factor the model's input is scaled by (1 for [`Query::Grid`]).
-    pub input_scale: Tensor,
+    input_scale,
 }
 
 /// `sqrt(x)` that is 0 with zero gradient for `x <= 0` (avoids an infinite gradient at 0).
@@ -484,57 +557,24 @@ impl GgdmSampler {
 
     /// Marks the enabled parts as requiring grad (and the others as not).
     pub fn set_requires_grad(&self) {
-        let flags = [
-            self.learn.timesteps,
-            self.learn.coefficients,
-            self.learn.coefficients,
-            self.learn.sigma,
-            self.learn.prediction,
-            self.learn.prediction,
-        ];
-        for ((_, t), on) in self.params.named().into_iter().zip(flags) {
-            let _ = t.set_requires_grad(on);
+        for (_, part, t) in self.params.entries() {
+            let _ = t.set_requires_grad(self.learn.contains(part));
         }
     }
 
-    /// The learnable part (`timesteps`, `coefficients`, `sigma`, `prediction`) of each tensor
-    /// [`Self::trainable`] returns, in the same order.
-    pub fn trainable_parts(&self) -> Vec<&'static str> {
-        let mut out = Vec::new();
-        if self.learn.timesteps {
-            out.push("timesteps");
-        }
-        if self.learn.coefficients {
-            out.extend(["coefficients", "coefficients"]);
-        }
-        if self.learn.sigma {
-            out.push("sigma");
-        }
-        if self.learn.prediction {
-            out.extend(["prediction", "prediction"]);
-        }
-        out
+    /// The parameters an optimiser should update (those enabled in [`Learnable`]), each with its
+    /// part, in the order of [`GgdmParams::entries`].
+    pub fn trainable_parts(&self) -> Vec<(LearnablePart, Tensor)> {
+        let entries = self.params.entries().into_iter();
+        entries
+            .filter(|&(_, part, _)| self.learn.contains(part))
+            .map(|(_, part, t)| (part, t.shallow_clone()))
+            .collect()
     }
 
-    /// The parameters an optimiser should update (those enabled in [`Learnable`]).
+    /// The tensors of [`Self::trainable_parts`].
     pub fn trainable(&self) -> Vec<Tensor> {
-        let p = &self.params;
-        let mut out = Vec::new();
-        if self.learn.timesteps {
-            out.push(p.grid_logits.shallow_clone());
-        }
-        if self.learn.coefficients {
-            out.push(p.u_residual.shallow_clone());
-            out.push(p.w_residual.shallow_clone());
-        }
-        if self.learn.sigma {
-            out.push(p.sigma_residual.shallow_clone());
-        }
-        if self.learn.prediction {
-            out.push(p.p_residual.shallow_clone());
-            out.push(p.q_residual.shallow_clone());
-        }
-        out
+        self.trainable_parts().into_iter().map(|(_, t)| t).collect()
     }
 
     /// `abar` at continuous times (differentiable).
