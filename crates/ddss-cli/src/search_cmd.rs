@@ -604,26 +604,21 @@ impl Search<'_> {
 
     /// The comparison of the learned sampler with the baselines, in the same run.
     fn comparison(&self) -> Comparison<'_> {
-        Comparison {
-            config: self.config,
-            model: self.model,
-            run_dir: self.run_dir,
-            device: self.device,
-            quiet: self.quiet,
-            comm: self.comm,
-        }
+        Comparison(self)
     }
 }
 
 /// The comparison on held-out noise: every baseline at K and at each `[eval] plot_steps`, the
-/// learned sampler at K, and the many-step reference line, on every feature network.
-struct Comparison<'a> {
-    config: &'a SearchConfig,
-    model: &'a LoadedModel,
-    run_dir: &'a Path,
-    device: Device,
-    quiet: bool,
-    comm: &'a dyn Collective,
+/// learned sampler at K, and the many-step reference line, on every feature network. It runs in
+/// the search's setting (config, model, run directory, device, ranks), which it reads through.
+struct Comparison<'a>(&'a Search<'a>);
+
+impl<'a> std::ops::Deref for Comparison<'a> {
+    type Target = Search<'a>;
+
+    fn deref(&self) -> &Search<'a> {
+        self.0
+    }
 }
 
 /// A feature network of the comparison: its spec, the network and the reference's features.
