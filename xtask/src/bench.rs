@@ -21,8 +21,17 @@ struct BenchPlan {
     /// `--model DIR` or `--unet-config FILE` for ddss-cli and the reference alike.
     model_args: Vec<String>,
     features: String,
+    switches: Switches,
+    out: PathBuf,
+}
+
+/// The on/off choices of `cargo xtask bench`, the same as given and as planned.
+struct Switches {
+    /// `--json`: print the JSON lines too.
     json: bool,
+    /// Also run the PyTorch reference (`--no-reference` turns it off).
     reference: bool,
+    /// Also run ours with the fixed-budget remat (`--no-budget` turns it off).
     budget: bool,
     /// Also run ours with a memory-budget remat of this many MiB.
     memory_budget: Option<String>,
@@ -30,7 +39,6 @@ struct BenchPlan {
     cuda_graphs: bool,
     /// cuDNN benchmark mode on both sides.
     cudnn_benchmark: bool,
-    out: PathBuf,
 }
 
 /// The flags of `cargo xtask bench` as given; [`parse_bench`] fills in the defaults that depend on
@@ -46,12 +54,7 @@ struct BenchArgs {
     config: Option<String>,
     model: Option<String>,
     random_weights: bool,
-    json: bool,
-    reference: bool,
-    budget: bool,
-    memory_budget: Option<String>,
-    cuda_graphs: bool,
-    cudnn_benchmark: bool,
+    switches: Switches,
     out: Option<PathBuf>,
 }
 
@@ -69,12 +72,14 @@ impl BenchArgs {
             config: None,
             model: None,
             random_weights: false,
-            json: false,
-            reference: true,
-            budget: true,
-            memory_budget: None,
-            cuda_graphs: false,
-            cudnn_benchmark: false,
+            switches: Switches {
+                json: false,
+                reference: true,
+                budget: true,
+                memory_budget: None,
+                cuda_graphs: false,
+                cudnn_benchmark: false,
+            },
             out: None,
         };
         let mut it = rest.iter();
@@ -91,17 +96,17 @@ impl BenchArgs {
                 "--config" => args.config = Some(value()?),
                 "--model" => args.model = Some(value()?),
                 "--random-weights" => args.random_weights = true,
-                "--json" => args.json = true,
-                "--no-reference" => args.reference = false,
-                "--no-budget" => args.budget = false,
+                "--json" => args.switches.json = true,
+                "--no-reference" => args.switches.reference = false,
+                "--no-budget" => args.switches.budget = false,
                 "--memory-budget" => {
                     let mib = value()?;
                     mib.parse::<u64>()
                         .with_context(|| format!("--memory-budget {mib}: expected a whole number of MiB"))?;
-                    args.memory_budget = Some(mib);
+                    args.switches.memory_budget = Some(mib);
                 }
-                "--cuda-graphs" => args.cuda_graphs = true,
-                "--cudnn-benchmark" => args.cudnn_benchmark = true,
+                "--cuda-graphs" => args.switches.cuda_graphs = true,
+                "--cudnn-benchmark" => args.switches.cudnn_benchmark = true,
                 "--out" => args.out = Some(PathBuf::from(value()?)),
                 other => bail!(
                     "bench: unknown argument `{other}` (expected --device D, --batch B, --steps 5,10,20, \
@@ -178,12 +183,7 @@ fn parse_bench(root: &Path, rest: &[String]) -> Result<BenchPlan> {
         repeat: args.repeat,
         model_args,
         features,
-        json: args.json,
-        reference: args.reference,
-        budget: args.budget,
-        memory_budget: args.memory_budget,
-        cuda_graphs: args.cuda_graphs,
-        cudnn_benchmark: args.cudnn_benchmark,
+        switches: args.switches,
     })
 }
 
@@ -250,7 +250,7 @@ impl Measurements<'_> {
         v.extend(["--warmup".into(), plan.warmup.clone(), "--repeat".into(), plan.repeat.clone()]);
         v.extend(["--features".into(), plan.features.clone()]);
         v.extend(plan.model_args.iter().cloned());
-        if plan.cudnn_benchmark {
+        if plan.switches.cudnn_benchmark {
             v.push("--cudnn-benchmark".into());
         }
         v
@@ -273,7 +273,7 @@ impl Measurements<'_> {
     /// Runs one measurement and keeps its JSON line (printed too with `--json`).
     fn run(&mut self, cmd: &mut Command, what: &str) {
         if let Some(line) = bench_run(cmd, what) {
-            if self.plan.json {
+            if self.plan.switches.json {
                 println!("{line}");
             }
             self.lines.push(line);
@@ -286,11 +286,11 @@ impl Measurements<'_> {
         let plan = self.plan;
         let noise = scratch.join(format!("noise-k{k}-b{}.safetensors", plan.batch));
         let mut remats = vec!["naive".to_string(), "per_call".to_string()];
-        if plan.budget {
+        if plan.switches.budget {
             let half = k.parse::<usize>().unwrap_or(2) / 2;
             remats.push(format!("budget:{half}"));
         }
-        if let Some(mib) = &plan.memory_budget {
+        if let Some(mib) = &plan.switches.memory_budget {
             remats.push(format!("memory:{mib}"));
         }
         for remat in &remats {
@@ -299,13 +299,13 @@ impl Measurements<'_> {
             let mut ours = self.ours("step", k, &plan.batch);
             ours.args(["--remat", remat]).arg("--save-noise").arg(&noise);
             self.run(&mut ours, &format!("{what} (ours)"));
-            if plan.cuda_graphs && remat != "naive" {
+            if plan.switches.cuda_graphs && remat != "naive" {
                 println!("[bench] {what}: ours, CUDA graphs");
                 let mut graphed = self.ours("step", k, &plan.batch);
                 graphed.args(["--remat", remat, "--cuda-graphs"]);
                 self.run(&mut graphed, &format!("{what} (ours, CUDA graphs)"));
             }
-            if plan.reference && !remat.starts_with("budget") && !remat.starts_with("memory") {
+            if plan.switches.reference && !remat.starts_with("budget") && !remat.starts_with("memory") {
                 println!("[bench] {what}: reference");
                 let mut theirs = self.theirs("step", k, &plan.batch);
                 theirs.args(["--remat", remat]).arg("--noise").arg(&noise);
@@ -321,13 +321,13 @@ impl Measurements<'_> {
             println!("[bench] {what} B={batch}: ours");
             let mut ours = self.ours(what, k, batch);
             self.run(&mut ours, &format!("{what} (ours)"));
-            if plan.cuda_graphs && what == "sample" {
+            if plan.switches.cuda_graphs && what == "sample" {
                 println!("[bench] {what} B={batch}: ours, CUDA graphs");
                 let mut graphed = self.ours(what, k, batch);
                 graphed.arg("--cuda-graphs");
                 self.run(&mut graphed, &format!("{what} (ours, CUDA graphs)"));
             }
-            if plan.reference {
+            if plan.switches.reference {
                 println!("[bench] {what} B={batch}: reference");
                 let mut theirs = self.theirs(what, k, batch);
                 self.run(&mut theirs, &format!("{what} (reference)"));
@@ -338,7 +338,7 @@ impl Measurements<'_> {
 
 /// Installs diffusers into the venv (the reference's UNet) when the reference runs and lacks it.
 fn reference_packages(plan: &BenchPlan, python: &Path) -> Result<()> {
-    if plan.reference && output_of(Command::new(python).args(["-c", "import diffusers"])).is_none() {
+    if plan.switches.reference && output_of(Command::new(python).args(["-c", "import diffusers"])).is_none() {
         println!("[bench] installing {DIFFUSERS} into the venv (the reference's UNet)");
         run_cmd(Command::new(python).args(["-m", "pip", "install", "--disable-pip-version-check", "-q", DIFFUSERS]))?;
     }
@@ -410,7 +410,7 @@ pub fn bench(rest: &[String]) -> Result<()> {
     let plan = parse_bench(&root, rest)?;
     let env = setup()?;
     reference_packages(&plan, &env.python)?;
-    build_ddss_cli(&root, plan.cuda_graphs)?;
+    build_ddss_cli(&root, plan.switches.cuda_graphs)?;
     let scratch = root.join("target").join("bench");
     std::fs::create_dir_all(&scratch)?;
     let started = machine_line();
