@@ -13,7 +13,7 @@ tests/fixtures/solver_loops_cosine.json:
   v_prediction, spacings trailing and linspace; every other setting at its diffusers default
   (lower_order_final, final_sigmas_type "zero", no thresholding, and for DPM-Solver++
   lambda_min_clipped = -inf, which leaves the timestep range whole; UniPC has no such setting).
-  The model is gen_solver_fixtures.py's smooth dummy, evaluated in float32.
+  The model is solver_loop.py's smooth dummy, evaluated in float32.
 * "lambda_min_clipped": DPMSolverMultistepScheduler.set_timesteps(10) lists (linspace) for several
   beta schedules and finite lambda_min_clipped values, with the unclipped list and diffusers'
   float32 minimum of lambda_t = log(alpha_t) - log(sigma_t): a value truncates the timestep
@@ -31,6 +31,7 @@ import os
 import torch
 import diffusers
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
+from solver_loop import run_loop
 
 assert diffusers.__version__ == "0.42.1", diffusers.__version__
 OUT = os.path.join("tests", "fixtures")
@@ -39,12 +40,6 @@ torch.set_num_threads(1)
 
 SHAPE = (2, 1, 4, 4)
 BETA_SCHEDULE = "squaredcos_cap_v2"
-
-
-def smooth_model(x, t):
-    """gen_solver_fixtures.py's dummy: x * t / (t + 1) + 0.1 * (1 - t / 1000) * sin(3 x)."""
-    t = t.float()
-    return x * t / (t + 1) + (1 - t / 1000) * 0.1 * torch.sin(x * 3)
 
 
 # ---------------------------------------------------------------- full loops
@@ -65,13 +60,8 @@ for solver, order in [("dpmsolver++", 2), ("dpmsolver++", 3), ("unipc", 2), ("un
                 else:
                     sched = UniPCMultistepScheduler(solver_type="bh2", **kwargs)
                     assert "lambda_min_clipped" not in sched.config
-                sched.set_timesteps(K)
-                x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(4000 + len(loops)))
-                x_init = x.clone()
-                for t in sched.timesteps:
-                    x = sched.step(smooth_model(x, t), t, x).prev_sample
-                result = x.flatten().tolist()
-                assert all(v == v for v in result), f"NaN in {solver} {order} {prediction_type} {spacing} {K}"
+                what = f"{solver} {order} {prediction_type} {spacing} {K}"
+                loop = run_loop(sched, K, SHAPE, 4000 + len(loops), what)
                 loops.append(
                     {
                         "solver": solver,
@@ -81,10 +71,7 @@ for solver, order in [("dpmsolver++", 2), ("dpmsolver++", 3), ("unipc", 2), ("un
                         "prediction_type": prediction_type,
                         "spacing": spacing,
                         "steps": K,
-                        "shape": list(SHAPE),
-                        "timesteps": sched.timesteps.tolist(),
-                        "x_init": x_init.flatten().tolist(),
-                        "result": result,
+                        **loop,
                     }
                 )
 

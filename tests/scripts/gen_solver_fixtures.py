@@ -14,7 +14,7 @@ Needs diffusers==0.42.1 and torch==2.11.0. Writes, deterministically, tests/fixt
   diffusers default (lower_order_final, final_sigmas_type "zero", no thresholding), for K in
   {5, 10, 20}, every prediction type and the spacings linspace (the default), trailing and leading;
   plus final_sigmas_type "sigma_min" loops (both solvers, and UniPC's bh1) with epsilon/linspace.
-  The model is the smooth nonlinear dummy `smooth_model` below, evaluated in float32; the loops
+  The model is the smooth nonlinear dummy `smooth_model` of solver_loop.py, evaluated in float32; the loops
   are deterministic, so no noise is recorded.
 * "unet_loops": 8-step trailing loops of both solvers (orders 2 and 3) on the committed tiny
   diffusers UNet tests/fixtures/unet/tiny_attn_pos, read as a v-prediction model.
@@ -26,6 +26,7 @@ import os
 import torch
 import diffusers
 from diffusers import DPMSolverMultistepScheduler, UNet2DModel, UniPCMultistepScheduler
+from solver_loop import run_loop
 
 assert diffusers.__version__ == "0.42.1", diffusers.__version__
 OUT = os.path.join("tests", "fixtures")
@@ -59,14 +60,6 @@ for T in [1000, 100, 37]:
 SHAPE = (2, 1, 4, 4)
 
 
-def smooth_model(x, t):
-    """A smooth nonlinear dummy network: x * t / (t + 1) + 0.1 * (1 - t / 1000) * sin(3 x).
-
-    Close to diffusers' scheduler-test dummy `x * t / (t + 1)` at high noise (so an epsilon reading
-    stays well scaled), with a nonlinear part that grows towards clean data.
-    """
-    t = t.float()
-    return x * t / (t + 1) + (1 - t / 1000) * 0.1 * torch.sin(x * 3)
 
 
 # (solver, order, solver_type, final_sigmas_type). diffusers' bh1 gives NaN with a final sigma of
@@ -106,14 +99,8 @@ for solver, order, solver_type, final_sigmas_type in SOLVERS:
                         timestep_spacing=spacing,
                         final_sigmas_type=final_sigmas_type,
                     )
-                sched.set_timesteps(K)
-                seed = len(loops)
-                x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2000 + seed))
-                x_init = x.clone()
-                for t in sched.timesteps:
-                    x = sched.step(smooth_model(x, t), t, x).prev_sample
-                result = x.flatten().tolist()
-                assert all(v == v for v in result), f"NaN in {solver} {order} {solver_type} {prediction_type}"
+                what = f"{solver} {order} {solver_type} {prediction_type}"
+                loop = run_loop(sched, K, SHAPE, 2000 + len(loops), what)
                 loops.append(
                     {
                         "solver": solver,
@@ -123,10 +110,7 @@ for solver, order, solver_type, final_sigmas_type in SOLVERS:
                         "prediction_type": prediction_type,
                         "spacing": spacing,
                         "steps": K,
-                        "shape": list(SHAPE),
-                        "timesteps": sched.timesteps.tolist(),
-                        "x_init": x_init.flatten().tolist(),
-                        "result": result,
+                        **loop,
                     }
                 )
 
@@ -136,16 +120,18 @@ for solver, order, solver_type, final_sigmas_type in SOLVERS:
 UNET_MODEL = "tiny_attn_pos"
 unet = UNet2DModel.from_pretrained(os.path.join(OUT, "unet", UNET_MODEL)).eval()
 unet_loops = []
+
+
+def unet_call(x, t):
+    """The tiny UNet at timestep `t` for every sample of `x`."""
+    return unet(x, torch.full((x.shape[0],), float(t), dtype=torch.float32)).sample
+
+
 for solver, order in [("dpmsolver++", 2), ("dpmsolver++", 3), ("unipc", 2), ("unipc", 3)]:
     kwargs = dict(solver_order=order, prediction_type="v_prediction", timestep_spacing="trailing")
     sched = DPMSolverMultistepScheduler(**kwargs) if solver == "dpmsolver++" else UniPCMultistepScheduler(**kwargs)
-    sched.set_timesteps(8)
-    x = torch.randn((1, 3, 16, 16), generator=torch.Generator().manual_seed(3000 + len(unet_loops)))
-    x_init = x.clone()
     with torch.no_grad():
-        for t in sched.timesteps:
-            tau = torch.full((x.shape[0],), float(t), dtype=torch.float32)
-            x = sched.step(unet(x, tau).sample, t, x).prev_sample
+        loop = run_loop(sched, 8, (1, 3, 16, 16), 3000 + len(unet_loops), f"{solver} {order} on the UNet", unet_call)
     unet_loops.append(
         {
             "model": UNET_MODEL,
@@ -154,10 +140,7 @@ for solver, order in [("dpmsolver++", 2), ("dpmsolver++", 3), ("unipc", 2), ("un
             "prediction_type": "v_prediction",
             "spacing": "trailing",
             "steps": 8,
-            "shape": list(x.shape),
-            "timesteps": sched.timesteps.tolist(),
-            "x_init": x_init.flatten().tolist(),
-            "result": x.flatten().tolist(),
+            **loop,
         }
     )
 
